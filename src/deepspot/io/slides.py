@@ -18,8 +18,10 @@ Backends
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import struct
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -31,6 +33,9 @@ __all__ = [
     "SlideError",
     "Slide",
     "ImageSlide",
+    "OpenSlideSlide",
+    "TiffSlideSlide",
+    "TifffileSlide",
     "open_slide",
     "require_mpp",
     "BACKENDS",
@@ -40,7 +45,8 @@ __all__ = [
 class SlideError(Exception):
     """A slide could not be opened or read; the message names file and reason."""
 
-    def __init__(self, path: str | os.PathLike | None, reason: str):
+    def __init__(self, path: str | os.PathLike | None, reason: str, *, fatal: bool = False):
+        self.fatal = fatal  # a verdict on the file itself: open_slide tries no other backend
         self.path = None if path is None else Path(path)
         self.reason = str(reason).strip().splitlines()[0] if str(reason).strip() else "unknown error"
         super().__init__(f"{path}: {self.reason}" if path is not None else self.reason)
@@ -129,8 +135,12 @@ class Slide(ABC):
 
     def __init__(self, path: str | os.PathLike, mpp: float | None = None):
         self.path = Path(path)
-        self.mpp: float | None = None if mpp is None else float(mpp)
+        self._mpp_arg = None if mpp is None else float(mpp)
+        self.mpp: float | None = self._mpp_arg
         self._closed = False
+
+    def __reduce__(self):  # pickles as "reopen this file" (DataLoader workers, Ray tasks)
+        return (type(self), (self.path, self._mpp_arg))
 
     # ---- geometry ----------------------------------------------------------
     @property
@@ -347,11 +357,362 @@ class ImageSlide(Slide):
         self._img = np.zeros((1, 1, 3), np.uint8)
 
 
+# --------------------------------------------------------------------------- TIFF metadata helpers
+
+_UNIT_TO_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "μm": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _plausible_mpp(v) -> float | None:
+    """µm/px if it looks like a microscope resolution (0.01–100 µm/px), else None (e.g. 72 dpi)."""
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and 0.01 <= v <= 100 else None
+
+
+def _is_tiff(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
+
+
+def _tifffile_mpp(tf) -> float | None:
+    """µm/px from OME PhysicalSizeX, an Aperio 'MPP =' description, or X/YResolution + ResolutionUnit."""
+    import re
+
+    if getattr(tf, "is_ome", False) and tf.ome_metadata:
+        m = re.search(r"<Pixels\b[^>]*>", tf.ome_metadata)
+        if m:
+            px = re.search(r'PhysicalSizeX="([^"]+)"', m.group(0))
+            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', m.group(0))
+            if px:
+                factor = _UNIT_TO_UM.get(unit.group(1) if unit else "µm", None)
+                if factor is not None:
+                    v = _plausible_mpp(float(px.group(1)) * factor)
+                    if v:
+                        return v
+    page = tf.pages.first if hasattr(tf.pages, "first") else tf.pages[0]
+    desc = page.description or ""
+    m = re.search(r"\bMPP\s*=\s*([0-9.eE+-]+)", desc)
+    if m and _plausible_mpp(m.group(1)):
+        return float(m.group(1))
+    tags = page.tags
+    xres, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
+    if xres is not None and unit is not None:
+        num, den = xres.value if isinstance(xres.value, tuple) else (xres.value, 1)
+        if num and den:
+            ppu = num / den
+            u = int(unit.value)
+            if u == 3:  # centimetre
+                return _plausible_mpp(1e4 / ppu)
+            if u == 2:  # inch
+                return _plausible_mpp(25400.0 / ppu)
+    return None
+
+
+def _check_tiff_complete(p: Path) -> None:
+    """SlideError if any tile/strip of any page points past the end of the file (truncated download)."""
+    if not _is_tiff(p):
+        return
+    import tifffile
+
+    size = p.stat().st_size
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # tifffile logs broken IFD chains; we report them ourselves
+    try:
+        with tifffile.TiffFile(p) as tf:
+            pages = list(tf.pages)
+            if not pages:
+                raise SlideError(p, "TIFF header found but no readable image directory (corrupt file)", fatal=True)
+            last = pages[-1] if pages else None
+            if last is not None and not tf.is_ndpi:  # next-IFD pointer of the last page must be 0 or inside the file
+                t = tf.tiff
+                fh = tf.filehandle
+                fh.seek(last.offset)
+                (ntags,) = struct.unpack(t.tagnoformat, fh.read(t.tagnosize))
+                fh.seek(last.offset + t.tagnosize + ntags * t.tagsize)
+                raw = fh.read(t.offsetsize)
+                nxt = struct.unpack(t.offsetformat, raw)[0] if len(raw) == t.offsetsize else size
+                if nxt >= size:
+                    raise SlideError(
+                        p, f"file is truncated ({size} bytes; the directory chain points beyond the end)", fatal=True
+                    )
+            for s in tf.series:
+                for lv in s.levels:
+                    pages.extend(lv.pages)
+            for page in pages:
+                if page is None or not hasattr(page, "dataoffsets"):
+                    continue
+                offs, counts = page.dataoffsets, page.databytecounts
+                if len(offs) and max(o + c for o, c in zip(offs, counts)) > size:
+                    raise SlideError(
+                        p, f"file is truncated ({size} bytes; image data extends beyond the end)", fatal=True
+                    )
+    except SlideError:
+        raise
+    except Exception as e:  # tifffile cannot even parse it: damaged structure
+        raise SlideError(p, f"damaged TIFF structure ({type(e).__name__}: {e})", fatal=True) from e
+    finally:
+        log.setLevel(level)
+
+
+# --------------------------------------------------------------------------- OpenSlide
+
+
+class OpenSlideSlide(Slide):
+    """SVS, NDPI, MRXS, SCN, VMS/VMU, BIF, Philips TIFF, generic tiled TIFF via OpenSlide."""
+
+    backend = "openslide"
+
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None):
+        super().__init__(path, mpp)
+        p = self.path
+        if not p.is_file() and not p.is_dir():
+            raise SlideError(p, "file not found")
+        try:
+            import openslide
+        except Exception as e:  # pragma: no cover - depends on the install
+            raise SlideError(p, f"openslide is not available ({e})") from e
+        _check_tiff_complete(p)
+        try:
+            self._osr = openslide.OpenSlide(str(p))
+        except openslide.OpenSlideUnsupportedFormatError as e:
+            raise SlideError(p, "format not supported by OpenSlide") from e
+        except Exception as e:
+            raise SlideError(p, f"OpenSlide cannot open it ({type(e).__name__}: {e})") from e
+        props = self._osr.properties
+        self.vendor = props.get("openslide.vendor")
+        self._dims = [tuple(map(int, d)) for d in self._osr.level_dimensions]
+        self._ds = [float(d) for d in self._osr.level_downsamples]
+        # MRXS/others: regions outside the scanned area are transparent → white.
+        self._bounds = None
+        if self.mpp is None:
+            mx = _plausible_mpp(props.get("openslide.mpp-x"))
+            my = _plausible_mpp(props.get("openslide.mpp-y"))
+            if mx and my:
+                self.mpp = (mx + my) / 2.0
+            elif mx:
+                self.mpp = mx
+            else:
+                unit = (props.get("tiff.ResolutionUnit") or "").lower()
+                xres = props.get("tiff.XResolution")
+                try:
+                    if xres and unit in ("centimeter", "inch"):
+                        self.mpp = _plausible_mpp((1e4 if unit == "centimeter" else 25400.0) / float(xres))
+                except (ValueError, ZeroDivisionError):
+                    pass
+        try:  # decode one pixel now so a broken file fails at open, not mid-run
+            self._osr.read_region((0, 0), self.level_count - 1, (1, 1))
+        except Exception as e:
+            self._osr.close()
+            raise SlideError(p, f"cannot decode image data ({type(e).__name__}: {e})") from e
+
+    @property
+    def properties(self) -> dict:
+        return dict(self._osr.properties)
+
+    @property
+    def level_dimensions(self):
+        return self._dims
+
+    @property
+    def level_downsamples(self):
+        return self._ds
+
+    def _read_level(self, level, x, y, w, h):
+        ds = self._ds[level]
+        loc = (int(round(x * ds)), int(round(y * ds)))
+        img = self._osr.read_region(loc, level, (w, h))
+        return _as_rgb(np.asarray(img))
+
+    def close(self):
+        if not self._closed:
+            self._osr.close()
+        super().close()
+
+
+# --------------------------------------------------------------------------- tiffslide
+
+
+def _level0_loc(lx: int, ds: float) -> int:
+    """A level-0 coordinate that int(loc / ds) maps back to exactly ``lx`` (tiffslide's rule)."""
+    loc = int(math.ceil(lx * ds))
+    while loc > 0 and int(loc / ds) > lx:
+        loc -= 1
+    while int(loc / ds) < lx:
+        loc += 1
+    return loc
+
+
+class TiffSlideSlide(Slide):
+    """SVS / tiled TIFF / OME-TIFF through tiffslide (pure Python, tifffile + zarr)."""
+
+    backend = "tiffslide"
+
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None):
+        super().__init__(path, mpp)
+        p = self.path
+        if not p.is_file():
+            raise SlideError(p, "file not found")
+        try:
+            import tiffslide
+        except Exception as e:  # pragma: no cover
+            raise SlideError(p, f"tiffslide is not available ({e})") from e
+        if not _is_tiff(p):
+            raise SlideError(p, "not a TIFF file")
+        _check_tiff_complete(p)
+        try:
+            self._ts = tiffslide.TiffSlide(str(p))
+            self._dims = [tuple(map(int, d)) for d in self._ts.level_dimensions]
+            self._ds = [float(d) for d in self._ts.level_downsamples]
+            props = self._ts.properties
+        except Exception as e:
+            raise SlideError(p, f"tiffslide cannot open it ({type(e).__name__}: {e})") from e
+        if self.mpp is None:
+            mx = _plausible_mpp(props.get("tiffslide.mpp-x"))
+            my = _plausible_mpp(props.get("tiffslide.mpp-y"))
+            self.mpp = (mx + my) / 2.0 if (mx and my) else mx
+        try:
+            self._read_level(self.level_count - 1, 0, 0, 1, 1)
+        except Exception as e:
+            self._ts.close()
+            raise SlideError(p, f"cannot decode image data ({type(e).__name__}: {e})") from e
+
+    @property
+    def properties(self) -> dict:
+        return dict(self._ts.properties)
+
+    @property
+    def level_dimensions(self):
+        return self._dims
+
+    @property
+    def level_downsamples(self):
+        return self._ds
+
+    def _read_level(self, level, x, y, w, h):
+        ds = self._ds[level]
+        loc = (_level0_loc(x, ds), _level0_loc(y, ds))
+        arr = self._ts.read_region(loc, level, (w, h), as_array=True, padding=False)
+        return _as_rgb(arr)
+
+    def close(self):
+        if not self._closed:
+            self._ts.close()
+        super().close()
+
+
+# --------------------------------------------------------------------------- tifffile
+
+
+class TifffileSlide(Slide):
+    """Pyramidal / OME-TIFF (levels from SubIFDs or series levels) and plain TIFFs via tifffile + zarr."""
+
+    backend = "tifffile"
+
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None):
+        super().__init__(path, mpp)
+        p = self.path
+        if not p.is_file():
+            raise SlideError(p, "file not found")
+        import tifffile
+        import zarr
+
+        if not _is_tiff(p):
+            raise SlideError(p, "not a TIFF file")
+        _check_tiff_complete(p)
+        try:
+            self._tf = tifffile.TiffFile(p)
+        except Exception as e:
+            raise SlideError(p, f"tifffile cannot open it ({type(e).__name__}: {e})") from e
+        try:
+            sidx, series = self._pick_series()
+            self._axes = series.axes
+            self._levels = []
+            dims = []
+            for i, lv in enumerate(series.levels):
+                store = self._tf.aszarr(series=sidx, level=i)
+                z = zarr.open(store, mode="r")
+                self._levels.append(z)
+                shape = dict(zip(series.axes, lv.shape))
+                dims.append((int(shape["X"]), int(shape["Y"])))
+            self._dims = dims
+            if self.mpp is None:
+                self.mpp = _tifffile_mpp(self._tf)
+        except SlideError:
+            self._tf.close()
+            raise
+        except Exception as e:
+            self._tf.close()
+            raise SlideError(p, f"unreadable TIFF pyramid ({type(e).__name__}: {e})") from e
+        try:
+            self._read_level(self.level_count - 1, 0, 0, 1, 1)
+        except Exception as e:
+            self._tf.close()
+            raise SlideError(p, f"cannot decode image data ({type(e).__name__}: {e})") from e
+
+    def _pick_series(self):
+        """The largest image series with X and Y axes (skips labels, macros, thumbnails)."""
+        best, area = None, (-1, -1)
+        for i, s in enumerate(self._tf.series):
+            if "X" not in s.axes or "Y" not in s.axes:
+                continue
+            name = (s.name or "").lower()
+            if any(k in name for k in ("label", "macro", "thumbnail", "overview")):
+                continue
+            shape = dict(zip(s.axes, s.shape))
+            a = int(shape["X"]) * int(shape["Y"])
+            if a > area[1]:
+                best, area = s, (i, a)
+        if best is None:
+            raise SlideError(self.path, "no image with X and Y axes in the TIFF")
+        return area[0], best
+
+    @property
+    def level_dimensions(self):
+        return self._dims
+
+    def _read_level(self, level, x, y, w, h):
+        z = self._levels[level]
+        idx, keep = [], []
+        for ax, n in zip(self._axes, z.shape):
+            if ax == "Y":
+                idx.append(slice(y, y + h))
+                keep.append(ax)
+            elif ax == "X":
+                idx.append(slice(x, x + w))
+                keep.append(ax)
+            elif ax in ("S", "C") and n in (2, 3, 4) and "S" not in keep and "C" not in keep:
+                idx.append(slice(None))
+                keep.append(ax)
+            else:
+                idx.append(0)
+        arr = np.asarray(z[tuple(idx)])
+        order = [keep.index("Y"), keep.index("X")] + [i for i, a in enumerate(keep) if a not in "YX"]
+        return _as_rgb(np.transpose(arr, order))
+
+    def close(self):
+        if not self._closed:
+            self._tf.close()
+        super().close()
+
+
 # --------------------------------------------------------------------------- opening
 
+_WSI_EXT = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".qptiff"}
 _IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".jpe", ".jfif", ".ppm", ".pgm"}
 
-BACKENDS: dict[str, type[Slide]] = {"pil": ImageSlide}
+BACKENDS: dict[str, type[Slide]] = {
+    "openslide": OpenSlideSlide,
+    "tiffslide": TiffSlideSlide,
+    "tifffile": TifffileSlide,
+    "pil": ImageSlide,
+}
 
 
 def _suffix(p: Path) -> str:
@@ -363,10 +724,30 @@ def _suffix(p: Path) -> str:
 
 
 def _candidates(p: Path) -> list[str]:
+    """Backends to try, in order, for this file."""
     ext = _suffix(p)
     if ext in _IMAGE_EXT:
         return ["pil"]
-    return [b for b in ("openslide", "tiffslide", "tifffile", "pil") if b in BACKENDS]
+    if ext in (".ome.tif", ".ome.tiff"):
+        return ["tifffile", "tiffslide", "openslide"]
+    if _is_tiff(p) or ext in _WSI_EXT:
+        return ["openslide", "tiffslide", "tifffile", "pil"]
+    return ["openslide", "pil"]
+
+
+def _more_levels_elsewhere(slide: Slide) -> Slide:
+    """OpenSlide reads SubIFD pyramids as one level; prefer tifffile when it finds more."""
+    if slide.backend != "openslide" or slide.level_count > 1 or getattr(slide, "vendor", None) != "generic-tiff":
+        return slide
+    try:
+        other = TifffileSlide(slide.path, mpp=slide._mpp_arg)
+    except SlideError:
+        return slide
+    if other.level_count > 1:
+        slide.close()
+        return other
+    other.close()
+    return slide
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str | None = None) -> Slide:
@@ -389,8 +770,10 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str |
     reasons = []
     for b in _candidates(p):
         try:
-            return BACKENDS[b](p, mpp=mpp)
+            return _more_levels_elsewhere(BACKENDS[b](p, mpp=mpp))
         except SlideError as e:
+            if e.fatal:
+                raise
             reasons.append(f"{b}: {e.reason}")
     raise SlideError(p, "unsupported or corrupt slide (" + "; ".join(reasons) + ")")
 
