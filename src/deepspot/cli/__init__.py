@@ -1,0 +1,72 @@
+"""``deepspot`` command line: one sub-command per stage (typer + rich).
+
+Errors a user can cause print one line naming the thing and the reason, exit code 1,
+no traceback (set DEEPSPOT_DEBUG=1 to see it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Predict spatial gene expression from H&E slides (DeepSpot, DeepCell, DeepSpot2Cell).")
+
+
+def _register() -> None:
+    # each module adds its commands to ``app``
+    from deepspot.cli import core  # noqa: F401
+
+    for optional in ("evaluate", "cells", "weights", "cohort"):
+        try:
+            __import__(f"deepspot.cli.{optional}")
+        except ModuleNotFoundError as e:
+            if e.name != f"deepspot.cli.{optional}":
+                raise
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is meant for the user (one line, no traceback)."""
+    from deepspot.features.encoders import EncoderError
+    from deepspot.io.datasets import DataError
+    from deepspot.io.slides import SlideError
+    from deepspot.io.spatial import SpatialDataError
+    from deepspot.models.checkpoint import CheckpointError
+
+    return (SlideError, EncoderError, CheckpointError, SpatialDataError, DataError, FileNotFoundError,
+            ValueError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _register()
+    debug = os.environ.get("DEEPSPOT_DEBUG", "") not in ("", "0")
+    try:
+        app(args=argv, standalone_mode=False)
+    except SystemExit as e:
+        raise
+    except KeyboardInterrupt:
+        print("deepspot: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the CLI boundary
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            print("deepspot: aborted", file=sys.stderr)
+            sys.exit(1)
+        if debug:
+            raise
+        known = isinstance(e, user_errors())
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        prefix = "error" if known else f"error ({type(e).__name__})"
+        print(f"deepspot: {prefix}: {msg}", file=sys.stderr)
+        if not known:
+            print("deepspot: set DEEPSPOT_DEBUG=1 to see the traceback", file=sys.stderr)
+        sys.exit(1)

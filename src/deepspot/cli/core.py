@@ -1,0 +1,145 @@
+"""Core commands: demo, encoders, train, predict, plot."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from deepspot.cli import app
+
+console = Console(stderr=False)
+
+
+def _split(s: Optional[str]) -> Optional[list[str]]:
+    return [g.strip() for g in s.split(",") if g.strip()] if s else None
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("deepspot_demo"), help="Output folder."),
+         data_dir: Optional[Path] = typer.Option(None, help="Folder with ncbi858/ (default: $DEEPSPOT_DATA_DIR or ../shared/data)."),
+         encoder: str = typer.Option("efficientnet-lite0", help="Encoder name (see `deepspot encoders`)."),
+         encoder_weights: Optional[Path] = typer.Option(None, help="Local weights file/folder for the encoder."),
+         max_epochs: int = typer.Option(150), seed: int = typer.Option(2024),
+         progress: bool = typer.Option(True, help="Show progress bars.")):
+    """Train on the bundled Xenium lung H&E, score on a held-out side, predict the whole image."""
+    from deepspot.demo import run_demo
+
+    run_demo(out, data_dir=data_dir, encoder_name=encoder, encoder_weights=encoder_weights, max_epochs=max_epochs,
+             seed=seed, progress=progress, echo=console.print)
+
+
+@app.command()
+def encoders():
+    """List the registered encoders, their feature dim and where their weights come from."""
+    from rich.table import Table
+
+    from deepspot.features.encoders import get_spec, list_encoders
+
+    t = Table("name", "dim", "input", "weights")
+    for name in list_encoders():
+        s = get_spec(name)
+        t.add_row(name, str(s.dim), str(s.input_size), "bundled (pip)" if not s.needs_download else s.source)
+    console.print(t)
+
+
+@app.command()
+def train(image: Path = typer.Option(..., help="H&E image/slide the spots lie on."),
+          adata: Path = typer.Option(..., help="h5ad with raw counts + positions (obsm['spatial'] x, y px)."),
+          out: Path = typer.Option(..., help="Checkpoint folder to write (safetensors + config.json)."),
+          cells: bool = typer.Option(False, help="adata holds cells: pool them into pseudo-spots on the grid."),
+          x_col: Optional[str] = typer.Option(None, help="obs column with x (horizontal) position, if not obsm['spatial']."),
+          y_col: Optional[str] = typer.Option(None, help="obs column with y (vertical) position."),
+          encoder: str = typer.Option("efficientnet-lite0"), encoder_weights: Optional[Path] = typer.Option(None),
+          mpp: Optional[float] = typer.Option(None, help="µm per pixel (overrides the slide's)."),
+          spot_diameter: float = typer.Option(55.0), spacing: float = typer.Option(100.0),
+          unit: str = typer.Option("um", help="Unit of spot diameter/spacing: um or px."),
+          context: str = typer.Option("spot_subspot_neighbors"), n_sub: int = typer.Option(3),
+          genes: Optional[str] = typer.Option(None, help="Comma-separated gene panel."),
+          n_top_genes: Optional[int] = typer.Option(None, help="Top-N highly variable genes."),
+          loss: str = typer.Option("mse"), max_epochs: int = typer.Option(200), patience: int = typer.Option(20),
+          seed: int = typer.Option(2024), cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder."),
+          num_workers: int = typer.Option(0), progress: bool = typer.Option(True)):
+    """Train DeepSpot on one image with spot (or pooled cell) counts; prints held-out scores."""
+    from deepspot.demo import score_table
+    from deepspot.features.encoders import load_encoder
+    from deepspot.geometry.grid import GridSpec, pool_cells
+    from deepspot.inference.predict import SpotGeometry
+    from deepspot.io.slides import open_slide
+    from deepspot.io.spatial import SpatialDataError, check_inside, read_cells_h5ad
+    from deepspot.models.checkpoint import save_checkpoint
+    from deepspot.training.spots import train_spot_model
+
+    data = read_cells_h5ad(adata, x_col=x_col, y_col=y_col)
+    with open_slide(image, mpp=mpp) as slide:
+        w, h = slide.dimensions
+        slide_mpp = slide.mpp
+    check_inside(data.obsm["spatial"], w, h, str(adata))
+    geometry = SpotGeometry(GridSpec(spot_diameter, spacing, unit=unit), n_sub=n_sub)
+    if unit == "um" and slide_mpp is None:
+        raise SpatialDataError(f"{image}: no mpp in the file; pass --mpp or give the geometry in pixels (--unit px)")
+    spec_px = geometry.grid.in_pixels(slide_mpp)
+    if cells:
+        data, _ = pool_cells(data, w, h, spec_px)
+        console.print(f"pooled cells into {data.n_obs} pseudo-spots")
+    elif "array_row" not in data.obs or "array_col" not in data.obs:
+        raise SpatialDataError(f"{adata}: obs needs array_row/array_col for the neighbour context (or pass --cells)")
+    encoder_ = load_encoder(encoder, weights=encoder_weights)
+    res = train_spot_model(image, data, encoder_, geometry, mpp=slide_mpp, context=context, genes=_split(genes),
+                           n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs, patience=patience, seed=seed,
+                           cache_dir=cache_dir or out.parent / f".{out.name}-features", num_workers=num_workers,
+                           progress=progress)
+    save_checkpoint(out, res.model, res.config)
+    console.print(score_table(res.scores).to_string(float_format=lambda v: f"{v:.4f}"))
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def predict(slide: Path = typer.Argument(..., help="Slide/image file."),
+            model: Path = typer.Option(..., help="Checkpoint folder."),
+            out: Path = typer.Option(Path("deepspot_predictions"), help="Output folder."),
+            mpp: Optional[float] = typer.Option(None, help="µm per pixel; overrides the slide's metadata."),
+            tissue: str = typer.Option("otsu", help="Tissue filter: otsu, mean_rgb (reference rule) or none."),
+            genes: Optional[str] = typer.Option(None, help="Genes to plot (comma-separated)."),
+            encoder_weights: Optional[Path] = typer.Option(None, help="Local weights for the model's encoder."),
+            batch_size: int = typer.Option(16), num_workers: int = typer.Option(0),
+            cache_dir: Optional[Path] = typer.Option(None), progress: bool = typer.Option(True)):
+    """Predict every in-tissue spot of a virtual grid over a slide: h5ad + spots CSV + PNG."""
+    from deepspot.features.encoders import load_encoder
+    from deepspot.inference.predict import predict_image, spot_table
+    from deepspot.io.outputs import write_csv, write_h5ad
+    from deepspot.models.checkpoint import load_checkpoint, read_config
+    from deepspot.plotting import plot_genes
+
+    if not slide.exists():
+        raise FileNotFoundError(f"{slide}: file not found")
+    gene_list = _split(genes)
+    cfg = read_config(model)
+    encoder_ = load_encoder(cfg["encoder"]["name"], weights=encoder_weights)
+    net, cfg = load_checkpoint(model, genes=gene_list, feature_dim=encoder_.dim)
+    adata = predict_image(slide, net, cfg, encoder_, mpp=mpp, tissue=tissue, batch_size=batch_size,
+                          num_workers=num_workers, cache_dir=cache_dir, progress=progress)
+    stem = slide.stem
+    write_h5ad(adata, out / f"{stem}.h5ad")
+    write_csv(spot_table(adata), out / f"{stem}_spots.csv")
+    if adata.n_obs:
+        plot_genes(adata, genes=gene_list, path=out / f"{stem}_genes.png")
+    console.print(f"{adata.n_obs} spots × {adata.n_vars} genes → {out / (stem + '.h5ad')}")
+
+
+@app.command()
+def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
+         genes: Optional[str] = typer.Option(None, help="Comma-separated genes (default: the most variable)."),
+         out: Optional[Path] = typer.Option(None, help="PNG path (default: beside the h5ad).")):
+    """Plot predicted genes over the H&E thumbnail."""
+    import anndata as ad
+
+    from deepspot.plotting import plot_genes
+
+    if not h5ad.exists():
+        raise FileNotFoundError(f"{h5ad}: file not found")
+    adata = ad.read_h5ad(h5ad)
+    path = out or h5ad.with_suffix(".png")
+    plot_genes(adata, genes=_split(genes), path=path)
+    console.print(f"wrote {path}")

@@ -1,0 +1,150 @@
+"""Deep-sets models of the DeepSpot family.
+
+All ensembles are held as stacked parameters so the E heads run as one
+batched matmul; there is no Python loop over spots or heads.
+
+Shapes: ``B`` spots in a batch, ``S`` sub-spots per spot, ``K`` neighbours per
+spot, ``d`` encoder feature dim, ``h`` hidden size, ``E`` ensemble size,
+``G`` genes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+CONTEXTS = ("spot", "spot_subspot", "spot_neighbors", "spot_subspot_neighbors")
+Context = Literal["spot", "spot_subspot", "spot_neighbors", "spot_subspot_neighbors"]
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Sum over the bag axis. x: (B,N,h), mask: (B,N) bool (True = real) -> (B,h)."""
+    if mask is None:
+        return x.sum(dim=1)
+    return (x * mask.unsqueeze(-1).to(x.dtype)).sum(dim=1)
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Max over the bag axis; an empty bag pools to 0. x: (B,N,h), mask: (B,N) -> (B,h)."""
+    if x.shape[1] == 0:
+        return x.new_zeros(x.shape[0], x.shape[2])
+    if mask is None:
+        return x.max(dim=1).values
+    filled = x.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+    out = filled.max(dim=1).values
+    empty = ~mask.any(dim=1)
+    return out.masked_fill(empty.unsqueeze(-1), 0.0)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the bag axis; an empty bag pools to 0. x: (B,N,h) -> (B,h)."""
+    if mask is None:
+        return x.mean(dim=1)
+    n = mask.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)
+    return masked_sum(x, mask) / n
+
+
+POOLS = {"sum": masked_sum, "max": masked_max, "mean": masked_mean}
+
+
+class EnsembleLinear(nn.Module):
+    """E independent Linear(in -> out) layers applied to the same input.
+
+    weight: (E, in, out), bias: (E, out). forward: (..., in) -> (E, ..., out).
+    """
+
+    def __init__(self, n_ensemble: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_ensemble, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n_ensemble, out_features))
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(1, -1, x.shape[-1])  # (1, M, in)
+        out = torch.baddbmm(self.bias.unsqueeze(1), flat.expand(self.weight.shape[0], -1, -1), self.weight)
+        return out.reshape(self.weight.shape[0], *lead, -1)
+
+
+class Phi(nn.Module):
+    """Linear -> Dropout -> ReLU, E heads, median over heads. (..., d) -> (..., h)."""
+
+    def __init__(self, in_dim: int, hidden: int, n_ensemble: int, dropout: float):
+        super().__init__()
+        self.linear = EnsembleLinear(n_ensemble, in_dim, hidden)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(self.dropout(self.linear(x)))  # (E, ..., h)
+        # torch.median takes the lower middle value for an even E, as the original does.
+        return z.median(dim=0).values
+
+
+class Rho(nn.Module):
+    """Dropout -> ReLU -> Linear, E heads, mean over heads. (B, m*h) -> (B, G)."""
+
+    def __init__(self, in_dim: int, n_genes: int, n_ensemble: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = EnsembleLinear(n_ensemble, in_dim, n_genes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.relu(self.dropout(x))).mean(dim=0)
+
+
+class DeepSpot(nn.Module):
+    """Spot-level deep-sets model.
+
+    forward(spot (B,d), subspots (B,S,d), subspot_mask (B,S), neighbors (B,K,d),
+    neighbor_mask (B,K)) -> (B,G). Inputs a context mode does not use may be None.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_genes: int,
+        hidden: int = 512,
+        n_ensemble: int = 10,
+        dropout: float = 0.3,
+        context: Context = "spot_subspot_neighbors",
+        subspot_pool: str = "sum",
+        neighbor_pool: str = "max",
+    ):
+        super().__init__()
+        if context not in CONTEXTS:
+            raise ValueError(f"unknown context mode {context!r}; choose one of {', '.join(CONTEXTS)}")
+        self.in_dim, self.n_genes, self.hidden = in_dim, n_genes, hidden
+        self.n_ensemble, self.dropout_p, self.context = n_ensemble, dropout, context
+        self.subspot_pool, self.neighbor_pool = subspot_pool, neighbor_pool
+        self.use_subspots = "subspot" in context
+        self.use_neighbors = "neighbors" in context
+        m = 1 + int(self.use_subspots) + int(self.use_neighbors)
+        self.phi = Phi(in_dim, hidden, n_ensemble, dropout)
+        self.rho = Rho(hidden * m, n_genes, n_ensemble, dropout)
+
+    def config(self) -> dict:
+        return dict(
+            in_dim=self.in_dim, n_genes=self.n_genes, hidden=self.hidden, n_ensemble=self.n_ensemble,
+            dropout=self.dropout_p, context=self.context, subspot_pool=self.subspot_pool,
+            neighbor_pool=self.neighbor_pool,
+        )
+
+    def embed(self, spot, subspots=None, subspot_mask=None, neighbors=None, neighbor_mask=None) -> torch.Tensor:
+        """The pooled representation fed to rho: (B, m*h)."""
+        parts = [self.phi(spot)]
+        if self.use_subspots:
+            if subspots is None:
+                raise ValueError(f"context {self.context!r} needs sub-spot features")
+            parts.append(POOLS[self.subspot_pool](self.phi(subspots), subspot_mask))
+        if self.use_neighbors:
+            if neighbors is None:
+                raise ValueError(f"context {self.context!r} needs neighbour features")
+            parts.append(POOLS[self.neighbor_pool](self.phi(neighbors), neighbor_mask))
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, spot, subspots=None, subspot_mask=None, neighbors=None, neighbor_mask=None) -> torch.Tensor:
+        return self.rho(self.embed(spot, subspots, subspot_mask, neighbors, neighbor_mask))

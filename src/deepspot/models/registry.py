@@ -1,0 +1,29 @@
+"""Model kinds by name (as stored in checkpoint configs): name -> nn.Module class."""
+from __future__ import annotations
+
+from torch import nn
+
+_MODELS: dict[str, type[nn.Module]] = {}
+
+
+def register_model(name: str, cls: type[nn.Module]) -> None:
+    _MODELS[name] = cls
+
+
+def build(name: str, model_args: dict) -> nn.Module:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model kind {name!r}; available: {', '.join(sorted(_MODELS))}")
+    return _MODELS[name](**model_args)
+
+
+def available() -> list[str]:
+    return sorted(_MODELS)
+
+
+def _register_builtin() -> None:
+    from deepspot.models.deepsets import DeepSpot
+
+    register_model("deepspot", DeepSpot)
+
+
+_register_builtin()
