@@ -489,8 +489,6 @@ class OpenSlideSlide(Slide):
         self.vendor = props.get("openslide.vendor")
         self._dims = [tuple(map(int, d)) for d in self._osr.level_dimensions]
         self._ds = [float(d) for d in self._osr.level_downsamples]
-        # MRXS/others: regions outside the scanned area are transparent → white.
-        self._bounds = None
         if self.mpp is None:
             mx = _plausible_mpp(props.get("openslide.mpp-x"))
             my = _plausible_mpp(props.get("openslide.mpp-y"))
