@@ -1,0 +1,276 @@
+import importlib
+import json
+import os
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from deepspot.convert import ConvertError, convert_deepspot, load_restricted, read_gene_list, read_original
+from deepspot.models.checkpoint import load_checkpoint
+
+# A stand-in for the original package, written as real Python modules so that torch.save pickles
+# references to its classes (as the published files do). Converted with the alias "dsorig" -> "deepspot",
+# i.e. the converter sees "deepspot.spot.model.DeepSpot" etc., a module that does not exist here.
+ORIG_MODEL = '''
+import lightning as L
+import torch
+from torch import nn
+from .loss import loss_mse_function
+
+
+class Phi(nn.Module):
+    def __init__(self, i, o, p):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(i, o), nn.Dropout(p=p), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class Rho(nn.Module):
+    def __init__(self, i, o, p):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(p=p), nn.ReLU(inplace=True), nn.Linear(i, o), nn.Dropout(p=0.1))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+MULT = {"spot": 1, "spot_subspot": 2, "spot_neighbors": 2, "spot_subspot_neighbors": 3}
+
+
+class DeepSpot(L.LightningModule):
+    """Layout of the published Lightning module (phi_spot / rho ModuleLists of wrapped Sequentials)."""
+
+    def __init__(self, input_size, output_size, loss_func="mse", p=0.3, n_ensemble=10, phi2rho_size=512,
+                 scaler=None, spot_context="spot_subspot_neighbors"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.scaler = scaler
+        self.loss_func = loss_mse_function
+        self.training_loss = [0.5, 0.25]
+        self.phi_spot = nn.ModuleList([Phi(input_size, phi2rho_size, p) for _ in range(n_ensemble)])
+        self.rho = nn.ModuleList([Rho(phi2rho_size * MULT[spot_context], output_size, p) for _ in range(n_ensemble)])
+        self._forward_fn = self._forward_any
+
+    def _forward_any(self, x):
+        return x
+
+
+class PlainDeepSpot(nn.Module):
+    """The simpler layout: Sequentials directly in the ModuleLists, context stored as type_model."""
+
+    def __init__(self, input_size, output_size, n_ensemble, phi2rho_size, type_model, dropout=0.3):
+        super().__init__()
+        self.input_size, self.output_size, self.type_model = input_size, output_size, type_model
+        self.phi_spot = nn.ModuleList([nn.Sequential(nn.Linear(input_size, phi2rho_size), nn.Dropout(dropout),
+                                                     nn.ReLU()) for _ in range(n_ensemble)])
+        self.rho = nn.ModuleList([nn.Sequential(nn.Dropout(dropout), nn.ReLU(),
+                                                nn.Linear(phi2rho_size * MULT[type_model], output_size),
+                                                nn.Dropout(0.1)) for _ in range(n_ensemble)])
+'''
+ORIG_LOSS = '''
+import torch
+
+
+def loss_mse_function(pred, target):
+    return torch.nn.functional.mse_loss(pred, target)
+'''
+ALIASES = {"dsorig": "deepspot"}
+
+
+@pytest.fixture(scope="module")
+def orig(tmp_path_factory):
+    root = tmp_path_factory.mktemp("origpkg")
+    pkg = root / "dsorig" / "spot"
+    pkg.mkdir(parents=True)
+    (root / "dsorig" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from .model import DeepSpot, PlainDeepSpot\n")
+    (pkg / "model.py").write_text(textwrap.dedent(ORIG_MODEL))
+    (pkg / "loss.py").write_text(textwrap.dedent(ORIG_LOSS))
+    sys.path.insert(0, str(root))
+    try:
+        yield importlib.import_module("dsorig.spot.model")
+    finally:
+        sys.path.remove(str(root))
+        for name in [m for m in sys.modules if m == "dsorig" or m.startswith("dsorig.")]:
+            del sys.modules[name]
+
+
+def original_forward(m, ctx, spot, subspots, neighbors):
+    """The published forward math: median over phi heads, sum over sub-spots, max over neighbours,
+    concatenation, mean over rho heads."""
+    def phi(x):
+        return torch.stack([head(x) for head in m.phi_spot], dim=0).median(dim=0).values
+
+    parts = [phi(spot)]
+    if "subspot" in ctx:
+        parts.append(phi(subspots).sum(dim=1))
+    if "neighbors" in ctx:
+        parts.append(phi(neighbors).max(dim=1).values)
+    z = torch.cat(parts, dim=-1)
+    return torch.stack([head(z) for head in m.rho], dim=0).mean(dim=0)
+
+
+def _inputs(d, seed=0, b=5, s=9, k=4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g), torch.randn(b, s, d, generator=g), torch.randn(b, k, d, generator=g)
+
+
+def _ours_forward(model, spot, sub, nb):
+    with torch.no_grad():
+        return model(spot, subspots=sub, neighbors=nb)
+
+
+def test_encoder_must_be_named_when_dim_is_ambiguous(orig, tmp_path):
+    torch.manual_seed(3)
+    for d, hint in ((16, "NAME"), (1024, "uni")):  # 16-d fits no encoder; 1024-d fits several
+        m = orig.DeepSpot(d, 3, n_ensemble=2, phi2rho_size=8, spot_context="spot").eval()
+        src = tmp_path / f"m{d}.pkl"
+        torch.save(m, src)
+        with pytest.raises(ConvertError, match=f"say which encoder.*{hint}"):
+            convert_deepspot(src, tmp_path / "ckpt", genes=list("abc"), module_aliases=ALIASES)
+    out = convert_deepspot(src, tmp_path / "ckpt", genes=list("abc"), encoder="uni", module_aliases=ALIASES)
+    assert json.loads((out / "config.json").read_text())["encoder"] == {"name": "uni", "dim": 1024}
+
+
+@pytest.mark.parametrize("ctx", ["spot", "spot_subspot", "spot_neighbors", "spot_subspot_neighbors"])
+def test_converted_model_matches_original_forward(orig, tmp_path, ctx):
+    torch.manual_seed(4)
+    d, genes = 768, [f"G{i}" for i in range(6)]  # 768-d: Phikon features
+    m = orig.DeepSpot(d, len(genes), n_ensemble=10, phi2rho_size=32, spot_context=ctx).eval()
+    src = tmp_path / "model.pkl"
+    torch.save(m, src)
+    gfile = tmp_path / "genes.txt"
+    gfile.write_text("\n".join(genes) + "\n")
+    out = convert_deepspot(src, tmp_path / "ckpt", genes=gfile, module_aliases=ALIASES)
+    model, cfg = load_checkpoint(out, genes=genes, feature_dim=d)
+    assert cfg["encoder"] == {"name": "phikon", "dim": 768}
+    assert cfg["genes"] == genes and cfg["model_args"]["context"] == ctx
+    assert cfg["model_args"]["n_ensemble"] == 10 and cfg["model_args"]["hidden"] == 32
+    assert cfg["converted_from"]["class"] == "deepspot.spot.model.DeepSpot"
+    assert cfg["converted_from"]["hparams"]["spot_context"] == ctx
+    assert set(os.listdir(out)) == {"model.safetensors", "config.json"}
+    spot, sub, nb = _inputs(d)
+    with torch.no_grad():
+        want = original_forward(m, ctx, spot, sub, nb)
+    got = _ours_forward(model, spot, sub, nb)
+    assert got.shape == (5, 6)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_layout_and_type_model(orig, tmp_path):
+    torch.manual_seed(5)
+    m = orig.PlainDeepSpot(1536, 4, n_ensemble=3, phi2rho_size=16, type_model="spot_neighbors").eval()
+    src = tmp_path / "plain.pt"
+    torch.save(m, src)
+    o = read_original(src, module_aliases=ALIASES)
+    assert o.hparams["type_model"] == "spot_neighbors"
+    out = convert_deepspot(src, tmp_path / "ckpt", genes=["a", "b", "c", "d"], module_aliases=ALIASES)
+    model, cfg = load_checkpoint(out)
+    assert cfg["encoder"]["name"] == "hoptimus0" and cfg["model_args"]["context"] == "spot_neighbors"
+    spot, sub, nb = _inputs(1536, b=3)
+    with torch.no_grad():
+        want = original_forward(m, "spot_neighbors", spot, sub, nb)
+    torch.testing.assert_close(_ours_forward(model, spot, None, nb), want, atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_needs_context_when_ambiguous(orig, tmp_path):
+    torch.manual_seed(6)
+    m = orig.PlainDeepSpot(768, 3, n_ensemble=2, phi2rho_size=8, type_model="spot_subspot").eval()
+    src = tmp_path / "sd.pt"
+    torch.save(m.state_dict(), src)
+    with pytest.raises(ConvertError, match="--context"):
+        convert_deepspot(src, tmp_path / "c1", genes=["x", "y", "z"])
+    with pytest.raises(ConvertError, match="does not fit"):
+        convert_deepspot(src, tmp_path / "c2", genes=["x", "y", "z"], context="spot_subspot_neighbors")
+    out = convert_deepspot(src, tmp_path / "c3", genes=["x", "y", "z"], context="spot_subspot")
+    model, _ = load_checkpoint(out)
+    spot, sub, nb = _inputs(768)
+    with torch.no_grad():
+        want = original_forward(m, "spot_subspot", spot, sub, nb)
+    torch.testing.assert_close(_ours_forward(model, spot, sub, None), want, atol=1e-5, rtol=1e-5)
+
+
+def test_scaler_and_gene_checks(orig, tmp_path):
+    from sklearn.preprocessing import MinMaxScaler, StandardScaler
+
+    from deepspot.inference.predict import invert_scaler
+
+    rng = np.random.default_rng(0)
+    y = rng.gamma(2.0, size=(50, 5))
+    for scaler in (StandardScaler().fit(y), MinMaxScaler().fit(y)):
+        m = orig.DeepSpot(768, 5, n_ensemble=2, phi2rho_size=8, scaler=scaler, spot_context="spot").eval()
+        src = tmp_path / "s.pkl"
+        torch.save(m, src)
+        out = convert_deepspot(src, tmp_path / "ck", genes=list("abcde"), module_aliases=ALIASES)
+        cfg = json.loads((out / "config.json").read_text())
+        ys = scaler.transform(y)
+        np.testing.assert_allclose(invert_scaler(ys.astype(np.float32), cfg["scaler"]), y, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConvertError, match="5 genes but the gene list has 2"):
+        convert_deepspot(src, tmp_path / "x", genes=["a", "b"], module_aliases=ALIASES)
+    with pytest.raises(ConvertError, match="encoder 'uni' gives 1024-d"):
+        convert_deepspot(src, tmp_path / "x", genes=list("abcde"), encoder="uni", module_aliases=ALIASES)
+    out = convert_deepspot(src, tmp_path / "nog", module_aliases=ALIASES)  # no genes: placeholders + flag
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["genes"][0] == "gene_0" and cfg["converted_from"]["genes_are_placeholders"] is True
+
+
+def test_gene_list_formats(tmp_path):
+    (tmp_path / "g.csv").write_text("gene,mean\nA,1\nB,2\n")
+    (tmp_path / "g.json").write_text(json.dumps(["A", "B"]))
+    (tmp_path / "g.txt").write_text("A\n\nB\n")
+    for f in ("g.csv", "g.json", "g.txt"):
+        assert read_gene_list(tmp_path / f) == ["A", "B"]
+
+
+# ---------------------------------------------------------------- safety
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class EvalEvil:
+    def __reduce__(self):
+        return (eval, ("__import__('os').getcwd()",))
+
+
+def test_malicious_reduce_is_refused_and_not_run(orig, tmp_path):
+    marker = tmp_path / "pwned"
+    m = orig.DeepSpot(768, 3, n_ensemble=2, phi2rho_size=8, spot_context="spot")
+    m.payload = Evil(marker)  # hides in the module's __dict__, as a tampered download would
+    src = tmp_path / "evil.pkl"
+    torch.save(m, src)
+    with pytest.raises(ConvertError) as ei:
+        convert_deepspot(src, tmp_path / "out", genes=list("abc"), module_aliases=ALIASES)
+    assert "system" in str(ei.value) and "refusing" in str(ei.value)
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+    src2 = tmp_path / "evil2.pkl"
+    torch.save({"x": EvalEvil()}, src2)
+    with pytest.raises(ConvertError, match="builtins.eval"):
+        load_restricted(src2)
+
+
+def test_unknown_class_is_refused_without_alias(orig, tmp_path):
+    m = orig.DeepSpot(768, 3, n_ensemble=2, phi2rho_size=8, spot_context="spot")
+    src = tmp_path / "m.pkl"
+    torch.save(m, src)
+    with pytest.raises(ConvertError, match="dsorig.spot.model.DeepSpot"):
+        read_original(src)
+
+
+def test_not_a_torch_archive(tmp_path):
+    f = tmp_path / "x.pkl"
+    f.write_bytes(b"not a zip")
+    with pytest.raises(ConvertError, match="not a torch zip archive"):
+        read_original(f)
