@@ -28,7 +28,7 @@ def score_table(scores: dict) -> pd.DataFrame:
 def run_demo(out_dir: str | Path = "deepspot_demo", data_dir=None, spot_px: float = 120.0, spacing_px: float = 120.0,
              encoder_name: str = "efficientnet-lite0", encoder_weights=None, context: str = "spot_subspot_neighbors",
              max_epochs: int = 150, patience: int = 20, seed: int = 2024, progress: bool = True, echo=print,
-             tissue: str = "mean_rgb") -> dict:
+             tissue: str = "otsu") -> dict:
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def invert_scaler(pred: np.ndarray, scaler: dict | None) -> np.ndarray:
     return pred * np.asarray(scaler["b"], dtype=np.float32) + np.asarray(scaler["a"], dtype=np.float32)
 
 
-def tissue_spots(slide, grid: pd.DataFrame, spot_px: float, method: str = "otsu", min_fraction: float = 0.5):
+def tissue_spots(slide, grid: pd.DataFrame, spot_px: float, method: str = "otsu", min_fraction: float = 0.1):
     """Boolean (N,) keep-mask: spots whose disc is mostly tissue at a low pyramid level."""
     if method == "none" or len(grid) == 0:
         return np.ones(len(grid), dtype=bool)
@@ -57,7 +57,7 @@ def tissue_spots(slide, grid: pd.DataFrame, spot_px: float, method: str = "otsu"
 def predict_image(slide_path, model, config: dict, encoder, mpp: float | None = None, tissue: str = "otsu",
                   batch_size: int = 16, num_workers: int = 0, cache_dir=None, device="cpu", autocast_dtype=None,
                   progress: bool = True, library_id: str | None = None, thumbnail_size: int = 2000,
-                  stats: ExtractStats | None = None) -> ad.AnnData:
+                  stats: ExtractStats | None = None, min_tissue_fraction: float = 0.1) -> ad.AnnData:
     """Predict every in-tissue spot of a virtual grid over the slide.
 
     Returns AnnData (spots × genes) with obs array_row, array_col, in_tissue; obsm['spatial'] (x, y)
@@ -75,7 +75,7 @@ def predict_image(slide_path, model, config: dict, encoder, mpp: float | None = 
         spec = geom.grid.in_pixels(mpp_used)
         w, h = slide.dimensions
         grid = make_grid(w, h, spec)
-        keep = tissue_spots(slide, grid, spec.spot_diameter, method=tissue)
+        keep = tissue_spots(slide, grid, spec.spot_diameter, method=tissue, min_fraction=min_tissue_fraction)
         thumb = slide.get_thumbnail(thumbnail_size)
     scale = thumb.shape[1] / w
     grid = grid[keep].reset_index(drop=True)
