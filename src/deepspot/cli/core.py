@@ -21,13 +21,16 @@ def demo(out: Path = typer.Option(Path("deepspot_demo"), help="Output folder."),
          data_dir: Optional[Path] = typer.Option(None, help="Folder with ncbi858/ (default: $DEEPSPOT_DATA_DIR or ../shared/data)."),
          encoder: str = typer.Option("efficientnet-lite0", help="Encoder name (see `deepspot encoders`)."),
          encoder_weights: Optional[Path] = typer.Option(None, help="Local weights file/folder for the encoder."),
+         spot_px: float = typer.Option(120.0, help="Pseudo-spot diameter in pixels (the image has no mpp)."),
+         spacing_px: float = typer.Option(120.0, help="Pseudo-spot centre-to-centre spacing in pixels."),
          max_epochs: int = typer.Option(150), seed: int = typer.Option(2024),
          progress: bool = typer.Option(True, help="Show progress bars.")):
     """Train on the bundled Xenium lung H&E, score on a held-out side, predict the whole image."""
     from deepspot.demo import run_demo
 
-    run_demo(out, data_dir=data_dir, encoder_name=encoder, encoder_weights=encoder_weights, max_epochs=max_epochs,
-             seed=seed, progress=progress, echo=console.print)
+    run_demo(out, data_dir=data_dir, spot_px=spot_px, spacing_px=spacing_px, encoder_name=encoder,
+             encoder_weights=encoder_weights, max_epochs=max_epochs, seed=seed, progress=progress,
+             echo=console.print)
 
 
 @app.command()
