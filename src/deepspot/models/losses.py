@@ -27,12 +27,21 @@ def poisson(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.poisson_nll_loss(pred, target, log_input=True, full=False)
 
 
+def mse_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return mse(pred, target) + cosine(pred, target)
+
+
+def mse_pearson(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return mse(pred, target) + pearson(pred, target)
+
+
+# Plain module-level functions (not lambdas), so a module holding one pickles (DDP spawn, Ray).
 LOSSES = {
     "mse": mse,
     "cos": cosine,
-    "mse_cos": lambda p, t: mse(p, t) + cosine(p, t),
+    "mse_cos": mse_cosine,
     "pearson": pearson,
-    "mse_pearson": lambda p, t: mse(p, t) + pearson(p, t),
+    "mse_pearson": mse_pearson,
     "poisson": poisson,
 }
 

@@ -1,37 +1,125 @@
-"""Fit a bag model with Lightning: early stopping on validation loss, best weights restored."""
+"""Fit a bag model with Lightning: early stopping on validation loss, best weights restored.
+
+Data path: a batch is gathered with one tensor index per batch (``bags.batch(ix)``), never one Python
+call per spot. :class:`IndexBatchSampler` yields whole index tensors (seeded shuffle per epoch) and
+shards them across DDP ranks itself, so the same code runs on one process or many.
+
+Reproducibility: the same ``seed`` (and the same model initialisation, which the caller seeds) gives
+the same weights. ``fit`` leaves no process state behind except the seeded RNGs: the logger levels and
+``torch``'s deterministic-algorithms flag it sets for the run are restored on return.
+"""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import math
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deepspot.models.bags import Bags
 from deepspot.training.module import BagRegressor
 
 log = logging.getLogger(__name__)
 
+PRECISIONS = {"32": "32-true", "fp32": "32-true", "32-true": "32-true",
+              "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true",
+              "16": "16-mixed", "fp16": "16-mixed", "16-mixed": "16-mixed", "16-true": "16-true"}
+
+
+def resolve_precision(precision: str, accelerator: str = "cpu") -> str:
+    """Lightning precision from a short name: 32 | bf16 | fp16 (mixed) or Lightning's own names.
+    fp16 autocast does not exist on CPU: there it becomes bf16-mixed, with a logged note."""
+    p = PRECISIONS.get(str(precision).lower())
+    if p is None:
+        raise ValueError(f"unknown precision {precision!r}; choose 32, bf16 or fp16 (or {', '.join(sorted(set(PRECISIONS.values())))})")
+    if p == "16-mixed" and accelerator == "cpu":
+        log.warning("fp16 mixed precision is not available on CPU; using bf16-mixed")
+        p = "bf16-mixed"
+    return p
+
 
 class BagBatches(Dataset):
-    """Index dataset; ``collate`` gathers the bags and targets of a batch of spot indices."""
+    """``ds[ix]`` with ``ix`` a LongTensor of spot indices -> (model inputs, targets) of that batch."""
 
-    def __init__(self, bags: Bags, targets: torch.Tensor, index: np.ndarray):
-        self.bags, self.targets, self.index = bags, targets, torch.as_tensor(np.asarray(index), dtype=torch.long)
+    def __init__(self, bags: Bags, targets: torch.Tensor, index: np.ndarray | None = None):
+        self.bags, self.targets = bags, targets
+        self.index = None if index is None else torch.as_tensor(np.asarray(index), dtype=torch.long)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.targets) if self.index is None else len(self.index)
 
-    def __getitem__(self, i: int) -> int:
-        return int(self.index[i])
-
-    def collate(self, ix: list[int]):
+    def __getitem__(self, ix: torch.Tensor):
         ix = torch.as_tensor(ix, dtype=torch.long)
         return self.bags.batch(ix), self.targets[ix]
+
+    def collate(self, ix: list[int]):  # per-item path, kept for callers that batch item by item
+        return self[torch.as_tensor(ix, dtype=torch.long)]
+
+
+def _as_is(batch):
+    return batch
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class IndexBatchSampler(Sampler):
+    """Yields LongTensor batches of ``index`` (shuffled per epoch with ``seed + epoch`` when ``shuffle``).
+
+    Under DDP (torch.distributed initialised when iteration starts) every rank draws the same
+    permutation and takes every ``world_size``-th batch; the batch list is padded by wrapping around so
+    that all ranks run the same number of steps. ``shard=False`` gives every rank all batches (used for
+    validation so that every rank sees the same validation loss).
+    """
+
+    def __init__(self, index: np.ndarray, batch_size: int, shuffle: bool = True, seed: int = 0, shard: bool = True):
+        self.index = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        self.batch_size, self.shuffle, self.seed, self.shard = int(batch_size), shuffle, int(seed), shard
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _batches(self) -> list[torch.Tensor]:
+        idx = self.index
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            idx = idx[torch.randperm(len(idx), generator=g)]
+        return list(torch.split(idx, self.batch_size)) if len(idx) else []
+
+    def __iter__(self):
+        batches = self._batches()
+        if self.shuffle:
+            self.epoch += 1  # next epoch differs even if nobody calls set_epoch
+        rank, world = _dist_info() if self.shard else (0, 1)
+        if world > 1 and batches:
+            per_rank = math.ceil(len(batches) / world)
+            batches = (batches * math.ceil(per_rank * world / len(batches)))[:per_rank * world]
+            batches = batches[rank::world]
+        return iter(batches)
+
+    def __len__(self) -> int:
+        n = math.ceil(len(self.index) / self.batch_size) if len(self.index) else 0
+        _, world = _dist_info() if self.shard else (0, 1)
+        return math.ceil(n / world) if world > 1 else n
+
+
+def make_loader(bags: Bags, targets: torch.Tensor, index: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
+                shard: bool = True) -> DataLoader:
+    """A DataLoader whose items are whole batches (no per-spot __getitem__ or collate)."""
+    ds = BagBatches(bags, targets)
+    sampler = IndexBatchSampler(index, batch_size, shuffle=shuffle, seed=seed, shard=shard)
+    return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=_as_is)
 
 
 class KeepBest(L.Callback):
@@ -49,41 +137,86 @@ class KeepBest(L.Callback):
             self.state = copy.deepcopy(pl_module.model.state_dict())
 
 
+def make_loggers(log_dir: str | Path | None, loggers: str | Sequence[str] | None = None):
+    """Lightning loggers under ``log_dir``: 'csv' and/or 'tensorboard' (the latter only when the
+    ``tensorboard`` package is importable; otherwise a warning says so and CSV is used)."""
+    if log_dir is None:
+        if loggers:
+            raise ValueError("loggers need a log_dir")
+        return False
+    kinds = ["csv"] if loggers is None else ([loggers] if isinstance(loggers, str) else list(loggers))
+    out = []
+    for k in kinds:
+        k = k.lower()
+        if k == "csv":
+            out.append(L.pytorch.loggers.CSVLogger(str(log_dir), name="train"))
+        elif k in ("tensorboard", "tb"):
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                log.warning("TensorBoard logging needs the `tensorboard` package (pip install tensorboard); "
+                            "logging to CSV in %s instead", log_dir)
+                if not any(isinstance(x, L.pytorch.loggers.CSVLogger) for x in out) and "csv" not in kinds:
+                    out.append(L.pytorch.loggers.CSVLogger(str(log_dir), name="train"))
+                continue
+            out.append(L.pytorch.loggers.TensorBoardLogger(str(log_dir), name="tensorboard"))
+        else:
+            raise ValueError(f"unknown logger {k!r}; choose csv or tensorboard")
+    return out or False
+
+
+@contextlib.contextmanager
+def _scoped_process_state():
+    """Restore what a Lightning run changes process-wide (logger levels, deterministic algorithms)."""
+    names = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")
+    levels = {n: logging.getLogger(n).level for n in names}
+    det, det_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    for n in names:
+        logging.getLogger(n).setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*number of training batches.*")
+            warnings.filterwarnings("ignore", ".*LeafSpec.*")
+            warnings.filterwarnings("ignore", ".*AMP with fp16 is not supported on CPU.*")
+            yield
+    finally:
+        for n, lv in levels.items():
+            logging.getLogger(n).setLevel(lv)
+        torch.use_deterministic_algorithms(det, warn_only=det_warn)
+
+
 def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
         loss: str = "mse", lr: float = 1e-4, weight_decay: float = 1e-6, batch_size: int = 64,
         max_epochs: int = 200, patience: int = 20, seed: int = 2024, precision: str = "32-true",
         log_dir: str | Path | None = None, progress: bool = True, accelerator: str = "cpu",
-        devices: int | str = 1, strategy: str = "auto") -> dict:
-    """Train ``model`` in place; returns a summary (best val loss, epochs run).
+        devices: int | str = 1, strategy: str = "auto", loggers: str | Sequence[str] | None = None,
+        val_batch_size: int | None = None) -> dict:
+    """Train ``model`` in place; returns a summary (best val loss, best epoch, epochs run, precision).
 
-    targets: (N, G) float, rows aligned with ``bags``; train_idx / val_idx index into them.
+    targets: (N, G) float, rows aligned with ``bags``; train_idx / val_idx index into them (train_idx may
+    repeat indices, e.g. after oversampling). ``precision``: 32 | bf16 | fp16 or a Lightning name.
+    ``loggers``: None (CSV when ``log_dir`` is given), 'csv', 'tensorboard' or both.
     """
-    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    L.seed_everything(seed, workers=True, verbose=False)
-    tgt = torch.as_tensor(np.asarray(targets, dtype=np.float32))
-    train_ds, val_ds = BagBatches(bags, tgt, train_idx), BagBatches(bags, tgt, val_idx)
-    g = torch.Generator().manual_seed(seed)
-    train_dl = DataLoader(train_ds, batch_size=batch_size, shuffle=True, collate_fn=train_ds.collate, generator=g)
-    val_dl = DataLoader(val_ds, batch_size=max(batch_size, 1024), shuffle=False, collate_fn=val_ds.collate)
-    module = BagRegressor(model, loss=loss, lr=lr, weight_decay=weight_decay)
-    keep = KeepBest()
-    callbacks = [keep, L.pytorch.callbacks.EarlyStopping("val_loss", patience=patience, mode="min")]
-    if progress:
-        callbacks.append(L.pytorch.callbacks.RichProgressBar(leave=False))
-    logger = False
-    if log_dir is not None:
-        logger = L.pytorch.loggers.CSVLogger(str(log_dir), name="train")
-    trainer = L.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=logger, enable_checkpointing=False,
-                        enable_progress_bar=progress, enable_model_summary=False, deterministic=True,
-                        precision=precision, accelerator=accelerator, devices=devices, strategy=strategy,
-                        num_sanity_val_steps=0, log_every_n_steps=1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*number of training batches.*")
-        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    precision = resolve_precision(precision, accelerator)
+    with _scoped_process_state():
+        L.seed_everything(seed, workers=True, verbose=False)
+        tgt = torch.as_tensor(np.asarray(targets, dtype=np.float32))
+        train_dl = make_loader(bags, tgt, train_idx, batch_size, shuffle=True, seed=seed)
+        val_dl = make_loader(bags, tgt, val_idx, val_batch_size or max(batch_size, 1024), shuffle=False, shard=False)
+        module = BagRegressor(model, loss=loss, lr=lr, weight_decay=weight_decay)
+        keep = KeepBest()
+        callbacks = [keep, L.pytorch.callbacks.EarlyStopping("val_loss", patience=patience, mode="min")]
+        if progress:
+            callbacks.append(L.pytorch.callbacks.RichProgressBar(leave=False))
+        trainer = L.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=make_loggers(log_dir, loggers),
+                            enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+                            deterministic=True, precision=precision, accelerator=accelerator, devices=devices,
+                            strategy=strategy, num_sanity_val_steps=0, log_every_n_steps=1,
+                            use_distributed_sampler=False)
         trainer.fit(module, train_dl, val_dl)
     if keep.state is not None:
         model.load_state_dict(keep.state)
     model.eval()
-    return {"best_val_loss": keep.best, "best_epoch": keep.epoch, "epochs": trainer.current_epoch}
+    return {"best_val_loss": keep.best, "best_epoch": keep.epoch, "epochs": trainer.current_epoch,
+            "precision": precision}
