@@ -236,7 +236,7 @@ def test_weights_never_unpickle_code(tmp_path):
 
     f = tmp_path / "pytorch_model.bin"
     with open(f, "wb") as fh:
-        pickle.dump({"x": Evil()}, fh)
+        pickle.dump({"x": Evil()}, fh, protocol=2)
     with pytest.raises(EncoderError, match="cannot read weights"):
         load_encoder("uni", weights=f)
     assert not marker.exists()
@@ -326,3 +326,13 @@ def test_foundation_model_archs_random_init(name, request):
     out = enc.encode(_tiles(1, 224))
     assert out.shape == (1, get_spec(name).dim)
     assert torch.isfinite(out).all()
+
+
+def test_autocast_names_resolve():
+    assert E.resolve_autocast(None, "cpu") is None
+    assert E.resolve_autocast("bf16", "cpu") is torch.bfloat16
+    assert E.resolve_autocast("fp16", "cpu") is torch.float16
+    assert E.resolve_autocast("fp32", "cpu") is None
+    assert E.resolve_autocast("auto", "cpu") in (None, torch.bfloat16)
+    with pytest.raises(EncoderError, match="unknown autocast"):
+        E.resolve_autocast("int3", "cpu")

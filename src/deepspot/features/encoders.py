@@ -98,6 +98,27 @@ def get_spec(name: str) -> EncoderSpec:
 # --------------------------------------------------------------------------------------
 
 
+def _cpu_has_fast_bf16() -> bool:
+    """True where the CPU has AMX bf16 tiles (bf16 matmuls run faster than fp32 there)."""
+    cpu = getattr(torch._C, "_cpu", None)
+    try:
+        caps = cpu._get_cpu_capability() if hasattr(cpu, "_get_cpu_capability") else {}
+        return bool(caps.get("amx_bf16", False))
+    except Exception:  # pragma: no cover - private API changed
+        return False
+
+
+def resolve_autocast(dt, device) -> torch.dtype | None:
+    """``dt`` as a torch dtype (None = full fp32). ``"auto"``: bf16 on CUDA (fp16 where bf16 is not
+    supported), bf16 on CPUs with AMX, otherwise fp32."""
+    if isinstance(dt, str) and dt.lower() == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if dev.type == "cpu" and _cpu_has_fast_bf16() else None
+    return _as_dtype(dt)
+
+
 def _as_dtype(dt) -> torch.dtype | None:
     if dt is None or isinstance(dt, torch.dtype):
         return dt
@@ -168,17 +189,46 @@ class Encoder(nn.Module):
             raise EncoderError(f"encoder '{self.name}' gave features of shape {tuple(out.shape)}, expected (B, {self.dim})")
         return out.float()
 
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed (B,3,S,S) -> (the usual features (B,d), patch tokens (B,h,w,d)) from one pass.
+
+        timm ViTs: head output and the patch tokens (prefix/register tokens dropped); timm CNNs: pooled
+        features and the final feature map; Hugging Face ViTs: CLS token and patch tokens.
+        """
+        m = self.model
+        if isinstance(m, HFClsToken):
+            hidden = m.hf(pixel_values=x).last_hidden_state
+            p = m.hf.config.patch_size
+            gh, gw = x.shape[-2] // p, x.shape[-1] // p
+            cls, tok = hidden[:, 0], hidden[:, hidden.shape[1] - gh * gw:]
+        elif hasattr(m, "forward_features") and hasattr(m, "forward_head"):
+            f = m.forward_features(x)
+            cls = m.forward_head(f)
+            if f.ndim == 4:  # CNN feature map (B,d,h,w)
+                tok, (gh, gw) = f.permute(0, 2, 3, 1), f.shape[-2:]
+            else:  # ViT tokens (B, prefix + h*w, d)
+                pe = m.patch_embed
+                gh, gw = (pe.dynamic_feat_size(x.shape[-2:]) if getattr(pe, "dynamic_img_size", False)
+                          else pe.grid_size)
+                tok = f[:, getattr(m, "num_prefix_tokens", 1):]
+        else:
+            raise EncoderError(f"encoder '{self.name}' does not expose patch tokens (fast mode needs a timm ViT/CNN "
+                               f"or a Hugging Face ViT)")
+        if cls.shape != (x.shape[0], self.dim) or tok.numel() != x.shape[0] * gh * gw * self.dim:
+            raise EncoderError(f"encoder '{self.name}' gave tokens of shape {tuple(tok.shape)}, expected {gh}x{gw} patches")
+        return cls.float(), tok.reshape(x.shape[0], gh, gw, self.dim).float()
+
     @torch.no_grad()
     def encode(self, tiles, device=None, autocast_dtype=None, batch_size: int | None = None) -> torch.Tensor:
         """Preprocess + forward; returns float32 CPU ``(B, dim)``.
 
         ``device``: move the encoder there first (default: where it is). ``autocast_dtype``:
-        ``torch.bfloat16``/``torch.float16`` (or "bf16"/"fp16") to run under autocast.
+        ``torch.bfloat16``/``torch.float16`` (or "bf16"/"fp16"/"auto") to run under autocast.
         ``batch_size``: split the tiles into chunks of this size.
         """
         if device is not None and torch.device(device) != self.device:
             self.to(device)
-        dtype = _as_dtype(autocast_dtype)
+        dtype = resolve_autocast(autocast_dtype, self.device)
         n = len(tiles)
         if n == 0:
             return torch.zeros(0, self.dim)
