@@ -274,3 +274,19 @@ def test_not_a_torch_archive(tmp_path):
     f.write_bytes(b"not a zip")
     with pytest.raises(ConvertError, match="not a torch zip archive"):
         read_original(f)
+
+
+def test_cli_refuses_malicious_pickle_with_one_line(orig, tmp_path):
+    import subprocess
+    import sys
+
+    marker = tmp_path / "pwned"
+    m = orig.DeepSpot(768, 3, n_ensemble=2, phi2rho_size=8, spot_context="spot")
+    m.payload = Evil(marker)
+    src = tmp_path / "evil.pkl"
+    torch.save(m, src)
+    r = subprocess.run([sys.executable, "-m", "deepspot.cli.run", "convert-weights", str(src), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and "evil.pkl" in r.stderr and "refusing" in r.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
