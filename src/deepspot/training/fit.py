@@ -82,9 +82,11 @@ class IndexBatchSampler(Sampler):
     validation so that every rank sees the same validation loss).
     """
 
-    def __init__(self, index: np.ndarray, batch_size: int, shuffle: bool = True, seed: int = 0, shard: bool = True):
+    def __init__(self, index: np.ndarray, batch_size: int, shuffle: bool = True, seed: int = 0, shard: bool = True,
+                 order=None):
         self.index = torch.as_tensor(np.asarray(index), dtype=torch.long)
         self.batch_size, self.shuffle, self.seed, self.shard = int(batch_size), shuffle, int(seed), shard
+        self.order = order  # optional (index, seed) -> shuffled index, e.g. chunk-local for lazy stores
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -93,8 +95,11 @@ class IndexBatchSampler(Sampler):
     def _batches(self) -> list[torch.Tensor]:
         idx = self.index
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            idx = idx[torch.randperm(len(idx), generator=g)]
+            if self.order is not None:
+                idx = torch.as_tensor(np.asarray(self.order(idx.numpy(), self.seed + self.epoch)), dtype=torch.long)
+            else:
+                g = torch.Generator().manual_seed(self.seed + self.epoch)
+                idx = idx[torch.randperm(len(idx), generator=g)]
         return list(torch.split(idx, self.batch_size)) if len(idx) else []
 
     def __iter__(self):
@@ -116,9 +121,11 @@ class IndexBatchSampler(Sampler):
 
 def make_loader(bags: Bags, targets: torch.Tensor, index: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
                 shard: bool = True) -> DataLoader:
-    """A DataLoader whose items are whole batches (no per-spot __getitem__ or collate)."""
+    """A DataLoader whose items are whole batches (no per-spot __getitem__ or collate). Bags that read
+    lazily (training/stores.StoreBags) may give their own shuffle as ``bags.epoch_order(index, seed)``."""
     ds = BagBatches(bags, targets)
-    sampler = IndexBatchSampler(index, batch_size, shuffle=shuffle, seed=seed, shard=shard)
+    sampler = IndexBatchSampler(index, batch_size, shuffle=shuffle, seed=seed, shard=shard,
+                                order=getattr(bags, "epoch_order", None))
     return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=_as_is)
 
 
@@ -135,6 +142,14 @@ class KeepBest(L.Callback):
         if v is not None and float(v) < self.best:
             self.best, self.epoch = float(v), trainer.current_epoch
             self.state = copy.deepcopy(pl_module.model.state_dict())
+
+    def on_fit_end(self, trainer, pl_module):
+        # restore the best weights in the process that trained (under ddp_spawn a child rank, whose weights
+        # and metrics Lightning copies back to the caller) and publish the best loss and epoch with the metrics
+        if self.state is not None:
+            pl_module.model.load_state_dict(self.state)
+            trainer.callback_metrics["best_val_loss"] = torch.tensor(self.best)
+            trainer.callback_metrics["best_epoch"] = torch.tensor(float(self.epoch))
 
 
 def make_loggers(log_dir: str | Path | None, loggers: str | Sequence[str] | None = None):
@@ -217,6 +232,9 @@ def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.n
         trainer.fit(module, train_dl, val_dl)
     if keep.state is not None:
         model.load_state_dict(keep.state)
+    elif "best_val_loss" in trainer.callback_metrics:  # trained in spawned ranks: weights already copied back
+        keep.best = float(trainer.callback_metrics["best_val_loss"])
+        keep.epoch = int(trainer.callback_metrics["best_epoch"])
     model.eval()
     return {"best_val_loss": keep.best, "best_epoch": keep.epoch, "epochs": trainer.current_epoch,
             "precision": precision}
