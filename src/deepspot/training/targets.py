@@ -1,10 +1,17 @@
 """Training targets: counts -> normalize_total(1e4) -> log1p (scanpy), gene panel, optional scaler."""
 from __future__ import annotations
 
+import logging
+
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
+
+from deepspot.io.spatial import SpatialDataError
+
+log = logging.getLogger(__name__)
 
 
 def log_normalize(adata: ad.AnnData, target_sum: float = 1e4) -> np.ndarray:
@@ -29,8 +36,123 @@ def select_genes(adata: ad.AnnData, n_top: int | None = None, genes: list[str] |
     expressed = np.asarray((X > 0).sum(axis=0)).ravel() > 0
     if n_top is None or n_top >= int(expressed.sum()):
         return [g for g, e in zip(names, expressed) if e]
-    a = adata[:, expressed].copy()
-    a.X = log_normalize(a)
-    sc.pp.highly_variable_genes(a, n_top_genes=n_top, flavor="seurat")
-    hv = a.var_names[a.var["highly_variable"].to_numpy()]
-    return list(map(str, hv))
+    ranked = set(rank_hvgs({"sample": adata[:, expressed]}, n_top))
+    return [g for g in names if g in ranked]  # in var order, as before
+
+
+# --------------------------------------------------------------------------- panels across samples
+
+
+def common_genes(samples: dict[str, ad.AnnData]) -> list[str]:
+    """Genes present in every sample, in the order of the first one."""
+    names = list(samples)
+    if not names:
+        raise ValueError("no samples given")
+    keep = set(map(str, samples[names[0]].var_names))
+    for n in names[1:]:
+        keep &= set(map(str, samples[n].var_names))
+    return [g for g in map(str, samples[names[0]].var_names) if g in keep]
+
+
+def rank_hvgs(samples: dict[str, ad.AnnData], n_top: int, flavor: str = "seurat",
+              min_fraction: float = 0.0) -> list[str]:
+    """The top-``n_top`` highly variable genes across ``samples`` (scanpy, ``batch_key`` = sample when
+    there are several), best first. Uses the genes common to all samples; counts are log-normalised
+    (normalize_total 1e4 + log1p) per spot first. Genes detected in fewer than ``min_fraction`` of all
+    spots are left out. Order: number of samples in which a gene is highly variable, then mean
+    normalised dispersion (scanpy's own ranking)."""
+    genes = common_genes(samples)
+    parts = []
+    for name, a in samples.items():
+        b = ad.AnnData(X=log_normalize(a[:, genes]), var=pd.DataFrame(index=genes))
+        b.obs["sample"] = name
+        b.obs_names = [f"{name}:{o}" for o in a.obs_names]
+        parts.append(b)
+    a = ad.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+    detected = np.asarray((a.X > 0).sum(axis=0)).ravel()
+    a = a[:, (detected > 0) & (detected >= min_fraction * a.n_obs)].copy()
+    n_top = int(min(n_top, a.n_vars))
+    batch_key = "sample" if len(samples) > 1 else None
+    if batch_key:
+        a.obs["sample"] = a.obs["sample"].astype("category")
+    df = sc.pp.highly_variable_genes(a, n_top_genes=n_top, flavor=flavor, batch_key=batch_key, inplace=False)
+    df.index = a.var_names
+    if "highly_variable_nbatches" not in df:
+        df["highly_variable_nbatches"] = 1
+    df = df.sort_values(["highly_variable_nbatches", "dispersions_norm"], ascending=False, na_position="last",
+                        kind="stable")
+    return list(map(str, df.index[:n_top]))
+
+
+def check_panel(panel: list[str], samples: dict[str, ad.AnnData], on_missing: str = "error") -> list[str]:
+    """Every panel gene must be in every sample. ``on_missing='error'``: a SpatialDataError naming the
+    sample and the genes; ``'intersect'``: drop those genes from the panel with a logged warning."""
+    if on_missing not in ("error", "intersect"):
+        raise ValueError(f"on_missing must be 'error' or 'intersect', got {on_missing!r}")
+    out = list(panel)
+    for name, a in samples.items():
+        have = set(map(str, a.var_names))
+        missing = [g for g in out if g not in have]
+        if not missing:
+            continue
+        if on_missing == "error":
+            raise SpatialDataError(f"{name}: {len(missing)} panel genes are missing from this sample "
+                                   f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+        log.warning("%s: %d panel genes missing (%s); dropped from the panel", name, len(missing),
+                    ", ".join(missing[:5]))
+        out = [g for g in out if g in have]
+    if not out:
+        raise SpatialDataError("no panel gene is present in every sample")
+    return out
+
+
+def select_panel(train: dict[str, ad.AnnData], n_top: int | None = None, genes: list[str] | None = None,
+                 others: dict[str, ad.AnnData] | None = None, on_missing: str = "error",
+                 min_fraction: float = 0.1) -> list[str]:
+    """The gene panel of a training run, decided on the training samples only.
+
+    ``genes`` given: that list (order kept). Else the top-``n_top`` HVGs across the training samples
+    (:func:`rank_hvgs`, among genes detected in at least ``min_fraction`` of the training spots — the
+    dispersion ranking otherwise favours genes seen in a handful of spots — and present in ``others``
+    too, so the panel can be scored there: gene names only, no values of ``others`` are used), or all common genes expressed in training when
+    ``n_top`` is None. The panel is then checked on all samples (:func:`check_panel`)."""
+    everything = {**train, **(others or {})}
+    if genes is None:
+        universe = set(common_genes(everything))
+        pool = {n: a[:, [g for g in map(str, a.var_names) if g in universe]] for n, a in train.items()}
+        if n_top is None:
+            g0 = common_genes(pool)
+            tot = sum(np.asarray(pool[n][:, g0].X.sum(axis=0)).ravel() for n in pool)
+            genes = [g for g, t in zip(g0, tot) if t > 0]
+        else:
+            genes = rank_hvgs(pool, n_top, min_fraction=min_fraction)
+    return check_panel(list(genes), everything, on_missing)
+
+
+# --------------------------------------------------------------------------- target scaler
+
+SCALERS = ("standard", "minmax")
+
+
+def fit_scaler(y: np.ndarray, kind: str | None) -> dict | None:
+    """Per-gene scaler fitted on (training) targets y (N, G): ``{'kind', 'a', 'b'}`` with
+    ``y_scaled = (y - a) / b`` — the form ``inference.predict.invert_scaler`` undoes. standard: a = mean,
+    b = std; minmax: a = min, b = max - min. Constant genes get b = 1."""
+    if kind in (None, "none"):
+        return None
+    y = np.asarray(y, dtype=np.float64)
+    if kind == "standard":
+        a, b = y.mean(axis=0), y.std(axis=0)
+    elif kind == "minmax":
+        a, b = y.min(axis=0), y.max(axis=0) - y.min(axis=0)
+    else:
+        raise ValueError(f"unknown scaler {kind!r}; choose standard, minmax or none")
+    b = np.where(b > 1e-12, b, 1.0)
+    return {"kind": kind, "a": a.astype(np.float32).tolist(), "b": b.astype(np.float32).tolist()}
+
+
+def apply_scaler(y: np.ndarray, scaler: dict | None) -> np.ndarray:
+    if not scaler:
+        return np.asarray(y, dtype=np.float32)
+    return ((np.asarray(y, dtype=np.float32) - np.asarray(scaler["a"], np.float32))
+            / np.asarray(scaler["b"], np.float32)).astype(np.float32)

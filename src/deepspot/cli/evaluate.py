@@ -1,0 +1,75 @@
+"""``deepspot evaluate``: patient-level cross-validation of DeepSpot next to PCA-256 + ridge."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from deepspot.cli import app
+
+console = Console(stderr=False)
+
+HER2ST_NOTE = ("HER2ST: four serial sections of ONE patient, each treated as a 'patient' "
+               "(leave-one-section-out): an optimistic stand-in for a true patient split")
+
+
+def _csv(s: Optional[str]) -> Optional[list[str]]:
+    return [g.strip() for g in s.split(",") if g.strip()] if s else None
+
+
+@app.command()
+def evaluate(
+    manifest: Optional[Path] = typer.Option(None, help="CSV: sample_id, patient_id, image, expression "
+                                            "[, mpp, format, positions, spot_diameter_um, alignment]."),
+    her2st: bool = typer.Option(False, "--her2st", help="Use the bundled HER2ST sections C2–C5 instead of a manifest."),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder holding her2st/ (default: $DEEPSPOT_DATA_DIR or ../shared/data)."),
+    out: Path = typer.Option(Path("deepspot_evaluation"), help="Output folder (CSV tables, PNG, JSON)."),
+    encoder: str = typer.Option("efficientnet-lite0", help="Encoder name (see `deepspot encoders`)."),
+    encoder_weights: Optional[Path] = typer.Option(None, help="Local weights for the encoder."),
+    folds: str = typer.Option("lopo", help="'lopo' (leave one patient out) or a number of patient-level folds."),
+    n_top_genes: int = typer.Option(250, help="Top-N HVGs of each training split (ignored with --genes)."),
+    genes: Optional[str] = typer.Option(None, help="Comma-separated gene panel instead of HVGs."),
+    on_missing: str = typer.Option("error", help="Panel gene missing from a sample: error | intersect."),
+    contexts: str = typer.Option("all", help="DeepSpot context modes, comma-separated, or 'all'."),
+    n_sub: int = typer.Option(3, help="Sub-spot grid n (n×n)."),
+    loss: str = typer.Option("mse"), lr: float = typer.Option(1e-4), batch_size: int = typer.Option(64),
+    max_epochs: int = typer.Option(200), patience: int = typer.Option(20),
+    hidden: int = typer.Option(512), n_ensemble: int = typer.Option(10), dropout: float = typer.Option(0.3),
+    scaler: str = typer.Option("none", help="Target scaler fitted on training spots: none | standard | minmax."),
+    oversample: bool = typer.Option(False, help="Leiden-cluster oversampling of the training spots."),
+    precision: str = typer.Option("32", help="32 | bf16 | fp16 (fp16 becomes bf16 on CPU)."),
+    seed: int = typer.Option(2024),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default: <out>/features)."),
+    num_workers: int = typer.Option(0, help="DataLoader workers for reading crops."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """Leave-one-patient-out (or k-fold by patient) scores of DeepSpot's four context modes and ridge."""
+    from deepspot.evaluation.cv import EvalConfig, evaluate as run_eval, load_samples
+    from deepspot.features.encoders import load_encoder
+    from deepspot.models.deepsets import CONTEXTS
+    from deepspot.training.manifest import her2st_manifest, read_manifest
+
+    if (manifest is None) == (not her2st):
+        raise ValueError("give either --manifest FILE or --her2st")
+    specs = her2st_manifest(data_dir) if her2st else read_manifest(manifest)
+    note = HER2ST_NOTE if her2st else ""
+    if note:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    ctx = CONTEXTS if contexts.strip().lower() == "all" else tuple(_csv(contexts) or ())
+    k = "lopo" if folds.strip().lower() in ("lopo", "loo") else int(folds)
+    cfg = EvalConfig(contexts=ctx, folds=k, n_top_genes=n_top_genes, genes=_csv(genes), on_missing=on_missing,
+                     n_sub=n_sub, loss=loss, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
+                     patience=patience, hidden=hidden, n_ensemble=n_ensemble, dropout=dropout,
+                     scaler=None if scaler == "none" else scaler, oversample=oversample, precision=precision,
+                     seed=seed)
+    samples = load_samples(specs)
+    console.print(f"{len(samples)} samples, {len({s.patient_id for s in samples})} patients, "
+                  f"{sum(s.adata.n_obs for s in samples)} spots")
+    enc = load_encoder(encoder, weights=encoder_weights)
+    res = run_eval(samples, enc, cfg, cache_dir=cache_dir or out / "features", out_dir=out, progress=progress,
+                   echo=console.print, num_workers=num_workers, note=note)
+    console.print(res.summary.to_string(float_format=lambda v: f"{v:.4f}"))
+    console.print(f"{res.seconds:.0f} s; wrote {out / 'summary.csv'}, {out / 'scores.csv'}, "
+                  f"{out / 'per_gene.csv'}, {out / 'evaluation.png'}")

@@ -1,0 +1,370 @@
+"""Patient-level cross-validation of DeepSpot next to the field's baseline.
+
+For each fold the held-out patients' samples are never seen in training: the gene panel (top HVGs),
+the target scaler, the Leiden oversampling and early stopping all use the training patients only
+(early stopping on whole validation patients when there are at least two training patients).
+
+Each held-out sample is scored on its own: per-gene Pearson across its spots (mean over all panel
+genes, and over the top-50 HVGs of the training split), per-gene Spearman, MSE — for
+(a) HEST-Bench's baseline, PCA-256 + ridge on the same spot features, and (b) DeepSpot in each of
+its four context modes. Features are encoded once per sample and cached (``cache_dir``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import lightning as L
+import numpy as np
+import pandas as pd
+
+from deepspot.evaluation.baseline import ridge_baseline
+from deepspot.evaluation.metrics import pearson_per_gene, summarize
+from deepspot.features.store import Features
+from deepspot.geometry.neighbors import array_neighbors
+from deepspot.inference.predict import invert_scaler
+from deepspot.models.bags import Bags, predict_bags
+from deepspot.models.deepsets import CONTEXTS, DeepSpot
+from deepspot.training.fit import fit
+from deepspot.training.manifest import Sample, SampleSpec, as_spots, load_sample
+from deepspot.training.sampling import balanced_index
+from deepspot.training.targets import apply_scaler, fit_scaler, log_normalize, rank_hvgs, select_panel
+
+log = logging.getLogger(__name__)
+
+RIDGE = "ridge (PCA-256)"
+
+
+@dataclass
+class EvalConfig:
+    """Everything that decides the numbers (stored beside them)."""
+
+    contexts: tuple[str, ...] = CONTEXTS
+    folds: str | int = "lopo"  # leave-one-patient-out, or k patient-level folds
+    n_top_genes: int | None = 250
+    genes: list[str] | None = None
+    on_missing: str = "error"  # panel gene missing from a sample: error | intersect
+    min_fraction: float = 0.1  # HVG candidates: detected in >= this fraction of training spots
+    n_top_eval: int = 50
+    n_sub: int = 3
+    neighbor_radius: int = 1
+    loss: str = "mse"
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    batch_size: int = 64
+    max_epochs: int = 200
+    patience: int = 20
+    hidden: int = 512
+    n_ensemble: int = 10
+    dropout: float = 0.3
+    scaler: str | None = None
+    oversample: bool = False
+    precision: str = "32"
+    val_fraction: float = 0.2
+    ridge_pca: int | None = 256
+    seed: int = 2024
+
+    def __post_init__(self):
+        bad = [c for c in self.contexts if c not in CONTEXTS]
+        if bad:
+            raise ValueError(f"unknown context mode(s) {bad}; choose from {', '.join(CONTEXTS)}")
+        if self.folds != "lopo" and (not isinstance(self.folds, int) or self.folds < 2):
+            raise ValueError(f"folds must be 'lopo' or an integer >= 2, got {self.folds!r}")
+
+
+@dataclass
+class EvalResult:
+    scores: pd.DataFrame  # one row per (fold, held-out sample, method)
+    summary: pd.DataFrame  # per method: mean and sd over held-out samples
+    per_gene: pd.DataFrame  # per-gene Pearson, mean over held-out samples (genes × methods)
+    folds: list[dict]
+    config: dict
+    seconds: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- folds
+
+
+def patient_folds(patients: Sequence[str], folds: str | int = "lopo", seed: int = 2024) -> list[list[str]]:
+    """Held-out patients of each fold: one per fold ('lopo') or k groups of a seeded shuffle."""
+    uniq = sorted(set(map(str, patients)))
+    if len(uniq) < 2:
+        raise ValueError(f"patient-level evaluation needs at least 2 patients, got {len(uniq)}")
+    if folds == "lopo":
+        return [[p] for p in uniq]
+    k = int(folds)
+    if k > len(uniq):
+        raise ValueError(f"{k} folds but only {len(uniq)} patients")
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    return [sorted(uniq[i] for i in order[f::k]) for f in range(k)]
+
+
+def validation_patients(train_patients: Sequence[str], fraction: float, seed: int) -> list[str]:
+    """Whole training patients held out for early stopping (none when fewer than 2 training patients)."""
+    tp = sorted(set(train_patients))
+    if len(tp) < 2:
+        return []
+    n = int(min(len(tp) - 1, max(1, round(fraction * len(tp)))))
+    return sorted(np.random.default_rng(seed).choice(tp, size=n, replace=False).tolist())
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_samples(specs: Sequence[SampleSpec]) -> list[Sample]:
+    """Read every sample (checked against its image), cells pooled into spots where needed."""
+    out = [as_spots(load_sample(s)) for s in specs]
+    for s in out:
+        s.spot_px  # noqa: B018 - fails early (naming the sample) when mpp or spot size is unknown
+    return out
+
+
+def sample_features(samples: Sequence[Sample], encoder, n_sub: int, cache_dir=None, batch_size: int = 16,
+                    num_workers: int = 0, progress: bool = True) -> dict[str, Features]:
+    """Spot + sub-spot features of every sample, encoded once (cached per sample under ``cache_dir``)."""
+    from deepspot.features.extract import extract_features
+
+    feats = {}
+    for s in samples:
+        feats[s.sample_id] = extract_features(s.image, s.adata.obsm["spatial"], s.spot_px, encoder, n_sub=n_sub,
+                                              mpp=s.mpp, cache_dir=cache_dir, batch_size=batch_size,
+                                              num_workers=num_workers, progress=progress)
+    return feats
+
+
+def stack_bags(samples: Sequence[Sample], feats: dict[str, Features], radius: int) -> tuple[Bags, np.ndarray]:
+    """One Bags over all samples (neighbours stay within their sample) and the sample number of each row."""
+    idxs, masks, owner, off = [], [], [], 0
+    for i, s in enumerate(samples):
+        n = s.adata.n_obs
+        f = feats[s.sample_id]
+        if len(f) != n:
+            raise ValueError(f"{s.sample_id}: {len(f)} feature rows for {n} spots")
+        ix, m = array_neighbors(s.adata.obs["array_row"].to_numpy(), s.adata.obs["array_col"].to_numpy(), radius)
+        idxs.append(ix + off)
+        masks.append(m)
+        owner.append(np.full(n, i))
+        off += n
+    k = max((ix.shape[1] for ix in idxs), default=0)
+    pad = lambda a, v: np.pad(a, ((0, 0), (0, k - a.shape[1])), constant_values=v)  # noqa: E731
+    spot = np.concatenate([feats[s.sample_id].spot for s in samples])
+    subs = [feats[s.sample_id].subspot for s in samples]
+    sub = None if any(x is None for x in subs) else np.concatenate(subs)
+    bags = Bags.from_numpy(spot, sub, np.concatenate([pad(ix, 0) for ix in idxs]),
+                           np.concatenate([pad(m, False) for m in masks]))
+    return bags, np.concatenate(owner)
+
+
+# --------------------------------------------------------------------------- one fold
+
+
+def _targets(samples: Sequence[Sample], panel: list[str]) -> np.ndarray:
+    return np.concatenate([log_normalize(s.adata[:, panel]) for s in samples]).astype(np.float32)
+
+
+def _top_eval(train: dict, panel: list[str], cfg: EvalConfig, hvg_ranked: bool) -> np.ndarray:
+    """Indices (into the panel) of the top-n HVGs of the training split."""
+    if hvg_ranked:
+        return np.arange(min(cfg.n_top_eval, len(panel)))
+    top = rank_hvgs({k: a[:, panel] for k, a in train.items()}, cfg.n_top_eval)
+    pos = {g: i for i, g in enumerate(panel)}
+    return np.array([pos[g] for g in top], dtype=np.int64)
+
+
+def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_patients: Sequence[str], cfg: EvalConfig,
+             progress: bool = False, echo: Callable[[str], None] | None = None, log_dir=None):
+    """Train on the other patients, score each held-out sample. Returns (score rows, per-gene rows, fold info)."""
+    pid = np.array([s.patient_id for s in samples])
+    test_s = [i for i, s in enumerate(samples) if s.patient_id in set(test_patients)]
+    train_pat = sorted(set(pid) - set(test_patients))
+    val_pat = validation_patients(train_pat, cfg.val_fraction, cfg.seed)
+    train_s = [i for i, s in enumerate(samples) if s.patient_id in set(train_pat) - set(val_pat)]
+    val_s = [i for i, s in enumerate(samples) if s.patient_id in set(val_pat)]
+    fit_s = train_s + val_s  # the training split of this fold (panel, scaler, ridge)
+    train_ad = {samples[i].sample_id: samples[i].adata for i in fit_s}
+    test_ad = {samples[i].sample_id: samples[i].adata for i in test_s}
+    panel = select_panel(train_ad, n_top=cfg.n_top_genes, genes=cfg.genes, others=test_ad,
+                         on_missing=cfg.on_missing, min_fraction=cfg.min_fraction)
+    top = _top_eval(train_ad, panel, cfg, hvg_ranked=cfg.genes is None and cfg.n_top_genes is not None)
+    y = _targets(samples, panel)
+    rows_of = lambda ss: np.flatnonzero(np.isin(owner, ss))  # noqa: E731
+    tr, va, te = rows_of(train_s), rows_of(val_s), rows_of(test_s)
+    if len(va) == 0:  # one training patient: a seeded random 20% of its spots for early stopping only
+        perm = np.random.default_rng(cfg.seed).permutation(tr)
+        n_val = max(1, int(round(cfg.val_fraction * len(tr))))
+        va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    fit_rows = np.sort(np.concatenate([tr, va]))
+    scaler = fit_scaler(y[tr], cfg.scaler)
+    y_fit = apply_scaler(y, scaler)
+    tr_idx = tr
+    n_clusters = None
+    if cfg.oversample:
+        tr_idx, labels = balanced_index(tr, y, seed=cfg.seed)
+        n_clusters = int(labels.max()) + 1
+    info = {"test_patients": list(test_patients), "test_samples": [samples[i].sample_id for i in test_s],
+            "train_samples": [samples[i].sample_id for i in train_s],
+            "val_samples": [samples[i].sample_id for i in val_s], "n_train_spots": int(len(tr)),
+            "n_train_rows": int(len(tr_idx)), "n_val_spots": int(len(va)), "n_test_spots": int(len(te)),
+            "n_genes": len(panel), "panel": panel, "top_eval": [panel[i] for i in top],
+            "leiden_clusters": n_clusters, "scaler": None if scaler is None else scaler["kind"], "fit": {}}
+    preds = {}
+    t0 = time.perf_counter()
+    preds[RIDGE] = ridge_baseline(bags.spot[fit_rows].numpy(), y[fit_rows], bags.spot[te].numpy(),
+                                  pca_dims=cfg.ridge_pca, seed=cfg.seed)
+    info["fit"][RIDGE] = {"seconds": time.perf_counter() - t0}
+    for ctx in cfg.contexts:
+        t0 = time.perf_counter()
+        L.seed_everything(cfg.seed, verbose=False)  # model init is part of the seeded run
+        model = DeepSpot(bags.spot.shape[1], len(panel), hidden=cfg.hidden, n_ensemble=cfg.n_ensemble,
+                         dropout=cfg.dropout, context=ctx)
+        summ = fit(model, bags, y_fit, tr_idx, va, loss=cfg.loss, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                   batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, patience=cfg.patience, seed=cfg.seed,
+                   precision=cfg.precision, progress=progress,
+                   log_dir=None if log_dir is None else Path(log_dir) / f"fold-{'+'.join(test_patients)}" / ctx)
+        preds[f"deepspot {ctx}"] = invert_scaler(predict_bags(model, bags)[te], scaler)
+        info["fit"][ctx] = {**summ, "seconds": time.perf_counter() - t0}
+        if echo:
+            echo(f"  fold {'+'.join(test_patients)}: {ctx}: best epoch {summ['best_epoch']} of {summ['epochs']}, "
+                 f"val loss {summ['best_val_loss']:.4f} ({time.perf_counter() - t0:.0f} s)")
+    score_rows, gene_rows = [], []
+    for i in test_s:
+        rows = np.flatnonzero(owner[te] == i)
+        s = samples[i]
+        for method, p in preds.items():
+            sc_ = summarize(p[rows], y[te][rows], top_genes=top)
+            score_rows.append({"fold": "+".join(test_patients), "sample": s.sample_id, "patient": s.patient_id,
+                               "method": method, "pearson_mean": sc_["pearson_mean"],
+                               "pearson_top50": sc_.get("pearson_top", float("nan")),
+                               "spearman_mean": sc_["spearman_mean"], "mse": sc_["mse"],
+                               "n_genes_scored": sc_["n_genes_scored"], "n_spots": sc_["n_spots"]})
+            r = pearson_per_gene(p[rows], y[te][rows])
+            gene_rows.extend({"sample": s.sample_id, "method": method, "gene": g, "pearson": float(v)}
+                             for g, v in zip(panel, r))
+    return score_rows, gene_rows, info
+
+
+# --------------------------------------------------------------------------- whole evaluation
+
+
+def summarize_scores(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per method: mean and sd over held-out samples, in a fixed order (baseline first)."""
+    cols = ["pearson_mean", "pearson_top50", "spearman_mean", "mse"]
+    g = scores.groupby("method", sort=False)[cols]
+    out = g.mean().join(g.std(ddof=0).add_suffix("_sd"))
+    out["n_samples"] = g.size()
+    return out
+
+
+def evaluate(samples: Sequence[Sample], encoder=None, cfg: EvalConfig | None = None, cache_dir=None,
+             features: dict[str, Features] | None = None, out_dir=None, progress: bool = False,
+             echo: Callable[[str], None] | None = None, batch_size_encoder: int = 16, num_workers: int = 0,
+             note: str = "") -> EvalResult:
+    """Patient-level CV over ``samples``. Features: ``features`` (by sample id) or encoded with ``encoder``
+    (cached under ``cache_dir``). With ``out_dir``: writes scores.csv, summary.csv, per_gene.csv,
+    evaluation.png and evaluation.json there (atomically)."""
+    cfg = cfg or EvalConfig()
+    t_start = time.perf_counter()
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicated sample ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    timings = {}
+    if features is None:
+        if encoder is None:
+            raise ValueError("give an encoder or precomputed features")
+        n_sub = cfg.n_sub if any("subspot" in c for c in cfg.contexts) else 0
+        t0 = time.perf_counter()
+        features = sample_features(samples, encoder, n_sub, cache_dir=cache_dir, batch_size=batch_size_encoder,
+                                   num_workers=num_workers, progress=progress)
+        timings["features_s"] = time.perf_counter() - t0
+    missing = [i for i in ids if i not in features]
+    if missing:
+        raise ValueError(f"no features for samples {missing}")
+    bags, owner = stack_bags(samples, features, cfg.neighbor_radius)
+    folds = patient_folds([s.patient_id for s in samples], cfg.folds, cfg.seed)
+    all_scores, all_genes, infos = [], [], []
+    t0 = time.perf_counter()
+    for k, test in enumerate(folds):
+        if echo:
+            echo(f"fold {k + 1}/{len(folds)}: held out {', '.join(test)}")
+        sr, gr, info = run_fold(samples, bags, owner, test, cfg, progress=progress, echo=echo,
+                                log_dir=None if out_dir is None else Path(out_dir) / "logs")
+        all_scores += sr
+        all_genes += gr
+        infos.append(info)
+    timings["training_s"] = time.perf_counter() - t0
+    scores = pd.DataFrame(all_scores)
+    genes = pd.DataFrame(all_genes)
+    per_gene = genes.pivot_table(index="gene", columns="method", values="pearson", aggfunc="mean", sort=False)
+    per_gene = per_gene[list(dict.fromkeys(scores["method"]))]
+    summary = summarize_scores(scores)
+    config = {**asdict(cfg), "encoder": getattr(encoder, "name", None), "samples": ids,
+              "patients": sorted({s.patient_id for s in samples}), "note": note,
+              "scoring": "per-gene Pearson across the spots of each held-out sample; mean over genes; "
+                         "then mean (sd) over held-out samples"}
+    res = EvalResult(scores, summary, per_gene, infos, config, time.perf_counter() - t_start, timings)
+    if out_dir is not None:
+        write_results(res, out_dir)
+    return res
+
+
+def write_results(res: EvalResult, out_dir) -> dict[str, Path]:
+    from deepspot.io.outputs import atomic_path, write_csv
+
+    out = Path(out_dir)
+    paths = {"scores": write_csv(res.scores.set_index(["fold", "sample", "method"]), out / "scores.csv"),
+             "summary": write_csv(res.summary, out / "summary.csv"),
+             "per_gene": write_csv(res.per_gene, out / "per_gene.csv")}
+    meta = {"config": res.config, "folds": res.folds, "seconds": res.seconds, "timings": res.timings,
+            "summary": json.loads(res.summary.to_json(orient="index"))}
+    with atomic_path(out / "evaluation.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=1, default=str))
+    paths["json"] = out / "evaluation.json"
+    paths["plot"] = plot_evaluation(res, out / "evaluation.png")
+    return paths
+
+
+def plot_evaluation(res: EvalResult, path, reference: str | None = None) -> Path:
+    """Left: mean per-gene Pearson per method (bars: mean over held-out samples; dots: each sample).
+    Right: per-gene Pearson, DeepSpot (``reference``, default the full-context model) vs ridge."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from deepspot.io.outputs import write_figure
+
+    methods = list(res.summary.index)
+    ds = [m for m in methods if m.startswith("deepspot")]
+    reference = reference or ("deepspot spot_subspot_neighbors" if "deepspot spot_subspot_neighbors" in ds
+                              else (ds[-1] if ds else None))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.3, 1]})
+    ax = axes[0]
+    x = np.arange(len(methods))
+    ax.bar(x, res.summary["pearson_mean"], color=["#999999" if m == RIDGE else "#3b75af" for m in methods])
+    for j, m in enumerate(methods):
+        v = res.scores.loc[res.scores["method"] == m, "pearson_mean"].to_numpy()
+        ax.scatter(np.full(len(v), j) + np.linspace(-0.15, 0.15, len(v)), v, s=14, color="black", zorder=3)
+    ax.set_xticks(x, [m.replace("deepspot ", "DeepSpot\n").replace("_", " ") for m in methods], fontsize=8)
+    ax.set_ylabel("per-gene Pearson (mean over genes)")
+    ax.set_title("held-out samples (dots) and their mean (bars)")
+    ax.axhline(0, color="black", lw=0.5)
+    ax = axes[1]
+    if reference is not None and RIDGE in res.per_gene:
+        a, b = res.per_gene[RIDGE].to_numpy(), res.per_gene[reference].to_numpy()
+        ok = np.isfinite(a) & np.isfinite(b)
+        ax.scatter(a[ok], b[ok], s=8, alpha=0.6)
+        lo, hi = float(np.nanmin([a[ok].min(initial=0), b[ok].min(initial=0)])), \
+            float(np.nanmax([a[ok].max(initial=0), b[ok].max(initial=0)]))
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+        ax.set_xlabel(f"{RIDGE}: per-gene Pearson")
+        ax.set_ylabel(f"{reference}: per-gene Pearson")
+        ax.set_title(f"{int((b[ok] > a[ok]).sum())} of {int(ok.sum())} genes better with DeepSpot")
+    fig.tight_layout()
+    write_figure(fig, path)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,212 @@
+"""A training manifest: one row per sample -> list of samples (AnnData of counts + image + scale).
+
+CSV columns: ``sample_id``, ``patient_id``, ``image``, ``expression`` (required); ``mpp``, ``format``,
+``positions``, ``spot_diameter_um``, ``alignment`` (optional). Relative paths are relative to the
+manifest's folder. ``format`` is one of:
+
+- ``spaceranger``: ``expression`` is a Space Ranger ``outs`` folder;
+- ``xenium``: a Xenium output folder (cells are pooled into Visium-like pseudo-spots for spot models);
+- ``hest``: a HEST-1k ``st/<id>.h5ad`` (metadata json from ``positions`` or ``../metadata/<id>.json``);
+- ``h5ad``: any h5ad with raw counts and ``obsm['spatial']`` in pixels of ``image``;
+- ``her2st``: a legacy ST ``{S}_counts.tsv.gz`` (spots table from ``positions`` or ``{S}_spots.tsv``).
+
+Left empty, it is detected from ``expression``. Patients, not samples, are the unit of evaluation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from deepspot.io import spatial as S
+from deepspot.io.spatial import SpatialDataError
+
+FORMATS = ("spaceranger", "xenium", "hest", "h5ad", "her2st")
+REQUIRED = ("sample_id", "patient_id", "image", "expression")
+
+
+@dataclass
+class SampleSpec:
+    sample_id: str
+    patient_id: str
+    image: Path
+    expression: Path
+    format: str
+    mpp: float | None = None
+    positions: Path | None = None
+    spot_diameter_um: float | None = None
+    alignment: Path | None = None
+
+
+@dataclass
+class Sample:
+    """A loaded sample: raw counts with obs array_row/array_col and obsm['spatial'] (x, y) px of ``image``."""
+
+    spec: SampleSpec
+    adata: ad.AnnData
+    mpp: float | None
+    spot_diameter_um: float | None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def sample_id(self) -> str:
+        return self.spec.sample_id
+
+    @property
+    def patient_id(self) -> str:
+        return self.spec.patient_id
+
+    @property
+    def image(self) -> Path:
+        return self.spec.image
+
+    @property
+    def spot_px(self) -> float:
+        """Spot side in image pixels (µm / mpp)."""
+        if self.spot_diameter_um is None:
+            raise SpatialDataError(f"{self.sample_id}: spot diameter unknown; set spot_diameter_um in the manifest")
+        if not self.mpp:
+            raise SpatialDataError(f"{self.sample_id}: no µm per pixel for {self.image.name}; set mpp in the manifest")
+        return float(self.spot_diameter_um) / float(self.mpp)
+
+
+def detect_format(expression: Path) -> str:
+    if expression.is_dir():
+        if (expression / "cell_feature_matrix.h5").exists():
+            return "xenium"
+        if any((expression / n).exists() for n in ("filtered_feature_bc_matrix.h5", "raw_feature_bc_matrix.h5")):
+            return "spaceranger"
+    name = expression.name.lower()
+    if name.endswith((".tsv", ".tsv.gz")) and "_counts" in name:
+        return "her2st"
+    if name.endswith(".h5ad"):
+        return "hest" if expression.parent.name == "st" else "h5ad"
+    raise SpatialDataError(f"{expression}: cannot tell the format; set the manifest's format column "
+                           f"({', '.join(FORMATS)})")
+
+
+def _opt(row, col):
+    v = row.get(col, None)
+    if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "":
+        return None
+    return v
+
+
+def read_manifest(path: str | Path) -> list[SampleSpec]:
+    """Parse and check a manifest CSV (columns, unique sample ids, files present, numbers valid)."""
+    path = Path(path)
+    if not path.exists():
+        raise SpatialDataError(f"{path}: manifest not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise SpatialDataError(f"{path}: cannot read manifest ({type(e).__name__})") from None
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise SpatialDataError(f"{path}: manifest lacks columns {missing} (needs {', '.join(REQUIRED)})")
+    if df.empty:
+        raise SpatialDataError(f"{path}: manifest has no samples")
+    dup = df["sample_id"][df["sample_id"].duplicated()].tolist()
+    if dup:
+        raise SpatialDataError(f"{path}: duplicated sample_id {dup[:3]}")
+    base = path.parent
+    out = []
+    for _, row in df.iterrows():
+        sid = str(row["sample_id"]).strip()
+        if not sid or not str(row["patient_id"]).strip():
+            raise SpatialDataError(f"{path}: a row has an empty sample_id or patient_id")
+        res = lambda v: None if v is None else (Path(v) if Path(v).is_absolute() else base / v)  # noqa: E731
+        image, expr = res(str(row["image"]).strip()), res(str(row["expression"]).strip())
+        for what, p in (("image", image), ("expression", expr)):
+            if p is None or not p.exists():
+                raise SpatialDataError(f"{sid}: {what} not found ({p})")
+        fmt = (_opt(row, "format") or detect_format(expr)).strip().lower()
+        if fmt not in FORMATS:
+            raise SpatialDataError(f"{sid}: unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+        nums = {}
+        for col in ("mpp", "spot_diameter_um"):
+            v = _opt(row, col)
+            if v is not None:
+                try:
+                    nums[col] = float(v)
+                except ValueError:
+                    raise SpatialDataError(f"{sid}: {col} {v!r} is not a number") from None
+                if not nums[col] > 0:
+                    raise SpatialDataError(f"{sid}: {col} must be positive, got {v}")
+        out.append(SampleSpec(sid, str(row["patient_id"]).strip(), image, expr, fmt, nums.get("mpp"),
+                              res(_opt(row, "positions")), nums.get("spot_diameter_um"), res(_opt(row, "alignment"))))
+    return out
+
+
+def her2st_manifest(data_dir: str | Path | None = None, sections=("C2", "C3", "C4", "C5")) -> list[SampleSpec]:
+    """The bundled HER2ST sections as a manifest. They are four serial sections of ONE patient; each
+    section is given its own ``patient_id`` so leave-one-patient-out becomes leave-one-section-out
+    (an optimistic stand-in for a true patient split, and labelled so in every report)."""
+    from deepspot.io.datasets import data_dir as _data_dir
+
+    root = _data_dir(data_dir) / "her2st"
+    specs = []
+    for s in sections:
+        counts, image = root / f"{s}_counts.tsv.gz", root / f"{s}_HE.jpg"
+        for p in (counts, image):
+            if not p.exists():
+                raise SpatialDataError(f"{s}: bundled HER2ST file not found ({p}); set --data-dir")
+        specs.append(SampleSpec(s, f"section_{s}", image, counts, "her2st"))
+    return specs
+
+
+def load_sample(spec: SampleSpec, check_image: bool = True) -> Sample:
+    """Read one sample with the reader of its format; positions are checked against the image."""
+    img = spec.image if check_image else None
+    sid, fmt = spec.sample_id, spec.format
+    if fmt == "spaceranger":
+        a = S.read_spaceranger(spec.expression, image=img, sample=sid, mpp=spec.mpp)
+    elif fmt == "xenium":
+        a = S.read_xenium(spec.expression, image=img, sample=sid, mpp=spec.mpp, alignment=spec.alignment)
+    elif fmt == "hest":
+        meta = spec.positions
+        if meta is None:
+            cand = spec.expression.parent.parent / "metadata" / f"{spec.expression.stem}.json"
+            meta = cand if cand.exists() else None
+        a = S.read_hest(spec.expression, image=img, metadata=meta, sample=sid, mpp=spec.mpp)
+    elif fmt == "h5ad":
+        a = S.read_spatial_h5ad(spec.expression, image=img, sample=sid, mpp=spec.mpp,
+                                spot_diameter_um=spec.spot_diameter_um)
+    elif fmt == "her2st":
+        a = S.read_her2st(spec.expression, spots=spec.positions, image=img, sample=sid, mpp=spec.mpp)
+    else:
+        raise SpatialDataError(f"{sid}: unknown format {fmt!r}")
+    src = a.uns.get("source", {})
+    mpp = spec.mpp if spec.mpp is not None else src.get("mpp")
+    spot = spec.spot_diameter_um if spec.spot_diameter_um is not None else src.get("spot_diameter_um")
+    if mpp is None:  # from the slide's own metadata (None for a JPG)
+        from deepspot.io.slides import open_slide
+
+        with open_slide(spec.image) as s:
+            mpp = s.mpp
+    return Sample(spec, a, None if mpp is None else float(mpp), None if spot is None else float(spot))
+
+
+def as_spots(sample: Sample, spot_diameter_um: float = S.VISIUM_SPOT_UM, spacing_um: float = 100.0) -> Sample:
+    """A spot-level view of a sample: cell-level data (Xenium, or an h5ad without array coordinates) is
+    pooled into Visium-like pseudo-spots on a hex grid (µm converted with the sample's mpp)."""
+    a = sample.adata
+    if "array_row" in a.obs and "array_col" in a.obs:
+        return sample
+    if not sample.mpp:
+        raise SpatialDataError(f"{sample.sample_id}: cells need an mpp to be pooled into spots; set mpp")
+    from deepspot.geometry.grid import GridSpec, pool_cells
+    from deepspot.io.slides import open_slide
+
+    with open_slide(sample.image, mpp=sample.mpp) as s:
+        w, h = s.dimensions
+    spec = GridSpec(spot_diameter_um, spacing_um, unit="um").in_pixels(sample.mpp)
+    spots, cell_to_spot = pool_cells(a, w, h, spec)
+    if spots.n_obs == 0:
+        raise SpatialDataError(f"{sample.sample_id}: no cell falls inside a pseudo-spot")
+    spots.uns["source"] = {**a.uns.get("source", {}), "pooled_from_cells": int((cell_to_spot >= 0).sum())}
+    return Sample(sample.spec, spots, sample.mpp, spot_diameter_um, {"pooled": True})
