@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -127,15 +128,18 @@ def output_paths(out_dir: str | Path, slide_id: str) -> dict[str, Path]:
 
 
 def remove_partials(out_dir: str | Path, jobs: Iterable[SlideJob]) -> list[Path]:
-    """Delete temp files (``.<name>.*.partial.*``, see io/outputs.atomic_path) of these slides'
-    outputs that a killed run left behind. Returns what was removed."""
+    """Delete what a killed run left behind for these slides: temp outputs (``.<name>.*.partial.*``,
+    see io/outputs.atomic_path) and per-slide work folders (``.<id>.work-*``). Returns what was removed."""
     out_dir, removed = Path(out_dir), []
     for job in jobs:
-        for p in output_paths(out_dir, job.id).values():
-            for tmp in out_dir.glob(f".{p.name}.*.partial{p.suffix}"):
+        patterns = [f".{p.name}.*.partial{p.suffix}" for p in output_paths(out_dir, job.id).values()]
+        for tmp in (t for pat in patterns + [f".{job.id}.work-*"] for t in out_dir.glob(pat)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
-                    removed.append(tmp)
+            removed.append(tmp)
     return removed
 
 
