@@ -99,36 +99,51 @@ def train(image: Path = typer.Option(..., help="H&E image/slide the spots lie on
 
 
 @app.command()
-def predict(slide: Path = typer.Argument(..., help="Slide/image file."),
+def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI, pyramidal/OME-TIFF, JPG, PNG…)."),
             model: Path = typer.Option(..., help="Checkpoint folder."),
             out: Path = typer.Option(Path("deepspot_predictions"), help="Output folder."),
-            mpp: Optional[float] = typer.Option(None, help="µm per pixel; overrides the slide's metadata."),
+            mpp: Optional[float] = typer.Option(None, help="µm per pixel; overrides the slide's metadata (needed "
+                                                "when the file has none and the model's geometry is in µm)."),
             tissue: str = typer.Option("otsu", help="Tissue filter: otsu, mean_rgb (reference rule) or none."),
+            min_tissue: float = typer.Option(0.1, help="Keep spots with at least this tissue fraction."),
+            fast: bool = typer.Option(False, "--fast", help="Fast features (sub-spots from the spot's patch tokens); "
+                                      "only for models trained with --fast."),
+            layout: Optional[str] = typer.Option(None, help="Grid layout: hex (Visium) or square (Visium HD-like "
+                                                 "bins); default: the model's."),
+            spacing: Optional[float] = typer.Option(None, help="Centre-to-centre spacing in the model's grid unit "
+                                                    "(µm); default: the model's."),
             genes: Optional[str] = typer.Option(None, help="Genes to plot (comma-separated)."),
             encoder_weights: Optional[Path] = typer.Option(None, help="Local weights for the model's encoder."),
-            batch_size: int = typer.Option(16), num_workers: int = typer.Option(0),
-            cache_dir: Optional[Path] = typer.Option(None), progress: bool = typer.Option(True)):
-    """Predict every in-tissue spot of a virtual grid over a slide: h5ad + spots CSV + PNG."""
+            batch_size: int = typer.Option(16, help="Spots per encoder batch."),
+            num_workers: Optional[int] = typer.Option(None, help="Slide-reading worker processes (default: about "
+                                                      "half the cores; 0 = read in the main process)."),
+            device: str = typer.Option("cpu", help="Device for the encoder and model (cpu, cuda…)."),
+            cache_dir: Optional[Path] = typer.Option(None, help="Keep/reuse the feature store here."),
+            progress: bool = typer.Option(True)):
+    """Predict every in-tissue spot of a virtual grid over a slide: h5ad + spots CSV + PNG (memory stays flat)."""
+    import warnings
+
     from deepspot.features.encoders import load_encoder
-    from deepspot.inference.predict import predict_image, spot_table
-    from deepspot.io.outputs import write_csv, write_h5ad
+    from deepspot.inference.predict import check_feature_mode, predict_slide
     from deepspot.models.checkpoint import load_checkpoint, read_config
-    from deepspot.plotting import plot_genes
 
     if not slide.exists():
         raise FileNotFoundError(f"{slide}: file not found")
     gene_list = _split(genes)
     cfg = read_config(model)
+    check_feature_mode(cfg, "fast" if fast else "standard", source=str(model))
     encoder_ = load_encoder(cfg["encoder"]["name"], weights=encoder_weights)
     net, cfg = load_checkpoint(model, genes=gene_list, feature_dim=encoder_.dim)
-    adata = predict_image(slide, net, cfg, encoder_, mpp=mpp, tissue=tissue, batch_size=batch_size,
-                          num_workers=num_workers, cache_dir=cache_dir, progress=progress)
-    stem = slide.stem
-    write_h5ad(adata, out / f"{stem}.h5ad")
-    write_csv(spot_table(adata), out / f"{stem}_spots.csv")
-    if adata.n_obs:
-        plot_genes(adata, genes=gene_list, path=out / f"{stem}_genes.png")
-    console.print(f"{adata.n_obs} spots × {adata.n_vars} genes → {out / (stem + '.h5ad')}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = predict_slide(slide, net, cfg, encoder_, out, genes=gene_list, mpp=mpp, tissue=tissue,
+                            min_tissue_fraction=min_tissue, fast=fast, layout=layout, spacing=spacing,
+                            batch_size=batch_size, num_workers=num_workers, device=device, cache_dir=cache_dir,
+                            progress=progress)
+    for msg in [str(w.message) for w in caught] + [f"geometry: {n}" for n in res.notes]:
+        typer.echo(f"deepspot: warning: {msg}", err=True)
+    console.print(f"{res.n_spots} of {res.n_grid} grid spots on tissue × {len(cfg['genes'])} genes → {res.h5ad}"
+                  f" ({res.seconds:.0f} s)")
 
 
 @app.command()

@@ -1,28 +1,56 @@
 """Feature extraction: every unique crop encoded once, batched through a DataLoader.
 
-Slide reading and cropping run in DataLoader workers (overlapped with encoding);
-features stream into a per-slide zarr store that is reused on the next run.
+Slide reading and cropping run in DataLoader workers (overlapped with encoding): each
+worker item is a whole batch of spots, each spot's box read once from the pyramid level
+nearest the target resolution and cut into its spot and n×n sub-spot crops in memory.
+Features stream, in order, into a per-slide zarr store (reused on the next run) or into
+arrays in memory for small images.
+
+Modes
+-----
+``standard``  the spot crop and n×n sub-spot crops are encoded separately (the method as published).
+``fast``      only the spot crop is encoded; sub-spot features are its patch tokens (ViT) or final
+              feature map (CNN) mean-pooled over the same n×n regions (:func:`tiles.pool_regions`).
+              A model must be trained and used in the same mode.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from deepspot.features.store import (FeatureWriter, Features, feature_key, load_features, match_centers,
-                                     store_centers)
-from deepspot.features.tiles import make_crops, read_size, spot_boxes
+from deepspot.features.store import (FeatureWriter, Features, StoredFeatures, feature_key, load_features,
+                                     match_centers, store_centers)
+from deepspot.features.tiles import make_crops, pool_regions, read_size, spot_boxes
 
 log = logging.getLogger(__name__)
 
+FEATURE_MODES = ("standard", "fast")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in FEATURE_MODES:
+        raise ValueError(f"unknown feature mode {mode!r}; use 'standard' or 'fast'")
+    return mode
+
+
+def default_num_workers() -> int:
+    """Reader processes beside the encoder: about half the cores (1 on a 2-core machine), at most 4."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, n // 2))
+
 
 class SpotCropDataset(Dataset):
-    """Item i -> uint8 (1 + n_sub², out, out, 3): spot crop then sub-spot crops.
+    """Item = a list of spot indices -> {"crops": uint8 (B, C, out, out, 3), "error": None}, C = 1 + n_sub²
+    (spot crop first) or 1 when ``n_sub == 0``. A read error comes back as {"error": message} so the
+    main process can raise it as the :class:`SlideError` it is (worker exceptions lose their type).
 
     The slide is opened lazily in each worker (slides are not shared across processes).
     """
@@ -45,10 +73,19 @@ class SpotCropDataset(Dataset):
             self._slide = open_slide(self.slide_path, mpp=self.mpp)
         return self._slide
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def crops(self, i: int) -> torch.Tensor:
+        """Spot ``i``: its box read once at ``read_px`` and cut into (C, out, out, 3) crops."""
         x0, y0, w, h = (int(v) for v in self.boxes[i])
         region = self.slide.read_scaled((x0, y0), (w, h), self.read_px)
         return make_crops(region, self.out_size, self.n_sub)
+
+    def __getitem__(self, indices) -> dict:
+        from deepspot.io.slides import SlideError
+
+        try:
+            return {"crops": torch.stack([self.crops(int(i)) for i in indices]), "error": None}
+        except SlideError as e:
+            return {"crops": None, "error": e.reason}
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -60,14 +97,16 @@ class SpotCropDataset(Dataset):
 class ExtractStats:
     n_spots: int = 0
     n_crops: int = 0
+    n_forward: int = 0  # images through the encoder
     seconds_total: float = 0.0
-    seconds_encoder: float = 0.0
+    seconds_encoder: float = 0.0  # inside the encoder (preprocess + forward)
+    seconds_waiting: float = 0.0  # main process waiting for crops from the readers
     cached: bool = False
     store: str | None = None
     extra: dict = field(default_factory=dict)
 
 
-def _progress(total: int, description: str, enabled: bool):
+def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -75,82 +114,164 @@ def _progress(total: int, description: str, enabled: bool):
                     disable=not enabled, transient=False)
 
 
-def _encode(slide_path, centers, tile_px, encoder, n_sub, mpp, batch_size, num_workers, device, autocast_dtype,
-            progress, stats, writer=None, offset: int = 0) -> Features:
-    """Encode spot + sub-spot crops of ``centers`` (N,2); optionally stream into ``writer`` at ``offset``."""
-    n, s = len(centers), n_sub * n_sub
-    spot_out = np.zeros((n, encoder.dim), dtype=np.float32)
-    sub_out = np.zeros((n, s, encoder.dim), dtype=np.float32) if s else None
-    ds = SpotCropDataset(slide_path, mpp, centers, tile_px, encoder.input_size, n_sub)
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                    prefetch_factor=4 if num_workers else None)
-    t_start, done = time.perf_counter(), 0
-    with _progress(n, "encoding", progress) as bar:
-        task = bar.add_task(f"encode {Path(slide_path).name}", total=n, rate="")
-        for crops in dl:  # (B, 1+S, out, out, 3) uint8
-            b = crops.shape[0]
-            t0 = time.perf_counter()
-            feats = encoder.encode(crops.reshape(b * (1 + s), *crops.shape[2:]), device=device,
-                                   autocast_dtype=autocast_dtype)
-            stats.seconds_encoder += time.perf_counter() - t0
-            feats = feats.reshape(b, 1 + s, -1).numpy()
-            spot_out[done:done + b] = feats[:, 0]
-            if s:
-                sub_out[done:done + b] = feats[:, 1:]
-            if writer is not None:
-                writer.write(offset + done, centers[done:done + b], feats[:, 0], feats[:, 1:] if s else None)
-            done += b
-            bar.update(task, advance=b, rate=f"{done / max(time.perf_counter() - t_start, 1e-9):.1f} spots/s")
-    stats.n_crops += n * (1 + s)
-    stats.seconds_total += time.perf_counter() - t_start
-    return Features(spot=spot_out, subspot=sub_out)
+@torch.no_grad()
+def encode_batch(encoder, crops: torch.Tensor, n_sub: int, mode: str = "standard", device=None,
+                 autocast_dtype=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 crops (B, C, out, out, 3) -> spot (B,d), sub-spot (B,n²,d) features (None when n_sub == 0).
 
-
-def extract_features(slide_path, centers: np.ndarray, tile_px: float, encoder, n_sub: int = 3,
-                     mpp: float | None = None, cache_dir: str | Path | None = None, batch_size: int = 16,
-                     num_workers: int = 0, device: str | torch.device = "cpu", autocast_dtype=None,
-                     progress: bool = True, stats: ExtractStats | None = None) -> Features:
-    """Encode the spot crop and n×n sub-spot crops of every centre once.
-
-    centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px.
-    Returns Features(spot (N,d), subspot (N,n²,d) or None when n_sub == 0), rows in ``centers`` order.
-    With ``cache_dir``, one store per (slide, encoder, crop geometry) holds features by centre:
-    centres already in it are reused, only the new ones are encoded and added.
+    standard: C = 1 + n², all crops encoded; fast: C = 1, sub-spots pooled from the spot's tokens.
     """
+    b, c = crops.shape[:2]
+    if mode == "standard" or n_sub == 0:
+        f = encoder.encode(crops.reshape(b * c, *crops.shape[2:]), device=device, autocast_dtype=autocast_dtype)
+        f = f.reshape(b, c, -1).numpy()
+        return f[:, 0], (f[:, 1:] if n_sub else None)
+    if device is not None and torch.device(device) != encoder.device:
+        encoder.to(device)
+    x = encoder.preprocess(crops[:, 0])
+    from deepspot.features import encoders as _enc
+
+    # the same dtype rule as Encoder.encode (resolve_autocast where the registry has it)
+    resolve = getattr(_enc, "resolve_autocast", None)
+    dtype = resolve(autocast_dtype, encoder.device) if resolve else _enc._as_dtype(autocast_dtype)
+    if dtype is not None:
+        with torch.autocast(device_type=encoder.device.type, dtype=dtype):
+            cls, tok = encoder.forward_tokens(x)
+    else:
+        cls, tok = encoder.forward_tokens(x)
+    return cls.float().cpu().numpy(), pool_regions(tok.float(), n_sub).cpu().numpy()
+
+
+def encode_spots(slide_path, centers: np.ndarray, tile_px: float, encoder, sink: Callable, n_sub: int = 3,
+                 mode: str = "standard", mpp: float | None = None, batch_size: int = 16,
+                 num_workers: int | None = None, device="cpu", autocast_dtype=None, progress: bool = True,
+                 stats: ExtractStats | None = None) -> ExtractStats:
+    """Encode spots in order, calling ``sink(start, centers, spot (B,d), subspot (B,S,d)|None)`` per batch.
+
+    centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px. Reading runs in
+    ``num_workers`` DataLoader processes (None: :func:`default_num_workers`; 0: in this process).
+    """
+    from deepspot.io.slides import SlideError
+
+    check_mode(mode)
     stats = stats if stats is not None else ExtractStats()
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
     n, s = len(centers), n_sub * n_sub
+    if n == 0:
+        return stats
+    n_crop = 1 + s if mode == "standard" else 1
+    ds = SpotCropDataset(slide_path, mpp, centers, tile_px, encoder.input_size, n_sub if mode == "standard" else 0)
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    workers = min(workers, max(1, (n + batch_size - 1) // batch_size))
+    dl = DataLoader(ds, batch_size=None, sampler=BatchSampler(SequentialSampler(range(n)), batch_size, False),
+                    num_workers=workers, prefetch_factor=4 if workers else None)
+    t_start, done = time.perf_counter(), 0
+    with _progress(progress) as bar:
+        task = bar.add_task(f"encode {Path(slide_path).name}", total=n, rate="")
+        it = iter(dl)
+        while done < n:
+            t0 = time.perf_counter()
+            item = next(it)
+            t1 = time.perf_counter()
+            stats.seconds_waiting += t1 - t0
+            if item["error"] is not None:
+                raise SlideError(slide_path, item["error"])
+            crops = item["crops"]
+            b = crops.shape[0]
+            spot, sub = encode_batch(encoder, crops, n_sub, mode, device, autocast_dtype)
+            stats.seconds_encoder += time.perf_counter() - t1
+            sink(done, centers[done:done + b], spot, sub)
+            done += b
+            bar.update(task, advance=b, rate=f"{done / max(time.perf_counter() - t_start, 1e-9):.1f} spots/s")
     stats.n_spots += n
-    common = dict(tile_px=tile_px, encoder=encoder, n_sub=n_sub, mpp=mpp, batch_size=batch_size,
-                  num_workers=num_workers, device=device, autocast_dtype=autocast_dtype, progress=progress,
-                  stats=stats)
-    if cache_dir is None:
-        return _encode(slide_path, centers, **common)
-    key = feature_key(slide_path, encoder.name, tile_px, n_sub)
-    store_path = Path(cache_dir) / f"{Path(slide_path).stem}-{encoder.name}-{key}.zarr"
+    stats.n_crops += n * (1 + s)
+    stats.n_forward += n * n_crop
+    stats.seconds_total += time.perf_counter() - t_start
+    return stats
+
+
+def store_path_for(cache_dir, slide_path, encoder, tile_px: float, n_sub: int, mode: str = "standard") -> Path:
+    """Where the feature store of (slide, encoder, crop geometry, mode) lives in ``cache_dir``."""
+    key = feature_key(slide_path, encoder.name, tile_px, n_sub, mode)
+    suffix = "" if mode == "standard" else f"-{mode}"
+    return Path(cache_dir) / f"{Path(slide_path).stem}-{encoder.name}{suffix}-{key}.zarr"
+
+
+def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, store_path, n_sub: int = 3,
+                     mode: str = "standard", mpp: float | None = None, batch_size: int = 16,
+                     num_workers: int | None = None, device="cpu", autocast_dtype=None, progress: bool = True,
+                     stats: ExtractStats | None = None) -> StoredFeatures:
+    """Encode what ``store_path`` lacks and return the features of ``centers`` read lazily from it.
+
+    Centres already in a finished store are reused; only new ones are encoded, appended behind the old
+    rows (copied over chunk by chunk). Memory stays flat in the number of spots.
+    """
+    stats = stats if stats is not None else ExtractStats()
+    centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+    store_path = Path(store_path)
     stats.store = str(store_path)
-    attrs = {"encoder": encoder.name, "tile_px": float(tile_px), "n_sub": n_sub, "slide": str(slide_path)}
+    s = n_sub * n_sub
+    attrs = {"encoder": encoder.name, "tile_px": float(tile_px), "n_sub": n_sub, "mode": check_mode(mode),
+             "slide": str(slide_path)}
     old = store_centers(store_path)
     rows = match_centers(old, centers)
     missing = np.flatnonzero(rows < 0)
-    if len(missing) == 0:
+    if len(missing) == 0 and (len(centers) or len(old)):
         log.info("reusing cached features %s", store_path)
         stats.cached = True
-        return load_features(store_path, rows)
+        return StoredFeatures(store_path, rows)
     new_centers = centers[missing]
-    # drop duplicates among the new centres so each crop is encoded once
-    uniq_rows = match_centers(new_centers, new_centers)
-    first = np.flatnonzero(uniq_rows == np.arange(len(new_centers)))
-    new_centers = new_centers[first]
+    uniq_rows = match_centers(new_centers, new_centers)  # each new centre encoded once
+    new_centers = new_centers[np.flatnonzero(uniq_rows == np.arange(len(new_centers)))]
     writer = FeatureWriter(store_path, len(old) + len(new_centers), encoder.dim, s, attrs)
     try:
-        if len(old):  # carry the stored features over in chunks (bounded memory)
-            for a in range(0, len(old), 4096):
-                f = load_features(store_path, np.arange(a, min(a + 4096, len(old))))
-                writer.write(a, old[a:a + 4096], f.spot, f.subspot)
-        _encode(slide_path, new_centers, writer=writer, offset=len(old), **common)
+        if len(old):
+            prev = StoredFeatures(store_path)
+            for a in range(0, len(old), 1024):
+                b = min(a + 1024, len(old))
+                writer.write(a, old[a:b], prev.spot_rows(np.arange(a, b)), prev.subspot_range(a, b))
+        encode_spots(slide_path, new_centers, tile_px, encoder,
+                     lambda start, c, f, sf: writer.write(len(old) + start, c, f, sf), n_sub=n_sub, mode=mode,
+                     mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
+                     autocast_dtype=autocast_dtype, progress=progress, stats=stats)
         writer.close()
     except BaseException:
         writer.abort()
         raise
-    return load_features(store_path, match_centers(store_centers(store_path), centers))
+    return StoredFeatures(store_path, match_centers(store_centers(store_path), centers))
+
+
+def extract_features(slide_path, centers: np.ndarray, tile_px: float, encoder, n_sub: int = 3,
+                     mpp: float | None = None, cache_dir: str | Path | None = None, batch_size: int = 16,
+                     num_workers: int | None = 0, device: str | torch.device = "cpu", autocast_dtype=None,
+                     progress: bool = True, stats: ExtractStats | None = None, mode: str = "standard") -> Features:
+    """Encode the spot crop and n×n sub-spot crops of every centre once; features in memory.
+
+    centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px.
+    Returns Features(spot (N,d), subspot (N,n²,d) or None when n_sub == 0), rows in ``centers`` order.
+    With ``cache_dir``, one store per (slide, encoder, crop geometry, mode) holds features by centre:
+    centres already in it are reused, only the new ones are encoded and added. For whole slides use
+    :func:`extract_to_store`, which never holds all features in memory.
+    """
+    stats = stats if stats is not None else ExtractStats()
+    centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+    common = dict(n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
+                  autocast_dtype=autocast_dtype, progress=progress, stats=stats)
+    if cache_dir is not None:
+        path = store_path_for(cache_dir, slide_path, encoder, tile_px, n_sub, mode)
+        return extract_to_store(slide_path, centers, tile_px, encoder, path, **common).load()
+    n, s = len(centers), n_sub * n_sub
+    spot_out = np.zeros((n, encoder.dim), dtype=np.float32)
+    sub_out = np.zeros((n, s, encoder.dim), dtype=np.float32) if s else None
+
+    def sink(start, _c, spot, sub):
+        spot_out[start:start + len(spot)] = spot
+        if sub_out is not None:
+            sub_out[start:start + len(spot)] = sub
+
+    encode_spots(slide_path, centers, tile_px, encoder, sink, **common)
+    return Features(spot=spot_out, subspot=sub_out)
+
+
+__all__ = ["FEATURE_MODES", "ExtractStats", "SpotCropDataset", "default_num_workers", "encode_batch", "encode_spots",
+           "extract_features", "extract_to_store", "load_features", "store_path_for"]

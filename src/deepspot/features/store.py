@@ -1,8 +1,10 @@
 """Per-slide feature stores (zarr): spot features (N,d) and sub-spot features (N,S,d).
 
-A store is written under a temporary name and renamed when complete, so a crash
-never leaves a store that looks finished. The key records everything the
-features depend on (slide file, encoder, crop geometry, centres).
+A store is written row by row as features are made (whole chunks, bounded memory),
+under a temporary name renamed when complete, so a crash never leaves a store that
+looks finished. The key records everything the features depend on (slide file,
+encoder, crop geometry, feature mode); rows are matched by centre. Readers load
+only the rows a prediction chunk needs (:class:`StoredFeatures`).
 """
 from __future__ import annotations
 
@@ -49,7 +51,11 @@ def match_centers(stored: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Features:
-    """Features of N spots. spot: (N,d); subspot: (N,S,d) or None."""
+    """Features of N spots in memory. spot: (N,d); subspot: (N,S,d) or None.
+
+    Like :class:`StoredFeatures` it is a *feature source*: ``spot_rows(rows)`` and
+    ``subspot_range(a, b)`` give the rows a chunked predictor needs.
+    """
 
     spot: np.ndarray
     subspot: np.ndarray | None
@@ -61,34 +67,85 @@ class Features:
     def __len__(self) -> int:
         return int(self.spot.shape[0])
 
+    def spot_rows(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.spot[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
+
+    def subspot_range(self, a: int, b: int) -> np.ndarray | None:
+        return None if self.subspot is None else np.asarray(self.subspot[a:b], dtype=np.float32)
+
+
+def chunk_rows(row_bytes: int, target_bytes: int = 8 << 20) -> int:
+    """Rows per zarr chunk so that one chunk holds about ``target_bytes``."""
+    return int(max(16, min(65536, target_bytes // max(1, row_bytes))))
+
+
+class RowWriter:
+    """Writes an (N, ...) zarr array strictly in row order, buffering rows until a whole chunk is
+    full, so every chunk is encoded once (no read-modify-write of partial chunks)."""
+
+    def __init__(self, group: zarr.Group, name: str, shape: tuple, dtype: str = "float32", rows: int | None = None):
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        self.rows = rows or chunk_rows(row_bytes)
+        self.array = group.create_array(name, shape=shape, dtype=dtype,
+                                        chunks=(max(1, min(self.rows, shape[0])), *shape[1:]))
+        self.buf = np.zeros((self.rows, *shape[1:]), dtype=dtype)
+        self.start, self.fill, self.n = 0, 0, shape[0]
+
+    def append(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        i = 0
+        while i < len(x):
+            k = min(len(x) - i, self.rows - self.fill)
+            self.buf[self.fill:self.fill + k] = x[i:i + k]
+            self.fill += k
+            i += k
+            if self.fill == self.rows:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.fill:
+            self.array[self.start:self.start + self.fill] = self.buf[:self.fill]
+            self.start += self.fill
+            self.fill = 0
+
+    @property
+    def written(self) -> int:
+        return self.start + self.fill
+
 
 class FeatureWriter:
-    """Streams batches of features into ``<path>.partial`` and renames to ``path`` on close."""
+    """Streams features, in row order, into ``<path>.partial`` and renames it to ``path`` on close.
 
-    def __init__(self, path: str | Path, n: int, dim: int, n_sub: int, attrs: dict, chunk: int = 1024):
+    Memory is one chunk per array whatever the number of spots.
+    """
+
+    def __init__(self, path: str | Path, n: int, dim: int, n_sub: int, attrs: dict):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".partial")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
         self.group = zarr.open_group(str(self.tmp), mode="w")
         self.group.attrs.update(attrs)
-        self.centers = self.group.create_array("centers", shape=(n, 2), dtype="float64",
-                                               chunks=(min(chunk * 16, max(n, 1)), 2))
-        self.spot = self.group.create_array("spot", shape=(n, dim), dtype="float32",
-                                            chunks=(min(chunk, max(n, 1)), dim))
-        self.subspot = None
-        if n_sub > 0:
-            self.subspot = self.group.create_array("subspot", shape=(n, n_sub, dim), dtype="float32",
-                                                   chunks=(min(chunk, max(n, 1)), n_sub, dim))
+        self.centers = RowWriter(self.group, "centers", (n, 2), "float64")
+        self.spot = RowWriter(self.group, "spot", (n, dim))
+        self.subspot = RowWriter(self.group, "subspot", (n, n_sub, dim)) if n_sub > 0 else None
         self.n = n
 
     def write(self, start: int, centers: np.ndarray, spot: np.ndarray, subspot: np.ndarray | None) -> None:
-        self.centers[start:start + len(spot)] = centers
-        self.spot[start:start + len(spot)] = spot
+        """Rows ``start:start+len(spot)``; rows must come in order."""
+        if start != self.spot.written:
+            raise ValueError(f"feature rows must be written in order: got row {start}, expected {self.spot.written}")
+        self.centers.append(centers)
+        self.spot.append(spot)
         if self.subspot is not None and subspot is not None:
-            self.subspot[start:start + len(spot)] = subspot
+            self.subspot.append(subspot)
 
     def close(self) -> Path:
+        for w in (self.centers, self.spot, self.subspot):
+            if w is not None:
+                w.flush()
+        if self.spot.written != self.n:
+            raise ValueError(f"{self.path}: {self.spot.written} of {self.n} feature rows written")
         self.group.attrs["complete"] = True
         if self.path.exists():
             shutil.rmtree(self.path)
@@ -97,6 +154,58 @@ class FeatureWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class StoredFeatures:
+    """Features of N spots in a finished store, read lazily: only the rows a chunk needs are loaded.
+
+    ``rows`` (N,) maps spot i to its row in the store (None: the store's own order).
+    """
+
+    def __init__(self, path: str | Path, rows: np.ndarray | None = None):
+        self.path = Path(path)
+        g = open_store(self.path)
+        if g is None:
+            raise FileNotFoundError(f"{path}: no complete feature store")
+        self._spot = g["spot"]
+        self._sub = g["subspot"] if "subspot" in g else None
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        if self.rows is not None and len(self.rows) and self.rows.min() < 0:
+            raise ValueError(f"{path}: some spots are not in the store")
+        self.subspot = self._sub  # None when the store has no sub-spot features
+
+    @property
+    def dim(self) -> int:
+        return int(self._spot.shape[1])
+
+    def __len__(self) -> int:
+        return int(self._spot.shape[0] if self.rows is None else len(self.rows))
+
+    @staticmethod
+    def _take(arr, rows: np.ndarray) -> np.ndarray:
+        if len(rows) == 0:
+            return np.zeros((0, *arr.shape[1:]), dtype=np.float32)
+        uniq, inv = np.unique(rows, return_inverse=True)
+        if uniq[-1] - uniq[0] + 1 == len(uniq):  # a contiguous block: one slice
+            block = arr[int(uniq[0]):int(uniq[-1]) + 1]
+        else:
+            block = arr.get_orthogonal_selection((uniq,) + (slice(None),) * (arr.ndim - 1))
+        return np.asarray(block[inv], dtype=np.float32)
+
+    def spot_rows(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        return self._take(self._spot, rows if self.rows is None else self.rows[rows])
+
+    def subspot_range(self, a: int, b: int) -> np.ndarray | None:
+        if self._sub is None:
+            return None
+        rows = np.arange(a, b) if self.rows is None else self.rows[a:b]
+        return self._take(self._sub, rows)
+
+    def load(self) -> Features:
+        """All rows in memory (small slides only)."""
+        idx = np.arange(len(self))
+        return Features(spot=self.spot_rows(idx), subspot=self.subspot_range(0, len(self)))
 
 
 def open_store(path: str | Path) -> zarr.Group | None:
@@ -112,18 +221,8 @@ def open_store(path: str | Path) -> zarr.Group | None:
 
 
 def load_features(path: str | Path, rows: np.ndarray | None = None) -> Features:
-    """Features of a store, all rows or the given rows (in that order)."""
-    g = open_store(path)
-    if g is None:
-        raise FileNotFoundError(f"{path}: no complete feature store")
-    if rows is None:
-        return Features(spot=g["spot"][:], subspot=g["subspot"][:] if "subspot" in g else None)
-    uniq, inv = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
-    spot = g["spot"].get_orthogonal_selection((uniq, slice(None)))[inv]
-    sub = None
-    if "subspot" in g:
-        sub = g["subspot"].get_orthogonal_selection((uniq, slice(None), slice(None)))[inv]
-    return Features(spot=spot, subspot=sub)
+    """Features of a store, all rows or the given rows (in that order), in memory."""
+    return StoredFeatures(path, rows).load()
 
 
 def store_centers(path: str | Path) -> np.ndarray:

@@ -1,6 +1,8 @@
-"""Assemble bags (spot, sub-spots, neighbours) from per-spot feature tables by indexing.
+"""Assemble bags (spot, sub-spots, neighbours) from per-spot feature tables by indexing, and predict
+them in chunks.
 
-Neighbour features are the neighbours' own spot features, looked up, never re-encoded.
+Neighbour features are the neighbours' own spot features, looked up, never re-encoded; at prediction a
+DeepSpot's phi of a spot is computed once per chunk and reused in every bag the spot is a neighbour in.
 """
 from __future__ import annotations
 
@@ -47,15 +49,76 @@ class Bags:
         return out
 
 
+def _shares_phi(model: torch.nn.Module) -> bool:
+    """A plain DeepSpot (or subclass keeping its embed/forward): phi of a spot can be computed once and
+    reused for every bag the spot is a neighbour in (phi is applied element-wise; eval mode)."""
+    from deepspot.models.deepsets import DeepSpot
+
+    return (isinstance(model, DeepSpot) and type(model).embed is DeepSpot.embed
+            and type(model).forward is DeepSpot.forward and not model.training)
+
+
+def _forward_shared_phi(model, feats, self_pos, subspots, sub_mask, nbr_pos, nbr_mask) -> torch.Tensor:
+    """DeepSpot.forward with phi evaluated once per distinct spot of the chunk (``feats``)."""
+    from deepspot.models.deepsets import POOLS
+
+    p = model.phi(feats)
+    parts = [p[self_pos]]
+    if model.use_subspots:
+        if subspots is None:
+            raise ValueError(f"context {model.context!r} needs sub-spot features")
+        parts.append(POOLS[model.subspot_pool](model.phi(subspots), sub_mask))
+    if model.use_neighbors:
+        parts.append(POOLS[model.neighbor_pool](p[nbr_pos], nbr_mask))
+    return model.rho(torch.cat(parts, dim=-1))
+
+
 @torch.no_grad()
-def predict_bags(model: torch.nn.Module, bags: Bags, batch_size: int = 4096, device="cpu") -> np.ndarray:
-    """Batched model prediction over all spots: (N, G) float32."""
+def iter_predictions(model: torch.nn.Module, source, neighbor_idx, neighbor_mask, batch_size: int = 512,
+                     device="cpu"):
+    """Predict spots in order, a chunk at a time: yields (start, (B, G) float32 numpy).
+
+    ``source`` is a feature source (``len``, ``spot_rows(rows)``, ``subspot_range(a, b)``): features in
+    memory (:class:`~deepspot.features.store.Features`) or read lazily from a store
+    (:class:`~deepspot.features.store.StoredFeatures`). A chunk loads the spot features of its spots and
+    of their neighbours (looked up, never re-encoded) and its own sub-spot features, so memory is bounded
+    by ``batch_size`` whatever the number of spots. neighbor_idx/neighbor_mask: (N,K) into the same N.
+    """
     model.eval().to(device)
-    out = []
-    for start in range(0, len(bags), batch_size):
-        ix = torch.arange(start, min(start + batch_size, len(bags)))
-        inputs = {k: v.to(device) for k, v in bags.batch(ix).items()}
-        out.append(model(**inputs).float().cpu())
+    n = len(source)
+    nidx = np.zeros((n, 0), np.int64) if neighbor_idx is None else np.asarray(neighbor_idx, dtype=np.int64)
+    nmask = np.zeros(nidx.shape, bool) if neighbor_mask is None else np.asarray(neighbor_mask, dtype=bool)
+    shared = _shares_phi(model)
+    use_sub = getattr(model, "use_subspots", True)
+    for a in range(0, n, batch_size):
+        b = min(a + batch_size, n)
+        own = np.arange(a, b)
+        ki, km = nidx[a:b], nmask[a:b]
+        need = np.unique(np.concatenate([own, ki[km]]))
+        feats = torch.from_numpy(source.spot_rows(need)).to(device)
+        self_pos = torch.from_numpy(np.searchsorted(need, own))
+        nbr_pos = torch.from_numpy(np.minimum(np.searchsorted(need, ki), len(need) - 1))  # padding: any row
+        nbr_mask = torch.from_numpy(km).to(device)
+        sub = source.subspot_range(a, b) if use_sub else None
+        sub = None if sub is None else torch.from_numpy(sub).to(device)
+        sub_mask = None if sub is None else torch.ones(sub.shape[:2], dtype=torch.bool, device=device)
+        if shared:
+            out = _forward_shared_phi(model, feats, self_pos, sub, sub_mask, nbr_pos, nbr_mask)
+        else:
+            inputs = {"spot": feats[self_pos], "neighbors": feats[nbr_pos], "neighbor_mask": nbr_mask}
+            if sub is not None:
+                inputs.update(subspots=sub, subspot_mask=sub_mask)
+            out = model(**inputs)
+        yield a, out.float().cpu().numpy()
+
+
+def predict_bags(model: torch.nn.Module, bags: Bags, batch_size: int = 512, device="cpu") -> np.ndarray:
+    """Batched model prediction over all spots of in-memory bags: (N, G) float32."""
+    from deepspot.features.store import Features
+
+    source = Features(bags.spot.numpy(), None if bags.subspot is None else bags.subspot.numpy())
+    out = [p for _, p in iter_predictions(model, source, bags.neighbor_idx.numpy(), bags.neighbor_mask.numpy(),
+                                          batch_size=batch_size, device=device)]
     if not out:
         return np.zeros((0, getattr(model, "n_genes", 0)), dtype=np.float32)
-    return torch.cat(out).numpy()
+    return np.concatenate(out)

@@ -69,7 +69,8 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
     spec = geometry.grid.in_pixels(mpp) if geometry.grid.unit == "um" else geometry.grid
     feats = extract_features(image, spots.obsm["spatial"], spec.spot_diameter, encoder,
                              n_sub=geometry.n_sub if "subspot" in context else 0, mpp=mpp, cache_dir=cache_dir,
-                             batch_size=batch_size_encoder, num_workers=num_workers, progress=progress)
+                             batch_size=batch_size_encoder, num_workers=num_workers, progress=progress,
+                             mode=geometry.feature_mode)
     panel = select_genes(spots, n_top=n_top_genes, genes=genes)
     y = log_normalize(spots[:, panel])
     bags = bags_for(spots, feats, geometry.neighbor_radius)
