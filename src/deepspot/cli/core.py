@@ -59,6 +59,8 @@ def train(image: Path = typer.Option(..., help="H&E image/slide the spots lie on
           spot_diameter: float = typer.Option(55.0), spacing: float = typer.Option(100.0),
           unit: str = typer.Option("um", help="Unit of spot diameter/spacing: um or px."),
           context: str = typer.Option("spot_subspot_neighbors"), n_sub: int = typer.Option(3),
+          fast: bool = typer.Option(False, "--fast", help="Fast features: sub-spots from the spot's patch tokens "
+                                    "(one encoder pass per spot); the model must then be used with predict --fast."),
           genes: Optional[str] = typer.Option(None, help="Comma-separated gene panel."),
           n_top_genes: Optional[int] = typer.Option(None, help="Top-N highly variable genes."),
           loss: str = typer.Option("mse"), max_epochs: int = typer.Option(200), patience: int = typer.Option(20),
@@ -79,7 +81,8 @@ def train(image: Path = typer.Option(..., help="H&E image/slide the spots lie on
         w, h = slide.dimensions
         slide_mpp = slide.mpp
     check_inside(data.obsm["spatial"], w, h, str(adata))
-    geometry = SpotGeometry(GridSpec(spot_diameter, spacing, unit=unit), n_sub=n_sub)
+    geometry = SpotGeometry(GridSpec(spot_diameter, spacing, unit=unit), n_sub=n_sub,
+                            feature_mode="fast" if fast else "standard")
     if unit == "um" and slide_mpp is None:
         raise SpatialDataError(f"{image}: no mpp in the file; pass --mpp or give the geometry in pixels (--unit px)")
     spec_px = geometry.grid.in_pixels(slide_mpp)
