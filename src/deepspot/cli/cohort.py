@@ -30,6 +30,7 @@ def predict_cohort(
         tissue: str = typer.Option("otsu", help="Tissue filter: otsu, mean_rgb or none."),
         batch_size: int = typer.Option(16, help="Spots per encoder batch."),
         num_workers: int = typer.Option(0, help="DataLoader workers per slide (crop reading)."),
+        plot_genes: int = typer.Option(0, help="Also write <id>_genes.png with the N most variable genes."),
         device: str = typer.Option("auto", help="auto (cuda when a GPU is visible), cpu or cuda."),
         autocast: Optional[str] = typer.Option(None, help="Encoder autocast dtype on GPU: bf16 or fp16."),
         encoder_weights: Optional[Path] = typer.Option(None, help="Local weights for the model's encoder "
@@ -44,8 +45,9 @@ def predict_cohort(
 
     s = run_cohort(manifest, model, out, backend=backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
                    max_in_flight=max_in_flight, retry_failed=retry_failed, mpp=mpp, tissue=tissue,
-                   batch_size=batch_size, num_workers=num_workers, device=device, autocast=autocast,
-                   encoder_weights=encoder_weights, cache_dir=cache_dir, progress=progress, echo=console.print)
+                   batch_size=batch_size, num_workers=num_workers, plot_genes=plot_genes, device=device,
+                   autocast=autocast, encoder_weights=encoder_weights, cache_dir=cache_dir, progress=progress,
+                   echo=console.print)
     spots = sum(r.n_spots for r in s.ran if r.ok)
     console.print(f"ran {len(s.ran)} slides in {s.seconds:.1f} s ({spots} spots); "
                   f"{s.n_done} done in total, {len(s.failures)} failed → {s.out_dir}")

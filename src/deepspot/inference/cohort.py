@@ -2,8 +2,9 @@
 
 A manifest (CSV: ``path``, optional ``id`` and ``mpp``) lists the slides. Every slide runs through
 one function, :func:`predict_slide`, which predicts it with
-:func:`deepspot.inference.predict.predict_image` and writes ``<id>.h5ad`` and ``<id>_spots.csv``
-atomically (temp name, then rename). A slide that raises is recorded as failed with its reason;
+:func:`deepspot.inference.predict.predict_slide` (flat memory) into ``<id>.h5ad`` and
+``<id>_spots.csv`` (+ ``<id>_genes.png`` when asked), written under temp names and renamed when
+complete. A slide that raises is recorded as failed with its reason;
 it never stops the others.
 
 State lives in the output folder: ``_state.jsonl`` is append-only, one JSON record per finished
@@ -122,7 +123,7 @@ def check_output_dir(out: str | Path) -> Path:
 
 
 def output_paths(out_dir: str | Path, slide_id: str) -> dict[str, Path]:
-    """The files one slide produces."""
+    """The files a finished slide has (the gene plot, ``<id>_genes.png``, is optional)."""
     out_dir = Path(out_dir)
     return {"h5ad": out_dir / f"{slide_id}.h5ad", "csv": out_dir / f"{slide_id}_spots.csv"}
 
@@ -132,7 +133,8 @@ def remove_partials(out_dir: str | Path, jobs: Iterable[SlideJob]) -> list[Path]
     see io/outputs.atomic_path) and per-slide work folders (``.<id>.work-*``). Returns what was removed."""
     out_dir, removed = Path(out_dir), []
     for job in jobs:
-        patterns = [f".{p.name}.*.partial{p.suffix}" for p in output_paths(out_dir, job.id).values()]
+        outs = [*output_paths(out_dir, job.id).values(), out_dir / f"{job.id}_genes.png"]
+        patterns = [f".{p.name}.*.partial{p.suffix}" for p in outs]
         for tmp in (t for pat in patterns + [f".{job.id}.work-*"] for t in out_dir.glob(pat)):
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -248,6 +250,7 @@ class PredictOptions:
     tissue: str = "otsu"
     batch_size: int = 16
     num_workers: int = 0
+    plot_genes: int = 0
     device: str = "auto"
     autocast: str | None = None
     cache_dir: str | None = None
@@ -297,27 +300,25 @@ def _one_line(e: BaseException) -> str:
 
 
 def predict_slide(job: SlideJob, out_dir: str | Path, predictor: SlidePredictor) -> SlideResult:
-    """Predict one slide and write its outputs atomically. Never raises for a bad slide: the
-    error comes back in the result. The only per-slide code path of both backends."""
-    from deepspot.inference.predict import predict_image, spot_table
-    from deepspot.io.outputs import write_csv, write_h5ad
+    """Predict one slide into ``out_dir`` (streamed, flat memory; outputs renamed into place only when
+    complete: see ``inference.predict.predict_slide``). Never raises for a bad slide: the error comes back
+    in the result. The only per-slide code path of both backends."""
+    from deepspot.inference import predict
 
     t0 = time.perf_counter()
-    paths = output_paths(out_dir, job.id)
     opts = predictor.opts
     try:
-        adata = predict_image(job.path, predictor.model, predictor.config, predictor.encoder, mpp=job.mpp,
-                              tissue=opts.tissue, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                              cache_dir=opts.cache_dir, device=predictor.device, autocast_dtype=opts.autocast,
-                              progress=False, library_id=job.id)
-        adata.uns.setdefault("deepspot", {})["slide_id"] = job.id
-        write_h5ad(adata, paths["h5ad"])
-        write_csv(spot_table(adata), paths["csv"])
+        res = predict.predict_slide(job.path, predictor.model, predictor.config, predictor.encoder, out_dir,
+                                    n_plot=opts.plot_genes, mpp=job.mpp, tissue=opts.tissue,
+                                    batch_size=opts.batch_size, num_workers=opts.num_workers,
+                                    cache_dir=opts.cache_dir, device=predictor.device, autocast_dtype=opts.autocast,
+                                    progress=False, library_id=job.id, name=job.id)
     except Exception as e:  # noqa: BLE001 - one bad slide must not stop the cohort
         log.debug("slide %s failed", job.id, exc_info=True)
         return SlideResult(job.id, "failed", _one_line(e), seconds=time.perf_counter() - t0, path=str(job.path))
-    return SlideResult(job.id, "done", n_spots=int(adata.n_obs), seconds=time.perf_counter() - t0,
-                       path=str(job.path), outputs=[p.name for p in paths.values()])
+    made = [p.name for p in (res.h5ad, res.csv, res.png) if p is not None]
+    return SlideResult(job.id, "done", n_spots=int(res.n_spots), seconds=time.perf_counter() - t0,
+                       path=str(job.path), outputs=made)
 
 
 def _ray_predict(job: SlideJob, out_dir: str, opts: PredictOptions, threads: int) -> SlideResult:
@@ -440,7 +441,8 @@ def write_summary(out_dir: Path, jobs: list[SlideJob], state: dict[str, dict]) -
 def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, backend: str = "ray",
                address: str | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
                max_in_flight: int | None = None, retry_failed: bool = False, mpp: float | None = None,
-               tissue: str = "otsu", batch_size: int = 16, num_workers: int = 0, device: str = "auto",
+               tissue: str = "otsu", batch_size: int = 16, num_workers: int = 0, plot_genes: int = 0,
+               device: str = "auto",
                autocast: str | None = None, encoder_weights: str | Path | None = None,
                cache_dir: str | Path | None = None, progress: bool = True, echo=print) -> CohortSummary:
     """Predict every slide of a manifest into ``out_dir`` (see the module doc); resumable.
@@ -467,7 +469,8 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
     out = check_output_dir(out_dir)
     opts = PredictOptions(model=str(Path(model).resolve()),
                           encoder_weights=str(Path(encoder_weights).resolve()) if encoder_weights else None,
-                          tissue=tissue, batch_size=batch_size, num_workers=num_workers, device=device,
+                          tissue=tissue, batch_size=batch_size, num_workers=num_workers, plot_genes=plot_genes,
+                          device=device,
                           autocast=autocast, cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None)
     t0 = time.perf_counter()
     with folder_lock(out):
