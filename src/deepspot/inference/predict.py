@@ -32,7 +32,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from deepspot.features.extract import (FEATURE_MODES, ExtractStats, extract_features, extract_to_store,
+from deepspot.features.extract import (FEATURE_MODES, ExtractStats, check_mode, extract_features, extract_to_store,
                                        store_path_for)
 from deepspot.geometry.grid import GridSpec, make_grid
 from deepspot.geometry.neighbors import array_neighbors
@@ -252,27 +252,39 @@ def _skeleton(plan: SlidePlan, config: dict, library_id: str | None, mode: str) 
     return a
 
 
-def _predict_plan(plan: SlidePlan, model, config: dict, encoder, sink, *, mode: str, mpp, batch_size: int,
-                  num_workers, cache_dir, store_dir, device, autocast_dtype, progress: bool,
-                  stats: ExtractStats | None, predict_batch: int):
-    """Encode the plan's spots (once each) and feed ``sink(start, predictions (B,G))`` chunk by chunk."""
+def predict_plan(plan: SlidePlan, model, config: dict, encoder, sink=None, *, mode: str = "standard",
+                 mpp: float | None = None, batch_size: int = 16, num_workers: int | None = None, cache_dir=None,
+                 store_dir=None, device="cpu", autocast_dtype=None, progress: bool = True,
+                 stats: ExtractStats | None = None, predict_batch: int = 512) -> np.ndarray | None:
+    """Encode the plan's spots (each crop once) and predict them chunk by chunk.
+
+    With ``sink``, ``sink(start, predictions (B,G))`` receives each chunk in order and nothing is kept;
+    without, the (N,G) predictions are returned. Features go to the store in ``cache_dir`` (kept and
+    reused), to ``store_dir/features.zarr`` (streamed), or, with neither, stay in memory.
+    """
     use_sub = bool(getattr(model, "use_subspots", True))
     n_sub = plan.geometry.n_sub if use_sub else 0
+    mode = check_mode(mode) if n_sub else "standard"
     centers = plan.grid[["x", "y"]].to_numpy()
     tile = plan.spec.spot_diameter
-    common = dict(n_sub=n_sub, mode=mode if n_sub else "standard", mpp=mpp, batch_size=batch_size,
-                  num_workers=num_workers, device=device, autocast_dtype=autocast_dtype, progress=progress,
-                  stats=stats)
+    common = dict(n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
+                  autocast_dtype=autocast_dtype, progress=progress, stats=stats)
     if cache_dir is not None or store_dir is not None:
-        path = (store_path_for(cache_dir, plan.slide_path, encoder, tile, n_sub, common["mode"]) if cache_dir
-                is not None else Path(store_dir) / "features.zarr")
+        path = (store_path_for(cache_dir, plan.slide_path, encoder, tile, n_sub, mode) if cache_dir is not None
+                else Path(store_dir) / "features.zarr")
         source = extract_to_store(plan.slide_path, centers, tile, encoder, path, **common)
     else:
         source = extract_features(plan.slide_path, centers, tile, encoder, **common)
     idx, mask = plan.neighbors()
     scaler = config.get("scaler")
+    out = None if sink is not None else np.zeros((len(centers), len(config["genes"])), dtype=np.float32)
     for start, pred in iter_predictions(model, source, idx, mask, batch_size=predict_batch, device=device):
-        sink(start, invert_scaler(pred, scaler))
+        pred = invert_scaler(pred, scaler)
+        if sink is not None:
+            sink(start, pred)
+        else:
+            out[start:start + len(pred)] = pred
+    return out
 
 
 def _mode(config: dict, fast: bool | None) -> str:
@@ -297,17 +309,14 @@ def predict_image(slide_path, model, config: dict, encoder, mpp: float | None = 
     plan = plan_slide(slide_path, geom, mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue_fraction,
                       thumbnail_size=thumbnail_size, layout=layout, spacing=spacing)
     adata = _skeleton(plan, config, library_id, mode)
-    X = np.zeros(adata.shape, dtype=np.float32)
     if len(plan.grid) == 0:
         warnings.warn(f"{slide_path}: no tissue found; the prediction is empty", stacklevel=2)
+        adata.X = np.zeros(adata.shape, dtype=np.float32)
     else:
-        def sink(start, pred):
-            X[start:start + len(pred)] = pred
-
-        _predict_plan(plan, model, config, encoder, sink, mode=mode, mpp=mpp, batch_size=batch_size,
-                      num_workers=num_workers, cache_dir=cache_dir, store_dir=None, device=device,
-                      autocast_dtype=autocast_dtype, progress=progress, stats=stats, predict_batch=predict_batch)
-    adata.X = X
+        adata.X = predict_plan(plan, model, config, encoder, mode=mode, mpp=mpp, batch_size=batch_size,
+                               num_workers=num_workers, cache_dir=cache_dir, device=device,
+                               autocast_dtype=autocast_dtype, progress=progress, stats=stats,
+                               predict_batch=predict_batch)
     return adata
 
 
@@ -372,7 +381,8 @@ def predict_slide(slide_path, model, config: dict, encoder, out_dir, genes: list
                   batch_size: int = 16, num_workers: int | None = None, cache_dir=None, device="cpu",
                   autocast_dtype=None, progress: bool = True, library_id: str | None = None,
                   thumbnail_size: int = 2000, predict_batch: int = 512, name: str | None = None,
-                  meta: dict | None = None, stats: ExtractStats | None = None) -> PredictResult:
+                  meta: dict | None = None, stats: ExtractStats | None = None,
+                  max_spots: int | None = None) -> PredictResult:
     """Predict a whole slide with flat memory and write ``<name>.h5ad``, ``<name>_spots.csv`` and
     ``<name>_genes.png`` (``genes`` or the ``n_plot`` most variable) into ``out_dir``.
 
@@ -380,7 +390,7 @@ def predict_slide(slide_path, model, config: dict, encoder, out_dir, genes: list
     predictions stream into a zarr array there and are copied into the h5ad in chunks. The three outputs
     are written under temporary names and renamed together at the end: on any error nothing is left
     behind (a folder this call created is removed again). A slide without tissue gives an empty AnnData
-    and a warning (no PNG).
+    and a warning (no PNG). ``max_spots`` keeps only the first in-tissue spots in grid order (benchmarks).
     """
     import zarr
 
@@ -397,6 +407,9 @@ def predict_slide(slide_path, model, config: dict, encoder, out_dir, genes: list
     geom = SpotGeometry.from_dict(config["geometry"])
     plan = plan_slide(slide_path, geom, mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue_fraction,
                       thumbnail_size=thumbnail_size, layout=layout, spacing=spacing, meta=meta)
+    if max_spots is not None and len(plan.grid) > max_spots:
+        plan.notes.append(f"capped at the first {max_spots} of {len(plan.grid)} in-tissue spots")
+        plan = replace(plan, grid=plan.grid.iloc[:max_spots].reset_index(drop=True))
     out_dir = Path(out_dir)
     name = name or Path(slide_path).stem
     created = not out_dir.exists()
@@ -417,10 +430,9 @@ def predict_slide(slide_path, model, config: dict, encoder, out_dir, genes: list
         if n == 0:
             warnings.warn(f"{slide_path}: no tissue found; the prediction is empty", stacklevel=2)
         else:
-            _predict_plan(plan, model, config, encoder, sink, mode=mode, mpp=mpp, batch_size=batch_size,
-                          num_workers=num_workers, cache_dir=cache_dir, store_dir=work, device=device,
-                          autocast_dtype=autocast_dtype, progress=progress, stats=stats,
-                          predict_batch=predict_batch)
+            predict_plan(plan, model, config, encoder, sink, mode=mode, mpp=mpp, batch_size=batch_size,
+                         num_workers=num_workers, cache_dir=cache_dir, store_dir=work, device=device,
+                         autocast_dtype=autocast_dtype, progress=progress, stats=stats, predict_batch=predict_batch)
         pred.flush()
         plot = list(genes) if genes else [all_genes[i] for i in moments.top(n_plot)] if n else []
         with contextlib.ExitStack() as stack:
