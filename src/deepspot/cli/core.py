@@ -65,8 +65,16 @@ def train(image: Path = typer.Option(..., help="H&E image/slide the spots lie on
           n_top_genes: Optional[int] = typer.Option(None, help="Top-N highly variable genes."),
           loss: str = typer.Option("mse"), max_epochs: int = typer.Option(200), patience: int = typer.Option(20),
           seed: int = typer.Option(2024), cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder."),
-          num_workers: int = typer.Option(0), progress: bool = typer.Option(True)):
-    """Train DeepSpot on one image with spot (or pooled cell) counts; prints held-out scores."""
+          num_workers: int = typer.Option(0), progress: bool = typer.Option(True),
+          model: str = typer.Option("deepspot", help="deepspot (spots), deepcell (cells with their counts) or "
+                                    "deepspot2cell (cells pooled into pseudo-spots; trained on spot counts only)."),
+          cell_diameter: float = typer.Option(20.0, help="Cell models: tile side per cell, in --cell-unit."),
+          cell_unit: str = typer.Option("px", help="Cell models: unit of --cell-diameter and --radius: px or um."),
+          neighbors: str = typer.Option("knn", help="Cell models: neighbour rule knn | radius | none."),
+          k: int = typer.Option(45, help="Cell models: number of nearest cells (knn)."),
+          radius: float = typer.Option(50.0, help="Cell models: neighbour radius (radius rule), in --cell-unit."),
+          aggregate: str = typer.Option("sum", help="deepspot2cell: cells to spot by sum (count space) or mean (log).")):
+    """Train DeepSpot (spots), DeepCell or DeepSpot2Cell (cells) on one image; prints held-out scores."""
     from deepspot.demo import score_table
     from deepspot.features.encoders import load_encoder
     from deepspot.geometry.grid import GridSpec, pool_cells
@@ -81,6 +89,15 @@ def train(image: Path = typer.Option(..., help="H&E image/slide the spots lie on
         w, h = slide.dimensions
         slide_mpp = slide.mpp
     check_inside(data.obsm["spatial"], w, h, str(adata))
+    if model != "deepspot":
+        from deepspot.cli.cells import train_cells
+
+        return train_cells(model, image, data, out, encoder=encoder, encoder_weights=encoder_weights, mpp=mpp,
+                           cell_diameter=cell_diameter, cell_unit=cell_unit, neighbors=neighbors, k=k, radius=radius,
+                           aggregate=aggregate, spot_diameter=spot_diameter, spacing=spacing, unit=unit,
+                           genes=_split(genes), n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs,
+                           patience=patience, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
+                           progress=progress)
     geometry = SpotGeometry(GridSpec(spot_diameter, spacing, unit=unit), n_sub=n_sub,
                             feature_mode="fast" if fast else "standard")
     if unit == "um" and slide_mpp is None:

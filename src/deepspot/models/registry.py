@@ -24,6 +24,8 @@ def _register_builtin() -> None:
     from deepspot.models.deepsets import DeepSpot
 
     register_model("deepspot", DeepSpot)
+    from deepspot.models.cells import DeepCell, DeepSpot2Cell
+    _MODELS.update(deepcell=DeepCell, deepspot2cell=DeepSpot2Cell)
 
 
 _register_builtin()

@@ -1,0 +1,268 @@
+"""Train the cell models.
+
+- :func:`train_cell_model` — DeepCell on cells with their own counts (Xenium-like data).
+- :func:`train_spot2cell_model` — DeepSpot2Cell on spot counts only: each spot is a bag of the
+  cells inside it, the model's per-cell predictions are aggregated to the spot and the loss is on
+  the spot. Cell counts, when known (pseudo-spots pooled from cells), are held back and used only
+  to score the per-cell predictions on the held-out side of the image.
+
+Both share the Lightning loop of :func:`deepspot.training.fit.fit`: it asks its ``bags`` only for
+``len()`` and ``batch(ix) -> model inputs``, so :class:`~deepspot.models.cells.CellBags` (cells
+with their neighbours) and :class:`SpotCellBags` (spots as bags of cells) go through it unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import anndata as ad
+import lightning as L
+import numpy as np
+import torch
+
+from deepspot.evaluation.baseline import ridge_baseline
+from deepspot.evaluation.metrics import summarize
+from deepspot.features.extract import extract_features
+from deepspot.geometry.grid import GridSpec, pool_cells
+from deepspot.inference.cells import CellGeometry, cell_bags, inside_image
+from deepspot.io.spatial import SpatialDataError
+from deepspot.models.cells import CellBags, DeepCell, DeepSpot2Cell, predict_batches
+from deepspot.training.fit import fit
+from deepspot.training.spots import spatial_split
+from deepspot.training.targets import log_normalize, select_genes
+
+log = logging.getLogger(__name__)
+
+TARGETS = "normalize_total(1e4) + log1p"
+
+
+@dataclass
+class SpotCellBags:
+    """Spots as bags of cells, for DeepSpot2Cell.
+
+    cells: :class:`CellBags` over all cells (tile features + neighbour index); members (S,C) int64
+    index of each spot's cells into ``cells`` (real cells first), member_mask (S,C) bool.
+    """
+
+    cells: CellBags
+    members: torch.Tensor
+    member_mask: torch.Tensor
+
+    @classmethod
+    def from_assignment(cls, cells: CellBags, cell_to_spot: np.ndarray, n_spots: int) -> "SpotCellBags":
+        """cell_to_spot (N,): spot index of each cell or -1 (in no spot)."""
+        c2s = np.asarray(cell_to_spot, dtype=np.int64)
+        inside = np.flatnonzero(c2s >= 0)
+        order = inside[np.argsort(c2s[inside], kind="stable")]
+        counts = np.bincount(c2s[order], minlength=n_spots)
+        c = max(int(counts.max()) if len(counts) else 0, 1)  # at least one (masked) slot
+        rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+        members = np.zeros((n_spots, c), dtype=np.int64)
+        mask = np.zeros((n_spots, c), dtype=bool)
+        members[c2s[order], rank] = order
+        mask[c2s[order], rank] = True
+        return cls(cells, torch.as_tensor(members), torch.as_tensor(mask))
+
+    def __len__(self) -> int:
+        return int(self.members.shape[0])
+
+    def batch(self, ix: torch.Tensor) -> dict:
+        """Indexed DeepSpot2Cell inputs for spots ``ix`` (B,): table (U,d), cell_index (B,C),
+        cell_mask (B,C), neighbor_index (B,C,K), neighbor_mask (B,C,K); C = the largest cell count
+        in the batch."""
+        mask = self.member_mask[ix]
+        c = max(int(mask.sum(dim=1).max()) if len(mask) else 0, 1)  # real cells come first in each row
+        mask, members = mask[:, :c], self.members[ix][:, :c]
+        inner = self.cells.gather(members.reshape(-1))
+        b = len(ix)
+        return {"table": inner["table"], "cell_index": inner["cell_index"].reshape(b, c), "cell_mask": mask,
+                "neighbor_index": inner["neighbor_index"].reshape(b, c, -1),
+                "neighbor_mask": inner["neighbor_mask"].reshape(b, c, -1) & mask.unsqueeze(-1)}
+
+
+@dataclass
+class CellTrainResult:
+    """What a cell-model training run produced. ``cell_pred`` (N_cells, G) per-cell expression of every
+    cell; ``split`` (train, val, test) indices (of cells for DeepCell, of spots for DeepSpot2Cell);
+    ``test_cells`` the held-out cells scored; ``truth`` their per-cell targets when known."""
+
+    model: torch.nn.Module
+    config: dict
+    features: np.ndarray
+    genes: list[str]
+    split: tuple[np.ndarray, np.ndarray, np.ndarray]
+    test_cells: np.ndarray
+    cell_pred: np.ndarray
+    truth: np.ndarray | None
+    scores: dict
+    fit_summary: dict
+    spots: ad.AnnData | None = None
+    cell_to_spot: np.ndarray | None = None
+    spot_targets: np.ndarray | None = None
+
+
+def _slide_size(image, mpp: float | None):
+    from deepspot.io.slides import open_slide
+
+    with open_slide(image, mpp=mpp) as slide:
+        w, h = slide.dimensions
+        return int(w), int(h), slide.mpp
+
+
+def encode_cells(image, xy: np.ndarray, geometry: CellGeometry, encoder, mpp: float | None = None, cache_dir=None,
+                 batch_size: int = 16, num_workers: int = 0, progress: bool = True) -> np.ndarray:
+    """Tile features (N,d) of the cells at level-0 (x, y) px: one tile of side cell_diameter each."""
+    return extract_features(image, xy, geometry.tile_px(mpp), encoder, n_sub=0, mpp=mpp, cache_dir=cache_dir,
+                            batch_size=batch_size, num_workers=num_workers, progress=progress).spot
+
+
+def _cell_config(kind: str, model, encoder, genes, geometry: CellGeometry, mpp, training: dict, scores: dict,
+                 **extra) -> dict:
+    return {"model": kind, "model_args": model.config(), "encoder": {"name": encoder.name, "dim": int(encoder.dim)},
+            "genes": list(genes), "geometry": geometry.to_dict(), "mpp": mpp, "targets": TARGETS, "scaler": None,
+            "training": training, "scores": scores, **extra}
+
+
+def _check_features(features: np.ndarray, n: int, encoder) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float32)
+    if features.shape != (n, int(encoder.dim)):
+        raise ValueError(f"features have shape {features.shape}, expected ({n}, {encoder.dim})")
+    return features
+
+
+def train_cell_model(image, cells: ad.AnnData, encoder, geometry: CellGeometry = CellGeometry(),
+                     mpp: float | None = None, genes: list[str] | None = None, n_top_genes: int | None = None,
+                     neighbor_pool: str = "max", loss: str = "mse", max_epochs: int = 200, patience: int = 20,
+                     batch_size: int = 64, lr: float = 1e-4, seed: int = 2024, dropout: float = 0.2,
+                     n_ensemble: int = 10, hidden: int = 1024, test_fraction: float = 0.3, cache_dir=None,
+                     batch_size_encoder: int = 16, num_workers: int = 0, progress: bool = True, log_dir=None,
+                     features: np.ndarray | None = None) -> CellTrainResult:
+    """Train DeepCell on the cells of one image with a spatial hold-out (right-most ``test_fraction`` of
+    the cells); score per-gene Pearson on held-out cells next to ridge on the same tile features.
+
+    cells: AnnData of raw counts per cell with obsm['spatial'] (x, y) level-0 px. ``features`` (N,d):
+    precomputed tile features (skips encoding; ``encoder`` then only needs ``name`` and ``dim``).
+    """
+    w, h, slide_mpp = _slide_size(image, mpp)
+    mpp_used = mpp or slide_mpp
+    xy = np.asarray(cells.obsm["spatial"], dtype=np.float64)
+    inside_image(xy, w, h, f"{image}: cells")
+    feats = (_check_features(features, len(xy), encoder) if features is not None else
+             encode_cells(image, xy, geometry, encoder, mpp_used, cache_dir, batch_size_encoder, num_workers, progress))
+    panel = select_genes(cells, n_top=n_top_genes, genes=genes)
+    y = log_normalize(cells[:, panel])
+    bags = cell_bags(feats, xy, geometry, mpp_used)
+    train, val, test = spatial_split(xy, test_fraction=test_fraction, seed=seed)
+    L.seed_everything(seed, verbose=False)
+    model = DeepCell(int(encoder.dim), len(panel), hidden=hidden, n_ensemble=n_ensemble, dropout=dropout,
+                     context=geometry.context, neighbor_pool=neighbor_pool)
+    summary = fit(model, bags, y, train, val, loss=loss, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
+                  patience=patience, seed=seed, progress=progress, log_dir=log_dir)
+    pred = predict_batches(model, bags, batch_size=512)
+    seen = np.concatenate([train, val])
+    ridge = ridge_baseline(feats[seen], y[seen], feats[test], seed=seed)
+    scores = {"deepcell": summarize(pred[test], y[test]), "ridge": summarize(ridge, y[test])}
+    training = {"loss": loss, "lr": lr, "seed": seed, "batch_size": batch_size, "max_epochs": max_epochs,
+                "patience": patience, "n_cells": int(len(xy)),
+                "split": "spatial: right-most %.0f%% of cells held out" % (100 * test_fraction), **summary}
+    config = _cell_config("deepcell", model, encoder, panel, geometry, mpp_used, training, scores)
+    return CellTrainResult(model, config, feats, panel, (train, val, test), test, pred, y, scores, summary)
+
+
+def pseudo_spots(image, cells: ad.AnnData, grid: GridSpec, mpp: float | None = None):
+    """Pool cells into pseudo-spots on a grid over the image: (spots AnnData, cell_to_spot (N,))."""
+    w, h, slide_mpp = _slide_size(image, mpp)
+    inside_image(np.asarray(cells.obsm["spatial"]), w, h, f"{image}: cells")
+    spots, cell_to_spot = pool_cells(cells, w, h, grid.in_pixels(mpp or slide_mpp))
+    if spots.n_obs == 0:
+        raise SpatialDataError(f"{image}: no cell falls inside any pseudo-spot of the grid "
+                               f"(spot diameter {grid.spot_diameter:g} {grid.unit})")
+    return spots, cell_to_spot
+
+
+def drop_empty_spots(spots: ad.AnnData, cell_to_spot: np.ndarray, source: str = "spots"):
+    """Spots without a cell have nothing to predict from: drop them (logged) and re-index cell_to_spot."""
+    c2s = np.asarray(cell_to_spot, dtype=np.int64)
+    if len(c2s) and c2s.max() >= spots.n_obs:
+        raise ValueError(f"{source}: cell_to_spot refers to spot {int(c2s.max())} but there are {spots.n_obs} spots")
+    n_cells = np.bincount(c2s[c2s >= 0], minlength=spots.n_obs)
+    keep = n_cells > 0
+    if not keep.any():
+        raise SpatialDataError(f"{source}: no spot contains a cell")
+    if not keep.all():
+        log.warning("%s: dropping %d of %d spots that contain no cell", source, int((~keep).sum()), spots.n_obs)
+        remap = np.cumsum(keep) - 1
+        c2s = np.where(c2s >= 0, np.where(keep[np.maximum(c2s, 0)], remap[np.maximum(c2s, 0)], -1), -1)
+        spots = spots[keep].copy()
+    n_out = int((c2s < 0).sum())
+    if n_out:
+        log.info("%s: %d of %d cells lie in no spot (not trained on; still used as neighbours)", source, n_out,
+                 len(c2s))
+    return spots, c2s
+
+
+def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to_spot: np.ndarray, encoder,
+                          geometry: CellGeometry = CellGeometry(), mpp: float | None = None, aggregate: str = "sum",
+                          genes: list[str] | None = None, n_top_genes: int | None = None,
+                          neighbor_pool: str = "max", loss: str = "mse", max_epochs: int = 200, patience: int = 20,
+                          batch_size: int = 16, lr: float = 1e-4, seed: int = 2024, dropout: float = 0.2,
+                          n_ensemble: int = 10, hidden: int = 1024, test_fraction: float = 0.3, cache_dir=None,
+                          batch_size_encoder: int = 16, num_workers: int = 0, progress: bool = True, log_dir=None,
+                          features: np.ndarray | None = None, cell_counts: ad.AnnData | None = None,
+                          spot_grid: GridSpec | None = None) -> CellTrainResult:
+    """Train DeepSpot2Cell on spot counts with a spatial hold-out of spots (right-most ``test_fraction``,
+    the split of :func:`deepspot.training.spots.train_spot_model` on the same spots).
+
+    spots: AnnData of raw spot counts with obsm['spatial']; cell_xy (N,2) level-0 px of the cells;
+    cell_to_spot (N,) spot index of each cell or -1. With ``cell_counts`` (AnnData of the cells' true
+    counts, rows as cell_xy) the cells of held-out spots are scored against their true
+    log1p(normalize_total) expression, next to the baseline "each cell gets its spot's true value"
+    (the spot's summed counts ÷ its cell count, which normalises to the spot's own profile).
+    """
+    w, h, slide_mpp = _slide_size(image, mpp)
+    mpp_used = mpp or slide_mpp
+    cell_xy = np.asarray(cell_xy, dtype=np.float64).reshape(-1, 2)
+    if len(cell_to_spot) != len(cell_xy):
+        raise ValueError(f"cell_to_spot has {len(cell_to_spot)} entries for {len(cell_xy)} cells")
+    inside_image(cell_xy, w, h, f"{image}: cells")
+    spots, c2s = drop_empty_spots(spots, cell_to_spot, source=f"{image}: spots")
+    feats = (_check_features(features, len(cell_xy), encoder) if features is not None else
+             encode_cells(image, cell_xy, geometry, encoder, mpp_used, cache_dir, batch_size_encoder, num_workers,
+                          progress))
+    panel = select_genes(spots, n_top=n_top_genes, genes=genes)
+    y = log_normalize(spots[:, panel])
+    cbags = cell_bags(feats, cell_xy, geometry, mpp_used)
+    sbags = SpotCellBags.from_assignment(cbags, c2s, spots.n_obs)
+    train, val, test = spatial_split(spots.obsm["spatial"], test_fraction=test_fraction, seed=seed)
+    L.seed_everything(seed, verbose=False)
+    model = DeepSpot2Cell(int(encoder.dim), len(panel), hidden=hidden, n_ensemble=n_ensemble, dropout=dropout,
+                          context=geometry.context, neighbor_pool=neighbor_pool, aggregate=aggregate)
+    summary = fit(model, sbags, y, train, val, loss=loss, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
+                  patience=patience, seed=seed, progress=progress, log_dir=log_dir)
+    cell_pred = predict_batches(model.cell_predictor(), cbags, batch_size=512)
+    spot_pred = predict_batches(model, sbags, batch_size=64)
+    test_cells = np.flatnonzero(np.isin(c2s, test))
+    scores = {"deepspot2cell (spots)": summarize(spot_pred[test], y[test])}
+    truth = None
+    if cell_counts is not None:
+        if cell_counts.n_obs != len(cell_xy):
+            raise ValueError(f"cell_counts has {cell_counts.n_obs} cells, cell_xy {len(cell_xy)}")
+        truth = log_normalize(cell_counts[:, panel])
+        scores["deepspot2cell"] = summarize(cell_pred[test_cells], truth[test_cells])
+        scores["spot truth ÷ n cells"] = summarize(y[c2s[test_cells]], truth[test_cells])
+    training = {"loss": loss, "lr": lr, "seed": seed, "batch_size": batch_size, "max_epochs": max_epochs,
+                "patience": patience, "n_spots": int(spots.n_obs), "n_cells": int(len(cell_xy)),
+                "n_cells_in_spots": int((c2s >= 0).sum()), "aggregate": aggregate,
+                "split": "spatial: right-most %.0f%% of spots held out" % (100 * test_fraction), **summary}
+    extra = {"spot_grid": spot_grid.to_dict()} if spot_grid is not None else {}
+    config = _cell_config("deepspot2cell", model, encoder, panel, geometry, mpp_used, training, scores, **extra)
+    return CellTrainResult(model, config, feats, panel, (train, val, test), test_cells, cell_pred, truth, scores,
+                           summary, spots=spots, cell_to_spot=c2s, spot_targets=y)
+
+
+def train_spot2cell_from_cells(image, cells: ad.AnnData, encoder, grid: GridSpec, **kwargs) -> CellTrainResult:
+    """DeepSpot2Cell on pseudo-spots pooled from cells with known counts; the cells' counts are held
+    back as the truth for scoring."""
+    spots, cell_to_spot = pseudo_spots(image, cells, grid, mpp=kwargs.get("mpp"))
+    return train_spot2cell_model(image, spots, cells.obsm["spatial"], cell_to_spot, encoder, cell_counts=cells,
+                                 spot_grid=grid, **kwargs)
