@@ -68,12 +68,33 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def _write_svs(path: Path, size: int, mpp: float = 0.5) -> Path:
+    """An Aperio-style SVS (tiled JPEG pages, 'MPP = ' in the description) with the same level-0 pixels as
+    ``write_pyramidal_tiff`` writes."""
+    import tifffile
+    from PIL import Image
+
+    from deepspot.io.synthetic import make_unit, mosaic_pixels
+
+    # write_pyramidal_tiff crops its unit to multiples of the largest downsample (4 for its 3 levels at 2400 px)
+    img = mosaic_pixels(make_unit(HE, multiple=4), 0, 0, size, size)
+    half = np.asarray(Image.fromarray(img).resize((size // 2, size // 2), Image.BILINEAR))
+    head = "Aperio Image Library v12.0.15 \r\n"
+    kw = dict(tile=(256, 256), photometric="rgb", compression="jpeg", compressionargs={"level": 85}, metadata=None)
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, description=f"{head}{size}x{size} (256x256) JPEG/RGB Q=85|AppMag = 20|MPP = {mpp}", **kw)
+        tw.write(half, description=f"{head}{size}x{size} -> {size // 2}x{size // 2}|MPP = {2 * mpp}",
+                 subfiletype=1, **kw)
+    return path
+
+
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     d = tmp_path_factory.mktemp("slides")
     return {
         "tif": write_pyramidal_tiff(d / "he.tif", HE, 2400, 2400, mpp=0.5),
         "ome": write_pyramidal_tiff(d / "he.ome.tif", HE, 2400, 2400, mpp=0.5, ome=True),
+        "svs": _write_svs(d / "he.svs", 2400),
         "dir": d,
     }
 
@@ -108,7 +129,7 @@ def test_visium_geometry_from_um_zen38():
 def test_plan_takes_mpp_from_the_file_and_mpp_overrides(slides):
     _, cfg = _model_and_config()
     geom = SpotGeometry.from_dict(cfg["geometry"])
-    for key in ("tif", "ome"):
+    for key in ("tif", "ome", "svs"):
         plan = plan_slide(slides[key], geom, tissue="none")
         assert plan.mpp == pytest.approx(0.5) and plan.spec.spot_diameter == pytest.approx(110.0)
         assert plan.spec.spacing == pytest.approx(200.0)
@@ -190,20 +211,24 @@ def test_streamed_prediction_equals_per_spot_loop(slides, encoder, tmp_path, mod
 
 
 def test_formats_give_the_same_prediction(slides, encoder, tmp_path):
-    """Pyramidal TIFF (openslide), OME-TIFF (tifffile, mpp from OME) and a JPG crop with --mpp: same pixels,
-    same numbers."""
+    """SVS (openslide, Aperio MPP), pyramidal TIFF (openslide, resolution tags), OME-TIFF (tifffile,
+    PhysicalSizeX) and a PNG crop with --mpp: same pixels, same numbers."""
     model, cfg = _model_and_config()
     from PIL import Image
 
+    with open_slide(slides["svs"]) as s:
+        assert (s.backend, s.vendor, s.mpp) == ("openslide", "aperio", 0.5)
     with open_slide(slides["tif"]) as s:
         assert s.backend == "openslide"
         region = s.read_region((0, 0), 0, (900, 800))
     jpg = tmp_path / "crop.png"  # lossless, so the pixels are those of the TIFF
     Image.fromarray(region).save(jpg)
     got = {}
-    for key, path, mpp in (("tif", slides["tif"], None), ("ome", slides["ome"], None), ("png", jpg, 0.5)):
+    for key, path, mpp in (("tif", slides["tif"], None), ("ome", slides["ome"], None), ("svs", slides["svs"], None),
+                           ("png", jpg, 0.5)):
         got[key] = predict_image(path, model, cfg, encoder, mpp=mpp, tissue="none", progress=False)
     np.testing.assert_allclose(got["ome"].X, got["tif"].X, atol=1e-6)
+    np.testing.assert_allclose(got["svs"].X, got["tif"].X, atol=1e-6)
     tif = got["tif"][[n in set(got["png"].obs_names) for n in got["tif"].obs_names]]
     xy = got["png"].obsm["spatial"]
     inner = (xy[:, 0] + 100 + 55 <= 900) & (xy[:, 1] + 173.3 + 55 <= 800)  # all their neighbours in the crop
