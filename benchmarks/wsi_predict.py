@@ -1,6 +1,7 @@
 """Whole-slide prediction: our streamed pipeline against a reference-style per-spot loop.
 
-    python benchmarks/wsi_predict.py                       # default run, about 10 min on 2 CPU cores
+    python benchmarks/wsi_predict.py                       # default run: ~10 min on 2 idle CPU cores (+1 min
+                                                           # to build the slides once; ~15 min on a busy machine)
     python benchmarks/wsi_predict.py --spots 30 --uni-spots 6 --sizes 20000 40000
     python benchmarks/wsi_predict.py --skip-rss --skip-pearson
 
@@ -350,7 +351,7 @@ def main():
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "deepspot-bench-wsi")
     ap.add_argument("--sizes", type=int, nargs="+", default=[20000, 40000])
     ap.add_argument("--mpp", type=float, default=0.5)
-    ap.add_argument("--spots", type=int, default=20, help="reference-comparison spots, efficientnet-lite0")
+    ap.add_argument("--spots", type=int, default=16, help="reference-comparison spots, efficientnet-lite0")
     ap.add_argument("--uni-spots", type=int, default=3, help="reference-comparison spots, UNI-sized ViT")
     ap.add_argument("--genes", type=int, default=1000)
     ap.add_argument("--model-spots", type=int, default=2048, help="spots for the model-only throughput")

@@ -7,7 +7,6 @@ encoder is a one-block ViT on 32-px crops with fixed random weights (cheap enoug
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import anndata as ad

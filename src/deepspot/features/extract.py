@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from deepspot.features.store import (FeatureWriter, Features, StoredFeatures, feature_key, load_features,
-                                     match_centers, store_centers)
+from deepspot.features.store import (FeatureWriter, Features, StoredFeatures, feature_key, match_centers,
+                                     store_centers)
 from deepspot.features.tiles import make_crops, pool_regions, read_size, spot_boxes
 
 log = logging.getLogger(__name__)
@@ -128,12 +128,10 @@ def encode_batch(encoder, crops: torch.Tensor, n_sub: int, mode: str = "standard
         return f[:, 0], (f[:, 1:] if n_sub else None)
     if device is not None and torch.device(device) != encoder.device:
         encoder.to(device)
-    x = encoder.preprocess(crops[:, 0])
-    from deepspot.features import encoders as _enc
+    from deepspot.features.encoders import resolve_autocast
 
-    # the same dtype rule as Encoder.encode (resolve_autocast where the registry has it)
-    resolve = getattr(_enc, "resolve_autocast", None)
-    dtype = resolve(autocast_dtype, encoder.device) if resolve else _enc._as_dtype(autocast_dtype)
+    x = encoder.preprocess(crops[:, 0])
+    dtype = resolve_autocast(autocast_dtype, encoder.device)  # the rule Encoder.encode follows
     if dtype is not None:
         with torch.autocast(device_type=encoder.device.type, dtype=dtype):
             cls, tok = encoder.forward_tokens(x)
@@ -274,4 +272,4 @@ def extract_features(slide_path, centers: np.ndarray, tile_px: float, encoder, n
 
 
 __all__ = ["FEATURE_MODES", "ExtractStats", "SpotCropDataset", "default_num_workers", "encode_batch", "encode_spots",
-           "extract_features", "extract_to_store", "load_features", "store_path_for"]
+           "extract_features", "extract_to_store", "store_path_for"]

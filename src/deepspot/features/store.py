@@ -172,7 +172,6 @@ class StoredFeatures:
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         if self.rows is not None and len(self.rows) and self.rows.min() < 0:
             raise ValueError(f"{path}: some spots are not in the store")
-        self.subspot = self._sub  # None when the store has no sub-spot features
 
     @property
     def dim(self) -> int:

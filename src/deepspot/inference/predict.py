@@ -212,7 +212,7 @@ def plan_slide(slide_path, geometry: SpotGeometry, mpp: float | None = None, tis
         if grid_spec.unit == "um":
             notes = geometry_report(grid_spec.spot_diameter, grid_spec.spacing, mpp_used, meta)[1]
         for n in notes:
-            log.warning("%s: %s", slide_path, n)
+            log.info("%s: %s", slide_path, n)
         if spec.spot_diameter < 8:
             raise ValueError(f"{slide_path}: a spot is {spec.spot_diameter:.1f} px at {mpp_used} µm/px; is the mpp right?")
         w, h = slide.dimensions
