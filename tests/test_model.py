@@ -118,3 +118,15 @@ def test_checkpoint_round_trip(tmp_path):
         load_checkpoint(tmp_path / "missing")
     # no leftovers from the atomic write
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_single_spot_without_neighbours_and_train_eval_rho_agree():
+    torch.manual_seed(4)
+    m = DeepSpot(6, 3, hidden=8, n_ensemble=4, context="spot_subspot_neighbors").eval()
+    out = m(torch.randn(1, 6), torch.randn(1, 9, 6), torch.ones(1, 9, dtype=torch.bool),
+            torch.zeros(1, 0, 6), torch.zeros(1, 0, dtype=torch.bool))
+    assert out.shape == (1, 3) and torch.isfinite(out).all()
+    # the collapsed eval-time rho equals the mean over heads computed head by head
+    z = torch.rand(5, m.rho.linear.weight.shape[1])
+    heads = torch.stack([z @ m.rho.linear.weight[e] + m.rho.linear.bias[e] for e in range(4)]).mean(0)
+    torch.testing.assert_close(m.rho(z), heads, atol=1e-6, rtol=1e-5)
