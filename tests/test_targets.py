@@ -31,10 +31,23 @@ def _sample(seed, n=120, genes=None, shift=0.0):
     return a[:, genes].copy() if genes is not None else a
 
 
-def test_log_normalize_by_hand():
-    a = _sample(0, n=5)
-    X = a.X
-    np.testing.assert_allclose(log_normalize(a), np.log1p(X / X.sum(1, keepdims=True) * 1e4), rtol=1e-5)
+def test_log_normalize_matches_scanpy_and_uses_the_whole_library():
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    a = _sample(0, n=6)
+    a.X[2] = 0  # a spot without counts stays 0 (scanpy leaves it too)
+    ref = a.copy()
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    np.testing.assert_allclose(log_normalize(a), ref.X, rtol=1e-5, atol=1e-6)
+    b = a.copy()
+    b.X = sp.csr_matrix(b.X)
+    np.testing.assert_allclose(log_normalize(b), ref.X, rtol=1e-5, atol=1e-6)
+    # a panel: the library size is still over all genes, columns in the panel's order
+    np.testing.assert_allclose(log_normalize(b, genes=["G7", "G3"]), ref[:, ["G7", "G3"]].X, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not in the data"):
+        log_normalize(a, genes=["G3", "nope"])
 
 
 def test_hvgs_across_training_samples_rank_the_variable_genes_first():

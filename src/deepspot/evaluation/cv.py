@@ -164,7 +164,8 @@ def stack_bags(samples: Sequence[Sample], feats: dict[str, Features], radius: in
 
 
 def _targets(samples: Sequence[Sample], panel: list[str]) -> np.ndarray:
-    return np.concatenate([log_normalize(s.adata[:, panel]) for s in samples]).astype(np.float32)
+    # library size over all genes of each spot, then the panel's columns
+    return np.concatenate([log_normalize(s.adata, genes=panel) for s in samples]).astype(np.float32)
 
 
 def _top_eval(train: dict, panel: list[str], cfg: EvalConfig, hvg_ranked: bool) -> np.ndarray:

@@ -14,13 +14,24 @@ from deepspot.io.spatial import SpatialDataError
 log = logging.getLogger(__name__)
 
 
-def log_normalize(adata: ad.AnnData, target_sum: float = 1e4) -> np.ndarray:
-    """Dense (N, G) float32 log1p(counts normalised to ``target_sum`` per spot). ``adata`` is not modified."""
-    a = ad.AnnData(X=adata.X.astype(np.float32) if not sp.issparse(adata.X) else adata.X.astype(np.float32))
-    sc.pp.normalize_total(a, target_sum=target_sum)
-    sc.pp.log1p(a)
-    X = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
-    return X.astype(np.float32)
+def log_normalize(adata: ad.AnnData, target_sum: float = 1e4, genes: list[str] | None = None) -> np.ndarray:
+    """Dense (N, G) float32 log1p(counts normalised to ``target_sum`` per spot). ``adata`` is not modified.
+
+    The same numbers as scanpy's ``normalize_total(target_sum)`` + ``log1p`` (spots without counts stay 0),
+    computed directly (no copy of the whole matrix). ``genes``: normalise each spot by its library size
+    over ALL genes of ``adata``, then return only these genes' columns, in this order. (Normalising
+    ``adata[:, panel]`` instead would rescale each spot to ``target_sum`` within the panel.)"""
+    X = adata.X
+    lib = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    if genes is not None:
+        pos = pd.Index(list(map(str, adata.var_names))).get_indexer(list(genes))
+        if (pos < 0).any():
+            missing = [g for g, p in zip(genes, pos) if p < 0][:5]
+            raise ValueError(f"genes not in the data: {missing}")
+        X = X[:, pos]
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    scale = np.where(lib > 0, target_sum / np.where(lib > 0, lib, 1.0), 0.0)
+    return np.log1p(X.astype(np.float64) * scale[:, None]).astype(np.float32)
 
 
 def select_genes(adata: ad.AnnData, n_top: int | None = None, genes: list[str] | None = None) -> list[str]:
@@ -64,7 +75,7 @@ def rank_hvgs(samples: dict[str, ad.AnnData], n_top: int, flavor: str = "seurat"
     genes = common_genes(samples)
     parts = []
     for name, a in samples.items():
-        b = ad.AnnData(X=log_normalize(a[:, genes]), var=pd.DataFrame(index=genes))
+        b = ad.AnnData(X=log_normalize(a, genes=genes), var=pd.DataFrame(index=genes))
         b.obs["sample"] = name
         b.obs_names = [f"{name}:{o}" for o in a.obs_names]
         parts.append(b)

@@ -1,0 +1,167 @@
+"""Patient-level evaluation: folds, no leakage from held-out patients, same seed -> same numbers, outputs,
+and `deepspot evaluate` end to end on a manifest of generated Space Ranger folders."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from spatial_fakes import spaceranger_folder
+
+from deepspot.evaluation.cv import (RIDGE, EvalConfig, evaluate, patient_folds, stack_bags, validation_patients)
+from deepspot.features.encoders import EncoderSpec, register_encoder
+from deepspot.features.store import Features
+from deepspot.training.manifest import Sample, her2st_manifest, load_sample
+from deepspot.training.targets import log_normalize, rank_hvgs, select_panel
+
+HER2ST = Path("../shared/data")
+
+
+def test_patient_folds_and_validation_patients():
+    pats = ["p3", "p1", "p2", "p1", "p4", "p5"]
+    assert patient_folds(pats, "lopo") == [["p1"], ["p2"], ["p3"], ["p4"], ["p5"]]
+    k = patient_folds(pats, 2, seed=1)
+    assert len(k) == 2 and sorted(sum(k, [])) == ["p1", "p2", "p3", "p4", "p5"]  # a partition of patients
+    assert k == patient_folds(pats, 2, seed=1) and k != patient_folds(pats, 2, seed=5)
+    with pytest.raises(ValueError, match="at least 2 patients"):
+        patient_folds(["p1", "p1"], "lopo")
+    with pytest.raises(ValueError, match="6 folds but only 5 patients"):
+        patient_folds(pats, 6)
+    assert validation_patients(["a"], 0.2, 0) == []
+    v = validation_patients(["a", "b", "c"], 0.2, 0)
+    assert len(v) == 1 and v[0] in "abc"
+    assert len(validation_patients(list("abcdefghij"), 0.2, 0)) == 2
+    with pytest.raises(ValueError, match="folds must be"):
+        EvalConfig(folds=1)
+    with pytest.raises(ValueError, match="unknown context"):
+        EvalConfig(contexts=("spot", "cells"))
+
+
+@pytest.fixture(scope="module")
+def her2st():
+    """Three bundled sections (real counts) with features that carry expression signal: a fixed
+    random projection of each spot's log expression of 200 variable genes plus noise (no encoding)."""
+    samples = [load_sample(s, check_image=False) for s in her2st_manifest(HER2ST, sections=("C2", "C3", "C4"))]
+    genes = rank_hvgs({s.sample_id: s.adata for s in samples}, 200, min_fraction=0.1)
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(len(genes), 24)).astype(np.float32) / np.sqrt(len(genes))
+    feats = {}
+    for s in samples:
+        e = (log_normalize(s.adata, genes=genes) @ w).astype(np.float32)
+        noise = rng.normal(size=(len(e), 4, 24)).astype(np.float32)
+        feats[s.sample_id] = Features(spot=(e + 0.3 * rng.normal(size=e.shape)).astype(np.float32),
+                                      subspot=(e[:, None] + 0.5 * noise).astype(np.float32))
+    return samples, feats
+
+
+def _cfg(**kw):
+    base = dict(contexts=("spot",), n_top_genes=30, max_epochs=5, patience=5, hidden=16,
+                n_ensemble=2, dropout=0.0, lr=1e-2, batch_size=16, ridge_pca=16, seed=11)
+    return EvalConfig(**{**base, **kw})
+
+
+def test_stack_bags_keeps_neighbours_within_their_sample(her2st):
+    samples, feats = her2st
+    bags, owner = stack_bags(samples, feats, radius=1)
+    assert len(bags) == sum(s.adata.n_obs for s in samples) == len(owner)
+    m = bags.neighbor_mask.numpy()
+    nb_owner = owner[bags.neighbor_idx.numpy()]
+    assert m.any() and (nb_owner[m] == np.repeat(owner[:, None], m.shape[1], 1)[m]).all()
+    assert torch.equal(bags.spot[owner == 2], torch.as_tensor(feats["C4"].spot))
+
+
+def test_evaluate_no_leakage_and_same_seed_same_numbers(her2st, tmp_path):
+    samples, feats = her2st
+    res = evaluate(samples, cfg=_cfg(), features=feats, out_dir=tmp_path)
+    assert set(res.scores["method"]) == {RIDGE, "deepspot spot"}
+    assert sorted(res.scores["sample"].unique()) == ["C2", "C3", "C4"] and len(res.scores) == 6
+    for info in res.folds:
+        test = set(info["test_samples"])
+        assert not test & (set(info["train_samples"]) | set(info["val_samples"]))  # held out means held out
+        assert len(info["val_samples"]) == 1  # early stopping on a whole training section
+        train = {s.sample_id: s.adata for s in samples if s.sample_id not in test}
+        assert info["panel"] == select_panel(train, n_top=30, others={t: next(s.adata for s in samples
+                                                                              if s.sample_id == t) for t in test})
+        assert info["top_eval"] == info["panel"][:30]
+    # expression is in the features: the baseline finds it, and so does DeepSpot after a few epochs
+    summ = res.summary
+    assert summ.loc[RIDGE, "pearson_mean"] > 0.15
+    assert summ.loc["deepspot spot", "pearson_mean"] > 0.08
+    for name in ("scores.csv", "summary.csv", "per_gene.csv", "evaluation.png", "evaluation.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    back = pd.read_csv(tmp_path / "scores.csv")
+    assert {"fold", "sample", "method", "pearson_mean", "pearson_top50", "spearman_mean", "mse"} <= set(back.columns)
+    again = evaluate(samples, cfg=_cfg(), features=feats)
+    pd.testing.assert_frame_equal(res.scores, again.scores)  # same seed, same numbers
+
+
+def test_evaluate_scaler_and_oversampling(her2st):
+    samples, feats = her2st
+    res = evaluate(samples, cfg=_cfg(contexts=("spot",), scaler="standard", oversample=True, folds=3),
+                   features=feats)
+    for info in res.folds:
+        assert info["scaler"] == "standard" and info["leiden_clusters"] >= 2
+        assert info["n_train_rows"] > info["n_train_spots"]  # small clusters repeated
+    assert np.isfinite(res.summary["pearson_mean"]).all()
+    assert (res.summary["mse"] < 5).all()  # predictions are back on the log1p scale (scaler inverted)
+
+
+def test_missing_features_and_duplicate_samples(her2st):
+    samples, feats = her2st
+    with pytest.raises(ValueError, match=r"no features for samples \['C4'\]"):
+        evaluate(samples, cfg=_cfg(), features={k: v for k, v in feats.items() if k != "C4"})
+    with pytest.raises(ValueError, match="duplicated sample ids"):
+        evaluate(samples + samples[:1], cfg=_cfg(), features=feats)
+
+
+# --------------------------------------------------------------------------- CLI on generated Space Ranger data
+
+
+class Tiny(torch.nn.Module):
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)).mean(dim=(2, 3))
+
+
+def _tiny_encoder():
+    try:
+        register_encoder(EncoderSpec("tiny-test", 8, 16, (0.5,) * 3, (0.5,) * 3, lambda p: Tiny(), "test", False,
+                                     arch=Tiny))
+    except Exception:  # already registered in this process
+        pass
+
+
+def test_cli_evaluate_manifest_of_spaceranger_folders(tmp_path, capsys):
+    from deepspot.cli import main
+
+    _tiny_encoder()
+    rows = []
+    for i, (sid, pid) in enumerate([("A1", "p1"), ("A2", "p1"), ("B1", "p2")]):
+        out, image, _ = spaceranger_folder(tmp_path, name=sid, seed=i, width=700, height=600, mpp=1.0)
+        rows.append({"sample_id": sid, "patient_id": pid, "image": image.name, "expression": sid, "mpp": 1.0})
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    out = tmp_path / "eval"
+    main(["evaluate", "--manifest", str(tmp_path / "manifest.csv"), "--out", str(out), "--encoder", "tiny-test",
+          "--contexts", "spot,spot_subspot_neighbors", "--n-top-genes", "10", "--max-epochs", "2",
+          "--hidden", "8", "--n-ensemble", "2", "--no-progress"])  # returns normally on success
+    scores = pd.read_csv(out / "scores.csv")
+    assert sorted(scores["sample"].unique()) == ["A1", "A2", "B1"]
+    # both samples of patient p1 are held out in the same fold
+    assert scores.loc[scores["sample"].isin(["A1", "A2"]), "fold"].nunique() == 1
+    assert (out / "evaluation.png").exists() and any((out / "features").iterdir())  # features cached per sample
+    assert "ridge (PCA-256)" in capsys.readouterr().out
+
+    # a panel gene missing from one sample: one line naming the sample and the gene, exit 1
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--manifest", str(tmp_path / "manifest.csv"), "--out", str(out), "--encoder", "tiny-test",
+              "--genes", "G1,G2,NOPE", "--max-epochs", "1", "--no-progress"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"error: [AB][12]: 1 panel genes are missing from this sample \(NOPE\)$", err[0])
