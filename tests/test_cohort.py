@@ -170,6 +170,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(cohort, reference):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert res.returncode == 1, res.stdout + res.stderr  # the corrupt slide failed
     assert "2 already done" in res.stdout and "4 to run" in res.stdout
+    assert "leftovers of a killed run" in res.stdout
     assert "corrupt: SlideError" in res.stdout and "bad.jpg" in res.stdout
 
     records = _state(out)

@@ -163,7 +163,8 @@ SCRIPT = textwrap.dedent('''
         state = {k: v.detach().numpy().tolist() for k, v in model.state_dict().items()}
         digest = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
         seen_train = [b for b in bags.seen if set(b) <= set(train.tolist())]
-        np.savez(os.path.join(cfg["out"], f"weights{rank}.npz"), **{k: v.numpy() for k, v in model.state_dict().items()})
+        weights = {k: v.numpy() for k, v in model.state_dict().items()}
+        np.savez(os.path.join(cfg["out"], f"weights{rank}.npz"), **weights)
         json.dump({"rank": rank, "world": world, "pid": os.getpid(), "before": before, "after": mse(model),
                    "fit": {k: float(v) if isinstance(v, (int, float)) else v for k, v in out.items()},
                    "digest": digest, "train_batches": seen_train},

@@ -227,7 +227,8 @@ def plan(jobs: list[SlideJob], state: dict[str, dict], out_dir: Path, retry_fail
     todo, done, failed = [], [], []
     for job in jobs:
         rec = state.get(job.id)
-        if rec is not None and rec["status"] == "done" and all(p.exists() for p in output_paths(out_dir, job.id).values()):
+        complete = all(p.exists() for p in output_paths(out_dir, job.id).values())
+        if rec is not None and rec["status"] == "done" and complete:
             done.append(job)
         elif rec is not None and rec["status"] == "failed" and not retry_failed:
             failed.append(job)
@@ -480,7 +481,7 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
         todo, done, failed = plan(jobs, prior, out, retry_failed=retry_failed)
         echo(f"{len(jobs)} slides: {len(done)} already done, {len(failed)} failed before"
              f"{' (not retried; --retry-failed to retry)' if failed else ''}, {len(todo)} to run"
-             f" ({backend} backend)")
+             f" ({backend} backend)" + (f"; removed {len(removed)} leftovers of a killed run" if removed else ""))
         ran: list[SlideResult] = []
         with _progress(len(todo), progress and bool(todo)) as bar:
             tid = bar.add_task("predict", total=len(todo), rate="", failed="")
