@@ -210,21 +210,22 @@ def build_stores(samples, encoder, geometry, cache_dir: str | Path, batch_size: 
 
     samples: objects with ``sample_id``, ``image``, ``mpp`` and ``adata`` (obs array_row/array_col,
     obsm['spatial'] x, y px) — e.g. ``training.manifest.Sample``. geometry: an
-    ``inference.predict.SpotGeometry`` (µm geometry needs each sample's mpp). Features go to one
-    store per slide under ``cache_dir`` and are not kept in memory.
+    ``inference.predict.SpotGeometry`` (µm geometry needs each sample's mpp; its feature mode is used).
+    Features stream into one store per slide under ``cache_dir``; none is held in memory.
     """
-    from deepspot.features.extract import ExtractStats, extract_features
+    from deepspot.features.extract import extract_to_store, store_path_for
 
+    mode = geometry.feature_mode
     out = []
     for s in samples:
         a = s.adata
         if "array_row" not in a.obs or "array_col" not in a.obs:
             raise DataError(f"{s.sample_id}: obs needs array_row/array_col for the neighbour context")
         spec = geometry.grid.in_pixels(s.mpp) if geometry.grid.unit == "um" else geometry.grid
-        stats = ExtractStats()
-        extract_features(s.image, a.obsm["spatial"], spec.spot_diameter, encoder, n_sub=geometry.n_sub,
-                         mpp=s.mpp, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers,
-                         device=device, progress=progress, stats=stats)
-        out.append(StoreSample(s.sample_id, Path(stats.store), np.asarray(a.obsm["spatial"], dtype=np.float64),
+        path = store_path_for(cache_dir, s.image, encoder, spec.spot_diameter, geometry.n_sub, mode)
+        extract_to_store(s.image, a.obsm["spatial"], spec.spot_diameter, encoder, path, n_sub=geometry.n_sub,
+                         mode=mode, mpp=s.mpp, batch_size=batch_size, num_workers=num_workers, device=device,
+                         progress=progress)
+        out.append(StoreSample(s.sample_id, path, np.asarray(a.obsm["spatial"], dtype=np.float64),
                                a.obs["array_row"].to_numpy(), a.obs["array_col"].to_numpy()))
     return out
