@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     _register()
     debug = os.environ.get("DEEPSPOT_DEBUG", "") not in ("", "0")
     try:
-        app(args=argv, standalone_mode=False)
-    except SystemExit as e:
+        rc = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
+        if isinstance(rc, int) and rc != 0:
+            sys.exit(rc)
+    except SystemExit:
         raise
     except KeyboardInterrupt:
         print("deepspot: interrupted", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 
 def spot_boxes(centers: np.ndarray, tile_px: float) -> np.ndarray:
@@ -28,48 +28,38 @@ def read_size(tile_px: float, out_size: int, n_sub: int) -> int:
     return int(min(need, max(1, round(tile_px))))
 
 
-def resize(tiles: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B,H,W,3) -> uint8 (B,size,size,3), bilinear with antialias."""
-    if tiles.shape[1] == size and tiles.shape[2] == size:
-        return tiles
-    x = tiles.permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def cut_subspots(crop: torch.Tensor, n: int) -> torch.Tensor:
-    """Cut one spot crop uint8 (H,W,3) into an n×n grid, row-major: (n*n, H//n, W//n, 3).
-
-    Edges are split with integer bounds ``round(i*H/n)`` (:func:`region_bounds`) and each square is then
-    resized to a common size, so no pixel is dropped when H is not divisible by n.
-    """
-    h, w = crop.shape[:2]
-    ys, xs = region_bounds(h, n), region_bounds(w, n)
-    side = max(1, min(h, w) // n)
-    parts = [resize(crop[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].unsqueeze(0), side)[0]
-             for i in range(n) for j in range(n)]
-    return torch.stack(parts)
+def _resize_box(img: Image.Image, size: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The ``box`` (x0, y0, x1, y1) of ``img`` resampled straight to size×size (PIL bilinear, which
+    widens its filter when shrinking, i.e. antialiased): uint8 (size, size, 3)."""
+    if box == (0, 0, img.width, img.height) and img.width == size and img.height == size:
+        return np.asarray(img)
+    part = img if box == (0, 0, img.width, img.height) else img.crop(box)  # no bleed across sub-spot edges
+    return np.asarray(part.resize((size, size), Image.BILINEAR))
 
 
 def make_crops(region: np.ndarray, out_size: int, n_sub: int) -> torch.Tensor:
-    """One spot's crops from its box read: uint8 (1 + n_sub², out, out, 3), spot first."""
-    region = np.ascontiguousarray(region)
-    t = torch.from_numpy(region if region.flags.writeable else region.copy())
-    spot = resize(t.unsqueeze(0), out_size)
-    if n_sub <= 0:
-        return spot
-    subs = resize(cut_subspots(t, n_sub), out_size)
-    return torch.cat([spot, subs], dim=0)
+    """One spot's crops from its box read: uint8 (1 + n_sub², out, out, 3), spot first, then the
+    n×n sub-spots row-major. Each sub-spot square (edges from :func:`region_bounds`, so no pixel is
+    dropped when the side is not divisible by n) is resampled once, directly to ``out_size``."""
+    region = np.ascontiguousarray(region, dtype=np.uint8)
+    img = Image.fromarray(region, mode="RGB") if region.ndim == 3 else Image.fromarray(region).convert("RGB")
+    h, w = region.shape[:2]
+    crops = [_resize_box(img, out_size, (0, 0, w, h))]
+    if n_sub > 0:
+        ys, xs = region_bounds(h, n_sub), region_bounds(w, n_sub)
+        crops += [_resize_box(img, out_size, (xs[j], ys[i], xs[j + 1], ys[i + 1]))
+                  for i in range(n_sub) for j in range(n_sub)]
+    return torch.from_numpy(np.stack(crops))
 
 
 def region_bounds(size: int, n: int) -> list[int]:
-    """Integer edges ``round(i*size/n)`` of an n-way split: the rule ``cut_subspots`` and ``pool_regions`` share."""
+    """Integer edges ``round(i*size/n)`` of an n-way split: the rule ``make_crops`` and ``pool_regions`` share."""
     return [round(i * size / n) for i in range(n + 1)]
 
 
 def pool_regions(tokens: torch.Tensor, n: int) -> torch.Tensor:
     """Fast-mode sub-spot features: mean of a (B,h,w,d) token/feature map over an n×n grid of regions,
-    row-major like :func:`cut_subspots` -> (B, n*n, d). Regions follow :func:`region_bounds`."""
+    row-major like :func:`make_crops` -> (B, n*n, d). Regions follow :func:`region_bounds`."""
     b, h, w, d = tokens.shape
     if h < n or w < n:
         raise ValueError(f"a {h}x{w} token grid cannot be split into {n}x{n} sub-spots")
