@@ -40,6 +40,7 @@ def evaluate(
     scaler: str = typer.Option("none", help="Target scaler fitted on training spots: none | standard | minmax."),
     oversample: bool = typer.Option(False, help="Leiden-cluster oversampling of the training spots."),
     precision: str = typer.Option("32", help="32 | bf16 | fp16 (fp16 becomes bf16 on CPU)."),
+    loggers: str = typer.Option("csv", help="Training curves under <out>/logs: csv, tensorboard, csv,tensorboard or none."),
     seed: int = typer.Option(2024),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default: <out>/features)."),
     num_workers: int = typer.Option(0, help="DataLoader workers for reading crops."),
@@ -69,7 +70,8 @@ def evaluate(
                   f"{sum(s.adata.n_obs for s in samples)} spots")
     enc = load_encoder(encoder, weights=encoder_weights)
     res = run_eval(samples, enc, cfg, cache_dir=cache_dir or out / "features", out_dir=out, progress=progress,
-                   echo=console.print, num_workers=num_workers, note=note)
+                   echo=console.print, num_workers=num_workers, note=note,
+                   loggers=None if loggers.strip().lower() == "none" else _csv(loggers))
     console.print(res.summary.to_string(float_format=lambda v: f"{v:.4f}"))
     console.print(f"{res.seconds:.0f} s; wrote {out / 'summary.csv'}, {out / 'scores.csv'}, "
                   f"{out / 'per_gene.csv'}, {out / 'evaluation.png'}")

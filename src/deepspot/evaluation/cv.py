@@ -178,7 +178,7 @@ def _top_eval(train: dict, panel: list[str], cfg: EvalConfig, hvg_ranked: bool) 
 
 
 def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_patients: Sequence[str], cfg: EvalConfig,
-             progress: bool = False, echo: Callable[[str], None] | None = None, log_dir=None):
+             progress: bool = False, echo: Callable[[str], None] | None = None, log_dir=None, loggers="csv"):
     """Train on the other patients, score each held-out sample. Returns (score rows, per-gene rows, fold info)."""
     pid = np.array([s.patient_id for s in samples])
     test_s = [i for i, s in enumerate(samples) if s.patient_id in set(test_patients)]
@@ -226,7 +226,8 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
         summ = fit(model, bags, y_fit, tr_idx, va, loss=cfg.loss, lr=cfg.lr, weight_decay=cfg.weight_decay,
                    batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, patience=cfg.patience, seed=cfg.seed,
                    precision=cfg.precision, progress=progress,
-                   log_dir=None if log_dir is None else Path(log_dir) / f"fold-{'+'.join(test_patients)}" / ctx)
+                   log_dir=None if log_dir is None or not loggers else Path(log_dir) / f"fold-{'+'.join(test_patients)}" / ctx,
+                   loggers=(loggers or None) if log_dir is not None else None)
         preds[f"deepspot {ctx}"] = invert_scaler(predict_bags(model, bags)[te], scaler)
         info["fit"][ctx] = {**summ, "seconds": time.perf_counter() - t0}
         if echo:
@@ -264,10 +265,11 @@ def summarize_scores(scores: pd.DataFrame) -> pd.DataFrame:
 def evaluate(samples: Sequence[Sample], encoder=None, cfg: EvalConfig | None = None, cache_dir=None,
              features: dict[str, Features] | None = None, out_dir=None, progress: bool = False,
              echo: Callable[[str], None] | None = None, batch_size_encoder: int = 16, num_workers: int = 0,
-             note: str = "") -> EvalResult:
+             note: str = "", loggers: str | Sequence[str] | None = "csv") -> EvalResult:
     """Patient-level CV over ``samples``. Features: ``features`` (by sample id) or encoded with ``encoder``
     (cached under ``cache_dir``). With ``out_dir``: writes scores.csv, summary.csv, per_gene.csv,
-    evaluation.png and evaluation.json there (atomically)."""
+    evaluation.png and evaluation.json there (atomically), and training curves under ``logs/`` with
+    ``loggers`` ('csv', 'tensorboard', both, or None for none)."""
     cfg = cfg or EvalConfig()
     t_start = time.perf_counter()
     ids = [s.sample_id for s in samples]
@@ -293,7 +295,7 @@ def evaluate(samples: Sequence[Sample], encoder=None, cfg: EvalConfig | None = N
         if echo:
             echo(f"fold {k + 1}/{len(folds)}: held out {', '.join(test)}")
         sr, gr, info = run_fold(samples, bags, owner, test, cfg, progress=progress, echo=echo,
-                                log_dir=None if out_dir is None else Path(out_dir) / "logs")
+                                log_dir=None if out_dir is None else Path(out_dir) / "logs", loggers=loggers)
         all_scores += sr
         all_genes += gr
         infos.append(info)
