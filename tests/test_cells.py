@@ -292,3 +292,16 @@ def test_cli_train_predict_cells_end_to_end(tmp_path, capsys):
     code, _, err = run_cli(["predict-cells", str(tmp_path / "bad.csv"), "--image", str(IMAGE), "--model",
                             str(tmp_path / "dc")], capsys)
     assert code == 1 and "bad.csv: cell table needs centroid columns" in err
+
+
+def test_cli_trains_deepcell_from_a_xenium_folder(tmp_path, capsys):
+    from spatial_fakes import tissue_image, xenium_folder
+
+    folder, xy_um, _, genes = xenium_folder(tmp_path, n_cells=24, width_um=120, height_um=100)
+    image = tissue_image(tmp_path / "he.png", int(120 / 0.2125) + 1, int(100 / 0.2125) + 1)
+    code, out, err = run_cli(["train", "--model", "deepcell", "--image", str(image), "--adata", str(folder),
+                              "--out", str(tmp_path / "m"), "--max-epochs", "1", "--patience", "1", "--k", "5",
+                              "--no-progress"], capsys)
+    assert code == 0, err
+    cfg = read_config(tmp_path / "m")
+    assert cfg["model"] == "deepcell" and set(cfg["genes"]) <= set(genes) and "24 cells" in out

@@ -69,14 +69,15 @@ def plot_cell_predictions(xy: np.ndarray, values: dict, genes: list[str], var_na
                           path: str | Path | None = None, title: str = ""):
     """Predicted vs true expression over cells: one row per entry of ``values`` (name -> (N, G) array; the
     first row is the truth the others are compared with), one column per gene. Cells are discs of
-    ``cell_px`` level-0 px at ``xy`` (N, 2) level-0 (x, y), over ``image`` (a thumbnail at ``scale``),
-    cropped to the cells shown. Rows may hold NaN for cells they do not score (drawn as grey rings).
+    ``cell_px`` level-0 px (enlarged to stay visible on a large crop) at ``xy`` (N, 2) level-0 (x, y), over
+    ``image`` (a thumbnail at ``scale``), cropped to the cells the first row has. Rows may hold NaN for cells they do not score (drawn as grey rings).
     Each panel has its own colour scale and is titled with the per-gene Pearson r against the first
     row over the cells both have. Writes ``path`` (PNG) atomically when given; returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.collections import EllipseCollection
 
     from deepspot.evaluation.metrics import pearson_per_gene
 
@@ -89,8 +90,9 @@ def plot_cell_predictions(xy: np.ndarray, values: dict, genes: list[str], var_na
     ref = np.asarray(values[rows[0]], dtype=float)[:, cols]
     pts = np.asarray(xy, dtype=float) * scale
     shown = np.isfinite(ref).all(axis=1)
-    d = cell_px * scale
-    lo, hi = pts[shown].min(axis=0) - 2 * d, pts[shown].max(axis=0) + 2 * d
+    lo, hi = pts[shown].min(axis=0), pts[shown].max(axis=0)
+    d = max(cell_px * scale, 0.025 * float((hi - lo).max()))  # true cell size, but visible on a large crop
+    lo, hi = lo - 2 * d, hi + 2 * d
     fig, axes = plt.subplots(len(rows), len(genes), figsize=(3.2 * len(genes), 3.0 * len(rows)), squeeze=False)
     for i, name in enumerate(rows):
         v = np.asarray(values[name], dtype=float)[:, cols]
@@ -99,11 +101,16 @@ def plot_cell_predictions(xy: np.ndarray, values: dict, genes: list[str], var_na
             if image is not None:
                 ax.imshow(image)
             ok = np.isfinite(v[:, j])
-            ax.scatter(pts[~ok, 0], pts[~ok, 1], s=(d * 0.6) ** 2 / 4, facecolors="none", edgecolors="0.6",
-                       linewidths=0.5)
-            sc = ax.scatter(pts[ok, 0], pts[ok, 1], c=v[ok, j], s=max(d, 6.0) ** 2 / 2, cmap="viridis",
-                            edgecolors="white", linewidths=0.3)
-            fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
+            rings = EllipseCollection(widths=d, heights=d, angles=0, units="xy", offsets=pts[~ok],
+                                      offset_transform=ax.transData, facecolors="none", edgecolors="0.5",
+                                      linewidths=0.6)
+            ax.add_collection(rings)
+            discs = EllipseCollection(widths=d, heights=d, angles=0, units="xy", offsets=pts[ok],
+                                      offset_transform=ax.transData, cmap="viridis", edgecolors="white",
+                                      linewidths=0.3)
+            discs.set_array(v[ok, j])
+            ax.add_collection(discs)
+            fig.colorbar(discs, ax=ax, fraction=0.046, pad=0.02)
             both = ok & np.isfinite(ref[:, j])
             label = g if i == 0 else f"{g}  r={pearson_per_gene(v[both, j:j + 1], ref[both, j:j + 1])[0]:.2f}"
             ax.set_title(label, fontsize=9)

@@ -49,7 +49,8 @@ def encoders():
 
 @app.command()
 def train(image: Path = typer.Option(..., help="H&E image/slide the spots lie on."),
-          adata: Path = typer.Option(..., help="h5ad with raw counts + positions (obsm['spatial'] x, y px)."),
+          adata: Path = typer.Option(..., help="h5ad with raw counts + positions (obsm['spatial'] x, y px), or a "
+                                     "Xenium output folder (its cells registered to the image)."),
           out: Path = typer.Option(..., help="Checkpoint folder to write (safetensors + config.json)."),
           cells: bool = typer.Option(False, help="adata holds cells: pool them into pseudo-spots on the grid."),
           x_col: Optional[str] = typer.Option(None, help="obs column with x (horizontal) position, if not obsm['spatial']."),
@@ -84,7 +85,12 @@ def train(image: Path = typer.Option(..., help="H&E image/slide the spots lie on
     from deepspot.models.checkpoint import save_checkpoint
     from deepspot.training.spots import train_spot_model
 
-    data = read_cells_h5ad(adata, x_col=x_col, y_col=y_col)
+    if adata.is_dir():
+        from deepspot.io.spatial import read_xenium
+
+        data = read_xenium(adata, image=image, mpp=mpp)
+    else:
+        data = read_cells_h5ad(adata, x_col=x_col, y_col=y_col)
     with open_slide(image, mpp=mpp) as slide:
         w, h = slide.dimensions
         slide_mpp = slide.mpp
