@@ -12,16 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-from deepspot.evaluation.metrics import pearson_per_gene
 from deepspot.features.store import Features
-from deepspot.geometry.grid import GridSpec
 from deepspot.io.datasets import ncbi858
 from deepspot.inference.cells import CellGeometry, cell_bags, predict_cells, read_cell_table
 from deepspot.io.spatial import SpatialDataError
 from deepspot.models.cells import CellBags, DeepCell, DeepSpot2Cell, predict_batches
 from deepspot.models.checkpoint import load_checkpoint, read_config, save_checkpoint
-from deepspot.training.cells import (SpotCellBags, drop_empty_spots, train_cell_model, train_spot2cell_from_cells,
-                                     train_spot2cell_model)
+from deepspot.training.cells import SpotCellBags, drop_empty_spots, train_cell_model, train_spot2cell_model
 
 DATA = Path("../shared/data/ncbi858")
 IMAGE = DATA / "NCBI858.jpg"
