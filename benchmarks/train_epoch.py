@@ -7,7 +7,8 @@
 Prints, for the same bags and batch size:
 1. the data path alone (gathering the batches, no model): the per-item DataLoader the trainer used
    before (one ``__getitem__`` per spot, then a collate) vs the whole-batch index sampler it uses now;
-2. a training epoch through ``deepspot.training.fit.fit`` (Lightning: forward, backward, AdamW, a small
+2. the AdamW step alone, unfused (before) and fused (now);
+3. a training epoch through ``deepspot.training.fit.fit`` (Lightning: forward, backward, AdamW, a small
    validation pass), as seconds/epoch and spots/s. With ``--steps K`` only the first K batches are
    timed and the epoch time is extrapolated (said so in the output).
 
@@ -104,7 +105,20 @@ def main():
         secs, m = time_loader(dl, limit)
         print(f"data path, {name:38s}: {secs:7.2f} s for {m} spots = {m / secs:10.0f} spots/s"
               + (f" (first {limit} batches)" if limit else " (one epoch)"))
-    # 2. a training epoch through fit (Lightning)
+    # 2. the optimizer step alone (per batch, independent of the batch size)
+    torch.manual_seed(0)
+    model = DeepSpot(a.dim, a.genes, hidden=a.hidden, n_ensemble=a.n_ensemble, dropout=0.3, context=a.context)
+    n_par = sum(p.numel() for p in model.parameters())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    for name, kw in (("AdamW (for-loop, before)", {}), ("AdamW fused (now)", {"fused": True})):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-6, **kw)
+        opt.step()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            opt.step()
+        print(f"optimizer step, {name:26s}: {(time.perf_counter() - t0) * 100:7.1f} ms/step ({n_par / 1e6:.1f} M parameters)")
+    # 3. a training epoch through fit (Lightning)
     torch.manual_seed(0)
     model = DeepSpot(a.dim, a.genes, hidden=a.hidden, n_ensemble=a.n_ensemble, dropout=0.3, context=a.context)
     n_train = n if limit is None else min(n, limit * a.batch_size)
