@@ -1,9 +1,7 @@
 """Cell-level commands: ``predict-cells`` (cell table + image + DeepCell/DeepSpot2Cell model -> cells h5ad),
-the cell half of ``train --model deepcell|deepspot2cell``, and a guard that sends cell models given to
-``deepspot predict`` (a spot-grid predictor) to ``predict-cells``."""
+and the cell half of ``train --model deepcell|deepspot2cell``."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Optional
 
@@ -98,33 +96,3 @@ def predict_cells_cmd(
     dropped = adata.uns["deepspot"]["n_dropped_outside"]
     note = f" ({dropped} outside the image dropped)" if dropped else ""
     console.print(f"{adata.n_obs} cells × {adata.n_vars} genes{note} → {h5}")
-
-
-def _guarded(original):
-    @functools.wraps(original)
-    def guarded(*args, **kwargs):
-        from deepspot.inference.cells import CELL_MODELS
-        from deepspot.models.checkpoint import CheckpointError, read_config
-
-        ckpt = kwargs.get("model")
-        if ckpt is not None and (Path(ckpt) / "config.json").exists():
-            kind = read_config(ckpt).get("model")
-            if kind in CELL_MODELS:
-                raise CheckpointError(f"{ckpt}: a {kind} model predicts cells, not a spot grid; use "
-                                      f"`deepspot predict-cells CELL_TABLE --image IMAGE --model {ckpt}`")
-        return original(*args, **kwargs)
-
-    guarded._refuses_cell_models = True
-    return guarded
-
-
-def _refuse_cell_models_in_predict() -> None:
-    """``deepspot predict`` predicts a spot grid: a cell checkpoint given to it is refused before any work,
-    with a pointer to ``predict-cells`` (wraps the command that deepspot.cli.core registers)."""
-    for info in app.registered_commands:
-        name = info.name or getattr(info.callback, "__name__", "")
-        if name == "predict" and not getattr(info.callback, "_refuses_cell_models", False):
-            info.callback = _guarded(info.callback)
-
-
-_refuse_cell_models_in_predict()

@@ -151,12 +151,15 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
 
     from deepspot.features.encoders import load_encoder
     from deepspot.inference.predict import check_feature_mode, predict_slide
-    from deepspot.models.checkpoint import load_checkpoint, read_config
+    from deepspot.models.checkpoint import CheckpointError, load_checkpoint, read_config
 
     if not slide.exists():
         raise FileNotFoundError(f"{slide}: file not found")
     gene_list = _split(genes)
     cfg = read_config(model)
+    if cfg.get("model", "deepspot") != "deepspot":
+        raise CheckpointError(f"{model}: a {cfg['model']} model predicts cells, not a spot grid; use "
+                              f"`deepspot predict-cells CELL_TABLE --image IMAGE --model {model}`")
     check_feature_mode(cfg, "fast" if fast else "standard", source=str(model))
     encoder_ = load_encoder(cfg["encoder"]["name"], weights=encoder_weights)
     net, cfg = load_checkpoint(model, genes=gene_list, feature_dim=encoder_.dim)
