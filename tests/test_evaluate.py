@@ -13,7 +13,7 @@ from spatial_fakes import spaceranger_folder
 from deepspot.evaluation.cv import (RIDGE, EvalConfig, evaluate, patient_folds, stack_bags, validation_patients)
 from deepspot.features.encoders import EncoderSpec, register_encoder
 from deepspot.features.store import Features
-from deepspot.training.manifest import Sample, her2st_manifest, load_sample
+from deepspot.training.manifest import her2st_manifest, load_sample
 from deepspot.training.targets import log_normalize, rank_hvgs, select_panel
 
 HER2ST = Path("../shared/data")

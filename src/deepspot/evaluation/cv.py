@@ -213,6 +213,7 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
             "n_train_rows": int(len(tr_idx)), "n_val_spots": int(len(va)), "n_test_spots": int(len(te)),
             "n_genes": len(panel), "panel": panel, "top_eval": [panel[i] for i in top],
             "leiden_clusters": n_clusters, "scaler": None if scaler is None else scaler["kind"], "fit": {}}
+    fold_logs = None if log_dir is None or not loggers else Path(log_dir) / f"fold-{'+'.join(test_patients)}"
     preds = {}
     t0 = time.perf_counter()
     preds[RIDGE] = ridge_baseline(bags.spot[fit_rows].numpy(), y[fit_rows], bags.spot[te].numpy(),
@@ -226,8 +227,7 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
         summ = fit(model, bags, y_fit, tr_idx, va, loss=cfg.loss, lr=cfg.lr, weight_decay=cfg.weight_decay,
                    batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, patience=cfg.patience, seed=cfg.seed,
                    precision=cfg.precision, progress=progress,
-                   log_dir=None if log_dir is None or not loggers else Path(log_dir) / f"fold-{'+'.join(test_patients)}" / ctx,
-                   loggers=(loggers or None) if log_dir is not None else None)
+                   log_dir=None if fold_logs is None else fold_logs / ctx, loggers=loggers if fold_logs else None)
         preds[f"deepspot {ctx}"] = invert_scaler(predict_bags(model, bags)[te], scaler)
         info["fit"][ctx] = {**summ, "seconds": time.perf_counter() - t0}
         if echo:

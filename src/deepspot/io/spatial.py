@@ -2,10 +2,13 @@
 level-0 pixels (x horizontal), raw counts in ``X``."""
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 
@@ -69,11 +72,6 @@ def check_inside(xy: np.ndarray, width: int, height: int, source: str, what: str
 # technology has an array, and ``uns['source']`` = {format, sample, mpp (µm/px or None), spot_diameter_um}.
 # Joins between counts and positions are by barcode; every mismatch is either an error naming the sample
 # or an intersection logged with how many barcodes were dropped.
-
-import json  # noqa: E402
-import logging  # noqa: E402
-
-import pandas as pd  # noqa: E402
 
 log = logging.getLogger(__name__)
 
