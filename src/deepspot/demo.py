@@ -58,6 +58,6 @@ def run_demo(out_dir: str | Path = "deepspot_demo", data_dir=None, spot_px: floa
     png = out / "predicted_genes.png"
     plot_genes(adata, n_genes=4, path=png, title="DeepSpot predictions (log1p normalised expression)")
     secs = time.perf_counter() - t0
-    echo(f"[demo] predicted {adata.n_obs} in-tissue grid spots × {adata.n_vars} genes in {secs:.0f} s")
+    echo(f"[demo] predicted {adata.n_obs} in-tissue grid spots × {adata.n_vars} genes; the whole demo took {secs:.0f} s")
     echo(f"[demo] wrote {h5}, {png}, {model_dir}/ (checkpoint), {out / 'scores.csv'}")
     return {"scores": res.scores, "adata": adata, "model_dir": model_dir, "png": png, "h5ad": h5, "seconds": secs}

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from deepspot.cli import app
 
-console = Console(stderr=False)
+console = Console(stderr=False, soft_wrap=True)  # tables are not re-wrapped at 80 columns in logs
 
 
 def _split(s: Optional[str]) -> Optional[list[str]]:
@@ -30,7 +30,7 @@ def demo(out: Path = typer.Option(Path("deepspot_demo"), help="Output folder."),
 
     run_demo(out, data_dir=data_dir, spot_px=spot_px, spacing_px=spacing_px, encoder_name=encoder,
              encoder_weights=encoder_weights, max_epochs=max_epochs, seed=seed, progress=progress,
-             echo=console.print)
+             echo=lambda msg: console.print(msg, markup=False, highlight=False))
 
 
 @app.command()

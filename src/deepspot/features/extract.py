@@ -123,7 +123,9 @@ def encode_batch(encoder, crops: torch.Tensor, n_sub: int, mode: str = "standard
     """
     b, c = crops.shape[:2]
     if mode == "standard" or n_sub == 0:
-        f = encoder.encode(crops.reshape(b * c, *crops.shape[2:]), device=device, autocast_dtype=autocast_dtype)
+        # at most 64 crops per forward pass: activations, not weights, set the peak memory
+        f = encoder.encode(crops.reshape(b * c, *crops.shape[2:]), device=device, autocast_dtype=autocast_dtype,
+                           batch_size=64)
         f = f.reshape(b, c, -1).numpy()
         return f[:, 0], (f[:, 1:] if n_sub else None)
     if device is not None and torch.device(device) != encoder.device:
