@@ -333,7 +333,8 @@ def write_results(res: EvalResult, out_dir) -> dict[str, Path]:
 
 def plot_evaluation(res: EvalResult, path, reference: str | None = None) -> Path:
     """Left: mean per-gene Pearson per method (bars: mean over held-out samples; dots: each sample).
-    Right: per-gene Pearson, DeepSpot (``reference``, default the full-context model) vs ridge."""
+    Right: per-gene Pearson (mean over held-out samples; genes of every fold's panel), DeepSpot
+    (``reference``, default its best context mode by mean Pearson) vs ridge."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -343,8 +344,8 @@ def plot_evaluation(res: EvalResult, path, reference: str | None = None) -> Path
 
     methods = list(res.summary.index)
     ds = [m for m in methods if m.startswith("deepspot")]
-    reference = reference or ("deepspot spot_subspot_neighbors" if "deepspot spot_subspot_neighbors" in ds
-                              else (ds[-1] if ds else None))
+    if reference is None and ds:
+        reference = max(ds, key=lambda m: np.nan_to_num(res.summary.loc[m, "pearson_mean"], nan=-np.inf))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.3, 1]})
     ax = axes[0]
     x = np.arange(len(methods))
@@ -366,7 +367,8 @@ def plot_evaluation(res: EvalResult, path, reference: str | None = None) -> Path
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
         ax.set_xlabel(f"{RIDGE}: per-gene Pearson")
         ax.set_ylabel(f"{reference}: per-gene Pearson")
-        ax.set_title(f"{int((b[ok] > a[ok]).sum())} of {int(ok.sum())} genes better with DeepSpot")
+        ax.set_title(f"{int((b[ok] > a[ok]).sum())} of {int(ok.sum())} genes better with DeepSpot "
+                     f"({reference.replace('deepspot ', '')})", fontsize=10)
     fig.tight_layout()
     write_figure(fig, path)
     plt.close(fig)
