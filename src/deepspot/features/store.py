@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from deepspot.features.tiles import CROP_VERSION
+
 
 def slide_fingerprint(path: str | Path) -> str:
     p = Path(path)
@@ -29,7 +31,7 @@ def feature_key(slide_path, encoder: str, tile_px: float, n_sub: int, mode: str 
     """Key of a store: everything a crop's features depend on except its centre."""
     h = hashlib.sha1()
     h.update(json.dumps([slide_fingerprint(slide_path), encoder, round(float(tile_px), 4), int(n_sub),
-                         mode]).encode())
+                         mode, CROP_VERSION]).encode())
     return h.hexdigest()[:16]
 
 

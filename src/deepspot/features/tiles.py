@@ -12,6 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+# Bump when the way crops are cut or resampled changes: it is part of every feature-store key, so
+# features made by older crop code are never silently reused.
+CROP_VERSION = 2
+
 
 def spot_boxes(centers: np.ndarray, tile_px: float) -> np.ndarray:
     """Level-0 boxes (x0, y0, w, h), int64 (N,4), of side ``tile_px`` centred on (x, y) centres (N,2)."""

@@ -150,7 +150,7 @@ def train_cell_model(image, cells: ad.AnnData, encoder, geometry: CellGeometry =
     feats = (_check_features(features, len(xy), encoder) if features is not None else
              encode_cells(image, xy, geometry, encoder, mpp_used, cache_dir, batch_size_encoder, num_workers, progress))
     panel = select_genes(cells, n_top=n_top_genes, genes=genes)
-    y = log_normalize(cells[:, panel])
+    y = log_normalize(cells, genes=panel)
     bags = cell_bags(feats, xy, geometry, mpp_used)
     train, val, test = spatial_split(xy, test_fraction=test_fraction, seed=seed)
     L.seed_everything(seed, verbose=False)
@@ -230,7 +230,7 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
              encode_cells(image, cell_xy, geometry, encoder, mpp_used, cache_dir, batch_size_encoder, num_workers,
                           progress))
     panel = select_genes(spots, n_top=n_top_genes, genes=genes)
-    y = log_normalize(spots[:, panel])
+    y = log_normalize(spots, genes=panel)
     cbags = cell_bags(feats, cell_xy, geometry, mpp_used)
     sbags = SpotCellBags.from_assignment(cbags, c2s, spots.n_obs)
     train, val, test = spatial_split(spots.obsm["spatial"], test_fraction=test_fraction, seed=seed)
@@ -247,7 +247,7 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
     if cell_counts is not None:
         if cell_counts.n_obs != len(cell_xy):
             raise ValueError(f"cell_counts has {cell_counts.n_obs} cells, cell_xy {len(cell_xy)}")
-        truth = log_normalize(cell_counts[:, panel])
+        truth = log_normalize(cell_counts, genes=panel)
         scores["deepspot2cell"] = summarize(cell_pred[test_cells], truth[test_cells])
         scores["spot truth ÷ n cells"] = summarize(y[c2s[test_cells]], truth[test_cells])
     training = {"loss": loss, "lr": lr, "seed": seed, "batch_size": batch_size, "max_epochs": max_epochs,

@@ -72,7 +72,7 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
                              batch_size=batch_size_encoder, num_workers=num_workers, progress=progress,
                              mode=geometry.feature_mode)
     panel = select_genes(spots, n_top=n_top_genes, genes=genes)
-    y = log_normalize(spots[:, panel])
+    y = log_normalize(spots, genes=panel)
     bags = bags_for(spots, feats, geometry.neighbor_radius)
     train, val, test = spatial_split(spots.obsm["spatial"], test_fraction=test_fraction, seed=seed)
     L.seed_everything(seed, verbose=False)  # model init is part of the seeded run
