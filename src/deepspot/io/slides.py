@@ -464,7 +464,34 @@ def _check_tiff_complete(p: Path) -> None:
 # --------------------------------------------------------------------------- OpenSlide
 
 
-class OpenSlideSlide(Slide):
+class _OpenSlideAPISlide(Slide):
+    """Shared part of the back-ends whose library follows the OpenSlide API (``openslide``,
+    ``tiffslide``): ``self._handle`` is the open library object; level geometry is read once."""
+
+    def _take_levels(self, handle) -> None:
+        self._handle = handle
+        self._dims = [tuple(map(int, d)) for d in handle.level_dimensions]
+        self._ds = [float(d) for d in handle.level_downsamples]
+
+    @property
+    def properties(self) -> dict:
+        return dict(self._handle.properties)
+
+    @property
+    def level_dimensions(self):
+        return self._dims
+
+    @property
+    def level_downsamples(self):
+        return self._ds
+
+    def close(self):
+        if not self._closed:
+            self._handle.close()
+        super().close()
+
+
+class OpenSlideSlide(_OpenSlideAPISlide):
     """SVS, NDPI, MRXS, SCN, VMS/VMU, BIF, Philips TIFF, generic tiled TIFF via OpenSlide."""
 
     backend = "openslide"
@@ -487,8 +514,7 @@ class OpenSlideSlide(Slide):
             raise SlideError(p, f"OpenSlide cannot open it ({type(e).__name__}: {e})") from e
         props = self._osr.properties
         self.vendor = props.get("openslide.vendor")
-        self._dims = [tuple(map(int, d)) for d in self._osr.level_dimensions]
-        self._ds = [float(d) for d in self._osr.level_downsamples]
+        self._take_levels(self._osr)
         if self.mpp is None:
             mx = _plausible_mpp(props.get("openslide.mpp-x"))
             my = _plausible_mpp(props.get("openslide.mpp-y"))
@@ -510,28 +536,11 @@ class OpenSlideSlide(Slide):
             self._osr.close()
             raise SlideError(p, f"cannot decode image data ({type(e).__name__}: {e})") from e
 
-    @property
-    def properties(self) -> dict:
-        return dict(self._osr.properties)
-
-    @property
-    def level_dimensions(self):
-        return self._dims
-
-    @property
-    def level_downsamples(self):
-        return self._ds
-
     def _read_level(self, level, x, y, w, h):
         ds = self._ds[level]
         loc = (int(round(x * ds)), int(round(y * ds)))
         img = self._osr.read_region(loc, level, (w, h))
         return _as_rgb(np.asarray(img))
-
-    def close(self):
-        if not self._closed:
-            self._osr.close()
-        super().close()
 
 
 # --------------------------------------------------------------------------- tiffslide
@@ -547,7 +556,7 @@ def _level0_loc(lx: int, ds: float) -> int:
     return loc
 
 
-class TiffSlideSlide(Slide):
+class TiffSlideSlide(_OpenSlideAPISlide):
     """SVS / tiled TIFF / OME-TIFF through tiffslide (pure Python, tifffile + zarr)."""
 
     backend = "tiffslide"
@@ -566,8 +575,7 @@ class TiffSlideSlide(Slide):
         _check_tiff_complete(p)
         try:
             self._ts = tiffslide.TiffSlide(str(p))
-            self._dims = [tuple(map(int, d)) for d in self._ts.level_dimensions]
-            self._ds = [float(d) for d in self._ts.level_downsamples]
+            self._take_levels(self._ts)
             props = self._ts.properties
         except Exception as e:
             raise SlideError(p, f"tiffslide cannot open it ({type(e).__name__}: {e})") from e
@@ -581,28 +589,11 @@ class TiffSlideSlide(Slide):
             self._ts.close()
             raise SlideError(p, f"cannot decode image data ({type(e).__name__}: {e})") from e
 
-    @property
-    def properties(self) -> dict:
-        return dict(self._ts.properties)
-
-    @property
-    def level_dimensions(self):
-        return self._dims
-
-    @property
-    def level_downsamples(self):
-        return self._ds
-
     def _read_level(self, level, x, y, w, h):
         ds = self._ds[level]
         loc = (_level0_loc(x, ds), _level0_loc(y, ds))
         arr = self._ts.read_region(loc, level, (w, h), as_array=True, padding=False)
         return _as_rgb(arr)
-
-    def close(self):
-        if not self._closed:
-            self._ts.close()
-        super().close()
 
 
 # --------------------------------------------------------------------------- tifffile
