@@ -32,13 +32,13 @@ import pandas as pd
 from deepspot.evaluation.metrics import summarize
 from deepspot.features.encoders import load_encoder
 from deepspot.geometry.grid import GridSpec
-from deepspot.inference.cells import CellGeometry
-from deepspot.inference.predict import SpotGeometry
+from deepspot.config import CellGeometry
+from deepspot.config import SpotGeometry
 from deepspot.io.datasets import ncbi858
 from deepspot.io.outputs import write_csv
 from deepspot.io.slides import open_slide
 from deepspot.models.bags import predict_bags
-from deepspot.plotting import plot_cell_predictions
+from deepspot.plotting import cell_predictions
 from deepspot.training.cells import train_cell_model, train_spot2cell_from_cells, train_spot2cell_model
 from deepspot.training.spots import bags_for, train_spot_model
 
@@ -186,9 +186,9 @@ def main(argv=None):
         thumb = slide.get_thumbnail(2000)
         scale = thumb.shape[1] / slide.dimensions[0]
     png = out / "cells_pred_vs_true.png"
-    plot_cell_predictions(cells.obsm["spatial"], panels, genes, s2c.genes, image=thumb, scale=scale,
-                          cell_px=geo.cell_diameter, path=png,
-                          title="NCBI858 held-out cells: log1p-normalised expression (grey rings: not scored)")
+    cell_predictions(cells.obsm["spatial"], panels, genes, s2c.genes, image=thumb, scale=scale,
+                     cell_px=geo.cell_diameter, pearson=pearson_per_gene, path=png,
+                     title="NCBI858 held-out cells: log1p-normalised expression (grey rings: not scored)")
     print(f"wrote {out / 'scores.csv'}, {png} ({time.perf_counter() - t0:.0f} s in all)")
 
 

@@ -37,7 +37,7 @@ import torch
 from deepspot.features import encoders as E
 from deepspot.geometry.grid import GridSpec
 from deepspot.inference.cohort import run_cohort
-from deepspot.inference.predict import SpotGeometry
+from deepspot.config import SpotGeometry
 from deepspot.io.datasets import data_dir
 from deepspot.io.slides import open_slide
 from deepspot.io.synthetic import write_pyramidal_tiff

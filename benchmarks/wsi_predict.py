@@ -67,7 +67,7 @@ def build_slides(workdir: Path, sizes: list[int], mpp: float) -> dict[int, Path]
 
 def make_model(dim: int, n_genes: int, hidden: int = 512, mode: str = "standard", seed: int = 0):
     from deepspot.geometry.grid import GridSpec
-    from deepspot.inference.predict import SpotGeometry
+    from deepspot.config import SpotGeometry
     from deepspot.models.deepsets import DeepSpot
 
     torch.manual_seed(seed)
@@ -242,7 +242,8 @@ def child_rss(args) -> None:
     import psutil
 
     from deepspot.features.encoders import load_encoder
-    from deepspot.inference.predict import SpotGeometry, plan_slide, predict_slide
+    from deepspot.config import SpotGeometry
+    from deepspot.inference.predict import plan_slide, predict_slide
 
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)  # a tiny encoder: one thread is faster and leaves a core to the reader
@@ -317,7 +318,7 @@ def rss_runs(args, slides: dict, rows: list):
 def pearson_fast_vs_standard(workdir: Path, rows: list, epochs: int):
     from deepspot.features.encoders import load_encoder
     from deepspot.geometry.grid import GridSpec, pool_cells
-    from deepspot.inference.predict import SpotGeometry
+    from deepspot.config import SpotGeometry
     from deepspot.io.datasets import ncbi858
     from deepspot.io.slides import open_slide
     from deepspot.training.spots import train_spot_model
@@ -375,7 +376,8 @@ def main():
           f"{os.getloadavg()[0]:.1f}, workdir {args.workdir}", flush=True)
     print("[1] slides", flush=True)
     slides = build_slides(args.workdir, args.sizes, args.mpp)
-    from deepspot.inference.predict import SpotGeometry, plan_slide
+    from deepspot.config import SpotGeometry
+    from deepspot.inference.predict import plan_slide
 
     _, cfg = make_model(8, 1)
     plans = {s: plan_slide(p, SpotGeometry.from_dict(cfg["geometry"])) for s, p in slides.items()}

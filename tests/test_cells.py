@@ -14,9 +14,11 @@ import torch
 
 from deepspot.features.store import Features
 from deepspot.io.datasets import ncbi858
-from deepspot.inference.cells import CellGeometry, cell_bags, predict_cells, read_cell_table
+from deepspot.config import CellGeometry
+from deepspot.evaluation.holdout import score_holdout
+from deepspot.inference.cells import predict_cells, read_cell_table
 from deepspot.io.spatial import SpatialDataError
-from deepspot.models.cells import CellBags, DeepCell, DeepSpot2Cell, predict_batches
+from deepspot.models.cells import CellBags, DeepCell, DeepSpot2Cell, cell_bags, cell_neighbors, predict_batches
 from deepspot.models.checkpoint import load_checkpoint, read_config, save_checkpoint
 from deepspot.training.cells import SpotCellBags, drop_empty_spots, train_cell_model, train_spot2cell_model
 
@@ -33,7 +35,7 @@ def random_cells(n=30, d=8, k=4, seed=0):
     rng = np.random.default_rng(seed)
     f = rng.normal(size=(n, d)).astype(np.float32)
     xy = rng.uniform(0, 100, size=(n, 2))
-    return f, xy, CellBags.from_numpy(f, *CellGeometry(k=k).find_neighbors(xy))
+    return f, xy, CellBags.from_numpy(f, *cell_neighbors(CellGeometry(k=k), xy))
 
 
 # ---------------------------------------------------------------- model math
@@ -144,9 +146,9 @@ def test_neighbour_rule_kept_from_training_to_prediction(tmp_path, monkeypatch):
     res = train_cell_model(IMAGE, cells, ENC, geom, features=feats, **FAST)
     save_checkpoint(tmp_path / "m", res.model, res.config)
     model, cfg = load_checkpoint(tmp_path / "m")
-    assert CellGeometry.from_dict(cfg["geometry"]) == geom
+    assert cfg.geometry == geom
     train_bags = cell_bags(feats, cells.obsm["spatial"], geom)
-    pred_bags = cell_bags(feats, cells.obsm["spatial"], CellGeometry.from_dict(cfg["geometry"]))
+    pred_bags = cell_bags(feats, cells.obsm["spatial"], cfg.geometry)
     assert torch.equal(train_bags.neighbor_idx, pred_bags.neighbor_idx)
     assert train_bags.neighbor_mask.sum(1).max() == 12  # the cap is part of the rule
     # whole prediction path (features injected in place of the encoder) gives the training predictions
@@ -169,8 +171,8 @@ def test_checkpoint_round_trip(tmp_path, kind):
            "geometry": CellGeometry(12.0, unit="um", k=5).to_dict()}
     save_checkpoint(tmp_path / kind, model, cfg)
     back, cfg2 = load_checkpoint(tmp_path / kind)
-    assert type(back) is type(model) and cfg2["model_args"] == model.config()
-    assert CellGeometry.from_dict(cfg2["geometry"]) == CellGeometry(12.0, unit="um", k=5)
+    assert type(back) is type(model) and cfg2.model_args == model.config()
+    assert cfg2.geometry == CellGeometry(12.0, unit="um", k=5)
     from deepspot.models.cells import cell_predictor
 
     np.testing.assert_array_equal(predict_batches(cell_predictor(back), cells),
@@ -197,7 +199,8 @@ def test_spot2cell_learns_within_spot_variation():
     res = train_spot2cell_model(IMAGE, spots, xy, c2s, enc, CellGeometry(neighbors="none"), features=f,
                                 cell_counts=cells, hidden=32, n_ensemble=2, dropout=0.0, lr=3e-3, max_epochs=40,
                                 patience=40, batch_size=32, progress=False)
-    ours, oracle = res.scores["deepspot2cell"]["pearson_mean"], res.scores["spot truth ÷ n cells"]["pearson_mean"]
+    scores = score_holdout(res)
+    ours, oracle = scores["deepspot2cell"]["pearson_mean"], scores["spot truth ÷ n cells"]["pearson_mean"]
     assert ours > oracle + 0.1, (ours, oracle)
 
 
@@ -232,7 +235,7 @@ def test_cells_outside_the_image_are_refused_or_dropped(caplog):
     cells.obsm["spatial"][0] = [5000.0, 10.0]
     with pytest.raises(SpatialDataError, match="1 of 20 cells lie outside the 1431x1249 image"):
         train_cell_model(IMAGE, cells, ENC, features=np.zeros((20, 16), np.float32), **FAST)
-    from deepspot.inference.cells import inside_image
+    from deepspot.io.spatial import inside_image
 
     with caplog.at_level(logging.WARNING):
         keep = inside_image(cells.obsm["spatial"], 1431, 1249, "t", drop_outside=True)
@@ -263,11 +266,11 @@ def test_cli_train_predict_cells_end_to_end(tmp_path, capsys):
     assert code == 0, err
     assert "deepcell" in out and "ridge" in out
     cfg = read_config(tmp_path / "dc")
-    assert cfg["model"] == "deepcell" and cfg["geometry"]["k"] == 6 and cfg["model_args"]["hidden"] == 1024
+    assert cfg.model == "deepcell" and cfg.geometry.k == 6 and cfg.model_args["hidden"] == 1024
     code, out, err = run_cli(["train", "--model", "deepspot2cell", "--out", str(tmp_path / "s2c"), "--unit", "px",
                               "--spot-diameter", "160", "--spacing", "160", *common], capsys)
     assert code == 0, err
-    assert "spot truth" in out and read_config(tmp_path / "s2c")["model_args"]["aggregate"] == "sum"
+    assert "spot truth" in out and read_config(tmp_path / "s2c").model_args["aggregate"] == "sum"
 
     table = tmp_path / "table.csv"
     xy = sub.obsm["spatial"]
@@ -276,7 +279,7 @@ def test_cli_train_predict_cells_end_to_end(tmp_path, capsys):
                               "--out", str(tmp_path / "pred"), "--cache-dir", str(cache), "--no-progress"], capsys)
     assert code == 0, err
     pred = ad.read_h5ad(tmp_path / "pred" / "NCBI858_cells.h5ad")
-    assert pred.shape == (30, len(read_config(tmp_path / "s2c")["genes"]))
+    assert pred.shape == (30, len(read_config(tmp_path / "s2c").genes))
     assert np.isfinite(pred.X).all() and list(pred.obs_names) == list(sub.obs_names)
     np.testing.assert_allclose(pred.obsm["spatial"], xy)
     assert "NCBI858" in pred.uns["spatial"] and (tmp_path / "pred" / "NCBI858_cells_genes.png").exists()
@@ -301,4 +304,4 @@ def test_cli_trains_deepcell_from_a_xenium_folder(tmp_path, capsys):
                               "--no-progress"], capsys)
     assert code == 0, err
     cfg = read_config(tmp_path / "m")
-    assert cfg["model"] == "deepcell" and set(cfg["genes"]) <= set(genes) and "24 cells" in out
+    assert cfg.model == "deepcell" and set(cfg.genes) <= set(genes) and "24 cells" in out

@@ -26,7 +26,7 @@ from PIL import Image
 from deepspot.cli import main as cli_main
 from deepspot.geometry.grid import GridSpec
 from deepspot.inference.cohort import STATE_FILE, SUMMARY_FILE, read_manifest, run_cohort
-from deepspot.inference.predict import SpotGeometry
+from deepspot.config import SpotGeometry
 from deepspot.io.synthetic import write_pyramidal_tiff
 from deepspot.models.checkpoint import save_checkpoint
 from deepspot.models.deepsets import DeepSpot

@@ -148,11 +148,11 @@ def test_converted_model_matches_original_forward(orig, tmp_path, ctx):
     gfile.write_text("\n".join(genes) + "\n")
     out = convert_deepspot(src, tmp_path / "ckpt", genes=gfile, module_aliases=ALIASES)
     model, cfg = load_checkpoint(out, genes=genes, feature_dim=d)
-    assert cfg["encoder"] == {"name": "phikon", "dim": 768}
-    assert cfg["genes"] == genes and cfg["model_args"]["context"] == ctx
-    assert cfg["model_args"]["n_ensemble"] == 10 and cfg["model_args"]["hidden"] == 32
-    assert cfg["converted_from"]["class"] == "deepspot.spot.model.DeepSpot"
-    assert cfg["converted_from"]["hparams"]["spot_context"] == ctx
+    assert (cfg.encoder.name, cfg.encoder.dim) == ("phikon", 768)
+    assert cfg.genes == genes and cfg.context == ctx
+    assert cfg.model_args["n_ensemble"] == 10 and cfg.model_args["hidden"] == 32
+    assert cfg.extra["converted_from"]["class"] == "deepspot.spot.model.DeepSpot"
+    assert cfg.extra["converted_from"]["hparams"]["spot_context"] == ctx
     assert set(os.listdir(out)) == {"model.safetensors", "config.json"}
     spot, sub, nb = _inputs(d)
     with torch.no_grad():
@@ -171,7 +171,7 @@ def test_plain_layout_and_type_model(orig, tmp_path):
     assert o.hparams["type_model"] == "spot_neighbors"
     out = convert_deepspot(src, tmp_path / "ckpt", genes=["a", "b", "c", "d"], module_aliases=ALIASES)
     model, cfg = load_checkpoint(out)
-    assert cfg["encoder"]["name"] == "hoptimus0" and cfg["model_args"]["context"] == "spot_neighbors"
+    assert cfg.encoder.name == "hoptimus0" and cfg.context == "spot_neighbors"
     spot, sub, nb = _inputs(1536, b=3)
     with torch.no_grad():
         want = original_forward(m, "spot_neighbors", spot, sub, nb)
@@ -198,7 +198,7 @@ def test_state_dict_needs_context_when_ambiguous(orig, tmp_path):
 def test_scaler_and_gene_checks(orig, tmp_path):
     from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
-    from deepspot.inference.predict import invert_scaler
+    from deepspot.config import invert_scaler
 
     rng = np.random.default_rng(0)
     y = rng.gamma(2.0, size=(50, 5))

@@ -223,7 +223,7 @@ def test_build_stores_extracts_once_per_sample_and_reads_back(tmp_path):
     from deepspot.features import encoders as E
     from deepspot.features.extract import extract_features
     from deepspot.geometry.grid import pool_cells
-    from deepspot.inference.predict import SpotGeometry
+    from deepspot.config import SpotGeometry
     from deepspot.io.datasets import ncbi858
     from deepspot.training.stores import build_stores
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from deepspot.config import SpotGeometry
 from deepspot.models.bags import Bags, predict_bags
 from deepspot.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from deepspot.models.deepsets import CONTEXTS, DeepSpot, masked_max, masked_mean, masked_sum
@@ -102,11 +103,11 @@ def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(3)
     m = DeepSpot(10, 4, hidden=8, n_ensemble=3, context="spot_neighbors").eval()
     cfg = {"model": "deepspot", "encoder": {"name": "enc", "dim": 10}, "genes": ["A", "B", "C", "D"],
-           "geometry": {}, "scaler": None}
+           "geometry": SpotGeometry().to_dict(), "scaler": None}
     save_checkpoint(tmp_path / "ck", m, cfg)
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors"]
     m2, cfg2 = load_checkpoint(tmp_path / "ck", genes=["B", "D"], feature_dim=10)
-    assert cfg2["genes"] == ["A", "B", "C", "D"] and cfg2["model_args"]["context"] == "spot_neighbors"
+    assert cfg2.genes == ["A", "B", "C", "D"] and cfg2.context == "spot_neighbors"
     x, nb = torch.randn(5, 10), torch.randn(5, 3, 10)
     nm = torch.ones(5, 3, dtype=torch.bool)
     assert torch.equal(m(x, neighbors=nb, neighbor_mask=nm), m2(x, neighbors=nb, neighbor_mask=nm))

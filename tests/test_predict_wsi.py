@@ -20,7 +20,8 @@ from deepspot.features.extract import extract_features
 from deepspot.features.tiles import make_crops, read_size, spot_boxes
 from deepspot.geometry.grid import GridSpec, make_grid
 from deepspot.geometry.neighbors import array_neighbors
-from deepspot.inference.predict import (SpotGeometry, geometry_report, plan_slide, predict_image, predict_slide)
+from deepspot.config import SpotGeometry
+from deepspot.inference.predict import geometry_report, plan_slide, predict_image, predict_slide
 from deepspot.io.slides import SlideError, open_slide
 from deepspot.io.synthetic import write_pyramidal_tiff
 from deepspot.models.checkpoint import CheckpointError, save_checkpoint

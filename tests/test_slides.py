@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepspot.io.slides import SlideError, open_slide, require_mpp
+from deepspot.config import MppError, resolve_mpp
+from deepspot.io.slides import SlideError, open_slide
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ncbi858" / "NCBI858.jpg"
 
@@ -64,14 +65,17 @@ def test_png_rgba_composited_on_white(tmp_path):
     np.testing.assert_array_equal(out[7, 7], [255, 255, 255])
 
 
-def test_mpp_override_and_require_mpp(jpg):
+def test_mpp_override_and_resolve_mpp(jpg):
     p, _ = jpg
     with open_slide(p) as s:
-        with pytest.raises(SlideError, match="--mpp"):
-            require_mpp(s)
-        assert require_mpp(s, 0.25) == 0.25
+        with pytest.raises(MppError, match=rf"^{p}: .*--mpp"):
+            resolve_mpp(s, needs_um=True)
+        assert resolve_mpp(s) is None  # a pixel geometry needs none
+        assert resolve_mpp(s, 0.25, needs_um=True) == 0.25
+        with pytest.raises(MppError, match="positive"):
+            resolve_mpp(s, -1.0)
     with open_slide(p, mpp=0.5) as s:
-        assert s.mpp == 0.5 and require_mpp(s) == 0.5
+        assert s.mpp == 0.5 and resolve_mpp(s, needs_um=True) == 0.5
 
 
 def test_missing_and_corrupt_image(tmp_path):
@@ -201,8 +205,8 @@ def test_tiff_mpp_override_and_missing_mpp(tmp_path, pyramid):
     for b in ("openslide", "tiffslide", "tifffile"):
         with open_slide(q, backend=b) as s:
             assert s.mpp is None, b
-            with pytest.raises(SlideError, match="--mpp"):
-                require_mpp(s)
+            with pytest.raises(MppError, match="--mpp"):
+                resolve_mpp(s, needs_um=True)
 
 
 @pytest.mark.parametrize("name", ["random.svs", "random.tif", "random.ndpi", "empty.svs"])

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deepspot.inference.predict import invert_scaler
+from deepspot.config import invert_scaler
 from deepspot.io.spatial import SpatialDataError
 from deepspot.training.sampling import balanced_index, leiden_clusters, oversample_clusters
 from deepspot.training.targets import (apply_scaler, check_panel, common_genes, fit_scaler, log_normalize, rank_hvgs,

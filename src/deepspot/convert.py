@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from deepspot.config import SpotGeometry
+
 log = logging.getLogger(__name__)
 
 
@@ -517,11 +519,7 @@ def read_gene_list(genes) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
 
 
-def _default_geometry() -> dict | None:
-    try:
-        from deepspot.inference.predict import SpotGeometry
-    except Exception:  # pragma: no cover - geometry module unavailable
-        return None
+def _default_geometry() -> dict:
     return SpotGeometry().to_dict()
 
 
@@ -635,7 +633,5 @@ def convert_deepspot(src: str | Path, out_dir: str | Path, genes=None, encoder: 
             "note": "original output Dropout(0.1) dropped (a no-op at inference)",
         },
     }
-    geom = geometry if geometry is not None else _default_geometry()
-    if geom is not None:
-        config["geometry"] = geom
+    config["geometry"] = geometry if geometry is not None else _default_geometry()
     return save_checkpoint(out_dir, model, config)

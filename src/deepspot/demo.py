@@ -5,24 +5,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pandas as pd
-
+from deepspot import plotting
+from deepspot.config import GridSpec, SpotGeometry
+from deepspot.evaluation.holdout import score_holdout, score_table
 from deepspot.features.encoders import load_encoder
-from deepspot.geometry.grid import GridSpec, pool_cells
-from deepspot.inference.predict import SpotGeometry, predict_image, spot_table
+from deepspot.geometry.grid import pool_cells
+from deepspot.inference.predict import predict_image, spot_table
 from deepspot.io.datasets import ncbi858
 from deepspot.io.outputs import write_csv, write_h5ad
 from deepspot.io.slides import open_slide
 from deepspot.models.checkpoint import save_checkpoint
-from deepspot.plotting import plot_genes
 from deepspot.training.spots import train_spot_model
-
-
-def score_table(scores: dict) -> pd.DataFrame:
-    rows = {name: {"pearson (mean over genes)": s["pearson_mean"], "spearman": s["spearman_mean"],
-                   "mse": s["mse"], "genes scored": s["n_genes_scored"], "held-out spots": s["n_spots"]}
-            for name, s in scores.items()}
-    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def run_demo(out_dir: str | Path = "deepspot_demo", data_dir=None, spot_px: float = 120.0, spacing_px: float = 120.0,
@@ -44,6 +37,7 @@ def run_demo(out_dir: str | Path = "deepspot_demo", data_dir=None, spot_px: floa
     cache = out / "features"
     res = train_spot_model(image, spots, encoder, geometry, context=context, max_epochs=max_epochs, patience=patience,
                            seed=seed, cache_dir=cache, progress=progress, log_dir=out / "logs")
+    score_holdout(res)
     model_dir = save_checkpoint(out / "model", res.model, res.config)
     table = score_table(res.scores)
     write_csv(table, out / "scores.csv")
@@ -56,7 +50,7 @@ def run_demo(out_dir: str | Path = "deepspot_demo", data_dir=None, spot_px: floa
     h5 = write_h5ad(adata, out / "predictions.h5ad")
     write_csv(spot_table(adata), out / "spots.csv")
     png = out / "predicted_genes.png"
-    plot_genes(adata, n_genes=4, path=png, title="DeepSpot predictions (log1p normalised expression)")
+    plotting.spatial(adata, n_genes=4, path=png, title="DeepSpot predictions (log1p normalised expression)")
     secs = time.perf_counter() - t0
     echo(f"[demo] predicted {adata.n_obs} in-tissue grid spots × {adata.n_vars} genes; the whole demo took {secs:.0f} s")
     echo(f"[demo] wrote {h5}, {png}, {model_dir}/ (checkpoint), {out / 'scores.csv'}")

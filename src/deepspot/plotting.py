@@ -1,32 +1,55 @@
-"""Pictures of predictions: genes over the H&E thumbnail (matplotlib; squidpy-compatible AnnData)."""
+"""Pictures of predictions (``ds.pl``): genes over the H&E thumbnail, on squidpy-compatible AnnData.
+
+Every function returns the matplotlib Axes it drew on and never changes the global backend. Given
+``axes`` it draws there; given ``path`` it draws on a stand-alone :class:`matplotlib.figure.Figure`
+(no pyplot state) and writes the PNG atomically; with neither it makes a pyplot figure, so that a
+notebook shows it inline.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 
 from deepspot.io.outputs import write_figure
 
 
-def plot_genes(adata: ad.AnnData, genes: list[str] | None = None, path: str | Path | None = None,
-               n_genes: int = 4, library_id: str | None = None, layer: str | None = None, title: str = ""):
-    """One panel per gene: spots coloured by predicted expression on the H&E thumbnail.
+def _figure(n_rows: int, n_cols: int, size: tuple[float, float], to_file: bool):
+    """(figure, axes (n_rows, n_cols)): a bare Figure for file output, else a pyplot one."""
+    figsize = (size[0] * n_cols, size[1] * n_rows)
+    if to_file:
+        from matplotlib.figure import Figure
 
-    Without ``genes``, the ``n_genes`` genes with the highest spatial variance are shown.
-    Writes ``path`` (PNG) atomically when given; returns the figure.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+        fig = Figure(figsize=figsize)
+        return fig, np.atleast_2d(np.asarray(fig.subplots(n_rows, n_cols, squeeze=False)))
     import matplotlib.pyplot as plt
 
-    X = adata.layers[layer] if layer else adata.X
-    X = np.asarray(X.todense() if hasattr(X, "todense") else X)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=figsize, squeeze=False)
+    return fig, axes
+
+
+def _dense(X) -> np.ndarray:
+    return np.asarray(X.todense() if hasattr(X, "todense") else X)
+
+
+def spatial(adata: ad.AnnData, genes: list[str] | None = None, n_genes: int = 4, library_id: str | None = None,
+            layer: str | None = None, title: str = "", axes=None, path: str | Path | None = None) -> list:
+    """One panel per gene: spots coloured by (predicted) expression on the H&E thumbnail.
+
+    adata: spots × genes with obsm['spatial'] (x, y) full-resolution px and, optionally,
+    uns['spatial'][library_id] (thumbnail 'hires' + scalefactors). Without ``genes``, the ``n_genes``
+    genes with the highest variance are shown. Returns the list of Axes (one per gene).
+    """
+    from matplotlib.collections import EllipseCollection
+
+    X = _dense(adata.layers[layer] if layer else adata.X)
     names = list(map(str, adata.var_names))
     if genes is None:
         var = X.var(axis=0) if len(X) else np.zeros(len(names))
-        genes = [names[i] for i in np.argsort(-var)[:n_genes]]
+        genes = [names[i] for i in np.argsort(-var, kind="stable")[:n_genes]]
     missing = [g for g in genes if g not in names]
     if missing:
         raise ValueError(f"genes not in the predictions: {missing}")
@@ -38,19 +61,23 @@ def plot_genes(adata: ad.AnnData, genes: list[str] | None = None, path: str | Pa
         scale = float(info["scalefactors"]["tissue_hires_scalef"])
         diam = float(info["scalefactors"]["spot_diameter_fullres"])
     xy = np.asarray(adata.obsm["spatial"], dtype=float) * scale
-    n = len(genes)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.2), squeeze=False)
-    from matplotlib.collections import EllipseCollection
-
+    if axes is None:
+        fig, grid = _figure(1, len(genes), (4.2, 4.2), path is not None)
+        axes = list(grid[0])
+    else:
+        axes = list(np.ravel(axes))
+        if len(axes) < len(genes):
+            raise ValueError(f"{len(genes)} genes need {len(genes)} axes, got {len(axes)}")
+        fig = axes[0].figure
     d = diam * scale  # spot diameter in thumbnail pixels (data units)
-    for ax, g in zip(axes[0], genes):
+    for ax, g in zip(axes, genes):
         if img is not None:
             ax.imshow(img)
         coll = EllipseCollection(widths=d, heights=d, angles=0, units="xy", offsets=xy,
                                  offset_transform=ax.transData, cmap="viridis", alpha=0.85, linewidths=0)
         coll.set_array(np.asarray(X[:, names.index(g)], dtype=float))
         ax.add_collection(coll)
-        if img is None:
+        if img is None and len(xy):
             ax.set_xlim(xy[:, 0].min() - d, xy[:, 0].max() + d)
             ax.set_ylim(xy[:, 1].max() + d, xy[:, 1].min() - d)
         ax.set_aspect("equal")
@@ -61,25 +88,39 @@ def plot_genes(adata: ad.AnnData, genes: list[str] | None = None, path: str | Pa
         fig.suptitle(title)
     if path is not None:
         write_figure(fig, path)
-    return fig
+    return axes[:len(genes)]
 
 
-def plot_cell_predictions(xy: np.ndarray, values: dict, genes: list[str], var_names: list[str],
-                          image: np.ndarray | None = None, scale: float = 1.0, cell_px: float = 20.0,
-                          path: str | Path | None = None, title: str = ""):
+def spatial_columns(skeleton: ad.AnnData, X, genes: list[str], path, max_side: int = 1000,
+                    title: str = "DeepSpot predictions (log1p normalised expression)") -> list:
+    """PNG of ``genes`` over the thumbnail of ``skeleton`` (an AnnData without X), reading only those
+    columns of ``X`` (N, G; zarr, h5py or numpy) and a thumbnail of at most ``max_side`` px."""
+    names = list(skeleton.var_names)
+    cols = [names.index(g) for g in genes]
+    vals = np.concatenate([np.asarray(X[a:a + 8192])[:, cols] for a in range(0, skeleton.n_obs, 8192)])
+    lib, info = next(iter(skeleton.uns["spatial"].items()))
+    img = info["images"]["hires"]
+    k = max(1, int(np.ceil(max(img.shape[:2]) / max_side)))  # panels need no more than ~max_side px
+    sf = dict(info["scalefactors"], tissue_hires_scalef=info["scalefactors"]["tissue_hires_scalef"] / k)
+    small = ad.AnnData(X=vals.astype(np.float32), obs=skeleton.obs[[]].copy(), var=pd.DataFrame(index=genes),
+                       obsm={"spatial": skeleton.obsm["spatial"]},
+                       uns={"spatial": {lib: {"images": {"hires": img[::k, ::k]}, "scalefactors": sf}}})
+    return spatial(small, genes=genes, title=title, path=path)
+
+
+def cell_predictions(xy: np.ndarray, values: dict, genes: list[str], var_names: list[str],
+                     image: np.ndarray | None = None, scale: float = 1.0, cell_px: float = 20.0,
+                     pearson: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                     path: str | Path | None = None, title: str = "") -> np.ndarray:
     """Predicted vs true expression over cells: one row per entry of ``values`` (name -> (N, G) array; the
     first row is the truth the others are compared with), one column per gene. Cells are discs of
     ``cell_px`` level-0 px (enlarged to stay visible on a large crop) at ``xy`` (N, 2) level-0 (x, y), over
-    ``image`` (a thumbnail at ``scale``), cropped to the cells the first row has. Rows may hold NaN for cells they do not score (drawn as grey rings).
-    Each panel has its own colour scale and is titled with the per-gene Pearson r against the first
-    row over the cells both have. Writes ``path`` (PNG) atomically when given; returns the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    ``image`` (a thumbnail at ``scale``), cropped to the cells the first row has. Rows may hold NaN for
+    cells they do not score (drawn as grey rings). Each panel has its own colour scale; with ``pearson``
+    (per-gene r of (N, 1) pred vs true, e.g. ``evaluation.metrics.pearson_per_gene``) the panels of the
+    later rows are titled with r against the first row over the cells both have. Returns the Axes
+    (rows × genes)."""
     from matplotlib.collections import EllipseCollection
-
-    from deepspot.evaluation.metrics import pearson_per_gene
 
     names = list(map(str, var_names))
     missing = [g for g in genes if g not in names]
@@ -93,7 +134,7 @@ def plot_cell_predictions(xy: np.ndarray, values: dict, genes: list[str], var_na
     lo, hi = pts[shown].min(axis=0), pts[shown].max(axis=0)
     d = max(cell_px * scale, 0.025 * float((hi - lo).max()))  # true cell size, but visible on a large crop
     lo, hi = lo - 2 * d, hi + 2 * d
-    fig, axes = plt.subplots(len(rows), len(genes), figsize=(3.2 * len(genes), 3.0 * len(rows)), squeeze=False)
+    fig, axes = _figure(len(rows), len(genes), (3.2, 3.0), path is not None)
     for i, name in enumerate(rows):
         v = np.asarray(values[name], dtype=float)[:, cols]
         for j, g in enumerate(genes):
@@ -112,7 +153,9 @@ def plot_cell_predictions(xy: np.ndarray, values: dict, genes: list[str], var_na
             ax.add_collection(discs)
             fig.colorbar(discs, ax=ax, fraction=0.046, pad=0.02)
             both = ok & np.isfinite(ref[:, j])
-            label = g if i == 0 else f"{g}  r={pearson_per_gene(v[both, j:j + 1], ref[both, j:j + 1])[0]:.2f}"
+            label = g
+            if i and pearson is not None:
+                label = f"{g}  r={pearson(v[both, j:j + 1], ref[both, j:j + 1])[0]:.2f}"
             ax.set_title(label, fontsize=9)
             ax.set_xlim(lo[0], hi[0])
             ax.set_ylim(hi[1], lo[1])
@@ -126,4 +169,4 @@ def plot_cell_predictions(xy: np.ndarray, values: dict, genes: list[str], var_na
     fig.tight_layout()
     if path is not None:
         write_figure(fig, path)
-    return fig
+    return axes

@@ -79,7 +79,7 @@ def train(image: Path = typer.Option(..., help="H&E image/slide the spots lie on
     from deepspot.demo import score_table
     from deepspot.features.encoders import load_encoder
     from deepspot.geometry.grid import GridSpec, pool_cells
-    from deepspot.inference.predict import SpotGeometry
+    from deepspot.config import SpotGeometry
     from deepspot.io.slides import open_slide
     from deepspot.io.spatial import SpatialDataError, check_inside, read_cells_h5ad
     from deepspot.models.checkpoint import save_checkpoint

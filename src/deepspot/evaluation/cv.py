@@ -22,11 +22,11 @@ import lightning as L
 import numpy as np
 import pandas as pd
 
+from deepspot.config import invert_scaler
 from deepspot.evaluation.baseline import ridge_baseline
 from deepspot.evaluation.metrics import pearson_per_gene, summarize
 from deepspot.features.store import Features
 from deepspot.geometry.neighbors import array_neighbors
-from deepspot.inference.predict import invert_scaler
 from deepspot.models.bags import Bags, predict_bags
 from deepspot.models.deepsets import CONTEXTS, DeepSpot
 from deepspot.training.fit import fit

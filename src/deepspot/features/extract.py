@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
+from deepspot.config import FEATURE_MODES
 from deepspot.features.store import (FeatureWriter, Features, StoredFeatures, feature_key, match_centers,
                                      store_centers)
 from deepspot.features.tiles import make_crops, pool_regions, read_size, spot_boxes
 
 log = logging.getLogger(__name__)
 
-FEATURE_MODES = ("standard", "fast")
 
 
 def check_mode(mode: str) -> str:

@@ -6,48 +6,15 @@ Coordinates: ``x`` horizontal, ``y`` vertical, level-0 pixels (scverse ``obsm["s
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
+from deepspot.config import GridSpec
+
 SQRT3_2 = np.sqrt(3.0) / 2.0
-
-
-@dataclass(frozen=True)
-class GridSpec:
-    """A spot grid. Lengths are in ``unit`` ('um' or 'px')."""
-
-    spot_diameter: float = 55.0
-    spacing: float = 100.0  # centre to centre
-    layout: str = "hex"  # 'hex' (Visium) or 'square' (Visium HD-like bins)
-    unit: str = "um"
-    offset_x: float = 0.0
-    offset_y: float = 0.0
-
-    def __post_init__(self):
-        if self.unit not in ("um", "px"):
-            raise ValueError(f"grid unit must be 'um' or 'px', got {self.unit!r}")
-        if self.layout not in ("hex", "square"):
-            raise ValueError(f"grid layout must be 'hex' or 'square', got {self.layout!r}")
-        if self.spot_diameter <= 0 or self.spacing <= 0:
-            raise ValueError("spot diameter and spacing must be positive")
-
-    def in_pixels(self, mpp: float | None) -> "GridSpec":
-        """The same grid with lengths in level-0 pixels."""
-        if self.unit == "px":
-            return self
-        if mpp is None or mpp <= 0:
-            raise ValueError("this grid is in µm: an mpp (µm per pixel) is needed; pass --mpp")
-        f = 1.0 / mpp
-        return GridSpec(self.spot_diameter * f, self.spacing * f, self.layout, "px",
-                        self.offset_x * f, self.offset_y * f)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def make_grid(width: float, height: float, spec: GridSpec) -> pd.DataFrame:

@@ -32,7 +32,10 @@ import numpy as np
 from scipy import ndimage as ndi
 
 __all__ = [
+    "BACKGROUND_MEAN_RGB",
     "TissueMask",
+    "spot_mean_rgb",
+    "tissue_spots",
     "tissue_mask",
     "mask_from_rgb",
     "saturation",
@@ -40,7 +43,10 @@ __all__ = [
 ]
 
 
-def tile_is_background_mean_rgb(tiles: np.ndarray, threshold: float = 200.0) -> np.ndarray:
+BACKGROUND_MEAN_RGB = 200.0  # the reference rule: background where the mean RGB exceeds this
+
+
+def tile_is_background_mean_rgb(tiles: np.ndarray, threshold: float = BACKGROUND_MEAN_RGB) -> np.ndarray:
     """Reference rule on crops: True where a tile's mean over all pixels and channels > ``threshold``.
 
     ``tiles`` is uint8 (B, h, w, 3) (a single (h, w, 3) tile gives a 1-element result).
@@ -99,7 +105,7 @@ def mask_from_rgb(
     px_um: float | None = None,
     min_saturation: float = 20,
     max_saturation: float = 80,
-    mean_rgb_threshold: float = 200,
+    mean_rgb_threshold: float = BACKGROUND_MEAN_RGB,
     dark_threshold: float = 30,
     with_dark_stain: bool = True,
     clean: bool = True,
@@ -332,3 +338,40 @@ def tissue_mask(
         px_um = float(mpp) * ((w0 / thumb.shape[1]) + (h0 / thumb.shape[0])) / 2.0
     mask, t = mask_from_rgb(thumb, method, px_um=px_um, **kwargs)
     return TissueMask(mask=mask, level0_size=(int(w0), int(h0)), method=method, threshold=t)
+
+
+def spot_mean_rgb(view: np.ndarray, level0_size: tuple[int, int], x, y, spot_px: float) -> np.ndarray:
+    """Mean RGB of each spot's square tile (side ``spot_px`` level-0 px around (x, y)) on a low-resolution
+    view of the slide, by an integral image (a block-mean thumbnail preserves tile means)."""
+    h, w = view.shape[:2]
+    sx, sy = w / level0_size[0], h / level0_size[1]
+    ii = np.zeros((h + 1, w + 1))
+    ii[1:, 1:] = view[:, :, :3].mean(axis=2, dtype=np.float64).cumsum(0).cumsum(1)
+    x, y, r = np.asarray(x, float), np.asarray(y, float), spot_px / 2.0
+    x0 = np.clip(np.floor((x - r) * sx), 0, w - 1).astype(int)
+    y0 = np.clip(np.floor((y - r) * sy), 0, h - 1).astype(int)
+    x1 = np.clip(np.ceil((x + r) * sx), x0 + 1, w).astype(int)
+    y1 = np.clip(np.ceil((y + r) * sy), y0 + 1, h).astype(int)
+    return (ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]) / ((x1 - x0) * (y1 - y0))
+
+
+def tissue_spots(slide, grid: pd.DataFrame, spot_px: float, method: str = "otsu", min_fraction: float = 0.1,
+                 view: np.ndarray | None = None) -> np.ndarray:
+    """Boolean (N,) keep-mask of grid spots on tissue, decided on a low-resolution view (``view``, else a
+    ≤2048-px thumbnail read from a coarse pyramid level).
+
+    'otsu' (default): the tissue module's per-pixel Otsu-on-saturation classification; a spot is kept
+    when at least ``min_fraction`` of its disc is tissue (the spot-level fraction is the clean-up).
+    'mean_rgb': the reference rule — a spot is background when the mean RGB of its tile exceeds
+    :data:`BACKGROUND_MEAN_RGB`.
+    'none': every spot.
+    """
+    if method == "none" or len(grid) == 0:
+        return np.ones(len(grid), dtype=bool)
+    view = slide.get_thumbnail(2048) if view is None else view
+    size = tuple(int(v) for v in slide.dimensions)
+    x, y = grid["x"].to_numpy(), grid["y"].to_numpy()
+    if method == "mean_rgb":
+        return spot_mean_rgb(view, size, x, y, spot_px) <= BACKGROUND_MEAN_RGB
+    mask, t = mask_from_rgb(view, method, clean=False)
+    return TissueMask(mask, size, method, t).fraction_at(x, y, spot_px / 2.0) >= min_fraction

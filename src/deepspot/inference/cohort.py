@@ -1,7 +1,7 @@
 """Cohort prediction: many slides, one task per slide, resumable, nothing lost.
 
 A manifest (CSV: ``path``, optional ``id`` and ``mpp``) lists the slides. Every slide runs through
-one function, :func:`predict_slide`, which predicts it with
+one function, :func:`predict_job`, which predicts it with
 :func:`deepspot.inference.predict.predict_slide` (flat memory) into ``<id>.h5ad`` and
 ``<id>_spots.csv`` (+ ``<id>_genes.png`` when asked), written under temp names and renamed when
 complete. A slide that raises is recorded as failed with its reason;
@@ -56,7 +56,7 @@ class SlideJob:
     mpp: float | None = None
 
 
-def read_manifest(path: str | Path, default_mpp: float | None = None) -> list[SlideJob]:
+def read_cohort(path: str | Path, default_mpp: float | None = None) -> list[SlideJob]:
     """Read and check a cohort manifest (CSV with a header).
 
     Columns: ``path`` (required; relative paths are taken from the manifest's folder), ``id``
@@ -277,7 +277,7 @@ class SlidePredictor:
         self.opts = opts
         self.device = resolve_device(opts.device)
         cfg = read_config(opts.model)
-        self.encoder = load_encoder(cfg["encoder"]["name"], weights=opts.encoder_weights, device=self.device)
+        self.encoder = load_encoder(cfg.encoder.name, weights=opts.encoder_weights, device=self.device)
         self.model, self.config = load_checkpoint(opts.model, feature_dim=self.encoder.dim)
 
     @classmethod
@@ -300,7 +300,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-def predict_slide(job: SlideJob, out_dir: str | Path, predictor: SlidePredictor) -> SlideResult:
+def predict_job(job: SlideJob, out_dir: str | Path, predictor: SlidePredictor) -> SlideResult:
     """Predict one slide into ``out_dir`` (streamed, flat memory; outputs renamed into place only when
     complete: see ``inference.predict.predict_slide``). Never raises for a bad slide: the error comes back
     in the result. The only per-slide code path of both backends."""
@@ -331,7 +331,7 @@ def _ray_predict(job: SlideJob, out_dir: str, opts: PredictOptions, threads: int
         predictor = SlidePredictor.cached(opts)
     except Exception as e:  # noqa: BLE001 - report, do not crash the worker
         return SlideResult(job.id, "failed", "loading the model: " + _one_line(e), path=str(job.path))
-    return predict_slide(job, out_dir, predictor)
+    return predict_job(job, out_dir, predictor)
 
 
 # --------------------------------------------------------------------------------------
@@ -374,7 +374,7 @@ def _progress(total: int, enabled: bool):
 def _run_local(todo: list[SlideJob], out_dir: Path, opts: PredictOptions, on_result: Callable[[SlideResult], None]):
     predictor = SlidePredictor.cached(opts)
     for job in todo:
-        on_result(predict_slide(job, out_dir, predictor))
+        on_result(predict_job(job, out_dir, predictor))
 
 
 def _run_ray(todo: list[SlideJob], out_dir: Path, opts: PredictOptions, on_result: Callable[[SlideResult], None],
@@ -451,7 +451,7 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
     Checks the manifest, the output folder, the checkpoint and its encoder before any slide runs.
     """
     from deepspot.features.encoders import get_spec
-    from deepspot.models.checkpoint import CheckpointError, CONFIG_FILE, WEIGHTS_FILE, read_config
+    from deepspot.models.checkpoint import CheckpointError, WEIGHTS_FILE, read_config
 
     if backend not in ("ray", "local"):
         raise ValueError(f"unknown backend {backend!r}; use 'ray' or 'local'")
@@ -459,14 +459,11 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
         raise ValueError("num_cpus and num_gpus must be ≥ 0")
     if tissue not in ("otsu", "mean_rgb", "none"):
         raise ValueError(f"unknown tissue filter {tissue!r}; use otsu, mean_rgb or none")
-    jobs = read_manifest(manifest, default_mpp=mpp)
-    cfg = read_config(model)
+    jobs = read_cohort(manifest, default_mpp=mpp)
+    cfg = read_config(model)  # every field checked
     if not (Path(model) / WEIGHTS_FILE).exists():
         raise CheckpointError(f"{model}: {WEIGHTS_FILE} missing")
-    for key in ("encoder", "genes", "geometry"):
-        if key not in cfg:
-            raise CheckpointError(f"{Path(model) / CONFIG_FILE}: no {key!r} entry")
-    get_spec(cfg["encoder"]["name"])  # unknown encoder -> EncoderError now, not per slide
+    get_spec(cfg.encoder.name)  # unknown encoder -> EncoderError now, not per slide
     out = check_output_dir(out_dir)
     opts = PredictOptions(model=str(Path(model).resolve()),
                           encoder_weights=str(Path(encoder_weights).resolve()) if encoder_weights else None,

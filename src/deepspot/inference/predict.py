@@ -32,68 +32,17 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from deepspot.features.extract import (FEATURE_MODES, ExtractStats, check_mode, extract_features, extract_to_store,
-                                       store_path_for)
-from deepspot.geometry.grid import GridSpec, make_grid
+from deepspot import plotting
+from deepspot.config import GridSpec, ModelConfig, SpotGeometry, invert_scaler, resolve_mpp
+from deepspot.features.extract import ExtractStats, check_mode, extract_features, extract_to_store, store_path_for
+from deepspot.geometry.grid import make_grid
 from deepspot.geometry.neighbors import array_neighbors
-from deepspot.io.outputs import add_spatial_image, atomic_path
+from deepspot.geometry.tissue import tissue_spots
+from deepspot.io.outputs import add_spatial_image, atomic_path, write_h5ad_chunked
+from deepspot.io.slides import open_slide
 from deepspot.models.bags import iter_predictions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SpotGeometry:
-    """How crops and context are cut, stored in every checkpoint.
-
-    grid: spot diameter and spacing (µm or px, converted with the slide's mpp) and layout; n_sub:
-    sub-spot grid (n×n); neighbours: spots whose array row and column differ by at most
-    ``neighbor_radius`` (the same rule in training and prediction: the 4 diagonal neighbours on a
-    Visium hex grid, the 8-neighbourhood on a square grid; in µm that is one grid spacing, since the
-    array coordinates come from the µm grid); feature_mode: 'standard' or 'fast' (sub-spots from
-    the spot's patch tokens) — a model is used in the mode it was trained in.
-    """
-
-    grid: GridSpec = field(default_factory=GridSpec)
-    n_sub: int = 3
-    neighbor_radius: int = 1
-    feature_mode: str = "standard"
-
-    def __post_init__(self):
-        if self.feature_mode not in FEATURE_MODES:
-            raise ValueError(f"unknown feature mode {self.feature_mode!r}; use 'standard' or 'fast'")
-
-    def to_dict(self) -> dict:
-        return {"grid": self.grid.to_dict(), "n_sub": self.n_sub, "neighbor_radius": self.neighbor_radius,
-                "feature_mode": self.feature_mode}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SpotGeometry":
-        return cls(GridSpec(**d["grid"]), int(d["n_sub"]), int(d["neighbor_radius"]),
-                   str(d.get("feature_mode", "standard")))
-
-
-def feature_mode_of(config: dict) -> str:
-    """The feature mode a checkpoint was trained in ('standard' for checkpoints that predate the field)."""
-    return str(config.get("feature_mode") or config.get("geometry", {}).get("feature_mode") or "standard")
-
-
-def check_feature_mode(config: dict, mode: str, source="model") -> str:
-    """Refuse to use a model with features made another way than in its training."""
-    trained = feature_mode_of(config)
-    if mode != trained:
-        hint = "pass --fast" if trained == "fast" else "drop --fast"
-        from deepspot.models.checkpoint import CheckpointError
-
-        raise CheckpointError(f"{source}: model was trained on {trained!r} features, asked for {mode!r} ({hint})")
-    return mode
-
-
-def invert_scaler(pred: np.ndarray, scaler: dict | None) -> np.ndarray:
-    """Undo a target scaler stored in the checkpoint ({'kind', 'a', 'b'}: y_scaled = (y - a) / b)."""
-    if not scaler:
-        return pred
-    return pred * np.asarray(scaler["b"], dtype=np.float32) + np.asarray(scaler["a"], dtype=np.float32)
 
 
 def geometry_report(spot_diameter_um: float, spacing_um: float, mpp: float, meta: dict | None = None,
@@ -128,44 +77,6 @@ def geometry_report(spot_diameter_um: float, spacing_um: float, mpp: float, meta
     return geo, notes
 
 
-def spot_mean_rgb(view: np.ndarray, level0_size: tuple[int, int], x, y, spot_px: float) -> np.ndarray:
-    """Mean RGB of each spot's square tile (side ``spot_px`` level-0 px around (x, y)) on a low-resolution
-    view of the slide, by an integral image (a block-mean thumbnail preserves tile means)."""
-    h, w = view.shape[:2]
-    sx, sy = w / level0_size[0], h / level0_size[1]
-    ii = np.zeros((h + 1, w + 1))
-    ii[1:, 1:] = view[:, :, :3].mean(axis=2, dtype=np.float64).cumsum(0).cumsum(1)
-    x, y, r = np.asarray(x, float), np.asarray(y, float), spot_px / 2.0
-    x0 = np.clip(np.floor((x - r) * sx), 0, w - 1).astype(int)
-    y0 = np.clip(np.floor((y - r) * sy), 0, h - 1).astype(int)
-    x1 = np.clip(np.ceil((x + r) * sx), x0 + 1, w).astype(int)
-    y1 = np.clip(np.ceil((y + r) * sy), y0 + 1, h).astype(int)
-    return (ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]) / ((x1 - x0) * (y1 - y0))
-
-
-def tissue_spots(slide, grid: pd.DataFrame, spot_px: float, method: str = "otsu", min_fraction: float = 0.1,
-                 view: np.ndarray | None = None) -> np.ndarray:
-    """Boolean (N,) keep-mask of grid spots on tissue, decided on a low-resolution view (``view``, else a
-    ≤2048-px thumbnail read from a coarse pyramid level).
-
-    'otsu' (default): the tissue module's per-pixel Otsu-on-saturation classification; a spot is kept
-    when at least ``min_fraction`` of its disc is tissue (the spot-level fraction is the clean-up).
-    'mean_rgb': the reference rule — a spot is background when the mean RGB of its tile exceeds 200.
-    'none': every spot.
-    """
-    if method == "none" or len(grid) == 0:
-        return np.ones(len(grid), dtype=bool)
-    from deepspot.geometry.tissue import TissueMask, mask_from_rgb
-
-    view = slide.get_thumbnail(2048) if view is None else view
-    size = tuple(int(v) for v in slide.dimensions)
-    x, y = grid["x"].to_numpy(), grid["y"].to_numpy()
-    if method == "mean_rgb":
-        return spot_mean_rgb(view, size, x, y, spot_px) <= 200.0
-    mask, t = mask_from_rgb(view, method, clean=False)
-    return TissueMask(mask, size, method, t).fraction_at(x, y, spot_px / 2.0) >= min_fraction
-
-
 @dataclass
 class SlidePlan:
     """A slide's virtual grid: in-tissue spots (array_row, array_col, x, y level-0 px) and its geometry."""
@@ -197,8 +108,6 @@ def plan_slide(slide_path, geometry: SpotGeometry, mpp: float | None = None, tis
     """Grid + tissue filter + thumbnail of a slide. ``layout`` ('hex'/'square') and ``spacing`` (grid unit)
     override the checkpoint's grid; the spot diameter (crop size) always stays the model's.
     Raises SlideError (corrupt/unsupported file, no mpp for a µm model: pass ``mpp``)."""
-    from deepspot.io.slides import open_slide, require_mpp
-
     if tissue not in ("otsu", "mean_rgb", "none"):
         raise ValueError(f"unknown tissue method {tissue!r}; use otsu, mean_rgb or none")
     grid_spec = geometry.grid
@@ -206,7 +115,7 @@ def plan_slide(slide_path, geometry: SpotGeometry, mpp: float | None = None, tis
         grid_spec = replace(grid_spec, layout=layout or grid_spec.layout, spacing=spacing or grid_spec.spacing)
     geometry = replace(geometry, grid=grid_spec)
     with open_slide(slide_path, mpp=mpp) as slide:
-        mpp_used = require_mpp(slide, mpp) if grid_spec.unit == "um" else slide.mpp
+        mpp_used = resolve_mpp(slide, mpp, needs_um=grid_spec.unit == "um")
         spec = grid_spec.in_pixels(mpp_used)
         notes = []
         if grid_spec.unit == "um":
@@ -230,29 +139,28 @@ def _obs(grid: pd.DataFrame) -> pd.DataFrame:
                         index=[f"{r}x{c}" for r, c in zip(grid["array_row"], grid["array_col"])])
 
 
-def _skeleton(plan: SlidePlan, config: dict, library_id: str | None, mode: str) -> ad.AnnData:
+def _skeleton(plan: SlidePlan, config: ModelConfig, library_id: str | None, mode: str) -> ad.AnnData:
     """The AnnData of a prediction without X: obs, var, obsm['spatial'], uns spatial + provenance."""
-    a = ad.AnnData(obs=_obs(plan.grid), var=pd.DataFrame(index=list(config["genes"])))
+    a = ad.AnnData(obs=_obs(plan.grid), var=pd.DataFrame(index=list(config.genes)))
     a.obsm["spatial"] = plan.grid[["x", "y"]].to_numpy(dtype=np.float64)
     lib = library_id or plan.slide_path.stem
     add_spatial_image(a, lib, plan.thumbnail, plan.scale, plan.spec.spot_diameter,
                       source_image_path=str(plan.slide_path))
     g = plan.geometry
     a.uns["deepspot"] = {
-        "model": config["model"], "encoder": config["encoder"]["name"],
-        "context": config["model_args"].get("context", ""), "feature_mode": mode,
+        "model": config.model, "encoder": config.encoder.name, "context": config.context, "feature_mode": mode,
         "grid_unit": g.grid.unit, "grid_layout": plan.spec.layout, "spot_diameter_px": float(plan.spec.spot_diameter),
         "spacing_px": float(plan.spec.spacing), "mpp": float(plan.mpp) if plan.mpp else -1.0,
         "neighbors": f"array row and column within {g.neighbor_radius}",
         "tissue_method": plan.tissue, "grid_spots": int(plan.n_grid), "in_tissue_spots": int(len(plan.grid)),
         "geometry_notes": list(plan.notes),
-        "values": ("log1p(normalize_total 1e4) expression" if not config.get("scaler")
+        "values": ("log1p(normalize_total 1e4) expression" if config.scaler is None
                    else "log1p expression (scaler inverted)"),
     }
     return a
 
 
-def predict_plan(plan: SlidePlan, model, config: dict, encoder, sink=None, *, mode: str = "standard",
+def predict_plan(plan: SlidePlan, model, config: ModelConfig, encoder, sink=None, *, mode: str = "standard",
                  mpp: float | None = None, batch_size: int = 16, num_workers: int | None = None, cache_dir=None,
                  store_dir=None, device="cpu", autocast_dtype=None, progress: bool = True,
                  stats: ExtractStats | None = None, predict_batch: int = 512) -> np.ndarray | None:
@@ -276,8 +184,8 @@ def predict_plan(plan: SlidePlan, model, config: dict, encoder, sink=None, *, mo
     else:
         source = extract_features(plan.slide_path, centers, tile, encoder, **common)
     idx, mask = plan.neighbors()
-    scaler = config.get("scaler")
-    out = None if sink is not None else np.zeros((len(centers), len(config["genes"])), dtype=np.float32)
+    scaler = config.scaler
+    out = None if sink is not None else np.zeros((len(centers), len(config.genes)), dtype=np.float32)
     for start, pred in iter_predictions(model, source, idx, mask, batch_size=predict_batch, device=device):
         pred = invert_scaler(pred, scaler)
         if sink is not None:
@@ -287,11 +195,11 @@ def predict_plan(plan: SlidePlan, model, config: dict, encoder, sink=None, *, mo
     return out
 
 
-def _mode(config: dict, fast: bool | None) -> str:
-    return feature_mode_of(config) if fast is None else ("fast" if fast else "standard")
+def _mode(config: ModelConfig, fast: bool | None) -> str:
+    return config.check_feature_mode(config.feature_mode if fast is None else ("fast" if fast else "standard"))
 
 
-def predict_image(slide_path, model, config: dict, encoder, mpp: float | None = None, tissue: str = "otsu",
+def predict_image(slide_path, model, config: ModelConfig | dict, encoder, mpp: float | None = None, tissue: str = "otsu",
                   batch_size: int = 16, num_workers: int | None = 0, cache_dir=None, device="cpu",
                   autocast_dtype=None, progress: bool = True, library_id: str | None = None,
                   thumbnail_size: int = 2000, stats: ExtractStats | None = None, min_tissue_fraction: float = 0.1,
@@ -304,9 +212,9 @@ def predict_image(slide_path, model, config: dict, encoder, mpp: float | None = 
     ``fast``: None = the checkpoint's feature mode; True/False must match it. For whole slides use
     :func:`predict_slide` (streams to disk).
     """
-    mode = check_feature_mode(config, _mode(config, fast))
-    geom = SpotGeometry.from_dict(config["geometry"])
-    plan = plan_slide(slide_path, geom, mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue_fraction,
+    config = ModelConfig.coerce(config)
+    mode = _mode(config, fast)
+    plan = plan_slide(slide_path, config.geometry, mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue_fraction,
                       thumbnail_size=thumbnail_size, layout=layout, spacing=spacing)
     adata = _skeleton(plan, config, library_id, mode)
     if len(plan.grid) == 0:
@@ -327,23 +235,6 @@ def spot_table(adata: ad.AnnData) -> pd.DataFrame:
                          "pxl_x": xy[:, 0] if len(xy) else [], "pxl_y": xy[:, 1] if len(xy) else [],
                          "in_tissue": adata.obs["in_tissue"].to_numpy()},
                         index=pd.Index(adata.obs_names, name="barcode"))
-
-
-def write_h5ad_chunked(skeleton: ad.AnnData, X, path, rows: int = 4096) -> None:
-    """Write ``skeleton`` (an AnnData without X) to ``path`` and add ``X`` (N,G) copied ``rows`` at a time from
-    any sliceable array (zarr, h5py, numpy), so the full matrix is never in memory."""
-    import h5py
-
-    skeleton.write_h5ad(path, compression="gzip")
-    n, g = skeleton.shape
-    with h5py.File(path, "a") as f:
-        chunks = (max(1, min(rows, n, (8 << 20) // max(1, 4 * g))), g) if n and g else None
-        ds = f.create_dataset("X", shape=(n, g), dtype="float32", chunks=chunks,
-                              compression="gzip" if chunks else None)
-        ds.attrs["encoding-type"] = "array"
-        ds.attrs["encoding-version"] = "0.2.0"
-        for a in range(0, n, rows):
-            ds[a:min(a + rows, n)] = np.asarray(X[a:min(a + rows, n)], dtype=np.float32)
 
 
 @dataclass
@@ -375,7 +266,7 @@ class _GeneMoments:
         return np.argsort(-var, kind="stable")[:k]
 
 
-def predict_slide(slide_path, model, config: dict, encoder, out_dir, genes: list[str] | None = None,
+def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_dir, genes: list[str] | None = None,
                   n_plot: int = 4, mpp: float | None = None, tissue: str = "otsu", min_tissue_fraction: float = 0.1,
                   fast: bool | None = None, layout: str | None = None, spacing: float | None = None,
                   batch_size: int = 16, num_workers: int | None = None, cache_dir=None, device="cpu",
@@ -398,14 +289,11 @@ def predict_slide(slide_path, model, config: dict, encoder, out_dir, genes: list
 
     t0 = time.perf_counter()
     stats = stats if stats is not None else ExtractStats()
-    mode = check_feature_mode(config, _mode(config, fast))
-    all_genes = list(config["genes"])
-    if genes:
-        missing = [g for g in genes if g not in set(all_genes)]
-        if missing:
-            raise ValueError(f"genes not predicted by the model: {', '.join(missing[:5])}")
-    geom = SpotGeometry.from_dict(config["geometry"])
-    plan = plan_slide(slide_path, geom, mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue_fraction,
+    config = ModelConfig.coerce(config)
+    mode = _mode(config, fast)
+    all_genes = list(config.genes)
+    config.check_genes(genes)
+    plan = plan_slide(slide_path, config.geometry, mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue_fraction,
                       thumbnail_size=thumbnail_size, layout=layout, spacing=spacing, meta=meta)
     if max_spots is not None and len(plan.grid) > max_spots:
         plan.notes.append(f"capped at the first {max_spots} of {len(plan.grid)} in-tissue spots")
@@ -440,7 +328,7 @@ def predict_slide(slide_path, model, config: dict, encoder, out_dir, genes: list
             write_h5ad_chunked(skel, pred.array, tmp[0])
             spot_table(skel).to_csv(tmp[1], index=True)
             if len(tmp) == 3:
-                _plot_columns(skel, pred.array, plot, tmp[2])
+                plotting.spatial_columns(skel, pred.array, plot, tmp[2])
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         if created:
@@ -450,26 +338,3 @@ def predict_slide(slide_path, model, config: dict, encoder, out_dir, genes: list
     shutil.rmtree(work, ignore_errors=True)
     return PredictResult(paths[0], paths[1], paths[2] if n and plot else None, n, plan.n_grid, plot, stats,
                          time.perf_counter() - t0, list(plan.notes))
-
-
-def _plot_columns(skel: ad.AnnData, X, genes: list[str], path, max_side: int = 1000) -> None:
-    """PNG of ``genes`` over the thumbnail, reading only those columns of ``X``."""
-    import matplotlib.pyplot as plt
-
-    from deepspot.plotting import plot_genes
-
-    names = list(skel.var_names)
-    cols = [names.index(g) for g in genes]
-    vals = np.concatenate([np.asarray(X[a:a + 8192])[:, cols] for a in range(0, skel.n_obs, 8192)])
-    lib, info = next(iter(skel.uns["spatial"].items()))
-    img = info["images"]["hires"]
-    k = max(1, int(np.ceil(max(img.shape[:2]) / max_side)))  # panels need no more than ~max_side px
-    sf = dict(info["scalefactors"], tissue_hires_scalef=info["scalefactors"]["tissue_hires_scalef"] / k)
-    small = ad.AnnData(X=vals.astype(np.float32), obs=skel.obs[[]].copy(), var=pd.DataFrame(index=genes),
-                       obsm={"spatial": skel.obsm["spatial"]},
-                       uns={"spatial": {lib: {"images": {"hires": img[::k, ::k]}, "scalefactors": sf}}})
-    fig = plot_genes(small, genes=genes, title="DeepSpot predictions (log1p normalised expression)")
-    try:
-        fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
-    finally:
-        plt.close(fig)

@@ -39,6 +39,23 @@ def write_h5ad(adata: ad.AnnData, path: str | Path) -> Path:
     return Path(path)
 
 
+def write_h5ad_chunked(skeleton: ad.AnnData, X, path: str | Path, rows: int = 4096) -> Path:
+    """Write ``skeleton`` (an AnnData without X) with ``X`` (N, G) taken from any sliceable array (zarr, h5py,
+    numpy) ``rows`` at a time, through anndata's own writer (X as a dask array), so the full matrix is
+    never in memory. Writes ``path`` as it is: callers that need it atomic pass a path of :func:`atomic_path`."""
+    import dask
+    import dask.array as da
+
+    n, g = skeleton.shape
+    if tuple(X.shape) != (n, g):
+        raise ValueError(f"{path}: X has shape {tuple(X.shape)}, the AnnData is {n} x {g}")
+    a = ad.AnnData(X=da.from_array(X, chunks=(max(1, min(rows, n)), max(g, 1))).astype(np.float32),
+                   obs=skeleton.obs, var=skeleton.var, obsm=dict(skeleton.obsm), uns=dict(skeleton.uns))
+    with dask.config.set(scheduler="synchronous"):
+        a.write_h5ad(path, compression="gzip")
+    return Path(path)
+
+
 def write_csv(df, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=True)

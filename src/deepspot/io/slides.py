@@ -37,7 +37,6 @@ __all__ = [
     "TiffSlideSlide",
     "TifffileSlide",
     "open_slide",
-    "require_mpp",
     "BACKENDS",
 ]
 
@@ -765,18 +764,3 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str |
                 raise
             reasons.append(f"{b}: {e.reason}")
     raise SlideError(p, "unsupported or corrupt slide (" + "; ".join(reasons) + ")")
-
-
-def require_mpp(slide: Slide, mpp_override: float | None = None) -> float:
-    """The slide's µm/px: ``mpp_override`` if given, else the file's; else a SlideError asking for ``--mpp``."""
-    if mpp_override is not None:
-        v = float(mpp_override)
-        if not (v > 0 and math.isfinite(v)):
-            raise SlideError(slide.path, f"mpp must be a positive number, got {mpp_override!r}")
-        return v
-    if slide.mpp is None:
-        raise SlideError(
-            slide.path,
-            "resolution (µm per pixel) unknown: the file carries no mpp; pass --mpp (e.g. --mpp 0.5 for 20x)",
-        )
-    return float(slide.mpp)

@@ -80,6 +80,21 @@ ST_SPOT_UM, ST_PITCH_UM = 100.0, 200.0  # legacy Spatial Transcriptomics arrays 
 XENIUM_PIXEL_UM = 0.2125  # Xenium morphology image pixel size (experiment.xenium 'pixel_size')
 
 
+def inside_image(xy: np.ndarray, width: int, height: int, source: str, drop_outside: bool = False) -> np.ndarray:
+    """Boolean keep-mask of cells inside the image. Outside cells raise SpatialDataError, or with
+    ``drop_outside`` are dropped with a warning."""
+    xy = np.asarray(xy)
+    keep = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < width) & (xy[:, 1] < height)
+    if not drop_outside:
+        check_inside(xy, width, height, source, what="cells")
+    elif not keep.all():
+        log.warning("%s: dropping %d of %d cells outside the %dx%d image", source, int((~keep).sum()), len(xy),
+                    width, height)
+        if not keep.any():
+            raise SpatialDataError(f"{source}: all {len(xy)} cells lie outside the {width}x{height} image")
+    return keep
+
+
 def _source(adata: ad.AnnData, fmt: str, sample: str, mpp: float | None, spot_um: float | None, **extra) -> None:
     adata.uns["source"] = {"format": fmt, "sample": str(sample), "mpp": None if mpp is None else float(mpp),
                            "spot_diameter_um": None if spot_um is None else float(spot_um), **extra}

@@ -2,7 +2,8 @@
 them in chunks.
 
 Neighbour features are the neighbours' own spot features, looked up, never re-encoded; at prediction a
-DeepSpot's phi of a spot is computed once per chunk and reused in every bag the spot is a neighbour in.
+DeepSpot's phi of a spot is computed once per chunk and reused in every bag the spot is a neighbour in
+(:meth:`~deepspot.models.deepsets.DeepSpot.forward_shared`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from deepspot.models.deepsets import DeepSpot
 
 
 @dataclass
@@ -49,30 +52,6 @@ class Bags:
         return out
 
 
-def _shares_phi(model: torch.nn.Module) -> bool:
-    """A plain DeepSpot (or subclass keeping its embed/forward): phi of a spot can be computed once and
-    reused for every bag the spot is a neighbour in (phi is applied element-wise; eval mode)."""
-    from deepspot.models.deepsets import DeepSpot
-
-    return (isinstance(model, DeepSpot) and type(model).embed is DeepSpot.embed
-            and type(model).forward is DeepSpot.forward and not model.training)
-
-
-def _forward_shared_phi(model, feats, self_pos, subspots, sub_mask, nbr_pos, nbr_mask) -> torch.Tensor:
-    """DeepSpot.forward with phi evaluated once per distinct spot of the chunk (``feats``)."""
-    from deepspot.models.deepsets import POOLS
-
-    p = model.phi(feats)
-    parts = [p[self_pos]]
-    if model.use_subspots:
-        if subspots is None:
-            raise ValueError(f"context {model.context!r} needs sub-spot features")
-        parts.append(POOLS[model.subspot_pool](model.phi(subspots), sub_mask))
-    if model.use_neighbors:
-        parts.append(POOLS[model.neighbor_pool](p[nbr_pos], nbr_mask))
-    return model.rho(torch.cat(parts, dim=-1))
-
-
 @torch.no_grad()
 def iter_predictions(model: torch.nn.Module, source, neighbor_idx, neighbor_mask, batch_size: int = 512,
                      device="cpu"):
@@ -88,7 +67,7 @@ def iter_predictions(model: torch.nn.Module, source, neighbor_idx, neighbor_mask
     n = len(source)
     nidx = np.zeros((n, 0), np.int64) if neighbor_idx is None else np.asarray(neighbor_idx, dtype=np.int64)
     nmask = np.zeros(nidx.shape, bool) if neighbor_mask is None else np.asarray(neighbor_mask, dtype=bool)
-    shared = _shares_phi(model)
+    shared = isinstance(model, DeepSpot) and model.shares_phi()
     use_sub = getattr(model, "use_subspots", True)
     for a in range(0, n, batch_size):
         b = min(a + batch_size, n)
@@ -103,7 +82,7 @@ def iter_predictions(model: torch.nn.Module, source, neighbor_idx, neighbor_mask
         sub = None if sub is None else torch.from_numpy(sub).to(device)
         sub_mask = None if sub is None else torch.ones(sub.shape[:2], dtype=torch.bool, device=device)
         if shared:
-            out = _forward_shared_phi(model, feats, self_pos, sub, sub_mask, nbr_pos, nbr_mask)
+            out = model.forward_shared(feats, self_pos, sub, sub_mask, nbr_pos, nbr_mask)
         else:
             inputs = {"spot": feats[self_pos], "neighbors": feats[nbr_pos], "neighbor_mask": nbr_mask}
             if sub is not None:

@@ -40,13 +40,18 @@ of logs is not the log of the pooled counts).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from deepspot.config import CellGeometry
+from deepspot.geometry.neighbors import knn_neighbors, radius_neighbors
 from deepspot.models.deepsets import POOLS, DeepSpot
+
+log = logging.getLogger(__name__)
 
 CELL_CONTEXTS = ("cell", "cell_neighbors")
 AGGREGATES = ("sum", "mean")
@@ -121,6 +126,24 @@ class CellBags:
 
     def batch(self, ix: torch.Tensor) -> dict:
         return self.gather(ix)
+
+
+def cell_neighbors(geometry: CellGeometry, xy_px: np.ndarray, mpp: float | None = None):
+    """Padded neighbour index (N,K) + mask (N,K) of cells at level-0 (x, y) px, by the geometry's rule."""
+    xy_px = np.asarray(xy_px, dtype=np.float64)
+    if geometry.neighbors == "knn":
+        return knn_neighbors(xy_px, geometry.k)
+    if geometry.neighbors == "radius":
+        return radius_neighbors(xy_px, geometry.radius_px(mpp), max_k=geometry.max_neighbors)
+    return np.zeros((len(xy_px), 0), np.int64), np.zeros((len(xy_px), 0), bool)
+
+
+def cell_bags(features: np.ndarray, xy_px: np.ndarray, geometry: CellGeometry, mpp: float | None = None) -> CellBags:
+    """Bags over cells: each cell's own tile features + its neighbours' (looked up by index)."""
+    idx, mask = cell_neighbors(geometry, xy_px, mpp)
+    if geometry.neighbors != "none" and len(xy_px) and mask.shape[1] == 0:
+        log.warning("only %d cell(s): no neighbour context", len(xy_px))
+    return CellBags.from_numpy(features, idx, mask)
 
 
 def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

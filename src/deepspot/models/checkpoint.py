@@ -1,9 +1,8 @@
 """Checkpoints are data, not code: ``model.safetensors`` + ``config.json`` in one folder.
 
-config.json holds: ``model`` (kind: deepspot | deepcell | deepspot2cell), ``model_args``
-(constructor keyword arguments), ``encoder`` (name, dim), ``genes`` (ordered list),
-``scaler`` (optional, per-gene arrays), ``geometry`` (tile sizes, neighbour rule)
-and anything else the trainer records (``extra``).
+config.json is a :class:`deepspot.config.ModelConfig` (model kind and arguments, encoder name and
+dim, ordered genes, geometry, scaler, training provenance, schema version); reading it checks every
+field, and loading checks the weights against it, before any compute.
 """
 from __future__ import annotations
 
@@ -16,39 +15,37 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+from deepspot.config import CheckpointError, ModelConfig
+from deepspot.io.outputs import current_umask
+from deepspot.models import registry
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message names the file and the reason."""
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "CheckpointError", "build_model", "load_checkpoint", "read_config",
+           "save_checkpoint"]
 
 
 def build_model(kind: str, model_args: dict) -> torch.nn.Module:
-    from deepspot.models import registry
-
     return registry.build(kind, model_args)
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict) -> Path:
-    """Write weights + config into folder ``path`` atomically (temp folder, then rename)."""
+def save_checkpoint(path: str | Path, model: torch.nn.Module, config: ModelConfig | dict) -> Path:
+    """Write weights + config into folder ``path`` atomically (temp folder, then rename). The config's
+    ``model_args`` are the model's own; a config dict is checked as :class:`ModelConfig` first."""
     path = Path(path)
+    if isinstance(config, dict):
+        config = dict(config, model_args=model.config()) if hasattr(model, "config") else config
+        config = ModelConfig.from_dict(config, source=f"{path / CONFIG_FILE}")
+    elif hasattr(model, "config"):
+        config = config.replace(model_args=model.config())
     path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = dict(config)
-    cfg.setdefault("format_version", FORMAT_VERSION)
-    if hasattr(model, "config"):
-        cfg["model_args"] = model.config()
-    for key in ("model", "genes", "encoder"):
-        if key not in cfg:
-            raise ValueError(f"checkpoint config needs {key!r}")
+    cfg = config.to_dict()
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=1))
-        from deepspot.io.outputs import current_umask
-
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
         if path.exists():
             shutil.rmtree(path)
@@ -59,7 +56,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict) -> P
     return path
 
 
-def read_config(path: str | Path) -> dict:
+def read_config(path: str | Path) -> ModelConfig:
+    """The checked config of checkpoint folder ``path`` (older schema versions migrated on read)."""
     path = Path(path)
     cfg_file = path / CONFIG_FILE
     if not path.exists():
@@ -67,9 +65,10 @@ def read_config(path: str | Path) -> dict:
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: not a deepspot checkpoint (no {CONFIG_FILE})")
     try:
-        return json.loads(cfg_file.read_text())
+        raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e.msg})") from None
+    return ModelConfig.from_dict(raw, source=str(cfg_file))
 
 
 def load_checkpoint(path: str | Path, genes: list[str] | None = None, feature_dim: int | None = None):
@@ -77,20 +76,17 @@ def load_checkpoint(path: str | Path, genes: list[str] | None = None, feature_di
     ``feature_dim`` matches its encoder, before any compute."""
     path = Path(path)
     cfg = read_config(path)
-    enc_dim = int(cfg["encoder"]["dim"])
-    if feature_dim is not None and feature_dim != enc_dim:
-        raise CheckpointError(
-            f"{path}: model expects {enc_dim}-d features from encoder '{cfg['encoder']['name']}', "
-            f"got {feature_dim}-d features")
-    if genes is not None:
-        missing = [g for g in genes if g not in set(cfg["genes"])]
-        if missing:
-            raise CheckpointError(f"{path}: {len(missing)} requested genes are not predicted by this model "
-                                  f"(e.g. {', '.join(map(str, missing[:3]))})")
+    if feature_dim is not None:
+        cfg.check_encoder_dim(feature_dim, source=str(path))
+    cfg.check_genes(genes, source=str(path))
     weights = path / WEIGHTS_FILE
     if not weights.exists():
         raise CheckpointError(f"{path}: {WEIGHTS_FILE} missing")
-    model = build_model(cfg["model"], cfg["model_args"])
+    try:
+        model = build_model(cfg.model, cfg.model_args)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: model_args do not build a {cfg.model} "
+                              f"({str(e).splitlines()[0]})") from None
     try:
         state = load_file(str(weights))
         model.load_state_dict(state, strict=True)

@@ -154,3 +154,29 @@ class DeepSpot(nn.Module):
 
     def forward(self, spot, subspots=None, subspot_mask=None, neighbors=None, neighbor_mask=None) -> torch.Tensor:
         return self.rho(self.embed(spot, subspots, subspot_mask, neighbors, neighbor_mask))
+
+    def shares_phi(self) -> bool:
+        """Whether :meth:`forward_shared` gives :meth:`forward`'s numbers: a DeepSpot (or a subclass keeping
+        its embed/forward) in eval mode, where phi is applied per spot and has no dropout."""
+        return (type(self).embed is DeepSpot.embed and type(self).forward is DeepSpot.forward
+                and not self.training)
+
+    def forward_shared(self, feats, self_pos, subspots=None, subspot_mask=None, neighbor_pos=None,
+                       neighbor_mask=None) -> torch.Tensor:
+        """:meth:`forward` with phi evaluated once per distinct spot of a chunk.
+
+        feats (U,d): the features of the U distinct spots the chunk's bags use; self_pos (B,) and
+        neighbor_pos (B,K): rows of ``feats`` for each bag's own spot and its neighbours; subspots
+        (B,S,d), subspot_mask (B,S), neighbor_mask (B,K). -> (B,G). A spot that is the neighbour of
+        many others has phi computed once (the gathered rows of phi(feats) are what :meth:`embed`
+        would compute from gathered features).
+        """
+        p = self.phi(feats)
+        parts = [p[self_pos]]
+        if self.use_subspots:
+            if subspots is None:
+                raise ValueError(f"context {self.context!r} needs sub-spot features")
+            parts.append(POOLS[self.subspot_pool](self.phi(subspots), subspot_mask))
+        if self.use_neighbors:
+            parts.append(POOLS[self.neighbor_pool](p[neighbor_pos], neighbor_mask))
+        return self.rho(torch.cat(parts, dim=-1))

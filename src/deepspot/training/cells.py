@@ -6,6 +6,8 @@
   the spot. Cell counts, when known (pseudo-spots pooled from cells), are held back and used only
   to score the per-cell predictions on the held-out side of the image.
 
+Held-out cells (or spots) are predicted here and scored in :mod:`deepspot.evaluation.holdout`.
+
 Both share the Lightning loop of :func:`deepspot.training.fit.fit`: it asks its ``bags`` only for
 ``len()`` and ``batch(ix) -> model inputs``, so :class:`~deepspot.models.cells.CellBags` (cells
 with their neighbours) and :class:`SpotCellBags` (spots as bags of cells) go through it unchanged.
@@ -13,27 +15,24 @@ with their neighbours) and :class:`SpotCellBags` (spots as bags of cells) go thr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anndata as ad
 import lightning as L
 import numpy as np
 import torch
 
-from deepspot.evaluation.baseline import ridge_baseline
-from deepspot.evaluation.metrics import summarize
+from deepspot.config import TARGETS, CellGeometry, EncoderRef, GridSpec, ModelConfig, resolve_mpp
 from deepspot.features.extract import extract_features
-from deepspot.geometry.grid import GridSpec, pool_cells
-from deepspot.inference.cells import CellGeometry, cell_bags, inside_image
-from deepspot.io.spatial import SpatialDataError
-from deepspot.models.cells import CellBags, DeepCell, DeepSpot2Cell, predict_batches
+from deepspot.geometry.grid import pool_cells
+from deepspot.io.slides import open_slide
+from deepspot.io.spatial import SpatialDataError, inside_image
+from deepspot.models.cells import CellBags, DeepCell, DeepSpot2Cell, cell_bags, predict_batches
 from deepspot.training.fit import fit
 from deepspot.training.spots import spatial_split
 from deepspot.training.targets import log_normalize, select_genes
 
 log = logging.getLogger(__name__)
-
-TARGETS = "normalize_total(1e4) + log1p"
 
 
 @dataclass
@@ -84,29 +83,31 @@ class SpotCellBags:
 class CellTrainResult:
     """What a cell-model training run produced. ``cell_pred`` (N_cells, G) per-cell expression of every
     cell; ``split`` (train, val, test) indices (of cells for DeepCell, of spots for DeepSpot2Cell);
-    ``test_cells`` the held-out cells scored; ``truth`` their per-cell targets when known."""
+    ``test_cells`` the held-out cells; ``truth`` per-cell targets of every cell when known;
+    DeepSpot2Cell adds its ``spots``, ``cell_to_spot``, ``spot_targets`` and ``spot_pred`` (S, G).
+    ``scores`` is filled by :func:`deepspot.evaluation.holdout.score_holdout`."""
 
     model: torch.nn.Module
-    config: dict
+    config: ModelConfig
     features: np.ndarray
     genes: list[str]
     split: tuple[np.ndarray, np.ndarray, np.ndarray]
     test_cells: np.ndarray
     cell_pred: np.ndarray
     truth: np.ndarray | None
-    scores: dict
     fit_summary: dict
     spots: ad.AnnData | None = None
     cell_to_spot: np.ndarray | None = None
     spot_targets: np.ndarray | None = None
+    spot_pred: np.ndarray | None = None
+    scores: dict = field(default_factory=dict)
 
 
 def _slide_size(image, mpp: float | None):
-    from deepspot.io.slides import open_slide
-
+    """(width, height, µm per px or None) of the image; ``mpp`` overrides the file's."""
     with open_slide(image, mpp=mpp) as slide:
         w, h = slide.dimensions
-        return int(w), int(h), slide.mpp
+        return int(w), int(h), resolve_mpp(slide, mpp)
 
 
 def encode_cells(image, xy: np.ndarray, geometry: CellGeometry, encoder, mpp: float | None = None, cache_dir=None,
@@ -116,11 +117,10 @@ def encode_cells(image, xy: np.ndarray, geometry: CellGeometry, encoder, mpp: fl
                             batch_size=batch_size, num_workers=num_workers, progress=progress).spot
 
 
-def _cell_config(kind: str, model, encoder, genes, geometry: CellGeometry, mpp, training: dict, scores: dict,
-                 **extra) -> dict:
-    return {"model": kind, "model_args": model.config(), "encoder": {"name": encoder.name, "dim": int(encoder.dim)},
-            "genes": list(genes), "geometry": geometry.to_dict(), "mpp": mpp, "targets": TARGETS, "scaler": None,
-            "training": training, "scores": scores, **extra}
+def _cell_config(kind: str, model, encoder, genes, geometry: CellGeometry, mpp, training: dict,
+                 **extra) -> ModelConfig:
+    return ModelConfig(kind, model.config(), EncoderRef(encoder.name, int(encoder.dim)), list(genes), geometry,
+                       None, TARGETS, mpp, training, extra=extra)
 
 
 def _check_features(features: np.ndarray, n: int, encoder) -> np.ndarray:
@@ -138,13 +138,12 @@ def train_cell_model(image, cells: ad.AnnData, encoder, geometry: CellGeometry =
                      batch_size_encoder: int = 16, num_workers: int = 0, progress: bool = True, log_dir=None,
                      features: np.ndarray | None = None) -> CellTrainResult:
     """Train DeepCell on the cells of one image with a spatial hold-out (right-most ``test_fraction`` of
-    the cells); score per-gene Pearson on held-out cells next to ridge on the same tile features.
+    the cells); predicts every cell.
 
     cells: AnnData of raw counts per cell with obsm['spatial'] (x, y) level-0 px. ``features`` (N,d):
     precomputed tile features (skips encoding; ``encoder`` then only needs ``name`` and ``dim``).
     """
-    w, h, slide_mpp = _slide_size(image, mpp)
-    mpp_used = mpp or slide_mpp
+    w, h, mpp_used = _slide_size(image, mpp)
     xy = np.asarray(cells.obsm["spatial"], dtype=np.float64)
     inside_image(xy, w, h, f"{image}: cells")
     feats = (_check_features(features, len(xy), encoder) if features is not None else
@@ -159,21 +158,18 @@ def train_cell_model(image, cells: ad.AnnData, encoder, geometry: CellGeometry =
     summary = fit(model, bags, y, train, val, loss=loss, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
                   patience=patience, seed=seed, progress=progress, log_dir=log_dir)
     pred = predict_batches(model, bags, batch_size=512)
-    seen = np.concatenate([train, val])
-    ridge = ridge_baseline(feats[seen], y[seen], feats[test], seed=seed)
-    scores = {"deepcell": summarize(pred[test], y[test]), "ridge": summarize(ridge, y[test])}
     training = {"loss": loss, "lr": lr, "seed": seed, "batch_size": batch_size, "max_epochs": max_epochs,
                 "patience": patience, "n_cells": int(len(xy)),
                 "split": "spatial: right-most %.0f%% of cells held out" % (100 * test_fraction), **summary}
-    config = _cell_config("deepcell", model, encoder, panel, geometry, mpp_used, training, scores)
-    return CellTrainResult(model, config, feats, panel, (train, val, test), test, pred, y, scores, summary)
+    config = _cell_config("deepcell", model, encoder, panel, geometry, mpp_used, training)
+    return CellTrainResult(model, config, feats, panel, (train, val, test), test, pred, y, summary)
 
 
 def pseudo_spots(image, cells: ad.AnnData, grid: GridSpec, mpp: float | None = None):
     """Pool cells into pseudo-spots on a grid over the image: (spots AnnData, cell_to_spot (N,))."""
-    w, h, slide_mpp = _slide_size(image, mpp)
+    w, h, mpp_used = _slide_size(image, mpp)
     inside_image(np.asarray(cells.obsm["spatial"]), w, h, f"{image}: cells")
-    spots, cell_to_spot = pool_cells(cells, w, h, grid.in_pixels(mpp or slide_mpp))
+    spots, cell_to_spot = pool_cells(cells, w, h, grid.in_pixels(mpp_used))
     if spots.n_obs == 0:
         raise SpatialDataError(f"{image}: no cell falls inside any pseudo-spot of the grid "
                                f"(spot diameter {grid.spot_diameter:g} {grid.unit})")
@@ -219,8 +215,7 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
     log1p(normalize_total) expression, next to the baseline "each cell gets its spot's true value"
     (the spot's summed counts ÷ its cell count, which normalises to the spot's own profile).
     """
-    w, h, slide_mpp = _slide_size(image, mpp)
-    mpp_used = mpp or slide_mpp
+    w, h, mpp_used = _slide_size(image, mpp)
     cell_xy = np.asarray(cell_xy, dtype=np.float64).reshape(-1, 2)
     if len(cell_to_spot) != len(cell_xy):
         raise ValueError(f"cell_to_spot has {len(cell_to_spot)} entries for {len(cell_xy)} cells")
@@ -242,22 +237,19 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
     cell_pred = predict_batches(model.cell_predictor(), cbags, batch_size=512)
     spot_pred = predict_batches(model, sbags, batch_size=64)
     test_cells = np.flatnonzero(np.isin(c2s, test))
-    scores = {"deepspot2cell (spots)": summarize(spot_pred[test], y[test])}
     truth = None
     if cell_counts is not None:
         if cell_counts.n_obs != len(cell_xy):
             raise ValueError(f"cell_counts has {cell_counts.n_obs} cells, cell_xy {len(cell_xy)}")
         truth = log_normalize(cell_counts, genes=panel)
-        scores["deepspot2cell"] = summarize(cell_pred[test_cells], truth[test_cells])
-        scores["spot truth ÷ n cells"] = summarize(y[c2s[test_cells]], truth[test_cells])
     training = {"loss": loss, "lr": lr, "seed": seed, "batch_size": batch_size, "max_epochs": max_epochs,
                 "patience": patience, "n_spots": int(spots.n_obs), "n_cells": int(len(cell_xy)),
                 "n_cells_in_spots": int((c2s >= 0).sum()), "aggregate": aggregate,
                 "split": "spatial: right-most %.0f%% of spots held out" % (100 * test_fraction), **summary}
     extra = {"spot_grid": spot_grid.to_dict()} if spot_grid is not None else {}
-    config = _cell_config("deepspot2cell", model, encoder, panel, geometry, mpp_used, training, scores, **extra)
-    return CellTrainResult(model, config, feats, panel, (train, val, test), test_cells, cell_pred, truth, scores,
-                           summary, spots=spots, cell_to_spot=c2s, spot_targets=y)
+    config = _cell_config("deepspot2cell", model, encoder, panel, geometry, mpp_used, training, **extra)
+    return CellTrainResult(model, config, feats, panel, (train, val, test), test_cells, cell_pred, truth, summary,
+                           spots=spots, cell_to_spot=c2s, spot_targets=y, spot_pred=spot_pred)
 
 
 def train_spot2cell_from_cells(image, cells: ad.AnnData, encoder, grid: GridSpec, **kwargs) -> CellTrainResult:

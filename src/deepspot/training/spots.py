@@ -1,20 +1,20 @@
-"""Train DeepSpot on one image with spot-level counts: features -> bags -> targets -> fit -> checkpoint config."""
+"""Train DeepSpot on one image with spot-level counts: features -> bags -> targets -> fit -> checkpoint config.
+
+The held-out side of the image is predicted here and scored in :mod:`deepspot.evaluation.holdout`.
+"""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import anndata as ad
 import lightning as L
 import numpy as np
 
-from deepspot.evaluation.baseline import ridge_baseline
-from deepspot.evaluation.metrics import summarize
+from deepspot.config import TARGETS, EncoderRef, ModelConfig, SpotGeometry
 from deepspot.features.extract import extract_features
 from deepspot.features.store import Features
 from deepspot.geometry.neighbors import array_neighbors
-from deepspot.inference.predict import SpotGeometry
 from deepspot.models.bags import Bags, predict_bags
 from deepspot.models.deepsets import DeepSpot
 from deepspot.training.fit import fit
@@ -39,14 +39,19 @@ def spatial_split(xy: np.ndarray, test_fraction: float = 0.3, val_fraction: floa
 
 @dataclass
 class SpotTrainResult:
+    """A trained DeepSpot with what it was trained on: features and targets (N,G) of every spot, the
+    (train, val, test) split, the model's predictions (N,G) of every spot, and ``scores`` once
+    :func:`deepspot.evaluation.holdout.score_holdout` has scored the test spots."""
+
     model: DeepSpot
-    config: dict
+    config: ModelConfig
     features: Features
     targets: np.ndarray
     genes: list[str]
     split: tuple[np.ndarray, np.ndarray, np.ndarray]
-    scores: dict
+    pred: np.ndarray
     fit_summary: dict
+    scores: dict = field(default_factory=dict)
 
 
 def bags_for(spots: ad.AnnData, features: Features, radius: int) -> Bags:
@@ -61,8 +66,8 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
                      n_ensemble: int = 10, hidden: int = 512, test_fraction: float = 0.3, cache_dir=None,
                      batch_size_encoder: int = 16, num_workers: int = 0, progress: bool = True,
                      log_dir=None) -> SpotTrainResult:
-    """Train on the spots of one image with a spatial hold-out; score per-gene Pearson on the held-out
-    side next to a ridge baseline on the same (spot) features.
+    """Train on the spots of one image with a spatial hold-out (the right-most ``test_fraction`` of the
+    spots are neither trained nor validated on); predicts every spot.
 
     spots: AnnData of raw counts with obs array_row/array_col and obsm['spatial'] (x, y) level-0 px.
     """
@@ -80,20 +85,9 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
     summary = fit(model, bags, y, train, val, loss=loss, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
                   patience=patience, seed=seed, progress=progress, log_dir=log_dir)
     pred = predict_bags(model, bags)
-    ridge = ridge_baseline(feats.spot[np.concatenate([train, val])], y[np.concatenate([train, val])],
-                           feats.spot[test], seed=seed)
-    scores = {"deepspot": summarize(pred[test], y[test]), "ridge": summarize(ridge, y[test])}
-    config = {
-        "model": "deepspot",
-        "model_args": model.config(),
-        "encoder": {"name": encoder.name, "dim": int(encoder.dim)},
-        "genes": list(panel),
-        "geometry": geometry.to_dict(),
-        "targets": "normalize_total(1e4) + log1p",
-        "scaler": None,
-        "training": {"loss": loss, "lr": lr, "seed": seed, "batch_size": batch_size, "max_epochs": max_epochs,
-                     "patience": patience, "split": "spatial: right-most %.0f%% of spots held out" % (100 * test_fraction),
-                     **summary},
-        "scores": scores,
-    }
-    return SpotTrainResult(model, config, feats, y, panel, (train, val, test), scores, summary)
+    training = {"loss": loss, "lr": lr, "seed": seed, "batch_size": batch_size, "max_epochs": max_epochs,
+                "patience": patience, "split": "spatial: right-most %.0f%% of spots held out" % (100 * test_fraction),
+                **summary}
+    config = ModelConfig("deepspot", model.config(), EncoderRef(encoder.name, int(encoder.dim)), list(panel),
+                         geometry, None, TARGETS, mpp, training)
+    return SpotTrainResult(model, config, feats, y, panel, (train, val, test), pred, summary)

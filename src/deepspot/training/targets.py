@@ -9,6 +9,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from deepspot.config import Scaler
 from deepspot.io.spatial import SpatialDataError
 
 log = logging.getLogger(__name__)
@@ -142,28 +143,15 @@ def select_panel(train: dict[str, ad.AnnData], n_top: int | None = None, genes: 
 
 # --------------------------------------------------------------------------- target scaler
 
-SCALERS = ("standard", "minmax")
-
-
 def fit_scaler(y: np.ndarray, kind: str | None) -> dict | None:
-    """Per-gene scaler fitted on (training) targets y (N, G): ``{'kind', 'a', 'b'}`` with
-    ``y_scaled = (y - a) / b`` — the form ``inference.predict.invert_scaler`` undoes. standard: a = mean,
-    b = std; minmax: a = min, b = max - min. Constant genes get b = 1."""
-    if kind in (None, "none"):
-        return None
-    y = np.asarray(y, dtype=np.float64)
-    if kind == "standard":
-        a, b = y.mean(axis=0), y.std(axis=0)
-    elif kind == "minmax":
-        a, b = y.min(axis=0), y.max(axis=0) - y.min(axis=0)
-    else:
-        raise ValueError(f"unknown scaler {kind!r}; choose standard, minmax or none")
-    b = np.where(b > 1e-12, b, 1.0)
-    return {"kind": kind, "a": a.astype(np.float32).tolist(), "b": b.astype(np.float32).tolist()}
+    """Per-gene scaler fitted on (training) targets y (N, G), in its stored form ``{'kind', 'a', 'b'}``
+    (``y_scaled = (y - a) / b``; :class:`deepspot.config.Scaler`), or None for ``kind`` None/'none'."""
+    scaler = Scaler.fit(y, kind)
+    return None if scaler is None else scaler.to_dict()
 
 
 def apply_scaler(y: np.ndarray, scaler: dict | None) -> np.ndarray:
+    """Targets (N, G) through an optional stored scaler, float32."""
     if not scaler:
         return np.asarray(y, dtype=np.float32)
-    return ((np.asarray(y, dtype=np.float32) - np.asarray(scaler["a"], np.float32))
-            / np.asarray(scaler["b"], np.float32)).astype(np.float32)
+    return Scaler.from_dict(scaler).transform(y)

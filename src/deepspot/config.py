@@ -1,0 +1,474 @@
+"""The contract every stage imports: the checkpoint config, the geometries, the target scaler, the
+µm-per-pixel rule and µm -> px.
+
+A checkpoint folder holds ``model.safetensors`` and ``config.json``; :class:`ModelConfig` is the typed
+form of ``config.json``. :meth:`ModelConfig.from_dict` checks every field and raises one
+:class:`CheckpointError` naming the file and the field (``config.json: geometry.grid.spot_diameter
+missing``) before anything is computed; configs written before the schema version existed are
+migrated on read (:func:`migrate`).
+
+This module imports nothing else from deepspot, so every layer may import it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 2
+FEATURE_MODES = ("standard", "fast")
+SPOT_MODELS = ("deepspot",)
+CELL_MODELS = ("deepcell", "deepspot2cell")
+NEIGHBOR_RULES = ("knn", "radius", "none")
+SCALERS = ("standard", "minmax")
+UNITS = ("um", "px")
+TARGETS = "normalize_total(1e4) + log1p"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or config that cannot be used; the message names the file (and field) and the reason."""
+
+
+class MppError(ValueError):
+    """A slide's µm per pixel is unknown or invalid where one is needed."""
+
+
+# --------------------------------------------------------------------------- units
+
+
+def um_to_px(value: float, unit: str, mpp: float | None, what: str = "length") -> float:
+    """A length in ``unit`` ('px' or 'um') as level-0 pixels; µm need ``mpp`` (µm per pixel)."""
+    if unit == "px":
+        return float(value)
+    if unit != "um":
+        raise ValueError(f"unit must be 'um' or 'px', got {unit!r}")
+    if mpp is None or not mpp > 0:
+        raise MppError(f"this {what} is in µm: an mpp (µm per pixel) is needed; pass --mpp")
+    return float(value) / float(mpp)
+
+
+def resolve_mpp(slide, override: float | None = None, needs_um: bool = False) -> float | None:
+    """The µm per level-0 pixel to use for ``slide`` (anything with ``.mpp`` and ``.path``).
+
+    ``override`` (the user's ``--mpp``) wins over the file's; without either, a geometry in µm
+    (``needs_um``) is refused with an error naming the file, and a pixel geometry gets None.
+    """
+    source = getattr(slide, "path", "slide")
+    if override is not None:
+        v = float(override)
+        if not (v > 0 and math.isfinite(v)):
+            raise MppError(f"{source}: mpp must be a positive number, got {override!r}")
+        return v
+    mpp = getattr(slide, "mpp", None)
+    if mpp is not None:
+        return float(mpp)
+    if needs_um:
+        raise MppError(f"{source}: resolution (µm per pixel) unknown: the file carries no mpp; "
+                       f"pass --mpp (e.g. --mpp 0.5 for 20x)")
+    return None
+
+
+# --------------------------------------------------------------------------- field checks
+
+
+class _Fields:
+    """Reads typed fields of one mapping; every failure is a CheckpointError naming ``source: prefix.key``."""
+
+    def __init__(self, d: Any, source: str, prefix: str = ""):
+        self.source, self.prefix = source, prefix
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{source}: {prefix.rstrip('.') or 'config'} must be a JSON object, "
+                                  f"got {type(d).__name__}")
+        self.d = d
+
+    def fail(self, key: str, why: str):
+        raise CheckpointError(f"{self.source}: {self.prefix}{key} {why}")
+
+    def get(self, key: str, default: Any = ..., types=None, name: str = ""):
+        if key not in self.d or self.d[key] is None:
+            if default is ...:
+                self.fail(key, "missing")
+            return default
+        v = self.d[key]
+        if types is not None and (not isinstance(v, types) or isinstance(v, bool) and bool not in _tuple(types)):
+            self.fail(key, f"must be {name or _names(types)}, got {v!r}"[:200])
+        return v
+
+    def number(self, key: str, default: Any = ..., positive: bool = False) -> float:
+        v = self.get(key, default, (int, float), "a number")
+        if v is None:
+            return v
+        if not math.isfinite(float(v)) or positive and not v > 0:
+            self.fail(key, f"must be a {'positive ' if positive else ''}finite number, got {v!r}")
+        return float(v)
+
+    def integer(self, key: str, default: Any = ..., minimum: int | None = None) -> int:
+        v = self.get(key, default, int, "an integer")
+        if v is not None and minimum is not None and v < minimum:
+            self.fail(key, f"must be >= {minimum}, got {v}")
+        return v
+
+    def choice(self, key: str, options, default: Any = ...) -> str:
+        v = self.get(key, default, str, "a string")
+        if v not in options:
+            self.fail(key, f"must be one of {', '.join(options)}, got {v!r}")
+        return v
+
+    def sub(self, key: str) -> "_Fields":
+        return _Fields(self.get(key, types=dict, name="an object"), self.source, f"{self.prefix}{key}.")
+
+
+def _tuple(t):
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _names(types) -> str:
+    return " or ".join({int: "an integer", float: "a number", str: "a string", dict: "an object",
+                        list: "a list", bool: "true/false"}.get(t, t.__name__) for t in _tuple(types))
+
+
+# --------------------------------------------------------------------------- geometries
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """A spot grid. Lengths are in ``unit`` ('um' or 'px')."""
+
+    spot_diameter: float = 55.0
+    spacing: float = 100.0  # centre to centre
+    layout: str = "hex"  # 'hex' (Visium) or 'square' (Visium HD-like bins)
+    unit: str = "um"
+    offset_x: float = 0.0
+    offset_y: float = 0.0
+
+    def __post_init__(self):
+        if self.unit not in UNITS:
+            raise ValueError(f"grid unit must be 'um' or 'px', got {self.unit!r}")
+        if self.layout not in ("hex", "square"):
+            raise ValueError(f"grid layout must be 'hex' or 'square', got {self.layout!r}")
+        if self.spot_diameter <= 0 or self.spacing <= 0:
+            raise ValueError("spot diameter and spacing must be positive")
+
+    def in_pixels(self, mpp: float | None) -> "GridSpec":
+        """The same grid with lengths in level-0 pixels."""
+        if self.unit == "px":
+            return self
+        f = um_to_px(1.0, "um", mpp, "grid")
+        return GridSpec(self.spot_diameter * f, self.spacing * f, self.layout, "px",
+                        self.offset_x * f, self.offset_y * f)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config", prefix: str = "") -> "GridSpec":
+        f = _Fields(d, source, prefix)
+        return cls(f.number("spot_diameter", positive=True), f.number("spacing", positive=True),
+                   f.choice("layout", ("hex", "square"), "hex"), f.choice("unit", UNITS),
+                   f.number("offset_x", 0.0), f.number("offset_y", 0.0))
+
+
+@dataclass(frozen=True)
+class SpotGeometry:
+    """How crops and context are cut, stored in every spot checkpoint.
+
+    grid: spot diameter and spacing (µm or px, converted with the slide's mpp) and layout; n_sub:
+    sub-spot grid (n×n); neighbours: spots whose array row and column differ by at most
+    ``neighbor_radius`` (the same rule in training and prediction: the 4 diagonal neighbours on a
+    Visium hex grid, the 8-neighbourhood on a square grid; in µm that is one grid spacing, since the
+    array coordinates come from the µm grid); feature_mode: 'standard' or 'fast' (sub-spots from
+    the spot's patch tokens) — a model is used in the mode it was trained in.
+    """
+
+    grid: GridSpec = field(default_factory=GridSpec)
+    n_sub: int = 3
+    neighbor_radius: int = 1
+    feature_mode: str = "standard"
+
+    def __post_init__(self):
+        if self.feature_mode not in FEATURE_MODES:
+            raise ValueError(f"unknown feature mode {self.feature_mode!r}; use 'standard' or 'fast'")
+
+    def to_dict(self) -> dict:
+        return {"grid": self.grid.to_dict(), "n_sub": self.n_sub, "neighbor_radius": self.neighbor_radius,
+                "feature_mode": self.feature_mode}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config", prefix: str = "") -> "SpotGeometry":
+        f = _Fields(d, source, prefix)
+        return cls(GridSpec.from_dict(f.get("grid", types=dict, name="an object"), source, f"{prefix}grid."),
+                   f.integer("n_sub", minimum=1), f.integer("neighbor_radius", minimum=0),
+                   f.choice("feature_mode", FEATURE_MODES, "standard"))
+
+
+@dataclass(frozen=True)
+class CellGeometry:
+    """How a cell's tile and context are cut; stored in every cell checkpoint.
+
+    ``cell_diameter`` (tile side) and ``radius`` are in ``unit`` ('px' = level-0 pixels, or 'um',
+    converted with the slide's mpp). ``neighbors``: 'knn' (the ``k`` nearest cells; published
+    k = 45), 'radius' (all cells within ``radius``, at most ``max_neighbors`` nearest) or 'none'
+    (the cell's own tile only).
+    """
+
+    cell_diameter: float = 20.0
+    unit: str = "px"
+    neighbors: str = "knn"
+    k: int = 45
+    radius: float = 50.0
+    max_neighbors: int | None = None
+
+    def __post_init__(self):
+        if self.unit not in UNITS:
+            raise ValueError(f"cell geometry unit must be 'um' or 'px', got {self.unit!r}")
+        if self.neighbors not in NEIGHBOR_RULES:
+            raise ValueError(f"neighbour rule must be one of {', '.join(NEIGHBOR_RULES)}, got {self.neighbors!r}")
+        if self.cell_diameter <= 0:
+            raise ValueError(f"cell diameter must be positive, got {self.cell_diameter}")
+        if self.neighbors == "knn" and self.k < 1:
+            raise ValueError(f"k nearest neighbours needs k >= 1, got {self.k}")
+        if self.neighbors == "radius" and self.radius <= 0:
+            raise ValueError(f"neighbour radius must be positive, got {self.radius}")
+
+    @property
+    def context(self) -> str:
+        """The model context this rule implies."""
+        return "cell" if self.neighbors == "none" else "cell_neighbors"
+
+    def tile_px(self, mpp: float | None = None) -> float:
+        return um_to_px(self.cell_diameter, self.unit, mpp, "cell geometry")
+
+    def radius_px(self, mpp: float | None = None) -> float:
+        return um_to_px(self.radius, self.unit, mpp, "cell geometry")
+
+    def describe(self) -> str:
+        rule = {"knn": f"{self.k} nearest cells", "none": "no neighbours",
+                "radius": f"cells within {self.radius:g} {self.unit}"}[self.neighbors]
+        return f"cell tile {self.cell_diameter:g} {self.unit}, context: {rule}"
+
+    def to_dict(self) -> dict:
+        return {"kind": "cell", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config", prefix: str = "") -> "CellGeometry":
+        f = _Fields(d, source, prefix)
+        return cls(f.number("cell_diameter", positive=True), f.choice("unit", UNITS),
+                   f.choice("neighbors", NEIGHBOR_RULES), f.integer("k", 45, minimum=1),
+                   f.number("radius", 50.0, positive=True), f.integer("max_neighbors", None, minimum=1))
+
+
+# --------------------------------------------------------------------------- target scaler
+
+
+@dataclass(frozen=True, eq=False)
+class Scaler:
+    """Per-gene target scaler: ``y_scaled = (y - a) / b``; a, b (G,) float32.
+
+    standard: a = mean, b = std; minmax: a = min, b = max - min; constant genes get b = 1. Stored in
+    the checkpoint as ``{'kind', 'a', 'b'}`` (lists).
+    """
+
+    kind: str
+    a: np.ndarray
+    b: np.ndarray
+
+    @classmethod
+    def fit(cls, y: np.ndarray, kind: str | None) -> "Scaler | None":
+        """Fit on (training) targets y (N, G); ``kind`` None or 'none' gives None (no scaling)."""
+        if kind in (None, "none"):
+            return None
+        y = np.asarray(y, dtype=np.float64)
+        if kind == "standard":
+            a, b = y.mean(axis=0), y.std(axis=0)
+        elif kind == "minmax":
+            a, b = y.min(axis=0), y.max(axis=0) - y.min(axis=0)
+        else:
+            raise ValueError(f"unknown scaler {kind!r}; choose standard, minmax or none")
+        b = np.where(b > 1e-12, b, 1.0)
+        return cls(kind, a.astype(np.float32), b.astype(np.float32))
+
+    def transform(self, y: np.ndarray) -> np.ndarray:
+        """(N, G) targets -> scaled targets, float32."""
+        return ((np.asarray(y, dtype=np.float32) - self.a) / self.b).astype(np.float32)
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        """(N, G) scaled predictions -> target space, float32."""
+        return y * self.b + self.a
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "a": self.a.tolist(), "b": self.b.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config", prefix: str = "scaler.",
+                  n_genes: int | None = None) -> "Scaler":
+        f = _Fields(d, source, prefix)
+        kind = f.get("kind", "standard", str)
+        arrays = []
+        for key in ("a", "b"):
+            v = f.get(key, types=list, name="a list of numbers")
+            try:
+                arr = np.asarray(v, dtype=np.float32).reshape(-1)
+            except (TypeError, ValueError):
+                f.fail(key, "must be a list of numbers")
+            if n_genes is not None and len(arr) != n_genes:
+                f.fail(key, f"has {len(arr)} values for {n_genes} genes")
+            arrays.append(arr)
+        if not np.all(arrays[1] != 0):
+            f.fail("b", "has zeros (division by zero)")
+        return cls(kind, *arrays)
+
+
+# --------------------------------------------------------------------------- checkpoint config
+
+
+@dataclass(frozen=True)
+class EncoderRef:
+    """The image encoder a model was trained on: registry name and feature dim d."""
+
+    name: str
+    dim: int
+
+
+@dataclass
+class ModelConfig:
+    """The typed ``config.json`` of a checkpoint.
+
+    model: kind ('deepspot', 'deepcell', 'deepspot2cell'); model_args: the network's constructor
+    arguments (``in_dim`` = encoder dim, ``n_genes`` = len(genes)); genes: output order; geometry:
+    :class:`SpotGeometry` (spot models) or :class:`CellGeometry` (cell models); scaler: undone on
+    every prediction; mpp: µm/px used in training (cell models); training: provenance (loss, lr,
+    seed, split, epochs…); scores: held-out scores; extra: any other top-level keys, kept as they are
+    (e.g. ``converted_from``).
+    """
+
+    model: str
+    model_args: dict
+    encoder: EncoderRef
+    genes: list[str]
+    geometry: SpotGeometry | CellGeometry
+    scaler: Scaler | None = None
+    targets: str = TARGETS
+    mpp: float | None = None
+    training: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def context(self) -> str:
+        """The context mode (DeepSpot: 'spot'…'spot_subspot_neighbors'; cells: 'cell', 'cell_neighbors')."""
+        return str(self.model_args.get("context", ""))
+
+    @property
+    def feature_mode(self) -> str:
+        """How features are made: 'standard' or 'fast' (spot models trained with --fast)."""
+        return self.geometry.feature_mode if isinstance(self.geometry, SpotGeometry) else "standard"
+
+    @property
+    def is_cell_model(self) -> bool:
+        return self.model in CELL_MODELS
+
+    def check_feature_mode(self, mode: str, source: str = "model") -> str:
+        """Refuse to use a model with features made another way than in its training."""
+        if mode != self.feature_mode:
+            hint = "pass --fast" if self.feature_mode == "fast" else "drop --fast"
+            raise CheckpointError(f"{source}: model was trained on {self.feature_mode!r} features, asked for "
+                                  f"{mode!r} ({hint})")
+        return mode
+
+    def check_genes(self, genes, source: str = "model") -> None:
+        """Every requested gene must be one the model predicts."""
+        missing = [g for g in (genes or ()) if g not in set(self.genes)]
+        if missing:
+            raise CheckpointError(f"{source}: {len(missing)} requested genes are not predicted by this model "
+                                  f"(e.g. {', '.join(map(str, missing[:3]))})")
+
+    def check_encoder_dim(self, dim: int, source: str = "model") -> None:
+        if int(dim) != self.encoder.dim:
+            raise CheckpointError(f"{source}: model expects {self.encoder.dim}-d features from encoder "
+                                  f"'{self.encoder.name}', got {int(dim)}-d features")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "model": self.model, "model_args": dict(self.model_args),
+                "encoder": {"name": self.encoder.name, "dim": self.encoder.dim}, "genes": list(self.genes),
+                "geometry": self.geometry.to_dict(), "scaler": None if self.scaler is None else self.scaler.to_dict(),
+                "targets": self.targets, "mpp": self.mpp, "training": dict(self.training),
+                "scores": dict(self.scores), **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        """Check every field (one CheckpointError naming ``source`` and the field) and build the config."""
+        d = migrate(d, source)
+        f = _Fields(d, source)
+        kind = f.choice("model", SPOT_MODELS + CELL_MODELS)
+        enc = f.sub("encoder")
+        encoder = EncoderRef(enc.get("name", types=str), enc.integer("dim", minimum=1))
+        genes = f.get("genes", types=list, name="a list of gene names")
+        if not genes or not all(isinstance(g, str) and g for g in genes):
+            f.fail("genes", "must be a non-empty list of gene names")
+        if len(set(genes)) != len(genes):
+            f.fail("genes", "has duplicates")
+        args = f.sub("model_args")
+        in_dim, n_genes = args.integer("in_dim", minimum=1), args.integer("n_genes", minimum=1)
+        if in_dim != encoder.dim:
+            args.fail("in_dim", f"is {in_dim} but encoder.dim is {encoder.dim}")
+        if n_genes != len(genes):
+            args.fail("n_genes", f"is {n_genes} but genes lists {len(genes)}")
+        geo = f.get("geometry", types=dict, name="an object")
+        try:
+            geometry = (CellGeometry.from_dict(geo, source, "geometry.") if kind in CELL_MODELS
+                        else SpotGeometry.from_dict(geo, source, "geometry."))
+        except CheckpointError:
+            raise
+        except ValueError as e:
+            raise CheckpointError(f"{source}: geometry {e}") from None
+        scaler = d.get("scaler")
+        scaler = None if not scaler else Scaler.from_dict(scaler, source, "scaler.", n_genes=len(genes))
+        known = {"schema_version", "model", "model_args", "encoder", "genes", "geometry", "scaler", "targets",
+                 "mpp", "training", "scores"}
+        return cls(kind, dict(args.d), encoder, list(genes), geometry, scaler,
+                   f.get("targets", TARGETS, str), f.number("mpp", None, positive=True),
+                   dict(f.get("training", {}, dict)), dict(f.get("scores", {}, dict)),
+                   {k: v for k, v in d.items() if k not in known}, SCHEMA_VERSION)
+
+    @classmethod
+    def coerce(cls, config: "ModelConfig | dict", source: str = "config") -> "ModelConfig":
+        """A ModelConfig as it is, or a config dict checked and typed."""
+        return config if isinstance(config, cls) else cls.from_dict(config, source)
+
+
+def invert_scaler(pred: np.ndarray, scaler: "Scaler | dict | None") -> np.ndarray:
+    """Undo an optional target scaler (a :class:`Scaler` or its stored dict form) on predictions (N, G)."""
+    if not scaler:
+        return pred
+    return (scaler if isinstance(scaler, Scaler) else Scaler.from_dict(scaler)).inverse(pred)
+
+
+def migrate(d: dict, source: str = "config.json") -> dict:
+    """A config dict of any schema version as the current one (a new dict; ``d`` is not changed).
+
+    Version 1 (``format_version`` 1, or none: the checkpoints written before the typed config) differs
+    only in where it kept the feature mode: at the top level (``feature_mode``) in some, in the
+    geometry in the others.
+    """
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{source}: config must be a JSON object, got {type(d).__name__}")
+    version = d.get("schema_version", d.get("format_version", 1))
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{source}: schema_version must be a positive integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise CheckpointError(f"{source}: schema_version {version} is newer than this deepspot reads "
+                              f"({SCHEMA_VERSION}); update deepspot")
+    out = {k: v for k, v in d.items() if k != "format_version"}
+    if version == 1:
+        mode = out.pop("feature_mode", None)
+        geo = out.get("geometry")
+        if mode and isinstance(geo, dict) and "grid" in geo and not geo.get("feature_mode"):
+            out["geometry"] = {**geo, "feature_mode": mode}
+    out["schema_version"] = SCHEMA_VERSION
+    return out
