@@ -16,8 +16,8 @@ from deepspot.features.store import Features
 from deepspot.io.datasets import ncbi858
 from deepspot.config import CellGeometry
 from deepspot.evaluation.holdout import score_holdout
-from deepspot.inference.cells import predict_cells, read_cell_table
-from deepspot.io.spatial import SpatialDataError
+from deepspot.inference.cells import predict_cells
+from deepspot.io.spatial import SpatialDataError, read_cell_table
 from deepspot.models.cells import CellBags, DeepCell, DeepSpot2Cell, cell_bags, cell_neighbors, predict_batches
 from deepspot.models.checkpoint import load_checkpoint, read_config, save_checkpoint
 from deepspot.training.cells import SpotCellBags, drop_empty_spots, train_cell_model, train_spot2cell_model

@@ -76,51 +76,28 @@ def train(image: Path = typer.Option(..., help="H&E image/slide the spots lie on
           radius: float = typer.Option(50.0, help="Cell models: neighbour radius (radius rule), in --cell-unit."),
           aggregate: str = typer.Option("sum", help="deepspot2cell: cells to spot by sum (count space) or mean (log).")):
     """Train DeepSpot (spots), DeepCell or DeepSpot2Cell (cells) on one image; prints held-out scores."""
-    from deepspot.demo import score_table
-    from deepspot.features.encoders import load_encoder
-    from deepspot.geometry.grid import GridSpec, pool_cells
-    from deepspot.config import SpotGeometry
-    from deepspot.io.slides import open_slide
-    from deepspot.io.spatial import SpatialDataError, check_inside, read_cells_h5ad
-    from deepspot.models.checkpoint import save_checkpoint
-    from deepspot.training.spots import train_spot_model
+    import deepspot as ds
+    from deepspot.config import CellGeometry, GridSpec, SpotGeometry
+    from deepspot.evaluation.holdout import score_table
 
-    if adata.is_dir():
-        from deepspot.io.spatial import read_xenium
-
-        data = read_xenium(adata, image=image, mpp=mpp)
+    data = ds.read.counts(adata, image=image, x_col=x_col, y_col=y_col, mpp=mpp)
+    grid = GridSpec(spot_diameter, spacing, unit=unit)
+    if model == "deepspot":
+        geometry = SpotGeometry(grid, n_sub=n_sub, feature_mode="fast" if fast else "standard")
     else:
-        data = read_cells_h5ad(adata, x_col=x_col, y_col=y_col)
-    with open_slide(image, mpp=mpp) as slide:
-        w, h = slide.dimensions
-        slide_mpp = slide.mpp
-    check_inside(data.obsm["spatial"], w, h, str(adata))
-    if model != "deepspot":
-        from deepspot.cli.cells import train_cells
-
-        return train_cells(model, image, data, out, encoder=encoder, encoder_weights=encoder_weights, mpp=mpp,
-                           cell_diameter=cell_diameter, cell_unit=cell_unit, neighbors=neighbors, k=k, radius=radius,
-                           aggregate=aggregate, spot_diameter=spot_diameter, spacing=spacing, unit=unit,
-                           genes=_split(genes), n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs,
-                           patience=patience, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
-                           progress=progress)
-    geometry = SpotGeometry(GridSpec(spot_diameter, spacing, unit=unit), n_sub=n_sub,
-                            feature_mode="fast" if fast else "standard")
-    if unit == "um" and slide_mpp is None:
-        raise SpatialDataError(f"{image}: no mpp in the file; pass --mpp or give the geometry in pixels (--unit px)")
-    spec_px = geometry.grid.in_pixels(slide_mpp)
-    if cells:
-        data, _ = pool_cells(data, w, h, spec_px)
-        console.print(f"pooled cells into {data.n_obs} pseudo-spots")
-    elif "array_row" not in data.obs or "array_col" not in data.obs:
-        raise SpatialDataError(f"{adata}: obs needs array_row/array_col for the neighbour context (or pass --cells)")
-    encoder_ = load_encoder(encoder, weights=encoder_weights)
-    res = train_spot_model(image, data, encoder_, geometry, mpp=slide_mpp, context=context, genes=_split(genes),
-                           n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs, patience=patience, seed=seed,
-                           cache_dir=cache_dir or out.parent / f".{out.name}-features", num_workers=num_workers,
-                           progress=progress)
-    save_checkpoint(out, res.model, res.config)
-    console.print(score_table(res.scores).to_string(float_format=lambda v: f"{v:.4f}"))
+        geometry = CellGeometry(cell_diameter, unit=cell_unit, neighbors=neighbors, k=k, radius=radius)
+        console.print(f"{model}: {data.n_obs} cells; {geometry.describe()}")
+    trained = ds.train(data, image=image, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
+                       mpp=mpp, geometry=geometry, grid=grid, cells=cells, context=context, genes=_split(genes),
+                       n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs, patience=patience, seed=seed,
+                       aggregate=aggregate, cache_dir=cache_dir, num_workers=num_workers, progress=progress)
+    res = trained.result
+    if model == "deepspot" and cells:
+        console.print(f"pooled cells into {res.targets.shape[0]} pseudo-spots")
+    if model == "deepspot2cell":
+        console.print(f"pooled {int((res.cell_to_spot >= 0).sum())} cells into {res.spots.n_obs} pseudo-spots; "
+                      f"cells of held-out spots scored against their own (held-back) counts")
+    console.print(score_table(trained.scores).to_string(float_format=lambda v: f"{v:.4f}"))
     console.print(f"wrote {out}")
 
 
@@ -147,32 +124,25 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
             cache_dir: Optional[Path] = typer.Option(None, help="Keep/reuse the feature store here."),
             progress: bool = typer.Option(True)):
     """Predict every in-tissue spot of a virtual grid over a slide: h5ad + spots CSV + PNG (memory stays flat)."""
+    import time
     import warnings
 
-    from deepspot.features.encoders import load_encoder
-    from deepspot.inference.predict import check_feature_mode, predict_slide
-    from deepspot.models.checkpoint import CheckpointError, load_checkpoint, read_config
+    import deepspot as ds
 
     if not slide.exists():
         raise FileNotFoundError(f"{slide}: file not found")
-    gene_list = _split(genes)
-    cfg = read_config(model)
-    if cfg.get("model", "deepspot") != "deepspot":
-        raise CheckpointError(f"{model}: a {cfg['model']} model predicts cells, not a spot grid; use "
-                              f"`deepspot predict-cells CELL_TABLE --image IMAGE --model {model}`")
-    check_feature_mode(cfg, "fast" if fast else "standard", source=str(model))
-    encoder_ = load_encoder(cfg["encoder"]["name"], weights=encoder_weights)
-    net, cfg = load_checkpoint(model, genes=gene_list, feature_dim=encoder_.dim)
+    t0 = time.perf_counter()
+    m = ds.load_model(model, device=device, encoder_weights=encoder_weights)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = predict_slide(slide, net, cfg, encoder_, out, genes=gene_list, mpp=mpp, tissue=tissue,
-                            min_tissue_fraction=min_tissue, fast=fast, layout=layout, spacing=spacing,
-                            batch_size=batch_size, num_workers=num_workers, device=device, cache_dir=cache_dir,
-                            progress=progress)
-    for msg in [str(w.message) for w in caught] + [f"geometry: {n}" for n in res.notes]:
+        pred = m.predict_slide(slide, out=out, genes=_split(genes), mpp=mpp, tissue=tissue, min_tissue=min_tissue,
+                               fast=fast, layout=layout, spacing=spacing, batch_size=batch_size,
+                               num_workers=num_workers, cache_dir=cache_dir, progress=progress)
+    info = pred.uns["deepspot"]
+    for msg in [str(w.message) for w in caught] + [f"geometry: {n}" for n in info["geometry_notes"]]:
         typer.echo(f"deepspot: warning: {msg}", err=True)
-    console.print(f"{res.n_spots} of {res.n_grid} grid spots on tissue × {len(cfg['genes'])} genes → {res.h5ad}"
-                  f" ({res.seconds:.0f} s)")
+    console.print(f"{pred.n_obs} of {info['grid_spots']} grid spots on tissue × {pred.n_vars} genes → "
+                  f"{info['outputs'][0]} ({time.perf_counter() - t0:.0f} s)")
 
 
 @app.command()
@@ -182,11 +152,10 @@ def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
     """Plot predicted genes over the H&E thumbnail."""
     import anndata as ad
 
-    from deepspot.plotting import plot_genes
+    import deepspot as ds
 
     if not h5ad.exists():
         raise FileNotFoundError(f"{h5ad}: file not found")
-    adata = ad.read_h5ad(h5ad)
     path = out or h5ad.with_suffix(".png")
-    plot_genes(adata, genes=_split(genes), path=path)
+    ds.pl.spatial(ad.read_h5ad(h5ad), genes=_split(genes), path=path)
     console.print(f"wrote {path}")

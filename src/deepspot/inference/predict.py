@@ -228,6 +228,51 @@ def predict_image(slide_path, model, config: ModelConfig | dict, encoder, mpp: f
     return adata
 
 
+def plan_spots(slide_path, adata: ad.AnnData, geometry: SpotGeometry, mpp: float | None = None,
+               thumbnail_size: int = 2000) -> SlidePlan:
+    """The plan of the spots of an existing AnnData (obsm['spatial'] (x, y) level-0 px of ``slide_path``;
+    obs array_row/array_col for the neighbour context), in their order; crops as the model's geometry."""
+    from deepspot.io.spatial import SpatialDataError, check_inside
+
+    if "spatial" not in adata.obsm:
+        raise SpatialDataError(f"{slide_path}: the AnnData has no obsm['spatial'] (x, y) spot positions")
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    has_array = "array_row" in adata.obs and "array_col" in adata.obs
+    if not has_array and geometry.neighbor_radius > 0:
+        raise SpatialDataError(f"{slide_path}: obs needs array_row/array_col for the model's neighbour context")
+    with open_slide(slide_path, mpp=mpp) as slide:
+        mpp_used = resolve_mpp(slide, mpp, needs_um=geometry.grid.unit == "um")
+        spec = geometry.grid.in_pixels(mpp_used)
+        w, h = slide.dimensions
+        check_inside(xy, w, h, f"{slide_path}: spots")
+        thumb = slide.get_thumbnail(thumbnail_size)
+    zeros = np.zeros(len(xy), dtype=np.int64)
+    grid = pd.DataFrame({"array_row": adata.obs["array_row"].to_numpy() if has_array else zeros,
+                         "array_col": adata.obs["array_col"].to_numpy() if has_array else zeros,
+                         "x": xy[:, 0], "y": xy[:, 1]})
+    return SlidePlan(Path(slide_path), geometry, spec, mpp_used, grid, len(grid), (int(w), int(h)), thumb, "none")
+
+
+def predict_spots(slide_path, adata: ad.AnnData, model, config: ModelConfig | dict, encoder, mpp: float | None = None,
+                  batch_size: int = 16, num_workers: int | None = 0, cache_dir=None, device="cpu",
+                  autocast_dtype=None, progress: bool = True, library_id: str | None = None,
+                  thumbnail_size: int = 2000, predict_batch: int = 512) -> ad.AnnData:
+    """Predict at the spots of ``adata`` (e.g. a Visium sample read by scanpy or deepspot's readers):
+    AnnData with the same obs (names, order, columns), obsm['spatial'], X = predictions (spots × the
+    model's genes), uns['spatial'] (the slide's thumbnail) and uns['deepspot'] (provenance)."""
+    config = ModelConfig.coerce(config)
+    mode = _mode(config, None)
+    plan = plan_spots(slide_path, adata, config.geometry, mpp=mpp, thumbnail_size=thumbnail_size)
+    out = _skeleton(plan, config, library_id, mode)
+    out.obs = adata.obs.copy()
+    out.uns["deepspot"]["tissue_method"] = "positions given"
+    out.X = (predict_plan(plan, model, config, encoder, mode=mode, mpp=mpp, batch_size=batch_size,
+                          num_workers=num_workers, cache_dir=cache_dir, device=device, autocast_dtype=autocast_dtype,
+                          progress=progress, predict_batch=predict_batch)
+             if len(plan.grid) else np.zeros(out.shape, dtype=np.float32))
+    return out
+
+
 def spot_table(adata: ad.AnnData) -> pd.DataFrame:
     """The metadata CSV: barcode, array row/col, pixel x/y, in-tissue."""
     xy = np.asarray(adata.obsm["spatial"])

@@ -1,0 +1,280 @@
+"""The public API (``import deepspot as ds``): a loaded predictor and the training entry point.
+
+- :func:`load_model` -> :class:`Model`: network + checked config + encoder (built on first use).
+- :meth:`Model.predict_slide` (virtual spot grid over a slide), :meth:`Model.predict_spots` (at the
+  spots of an existing AnnData), :meth:`Model.predict_cells` (cell models, at cell centroids),
+  :meth:`Model.predict_features` (encoder features in, genes out); all AnnData / numpy out.
+- :func:`train` -> :class:`Model`: today one sample (an image with spot or cell counts), trained with a
+  spatial hold-out and scored on it next to ridge.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import anndata as ad
+import numpy as np
+import torch
+
+from deepspot.config import CellGeometry, CheckpointError, GridSpec, ModelConfig, SpotGeometry, invert_scaler
+from deepspot.features.encoders import load_encoder
+from deepspot.models.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["Model", "load_model", "train"]
+
+
+class Model:
+    """A trained DeepSpot / DeepCell / DeepSpot2Cell with its config, ready to predict.
+
+    ``network``: the torch module (eval mode); ``config``: :class:`~deepspot.config.ModelConfig`;
+    the encoder named by the config is loaded on first use (``encoder_weights``: a local weights file
+    or folder for encoders that need one) on ``device``.
+    """
+
+    def __init__(self, network: torch.nn.Module, config: ModelConfig, encoder=None, encoder_weights=None,
+                 device: str = "cpu", source: str = "model"):
+        self.network = network.eval()
+        self.config = config
+        self.device = device
+        self.source = source
+        self.encoder_weights = encoder_weights
+        self._encoder = encoder
+        self.result = None  # set by train(): the features, targets, split and predictions of the run
+        if encoder is not None:
+            config.check_encoder_dim(encoder.dim, source)
+
+    def __repr__(self) -> str:
+        return (f"Model({self.config.model}, context={self.config.context!r}, encoder={self.config.encoder.name!r}, "
+                f"{len(self.genes)} genes, device={self.device!r})")
+
+    @property
+    def genes(self) -> list[str]:
+        """The predicted genes, in output order."""
+        return list(self.config.genes)
+
+    @property
+    def scores(self) -> dict:
+        """Held-out scores recorded at training ({} when none were)."""
+        return dict(self.config.scores)
+
+    @property
+    def encoder(self):
+        """The image encoder (loaded on first use; its feature dim is checked against the config)."""
+        if self._encoder is None:
+            enc = load_encoder(self.config.encoder.name, weights=self.encoder_weights, device=self.device)
+            self.config.check_encoder_dim(enc.dim, self.source)
+            self._encoder = enc
+        return self._encoder
+
+    def to(self, device: str) -> "Model":
+        """Move the network (and a loaded encoder) to ``device``."""
+        self.device = device
+        self.network.to(device)
+        if self._encoder is not None and hasattr(self._encoder, "model"):
+            self._encoder.model.to(device)
+            self._encoder.device = device
+        return self
+
+    def save(self, path: str | Path) -> Path:
+        """Write the checkpoint folder (model.safetensors + config.json)."""
+        return save_checkpoint(path, self.network, self.config)
+
+    def _require(self, cells: bool) -> None:
+        if cells and not self.config.is_cell_model:
+            raise CheckpointError(f"{self.source}: a {self.config.model} model predicts spots, not cells; use "
+                                  f"predict_slide or predict_spots (`deepspot predict`)")
+        if not cells and self.config.is_cell_model:
+            raise CheckpointError(f"{self.source}: a {self.config.model} model predicts cells, not a spot grid; "
+                                  f"use predict_cells (`deepspot predict-cells CELL_TABLE --image IMAGE "
+                                  f"--model {self.source}`)")
+
+    @torch.no_grad()
+    def predict_features(self, spot, subspots=None, neighbors=None, neighbor_mask=None, raw: bool = False):
+        """Predictions from encoder features: spot (B,d), subspots (B,S,d), neighbors (B,K,d),
+        neighbor_mask (B,K) bool (default all real) -> (B,G) numpy, in target space (the scaler undone)
+        unless ``raw``. For cell models ``spot`` is the cell's tile and ``neighbors`` its neighbours'."""
+        from deepspot.models.cells import cell_predictor
+
+        def t(a):
+            return None if a is None else torch.as_tensor(np.asarray(a), dtype=torch.float32, device=self.device)
+
+        x = t(spot)
+        if x.ndim != 2 or x.shape[1] != self.config.encoder.dim:
+            raise ValueError(f"spot features must be (B, {self.config.encoder.dim}), got {tuple(x.shape)}")
+        nb = t(neighbors)
+        mask = None
+        if nb is not None:
+            mask = (torch.ones(nb.shape[:2], dtype=torch.bool, device=self.device) if neighbor_mask is None
+                    else torch.as_tensor(np.asarray(neighbor_mask), dtype=torch.bool, device=self.device))
+        sub = t(subspots)
+        inputs = {"spot": x, "neighbors": nb, "neighbor_mask": mask}
+        if sub is not None:
+            inputs.update(subspots=sub, subspot_mask=torch.ones(sub.shape[:2], dtype=torch.bool, device=self.device))
+        net = cell_predictor(self.network) if self.config.is_cell_model else self.network
+        out = net.eval().to(self.device)(**inputs).float().cpu().numpy()
+        return out if raw else invert_scaler(out, self.config.scaler)
+
+    def predict_slide(self, slide, out: str | Path | None = None, genes: Sequence[str] | None = None,
+                      mpp: float | None = None, tissue: str = "otsu", min_tissue: float = 0.1,
+                      fast: bool | None = None, layout: str | None = None, spacing: float | None = None,
+                      batch_size: int = 16, num_workers: int | None = None, cache_dir=None, progress: bool = True,
+                      library_id: str | None = None, n_plot: int = 4) -> ad.AnnData:
+        """Predict every in-tissue spot of a virtual grid over ``slide`` (the model's geometry; ``layout``
+        and ``spacing`` override its grid, ``mpp`` the slide's µm/px) -> AnnData (spots × genes).
+
+        Without ``out``, in memory. With ``out`` (what ``deepspot predict`` does), streamed with flat memory
+        into ``out/<name>.h5ad``, ``<name>_spots.csv`` and ``<name>_genes.png`` (``genes`` or the
+        ``n_plot`` most variable); the AnnData returned is then the written file, opened backed
+        (read-only); ``uns['deepspot']['outputs']`` lists the files.
+        """
+        from deepspot.inference.predict import predict_image, predict_slide
+
+        self._require(cells=False)
+        self.config.check_genes(genes, self.source)
+        if fast is not None:
+            self.config.check_feature_mode("fast" if fast else "standard", self.source)
+        common = dict(mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue, fast=fast, layout=layout,
+                      spacing=spacing, batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
+                      device=self.device, progress=progress, library_id=library_id)
+        if out is None:
+            return predict_image(slide, self.network, self.config, self.encoder, **common)
+        res = predict_slide(slide, self.network, self.config, self.encoder, out, genes=list(genes or []) or None,
+                            n_plot=n_plot, **common)
+        a = ad.read_h5ad(res.h5ad, backed="r")
+        a.uns["deepspot"]["outputs"] = [str(p) for p in (res.h5ad, res.csv, res.png) if p is not None]
+        return a
+
+    def predict_spots(self, adata: ad.AnnData, image, mpp: float | None = None, batch_size: int = 16,
+                      num_workers: int | None = 0, cache_dir=None, progress: bool = True,
+                      library_id: str | None = None) -> ad.AnnData:
+        """Predict at the spots of ``adata``: obsm['spatial'] (x, y) full-resolution px of ``image`` and
+        obs array_row/array_col (for the neighbour context). Returns AnnData (same obs_names, same order)
+        × the model's genes."""
+        from deepspot.inference.predict import predict_spots
+
+        self._require(cells=False)
+        return predict_spots(image, adata, self.network, self.config, self.encoder, mpp=mpp, batch_size=batch_size,
+                             num_workers=num_workers, cache_dir=cache_dir, device=self.device, progress=progress,
+                             library_id=library_id)
+
+    def predict_cells(self, cells, image, x_col: str = "x", y_col: str = "y", id_col: str | None = None,
+                      mpp: float | None = None, drop_outside: bool = False, batch_size: int = 16,
+                      num_workers: int = 0, cache_dir=None, progress: bool = True,
+                      library_id: str | None = None) -> ad.AnnData:
+        """Predict every cell (DeepCell / DeepSpot2Cell): ``cells`` is a centroid table (CSV/TSV/parquet/
+        h5ad path; columns ``x_col``, ``y_col`` level-0 px), an AnnData with obsm['spatial'], or an (N, 2)
+        array. Returns AnnData (cells × genes)."""
+        from deepspot.inference.cells import predict_cells
+        from deepspot.io.spatial import read_cell_table
+
+        self._require(cells=True)
+        if isinstance(cells, ad.AnnData):
+            ids, xy = cells.obs_names, np.asarray(cells.obsm["spatial"], dtype=np.float64)
+        elif isinstance(cells, (str, Path)):
+            ids, xy = read_cell_table(cells, x_col=x_col, y_col=y_col, id_col=id_col)
+        else:
+            ids, xy = None, np.asarray(cells, dtype=np.float64)
+        if not Path(image).exists():
+            raise FileNotFoundError(f"{image}: file not found")
+        return predict_cells(image, xy, self.network, self.config, self.encoder, cell_ids=ids, mpp=mpp,
+                             batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir, device=self.device,
+                             progress=progress, drop_outside=drop_outside, library_id=library_id)
+
+
+def load_model(path: str | Path, device: str = "cpu", encoder_weights=None) -> Model:
+    """Load a checkpoint folder: every config field, the genes and dims are checked before any compute;
+    the encoder is built on first use."""
+    network, config = load_checkpoint(path)
+    return Model(network.to(device), config, encoder_weights=encoder_weights, device=device, source=str(path))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _one_sample(samples, image):
+    """(counts AnnData, image path, mpp or None) of the one sample to train on."""
+    from deepspot.training.manifest import Sample, load_sample, read_manifest
+
+    if isinstance(samples, ad.AnnData):
+        if image is None:
+            raise ValueError("train(adata, image=...): the H&E image the positions refer to is needed")
+        return samples, Path(image), None
+    if isinstance(samples, (str, Path)):
+        samples = [load_sample(s) for s in read_manifest(samples)]
+    samples = list(samples)
+    if len(samples) != 1 or not isinstance(samples[0], Sample):
+        raise ValueError(f"training takes one sample for now, got {len(samples)}; train on one image "
+                         f"(or use `deepspot evaluate` for patient-level cross-validation over several)")
+    s = samples[0]
+    return s.adata, s.image, s.mpp
+
+
+def train(samples, image=None, model: str = "deepspot", out: str | Path | None = None,
+          encoder: str = "efficientnet-lite0", encoder_weights=None, mpp: float | None = None,
+          geometry: SpotGeometry | CellGeometry | None = None, grid: GridSpec | None = None,
+          cells: bool = False, context: str = "spot_subspot_neighbors", genes: list[str] | None = None,
+          n_top_genes: int | None = None, loss: str = "mse", max_epochs: int = 200, patience: int = 20,
+          seed: int = 2024, hidden: int | None = None, n_ensemble: int = 10, aggregate: str = "sum",
+          cache_dir=None, num_workers: int = 0, progress: bool = True, log_dir=None) -> Model:
+    """Train a model on one sample and score it on a held-out side of the image; returns the :class:`Model`
+    (held-out scores in ``Model.scores``; written to ``out`` when given).
+
+    ``samples``: an AnnData of raw counts with obsm['spatial'] (x, y) px of ``image``, a list holding one
+    loaded :class:`~deepspot.training.manifest.Sample`, or a manifest path with one row. ``model``:
+    'deepspot' (spots; ``cells=True`` pools cells into pseudo-spots on ``geometry.grid``), 'deepcell'
+    (cells with their counts) or 'deepspot2cell' (cells pooled into pseudo-spots on ``grid``; trained on
+    the spot counts only). ``geometry``: :class:`SpotGeometry` (spots, default Visium 55/100 µm) or
+    :class:`CellGeometry` (cells). ``mpp`` overrides the image's µm/px.
+    """
+    from deepspot.config import CELL_MODELS, resolve_mpp
+    from deepspot.evaluation.holdout import score_holdout
+    from deepspot.geometry.grid import pool_cells
+    from deepspot.io.slides import open_slide
+    from deepspot.io.spatial import SpatialDataError, check_inside
+
+    data, image, sample_mpp = _one_sample(samples, image)
+    mpp = mpp if mpp is not None else sample_mpp
+    if model not in ("deepspot",) + CELL_MODELS:
+        raise ValueError(f"unknown model {model!r}; choose deepspot, {' or '.join(CELL_MODELS)}")
+    if not Path(image).exists():
+        raise FileNotFoundError(f"{image}: file not found")
+    with open_slide(image, mpp=mpp) as slide:
+        w, h = slide.dimensions
+        unit = geometry.unit if isinstance(geometry, CellGeometry) else (geometry or SpotGeometry()).grid.unit
+        slide_mpp = resolve_mpp(slide, mpp, needs_um=unit == "um")
+    check_inside(data.obsm["spatial"], w, h, f"{image}: positions")
+    enc = load_encoder(encoder, weights=encoder_weights)
+    cache_dir = cache_dir if cache_dir is not None else (Path(out).parent / f".{Path(out).name}-features"
+                                                         if out is not None else None)
+    common = dict(genes=genes, n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs, patience=patience,
+                  seed=seed, cache_dir=cache_dir, num_workers=num_workers, progress=progress, log_dir=log_dir,
+                  n_ensemble=n_ensemble, **({"hidden": hidden} if hidden else {}))
+    if model == "deepspot":
+        from deepspot.training.spots import train_spot_model
+
+        geometry = geometry or SpotGeometry()
+        if not isinstance(geometry, SpotGeometry):
+            raise ValueError("a deepspot model needs a SpotGeometry")
+        if cells:
+            data, _ = pool_cells(data, w, h, geometry.grid.in_pixels(slide_mpp))
+        elif "array_row" not in data.obs or "array_col" not in data.obs:
+            raise SpatialDataError(f"{image}: obs needs array_row/array_col for the neighbour context "
+                                   f"(or pool cells into spots: cells=True)")
+        res = train_spot_model(image, data, enc, geometry, mpp=slide_mpp, context=context, **common)
+    else:
+        from deepspot.training.cells import train_cell_model, train_spot2cell_from_cells
+
+        geometry = geometry or CellGeometry()
+        if not isinstance(geometry, CellGeometry):
+            raise ValueError(f"a {model} model needs a CellGeometry")
+        if model == "deepcell":
+            res = train_cell_model(image, data, enc, geometry, mpp=mpp, **common)
+        else:
+            res = train_spot2cell_from_cells(image, data, enc, grid or GridSpec(), geometry=geometry, mpp=mpp,
+                                             aggregate=aggregate, **common)
+    score_holdout(res)
+    trained = Model(res.model, res.config, encoder=enc, source=str(out) if out is not None else "model")
+    trained.result = res
+    if out is not None:
+        trained.save(out)
+    return trained
