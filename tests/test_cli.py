@@ -100,7 +100,7 @@ def test_bad_input_feature_dim_mismatch(demo_out, tmp_path):
     cfg["encoder"]["dim"] = 1024
     (ck / "config.json").write_text(json.dumps(cfg))
     r = run("predict", IMAGE, "--model", ck, "--out", tmp_path / "o")
-    _one_line_error(r, str(ck), "1024-d")
+    _one_line_error(r, str(ck), "encoder.dim is 1024")
 
 
 def test_bad_input_unknown_encoder(tmp_path):
@@ -116,3 +116,24 @@ def test_bad_input_positions_outside_image(tmp_path):
             "--unit", "px", "--spot-diameter", 120, "--spacing", 120)
     _one_line_error(r, "cells.h5ad", "outside")
     assert not (tmp_path / "m").exists()
+
+
+def test_api_equals_cli_predict_at_the_same_spots(demo_out, tmp_path):
+    """`deepspot predict` and the Python API give the same numbers: at the CLI's own spots
+    (Model.predict_spots, features encoded afresh) and over the same virtual grid (Model.predict_slide)."""
+    import deepspot as ds
+
+    out, _ = demo_out
+    r = run("predict", IMAGE, "--model", out / "model", "--out", tmp_path / "cli", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cli = ad.read_h5ad(tmp_path / "cli" / "NCBI858.h5ad")
+    m = ds.load_model(out / "model")
+    assert m.genes == list(cli.var_names)
+    spots = cli[::-1].copy()  # another order: the result must follow the input's
+    spots.X = np.zeros(spots.shape, dtype=np.float32)
+    got = m.predict_spots(spots, IMAGE, progress=False)
+    assert list(got.obs_names) == list(spots.obs_names)
+    np.testing.assert_allclose(got.X, cli[::-1].X, atol=1e-5)
+    grid = m.predict_slide(IMAGE, cache_dir=tmp_path / "cache", progress=False)
+    assert list(grid.obs_names) == list(cli.obs_names)
+    np.testing.assert_allclose(grid.X, cli.X, atol=1e-5)

@@ -285,7 +285,7 @@ def test_outputs_complete_and_nothing_left_on_failure(slides, encoder, tmp_path,
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(P, "_plot_columns", boom)
+    monkeypatch.setattr(P.plotting, "spatial_columns", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         predict_slide(slides["tif"], model, cfg, encoder, tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()

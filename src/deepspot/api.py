@@ -242,7 +242,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
         w, h = slide.dimensions
         unit = geometry.unit if isinstance(geometry, CellGeometry) else (geometry or SpotGeometry()).grid.unit
         slide_mpp = resolve_mpp(slide, mpp, needs_um=unit == "um")
-    check_inside(data.obsm["spatial"], w, h, f"{image}: positions")
+    check_inside(data.obsm["spatial"], w, h, str(data.uns.get("source", {}).get("path", f"{image}: positions")))
     enc = load_encoder(encoder, weights=encoder_weights)
     cache_dir = cache_dir if cache_dir is not None else (Path(out).parent / f".{Path(out).name}-features"
                                                          if out is not None else None)

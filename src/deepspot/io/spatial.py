@@ -110,11 +110,12 @@ def _obs_columns(path: Path) -> list[str]:
 def read_counts(path: str | Path, image: str | Path | None = None, x_col: str | None = None,
                 y_col: str | None = None, mpp: float | None = None) -> ad.AnnData:
     """Counts + positions to train on: a Xenium output folder (its cells registered to ``image``) or an
-    h5ad (positions in obsm['spatial'], or obs columns ``x_col``/``y_col``), as AnnData of raw counts."""
+    h5ad (positions in obsm['spatial'], or obs columns ``x_col``/``y_col``), as AnnData of raw counts
+    (``uns['source']['path']`` names the file, for error messages)."""
     path = Path(path)
-    if path.is_dir():
-        return read_xenium(path, image=image, mpp=mpp)
-    return read_cells_h5ad(path, x_col=x_col, y_col=y_col)
+    a = read_xenium(path, image=image, mpp=mpp) if path.is_dir() else read_cells_h5ad(path, x_col=x_col, y_col=y_col)
+    a.uns["source"] = {**a.uns.get("source", {}), "path": str(path)}
+    return a
 
 
 def check_inside(xy: np.ndarray, width: int, height: int, source: str, what: str = "positions") -> None:
