@@ -1,0 +1,156 @@
+"""The checkpoint contract: typed config, migration of checkpoints written before it, one-line errors
+naming the file and the field before any compute, the Scaler, the mpp rule; importing deepspot changes
+no global state."""
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import deepspot as ds
+from deepspot.config import (CellGeometry, CheckpointError, GridSpec, ModelConfig, MppError, Scaler, SpotGeometry,
+                             invert_scaler, resolve_mpp, um_to_px)
+from deepspot.models.checkpoint import read_config
+
+DATA = Path(__file__).parent / "data"
+V1_SPOT, V1_CELL = DATA / "checkpoint_v1_spot", DATA / "checkpoint_v1_cell"
+
+
+def test_checkpoints_written_before_the_typed_config_still_load(tmp_path):
+    m = ds.load_model(V1_SPOT)
+    cfg = m.config
+    assert cfg.model == "deepspot" and cfg.context == "spot_subspot_neighbors" and cfg.feature_mode == "standard"
+    assert m.genes == ["EPCAM", "VIM", "FN1"] and (cfg.encoder.name, cfg.encoder.dim) == ("efficientnet-lite0", 1280)
+    assert cfg.geometry == SpotGeometry(GridSpec(120.0, 120.0, "hex", "px"), 3, 1)
+    assert cfg.scaler.kind == "standard" and cfg.training["epochs"] == 3 and cfg.schema_version == 2
+    rng = np.random.default_rng(0)
+    spot, sub, nb = rng.random((4, 1280)), rng.random((4, 9, 1280)), rng.random((4, 3, 1280))
+    raw = m.predict_features(spot, sub, nb, raw=True)
+    np.testing.assert_allclose(m.predict_features(spot, sub, nb), raw * cfg.scaler.b + cfg.scaler.a, rtol=1e-6)
+    # saved again: the current schema, the same numbers
+    back = ds.load_model(m.save(tmp_path / "v2"))
+    assert json.loads((tmp_path / "v2" / "config.json").read_text())["schema_version"] == 2
+    assert back.config.to_dict() == cfg.to_dict()
+    np.testing.assert_array_equal(back.predict_features(spot, sub, nb), m.predict_features(spot, sub, nb))
+    c = ds.load_model(V1_CELL)
+    assert c.config.is_cell_model and c.config.geometry == CellGeometry(20.0, "px", "knn", 6)
+    assert c.predict_features(spot, neighbors=nb).shape == (4, 3)
+    with pytest.raises(CheckpointError, match="predicts cells, not a spot grid"):
+        c.predict_slide("any.tif")
+
+
+def test_old_top_level_feature_mode_is_migrated():
+    raw = json.loads((V1_SPOT / "config.json").read_text())
+    raw["feature_mode"] = "fast"
+    del raw["geometry"]["feature_mode"]
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.feature_mode == "fast" and "feature_mode" not in cfg.extra
+
+
+def _break(d, path, value=...):
+    d = copy.deepcopy(d)
+    *parents, last = path.split(".")
+    node = d
+    for p in parents:
+        node = node[p]
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return d
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("geometry.grid.spot_diameter", ..., "geometry.grid.spot_diameter missing"),
+    ("geometry.grid.spot_diameter", -5, "geometry.grid.spot_diameter must be a positive"),
+    ("geometry.grid.unit", "mm", "geometry.grid.unit must be one of um, px"),
+    ("geometry.n_sub", 0, "geometry.n_sub must be >= 1"),
+    ("geometry.feature_mode", "turbo", "geometry.feature_mode must be one of standard, fast"),
+    ("geometry", ..., "geometry missing"),
+    ("encoder.dim", "1280", "encoder.dim must be an integer"),
+    ("encoder.name", ..., "encoder.name missing"),
+    ("encoder", ..., "encoder missing"),
+    ("genes", ["A", "A", "B"], "genes has duplicates"),
+    ("genes", "EPCAM", "genes must be a list"),
+    ("model", "transformer", "model must be one of"),
+    ("model_args.in_dim", 512, "model_args.in_dim is 512 but encoder.dim is 1280"),
+    ("model_args.n_genes", 7, "model_args.n_genes is 7 but genes lists 3"),
+    ("scaler.a", [0.0, 1.0], "scaler.a has 2 values for 3 genes"),
+    ("scaler.b", [1.0, 0.0, 1.0], "scaler.b has zeros"),
+    ("schema_version", 99, "schema_version 99 is newer"),
+    ("training", [1, 2], "training must be an object"),
+])
+def test_every_malformed_field_is_one_line_naming_file_and_field(tmp_path, path, value, message):
+    raw = json.loads((V1_SPOT / "config.json").read_text())
+    ck = tmp_path / "ck"
+    ck.mkdir()  # config only, no weights: the config is checked before anything else is read
+    (ck / "config.json").write_text(json.dumps(_break(raw, path, value)))
+    with pytest.raises(CheckpointError) as e:
+        ds.load_model(ck)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{ck / 'config.json'}: ") and message in msg, msg
+
+
+def test_cell_geometry_fields_are_checked(tmp_path):
+    raw = json.loads((V1_CELL / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=r"config.json: geometry.neighbors must be one of knn, radius, none"):
+        ModelConfig.from_dict(_break(raw, "geometry.neighbors", "delaunay"))
+    with pytest.raises(CheckpointError, match=r"config.json: geometry.cell_diameter missing"):
+        ModelConfig.from_dict(_break(raw, "geometry.cell_diameter"))
+
+
+def test_scaler_keeps_the_stored_form_and_numbers():
+    rng = np.random.default_rng(1)
+    y = rng.normal(3, 2, size=(50, 4))
+    y[:, 2] = 1.5  # constant gene: b = 1
+    s = Scaler.fit(y, "standard")
+    np.testing.assert_allclose(s.a, y.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(s.b, np.where(y.std(0) > 1e-12, y.std(0), 1.0), rtol=1e-6)
+    d = s.to_dict()
+    assert set(d) == {"kind", "a", "b"} and d["b"][2] == 1.0
+    z = Scaler.from_dict(d).transform(y)
+    np.testing.assert_allclose(z, (y - s.a) / s.b, rtol=1e-5)
+    np.testing.assert_allclose(invert_scaler(z, d), y, rtol=1e-5)
+    np.testing.assert_allclose(Scaler.fit(y, "minmax").transform(y).max(0)[[0, 1, 3]], 1.0, rtol=1e-6)
+    assert Scaler.fit(y, None) is None and invert_scaler(z, None) is z
+    with pytest.raises(ValueError, match="unknown scaler"):
+        Scaler.fit(y, "robust")
+
+
+def test_mpp_rule_and_um_to_px():
+    class Slide:
+        path, mpp = "s.svs", None
+
+    assert resolve_mpp(Slide()) is None and resolve_mpp(Slide(), 0.5, needs_um=True) == 0.5
+    with pytest.raises(MppError, match=r"^s.svs: .*pass --mpp"):
+        resolve_mpp(Slide(), needs_um=True)
+    Slide.mpp = 0.25
+    assert resolve_mpp(Slide(), needs_um=True) == 0.25 and resolve_mpp(Slide(), 1.0) == 1.0
+    assert um_to_px(55.0, "um", 0.5) == 110.0 and um_to_px(55.0, "px", None) == 55.0
+    with pytest.raises(MppError, match="--mpp"):
+        um_to_px(55.0, "um", None)
+    assert GridSpec(55.0, 100.0).in_pixels(0.5) == GridSpec(110.0, 200.0, "hex", "px")
+    assert CellGeometry(10.0, unit="um").tile_px(0.25) == 40.0
+
+
+def test_importing_and_plotting_leave_the_matplotlib_backend_alone(tmp_path):
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+import anndata as ad, numpy as np, pandas as pd
+import deepspot as ds
+import deepspot.api, deepspot.inference.predict, deepspot.cli.core
+a = ad.AnnData(np.random.rand(5, 2).astype("float32"), var=pd.DataFrame(index=["A", "B"]))
+a.obsm["spatial"] = np.random.rand(5, 2) * 100
+axes = ds.pl.spatial(a, genes=["A", "B"], path={str(tmp_path / 'p.png')!r})
+import matplotlib.pyplot as plt
+print(matplotlib.get_backend(), len(axes), plt.get_fignums())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["svg", "2", "[]"], r.stdout
+    assert (tmp_path / "p.png").stat().st_size > 1000

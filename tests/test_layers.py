@@ -1,0 +1,90 @@
+"""The package's layers, lowest first: a module imports only from its own layer's lower rungs or below.
+
+config → io, geometry, plotting → features → models → training, inference, convert → evaluation →
+api, demo → cli. Within a layer no module imports another layer-mate's package (training and inference
+are independent); plotting imports only config and io.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "deepspot"
+
+LAYERS = {
+    "config": 0,
+    "io": 1, "geometry": 1, "plotting": 1,
+    "features": 2,
+    "models": 3,
+    "training": 4, "inference": 4, "convert": 4,
+    "evaluation": 5,
+    "api": 6, "demo": 6,
+    "cli": 7,
+}
+ONLY = {"plotting": {"config", "io"}, "io": {"config", "io"}, "geometry": {"config", "geometry"}}
+
+
+def _unit(module: str) -> str:
+    """deepspot.training.fit -> training; deepspot (the package itself) -> api (it exports the API)."""
+    parts = module.split(".")
+    unit = parts[1] if len(parts) > 1 else "api"
+    return "cli" if unit == "__main__" else unit
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "deepspot":
+                    yield node.lineno, a.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                node.module.split(".")[0] == "deepspot":
+            if node.module == "deepspot":  # from deepspot import plotting
+                for a in node.names:
+                    yield node.lineno, f"deepspot.{a.name}"
+            else:
+                yield node.lineno, node.module
+
+
+def _modules():
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        parts = [p for p in rel.parts if p != "__init__"]
+        yield ".".join(parts), path
+
+
+def test_every_module_has_a_layer():
+    units = {_unit(m) for m, _ in _modules() if m != "deepspot"}
+    assert units <= set(LAYERS), sorted(units - set(LAYERS))
+
+
+def test_no_module_imports_a_layer_above_or_beside_it():
+    bad = []
+    for module, path in _modules():
+        if module == "deepspot":
+            continue  # the package exports the API lazily (no import statements at module level)
+        unit = _unit(module)
+        for line, target in _imports(path):
+            t = _unit(target)
+            if t == unit:
+                continue
+            allowed = ONLY.get(unit)
+            if (t not in allowed) if allowed is not None else LAYERS[t] >= LAYERS[unit]:
+                bad.append(f"{path.relative_to(SRC.parent)}:{line} ({unit}, layer {LAYERS[unit]}) imports "
+                           f"{target} ({t}, layer {LAYERS[t]})")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_check_catches_an_upward_import(tmp_path):
+    """The walker sees both import forms (a check that could never fail would prove nothing)."""
+    p = tmp_path / "m.py"
+    p.write_text("import deepspot.cli\nfrom deepspot.training.fit import fit\nfrom deepspot import plotting\n")
+    assert [t for _, t in _imports(p)] == ["deepspot.cli", "deepspot.training.fit", "deepspot.plotting"]
+
+
+@pytest.mark.parametrize("name", ["load_model", "Model", "train", "read", "pl", "datasets", "ModelConfig"])
+def test_public_names_resolve(name):
+    import deepspot as ds
+
+    assert getattr(ds, name) is not None and name in dir(ds)
