@@ -25,7 +25,7 @@ from PIL import Image
 
 from deepspot.cli import main as cli_main
 from deepspot.geometry.grid import GridSpec
-from deepspot.inference.cohort import STATE_FILE, SUMMARY_FILE, read_manifest, run_cohort
+from deepspot.inference.cohort import STATE_FILE, SUMMARY_FILE, read_cohort, run_cohort
 from deepspot.config import SpotGeometry
 from deepspot.io.synthetic import write_pyramidal_tiff
 from deepspot.models.checkpoint import save_checkpoint
@@ -137,7 +137,7 @@ def test_bad_manifest_and_output_are_refused_before_any_work(cohort, tmp_path, c
     assert not (tmp_path / "o2").exists()
     # relative paths come from the manifest's folder, ids default to the file stem
     (cohort / "stems.csv").write_text("path\ns0.png\ns1.png\n")
-    jobs = read_manifest(cohort / "stems.csv", default_mpp=0.5)
+    jobs = read_cohort(cohort / "stems.csv", default_mpp=0.5)
     assert [(j.id, j.path, j.mpp) for j in jobs] == [("s0", cohort / "s0.png", 0.5), ("s1", cohort / "s1.png", 0.5)]
 
 
