@@ -147,6 +147,9 @@ def fetch(name: str, data_dir: str | Path | None = None) -> Path:
     target = cache_dir() / name
     stale = target.is_file()
     created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
+    log = pooch.get_logger()
+    level = log.level
+    log.setLevel("WARNING")  # its "Downloading ..." line would precede our one-line error
     try:
         got = pooch.retrieve(src.url, known_hash=f"sha256:{src.sha256}", path=str(target.parent), fname=target.name,
                              downloader=pooch.HTTPDownloader(progressbar=False))
@@ -157,6 +160,8 @@ def fetch(name: str, data_dir: str | Path | None = None) -> Path:
         raise DataError(f"{name}: no local copy{had}, and the download from {src.url} failed ({why}); download it "
                         f"by hand and save it as {target} (or as DIR/{name} with --data-dir DIR or {ENV_VAR}=DIR)"
                         ) from None
+    finally:
+        log.setLevel(level)
     return Path(got)
 
 
