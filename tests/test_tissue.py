@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,9 @@ from deepspot.geometry.tissue import (
 )
 from deepspot.io.slides import open_slide
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ncbi858" / "NCBI858.jpg"
-needs_data = pytest.mark.skipif(not DATA.is_file(), reason="NCBI858.jpg not available")
+from shared_data import HE as DATA, needs_data as _needs  # noqa: E402
+
+needs_data = _needs("ncbi858/NCBI858.jpg")
 
 
 @needs_data
