@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import types
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from deepspot.features.store import Features
-from deepspot.io.datasets import ncbi858
+from deepspot.datasets import ncbi858
 from deepspot.config import CellGeometry
 from deepspot.evaluation.holdout import score_holdout
 from deepspot.inference.cells import predict_cells
@@ -22,8 +21,7 @@ from deepspot.models.cells import CellBags, DeepCell, DeepSpot2Cell, cell_bags, 
 from deepspot.models.checkpoint import load_checkpoint, read_config, save_checkpoint
 from deepspot.training.cells import SpotCellBags, drop_empty_spots, train_cell_model, train_spot2cell_model
 
-DATA = Path("../shared/data/ncbi858")
-IMAGE = DATA / "NCBI858.jpg"
+from shared_data import HE as IMAGE, NCBI858, needs_data  # noqa: E402
 
 
 def small(cls, d=8, g=5, **kw):
@@ -129,7 +127,7 @@ def test_bad_model_arguments():
 # ---------------------------------------------------------------- training, checkpoints, prediction
 
 def ncbi(n=None, seed=0):
-    a = ncbi858(DATA.parent)[0]
+    a = ncbi858()[0]
     if n is not None:
         a = a[np.sort(np.random.default_rng(seed).choice(a.n_obs, n, replace=False))].copy()
     return a
@@ -139,6 +137,7 @@ ENC = types.SimpleNamespace(name="random-test", dim=16)
 FAST = dict(hidden=16, n_ensemble=2, max_epochs=3, patience=3, progress=False)
 
 
+@needs_data(*NCBI858)
 def test_neighbour_rule_kept_from_training_to_prediction(tmp_path, monkeypatch):
     cells = ncbi()
     feats = np.random.default_rng(0).normal(size=(cells.n_obs, ENC.dim)).astype(np.float32)
@@ -179,6 +178,7 @@ def test_checkpoint_round_trip(tmp_path, kind):
                                   predict_batches(cell_predictor(model), cells))
 
 
+@needs_data(*NCBI858)
 def test_spot2cell_learns_within_spot_variation():
     """Planted signal: each cell's expression is a function of its own features; spots pool 3 cells.
     Trained on spot sums only, DeepSpot2Cell must resolve the cells of a spot, which no per-spot value
@@ -230,6 +230,7 @@ def test_cell_table_errors(tmp_path):
         read_cell_table(tmp_path / "none.csv")
 
 
+@needs_data(*NCBI858)
 def test_cells_outside_the_image_are_refused_or_dropped(caplog):
     cells = ncbi(20)
     cells.obsm["spatial"][0] = [5000.0, 10.0]
@@ -256,6 +257,7 @@ def run_cli(args, capsys):
     return code, out.out, out.err
 
 
+@needs_data(*NCBI858)
 def test_cli_train_predict_cells_end_to_end(tmp_path, capsys):
     sub = ncbi(30, seed=3)
     sub.write_h5ad(tmp_path / "cells.h5ad")

@@ -1,5 +1,6 @@
 """End to end through the real CLI on the bundled NCBI858 H&E, and bad input at the CLI boundary."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,23 +10,79 @@ import anndata as ad
 import numpy as np
 import pytest
 
-DATA = Path("../shared/data")
-IMAGE = DATA / "ncbi858" / "NCBI858.jpg"
-pytestmark = pytest.mark.skipif(not IMAGE.exists(), reason="bundled data not found")
+import deepspot
+from shared_data import HE as IMAGE, NCBI858, NCBI858_H5AD, needs_data
+
+pytestmark = needs_data(*NCBI858)
+SRC = str(Path(deepspot.__file__).resolve().parents[1])  # the package under test, whatever the cwd
+# a pip user: no checkout folder next to the package, no network
+AS_USER = ("import sys, pooch, deepspot.datasets as d; d.checkout_data_dir = lambda: None; "
+           "pooch.HTTPDownloader.__call__ = lambda *a, **k: (_ for _ in ()).throw(OSError('offline')); "
+           "from deepspot.cli import main; main(sys.argv[1:])")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "DEEPSPOT_DATA_DIR"}
+    env["PYTHONPATH"] = os.pathsep.join([SRC, *filter(None, [env.get("PYTHONPATH")])])
+    env.update(extra)
+    return env
 
 
 def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "deepspot.cli.run", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=900)
+                          text=True, cwd=cwd, timeout=900, env=_env())
+
+
+def run_as_user(*args, cwd, cache):
+    return subprocess.run([sys.executable, "-c", AS_USER, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=900, env=_env(XDG_CACHE_HOME=str(cache)))
 
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    r = run("demo", "--out", out, "--data-dir", DATA, "--spot-px", 200, "--spacing-px", 200, "--max-epochs", 8,
-            "--no-progress")
+    """The demo as a pip user runs it: from an unrelated empty folder, offline, the example files placed by
+    hand in the user cache, no --data-dir."""
+    root = tmp_path_factory.mktemp("demo")
+    cache, work = root / "cache", root / "work"
+    (cache / "deepspot" / "ncbi858").mkdir(parents=True)
+    work.mkdir()
+    for name in NCBI858:
+        shutil.copy(IMAGE.parent / Path(name).name, cache / "deepspot" / name)
+    r = run_as_user("demo", "--out", "demo", "--spot-px", 200, "--spacing-px", 200, "--max-epochs", 8,
+                    "--no-progress", cwd=work, cache=cache)
     assert r.returncode == 0, r.stderr[-3000:]
-    return out, r.stdout
+    return work / "demo", r.stdout
+
+
+def test_demo_offline_without_data_is_one_line_and_leaves_no_folder(tmp_path):
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    work.mkdir()
+    r = run_as_user("demo", "--out", "out/demo", cwd=work, cache=cache)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "ncbi858/NCBI858.h5ad" in lines[0] and "example_data/data/h5ad/NCBI858.h5ad" in lines[0]
+    assert f"save it as {cache / 'deepspot' / 'ncbi858' / 'NCBI858.h5ad'}" in lines[0]
+    assert list(work.iterdir()) == [] and not (cache / "deepspot").exists()  # (matplotlib keeps its font cache there)
+
+
+def test_demo_failing_after_start_removes_the_folder_it_made(tmp_path, monkeypatch):
+    import deepspot.demo as demo
+
+    def boom(*a, cache_dir, **k):
+        assert cache_dir.parent.is_dir()  # the output folder did exist meanwhile
+        raise RuntimeError("training failed")
+
+    monkeypatch.setattr(demo, "train_spot_model", boom)
+    with pytest.raises(RuntimeError, match="training failed"):
+        demo.run_demo(tmp_path / "a" / "b", echo=lambda *_: None, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    keep = tmp_path / "kept"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("x")
+    with pytest.raises(RuntimeError):
+        demo.run_demo(keep, echo=lambda *_: None, progress=False)
+    assert (keep / "mine.txt").exists()  # a folder the user already had is not removed
 
 
 def test_demo_writes_h5ad_png_checkpoint_and_scores(demo_out):
@@ -104,12 +161,13 @@ def test_bad_input_feature_dim_mismatch(demo_out, tmp_path):
 
 
 def test_bad_input_unknown_encoder(tmp_path):
-    r = run("demo", "--out", tmp_path / "d", "--data-dir", DATA, "--encoder", "nonexistent-net")
+    r = run("demo", "--out", tmp_path / "d", "--data-dir", IMAGE.parents[1], "--encoder", "nonexistent-net")
     _one_line_error(r, "nonexistent-net")
+    assert not (tmp_path / "d").exists()
 
 
 def test_bad_input_positions_outside_image(tmp_path):
-    cells = ad.read_h5ad(DATA / "ncbi858" / "NCBI858.h5ad")
+    cells = ad.read_h5ad(NCBI858_H5AD)
     cells.obsm["spatial"] = cells.obs[["y_pixel", "x_pixel"]].to_numpy() * 3  # wrong scale
     cells.write_h5ad(tmp_path / "cells.h5ad")
     r = run("train", "--image", IMAGE, "--adata", tmp_path / "cells.h5ad", "--out", tmp_path / "m", "--cells",

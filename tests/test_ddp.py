@@ -23,11 +23,12 @@ import zarr
 
 from deepspot.features.store import FeatureWriter
 from deepspot.geometry.grid import GridSpec, make_grid
-from deepspot.io.datasets import DataError
+from deepspot.datasets import DataError
 from deepspot.models.bags import Bags
 from deepspot.models.deepsets import DeepSpot
 from deepspot.training.fit import fit
 from deepspot.training.stores import StoreBags, StoreSample
+from shared_data import NCBI858, needs_data
 
 D, S, G = 24, 4, 5
 EPOCHS = 5
@@ -215,6 +216,7 @@ def test_ddp_two_cpu_processes_match_one_process(cohort, tmp_path):
         np.testing.assert_allclose(ddp[k], v.numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+@needs_data(*NCBI858)
 def test_build_stores_extracts_once_per_sample_and_reads_back(tmp_path):
     """Real crops of the bundled H&E through a tiny in-test encoder: the stores build_stores writes hold
     what in-memory extraction gives, row for row, for two samples."""
@@ -224,7 +226,7 @@ def test_build_stores_extracts_once_per_sample_and_reads_back(tmp_path):
     from deepspot.features.extract import extract_features
     from deepspot.geometry.grid import pool_cells
     from deepspot.config import SpotGeometry
-    from deepspot.io.datasets import ncbi858
+    from deepspot.datasets import ncbi858
     from deepspot.training.stores import build_stores
 
     spec = E.EncoderSpec("tiny-stores-test", 4, 8, (0.5,) * 3, (0.25,) * 3, source="test", needs_download=False,
@@ -234,7 +236,7 @@ def test_build_stores_extracts_once_per_sample_and_reads_back(tmp_path):
     try:
         torch.manual_seed(0)
         enc = E.load_encoder("tiny-stores-test")
-        cells, image, _ = ncbi858("../shared/data")
+        cells, image, _ = ncbi858()
         geometry = SpotGeometry(GridSpec(120.0, 120.0, unit="px"), n_sub=2)
         samples = []
         for k, off in enumerate((0.0, 40.0)):

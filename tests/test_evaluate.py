@@ -2,7 +2,6 @@
 and `deepspot evaluate` end to end on a manifest of generated Space Ranger folders."""
 import logging
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +15,7 @@ from deepspot.features.store import Features
 from deepspot.training.manifest import her2st_manifest, load_sample
 from deepspot.training.targets import log_normalize, rank_hvgs, select_panel
 
-HER2ST = Path("../shared/data")
+from shared_data import HER2ST, require_data  # noqa: E402
 
 
 def test_patient_folds_and_validation_patients():
@@ -43,7 +42,8 @@ def test_patient_folds_and_validation_patients():
 def her2st():
     """Three bundled sections (real counts) with features that carry expression signal: a fixed
     random projection of each spot's log expression of 200 variable genes plus noise (no encoding)."""
-    samples = [load_sample(s, check_image=False) for s in her2st_manifest(HER2ST, sections=("C2", "C3", "C4"))]
+    require_data(*HER2ST)
+    samples = [load_sample(s, check_image=False) for s in her2st_manifest(sections=("C2", "C3", "C4"))]
     genes = rank_hvgs({s.sample_id: s.adata for s in samples}, 200, min_fraction=0.1)
     rng = np.random.default_rng(0)
     w = rng.normal(size=(len(genes), 24)).astype(np.float32) / np.sqrt(len(genes))

@@ -12,13 +12,13 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "deepspot"
 
 LAYERS = {
-    "config": 0,
+    "config": 0, "extras": 0,
     "io": 1, "geometry": 1, "plotting": 1,
     "features": 2,
     "models": 3,
     "training": 4, "inference": 4, "convert": 4,
     "evaluation": 5,
-    "api": 6, "demo": 6,
+    "api": 6, "demo": 6, "datasets": 6,
     "cli": 7,
 }
 ONLY = {"plotting": {"config", "io"}, "io": {"config", "io"}, "geometry": {"config", "geometry"}}

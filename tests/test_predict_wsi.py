@@ -27,10 +27,9 @@ from deepspot.io.synthetic import write_pyramidal_tiff
 from deepspot.models.checkpoint import CheckpointError, save_checkpoint
 from deepspot.models.deepsets import DeepSpot
 
-DATA = Path("../shared/data")
-HE = DATA / "ncbi858" / "NCBI858.jpg"
-ZEN38 = DATA / "ZEN38_visium_meta.json"
-pytestmark = pytest.mark.skipif(not HE.exists(), reason="bundled data not found")
+from shared_data import HE, ZEN38, needs_data  # noqa: E402
+
+pytestmark = needs_data("ncbi858/NCBI858.jpg")
 
 TINY = "test-vit-tiny"
 GENES = [f"G{i}" for i in range(6)]
@@ -106,6 +105,7 @@ def encoder():
 
 # --------------------------------------------------------------------------- geometry in µm
 
+@needs_data("ZEN38_visium_meta.json")
 def test_visium_geometry_from_um_zen38():
     meta = json.loads(ZEN38.read_text())
     mpp = meta["pixel_size_um_embedded"]

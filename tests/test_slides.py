@@ -11,7 +11,7 @@ from PIL import Image
 from deepspot.config import MppError, resolve_mpp
 from deepspot.io.slides import SlideError, open_slide
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ncbi858" / "NCBI858.jpg"
+from shared_data import HE as DATA, needs_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +96,8 @@ def test_missing_and_corrupt_image(tmp_path):
         open_slide(cut)
 
 
+@needs_data("ncbi858/NCBI858.jpg")
 def test_read_scaled_and_thumbnail_on_real_he():
-    if not DATA.is_file():
-        pytest.skip("NCBI858.jpg not available")
     with open_slide(DATA, mpp=1.0) as s:
         assert s.dimensions == (1431, 1249)
         full = s.read_region((100, 200), 0, (224, 224))

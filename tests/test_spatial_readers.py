@@ -3,7 +3,6 @@ on tiny generated folders and on the bundled HER2ST sections; bad input gives on
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import anndata as ad
 import h5py
@@ -17,7 +16,10 @@ from deepspot.io.spatial import (SpatialDataError, read_her2st, read_hest, read_
                                  read_xenium)
 from deepspot.training.manifest import as_spots, detect_format, load_sample, read_manifest
 
-HER2ST = Path("../shared/data/her2st")
+from shared_data import HER2ST as _HER2ST_FILES, data_file, needs_data  # noqa: E402
+
+HER2ST = data_file("her2st/C2_HE.jpg").parent
+needs_her2st = needs_data(*_HER2ST_FILES)
 
 
 # --------------------------------------------------------------------------- Space Ranger
@@ -191,6 +193,7 @@ def test_hest_sample_and_plain_h5ad(tmp_path):
 # --------------------------------------------------------------------------- HER2ST legacy ST
 
 
+@needs_her2st
 def test_her2st_section_join_coordinates_and_scale(caplog):
     with caplog.at_level(logging.WARNING):
         a = read_her2st(HER2ST / "C3_counts.tsv.gz", image=HER2ST / "C3_HE.jpg")
@@ -214,6 +217,7 @@ def test_her2st_section_join_coordinates_and_scale(caplog):
     assert d.max() < 1.75 * pitch and d.min() > 0.7 * pitch
 
 
+@needs_her2st
 def test_her2st_bad_inputs(tmp_path):
     counts = pd.read_csv(HER2ST / "C2_counts.tsv.gz", sep="\t", index_col=0, nrows=30).iloc[:, :50]
     spots = pd.read_csv(HER2ST / "C2_spots.tsv", sep="\t")
@@ -239,6 +243,7 @@ def test_her2st_bad_inputs(tmp_path):
 # --------------------------------------------------------------------------- manifest
 
 
+@needs_her2st
 def test_manifest_rows_paths_and_errors(tmp_path):
     out, image, _ = spaceranger_folder(tmp_path, name="A", mpp=0.5)
     shutil.copy(HER2ST / "C2_spots.tsv", tmp_path / "spots.tsv")

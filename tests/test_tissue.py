@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,9 @@ from deepspot.geometry.tissue import (
 )
 from deepspot.io.slides import open_slide
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ncbi858" / "NCBI858.jpg"
-needs_data = pytest.mark.skipif(not DATA.is_file(), reason="NCBI858.jpg not available")
+from shared_data import HE as DATA, needs_data as _needs  # noqa: E402
+
+needs_data = _needs("ncbi858/NCBI858.jpg")
 
 
 @needs_data
@@ -137,3 +137,59 @@ def test_mask_on_pyramid_reads_a_coarse_level(tmp_path):
         tm = tissue_mask(s, max_size=1024)
     assert set(used) == {2} and tm.mask.shape == (1024, 1024)
     assert tm.downsample == pytest.approx(4.0) and 0.1 < tm.tissue_fraction < 0.9
+
+
+# --------------------------------------------------------------------------- grayscale and pale H&E
+
+
+def _gray(src, dst):
+    Image.open(src).convert("L").convert("RGB").save(dst, quality=92)
+    return dst
+
+
+@needs_data
+def test_grayscale_and_pale_copies_of_the_bundled_he_find_the_same_tissue(tmp_path):
+    """Grayscale: the intensity fallback. Pale: half the stain contrast (at 0.4 the overlap drops to ~0.5)."""
+    with open_slide(DATA) as s:
+        ref = tissue_mask(s)
+    pale = np.asarray(Image.open(DATA).convert("RGB"), np.float32)
+    Image.fromarray(np.round(255 - 0.5 * (255 - pale)).astype(np.uint8)).save(tmp_path / "pale.png")
+    for name in ("gray", "pale"):
+        path = _gray(DATA, tmp_path / "gray.jpg") if name == "gray" else tmp_path / "pale.png"
+        with open_slide(path) as s:
+            got = tissue_mask(s)
+        inter = (got.mask & ref.mask).sum()
+        iou = inter / (got.mask | ref.mask).sum()
+        assert got.mask.shape == ref.mask.shape and iou > 0.6, (name, iou, got.tissue_fraction, ref.tissue_fraction)
+
+
+def test_blank_grayscale_glass_stays_blank():
+    rng = np.random.default_rng(0)
+    glass = np.clip(rng.normal(232, 6, (400, 500)), 0, 255).astype(np.uint8)
+    mask, t = mask_from_rgb(np.repeat(glass[:, :, None], 3, axis=2))
+    assert not mask.any() and t <= 200
+
+
+@pytest.mark.needs_data("her2st/C2_counts.tsv.gz", "her2st/C2_spots.tsv", "her2st/C2_HE.jpg")
+def test_her2st_grayscale_section_keeps_the_annotated_in_tissue_spots(tmp_path):
+    import pandas as pd
+
+    from deepspot.datasets import her2st
+
+    f = her2st("C2")["C2"]
+    spots = pd.read_csv(f["spots"], sep="\t")
+    spots = spots[spots["selected"] == 1]
+    ax, ay = np.polyfit(spots.x, spots.pixel_x, 1), np.polyfit(spots.y, spots.pixel_y, 1)
+    mpp = 200.0 / ((ax[0] + ay[0]) / 2)  # 200 µm pitch
+    gx, gy = (g.ravel() for g in np.meshgrid(np.arange(40), np.arange(40)))
+    px, py, r = np.polyval(ax, gx), np.polyval(ay, gy), 50.0 / mpp
+    with Image.open(f["image"]) as im:
+        w, h = im.size
+    on = (px - r >= 0) & (py - r >= 0) & (px + r < w) & (py + r < h)
+    annotated = np.array([(x, y) in set(zip(spots.x, spots.y)) for x, y in zip(gx, gy)])[on]
+    for path in (f["image"], _gray(f["image"], tmp_path / "C2_gray.jpg")):
+        with open_slide(path, mpp=mpp) as s:
+            keep = tissue_mask(s, mpp=mpp).fraction_at(px[on], py[on], r) >= 0.1
+        recall = (keep & annotated).sum() / annotated.sum()
+        background = (keep & ~annotated).sum() / keep.sum()
+        assert recall >= 0.98 and background <= 0.1, (path.name, recall, background)

@@ -2,6 +2,7 @@
 on a held-out side of the image next to a ridge baseline, predict the whole image, write h5ad + PNG."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -22,10 +23,32 @@ def run_demo(out_dir: str | Path = "deepspot_demo", data_dir=None, spot_px: floa
              encoder_name: str = "efficientnet-lite0", encoder_weights=None, context: str = "spot_subspot_neighbors",
              max_epochs: int = 150, patience: int = 20, seed: int = 2024, progress: bool = True, echo=print,
              tissue: str = "otsu") -> dict:
+    """Run the demo into ``out_dir``; the data is resolved before anything is written, and a folder this
+    call created is removed again if the demo fails."""
     t0 = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: --out is an existing file, not a folder")
     cells, image, meta = ncbi858(data_dir)
+    encoder = load_encoder(encoder_name, weights=encoder_weights)
+    made = [p for p in [out, *out.parents] if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(out, t0, cells, image, meta, encoder, spot_px, spacing_px, context, max_epochs, patience, seed,
+                    progress, echo, tissue)
+    except BaseException:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+            for p in made[1:]:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+        raise
+
+
+def _run(out, t0, cells, image, meta, encoder, spot_px, spacing_px, context, max_epochs, patience, seed, progress,
+         echo, tissue) -> dict:
     with open_slide(image) as slide:
         width, height = slide.dimensions
     geometry = SpotGeometry(GridSpec(spot_px, spacing_px, layout="hex", unit="px"), n_sub=3, neighbor_radius=1)
@@ -33,7 +56,6 @@ def run_demo(out_dir: str | Path = "deepspot_demo", data_dir=None, spot_px: floa
     echo(f"[demo] {cells.n_obs} cells of {meta.get('sample', 'NCBI858')} pooled into {spots.n_obs} pseudo-spots "
          f"(hex grid, diameter {spot_px:g} px, spacing {spacing_px:g} px; units: pixels, the image has no mpp); "
          f"{int((cell_to_spot >= 0).sum())} cells fall inside a spot")
-    encoder = load_encoder(encoder_name, weights=encoder_weights)
     cache = out / "features"
     res = train_spot_model(image, spots, encoder, geometry, context=context, max_epochs=max_epochs, patience=patience,
                            seed=seed, cache_dir=cache, progress=progress, log_dir=out / "logs")

@@ -30,14 +30,15 @@ def _register() -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is meant for the user (one line, no traceback)."""
     from deepspot.convert import ConvertError
+    from deepspot.extras import MissingExtra
     from deepspot.features.encoders import EncoderError
     from deepspot.io.datasets import DataError
     from deepspot.io.slides import SlideError
     from deepspot.io.spatial import SpatialDataError
     from deepspot.models.checkpoint import CheckpointError
 
-    return (SlideError, EncoderError, ConvertError, CheckpointError, SpatialDataError, DataError, FileNotFoundError,
-            ValueError, PermissionError, IsADirectoryError, NotADirectoryError)
+    return (SlideError, EncoderError, ConvertError, CheckpointError, SpatialDataError, DataError, MissingExtra,
+            FileNotFoundError, ValueError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> None:

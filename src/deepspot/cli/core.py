@@ -18,7 +18,7 @@ def _split(s: Optional[str]) -> Optional[list[str]]:
 
 @app.command()
 def demo(out: Path = typer.Option(Path("deepspot_demo"), help="Output folder."),
-         data_dir: Optional[Path] = typer.Option(None, help="Folder with ncbi858/ (default: $DEEPSPOT_DATA_DIR or ../shared/data)."),
+         data_dir: Optional[Path] = typer.Option(None, help="Folder with ncbi858/ (else $DEEPSPOT_DATA_DIR, a checkout's shared/data, the user cache; downloaded once if missing)."),
          encoder: str = typer.Option("efficientnet-lite0", help="Encoder name (see `deepspot encoders`)."),
          encoder_weights: Optional[Path] = typer.Option(None, help="Local weights file/folder for the encoder."),
          spot_px: float = typer.Option(120.0, help="Pseudo-spot diameter in pixels (the image has no mpp)."),

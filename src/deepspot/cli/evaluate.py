@@ -24,7 +24,7 @@ def evaluate(
     manifest: Optional[Path] = typer.Option(None, help="CSV: sample_id, patient_id, image, expression "
                                             "[, mpp, format, positions, spot_diameter_um, alignment]."),
     her2st: bool = typer.Option(False, "--her2st", help="Use the bundled HER2ST sections C2–C5 instead of a manifest."),
-    data_dir: Optional[Path] = typer.Option(None, help="Folder holding her2st/ (default: $DEEPSPOT_DATA_DIR or ../shared/data)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder holding her2st/ (else $DEEPSPOT_DATA_DIR, a checkout's shared/data, the user cache; downloaded once if missing)."),
     out: Path = typer.Option(Path("deepspot_evaluation"), help="Output folder (CSV tables, PNG, JSON)."),
     encoder: str = typer.Option("efficientnet-lite0", help="Encoder name (see `deepspot encoders`)."),
     encoder_weights: Optional[Path] = typer.Option(None, help="Local weights for the encoder."),

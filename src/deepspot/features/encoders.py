@@ -473,6 +473,7 @@ def _hoptimus0_arch() -> nn.Module:
 def _timm_builder(key: str, arch: Callable[[], nn.Module]):
     def build(weights: Path | None) -> nn.Module:
         spec = _REGISTRY[key]
+        _need_transformers()
         path = find_weights(spec, weights)
         if path is None:
             raise _missing(spec)
@@ -497,7 +498,14 @@ class HFClsToken(nn.Module):
         return self.hf(pixel_values=x).last_hidden_state[:, 0]
 
 
+def _need_transformers() -> None:
+    from deepspot.extras import require
+
+    require("transformers", "hf", "the Phikon encoders")
+
+
 def _phikon_config():
+    _need_transformers()
     from transformers import ViTConfig
 
     return ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
@@ -505,6 +513,7 @@ def _phikon_config():
 
 
 def _phikon_v2_config():
+    _need_transformers()
     from transformers import Dinov2Config
 
     return Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
@@ -512,6 +521,7 @@ def _phikon_v2_config():
 
 
 def _hf_model_from_config(config) -> nn.Module:
+    _need_transformers()
     from transformers import AutoModel, ViTModel
 
     if config.model_type == "vit":
@@ -522,6 +532,7 @@ def _hf_model_from_config(config) -> nn.Module:
 def _hf_builder(key: str, make_config: Callable):
     def build(weights: Path | None) -> nn.Module:
         spec = _REGISTRY[key]
+        _need_transformers()
         path = find_weights(spec, weights, want_dir=True)
         if path is None:
             raise _missing(spec)
@@ -584,6 +595,7 @@ _DENSENET_OLD = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.
 def _tv_builder(key: str):
     def build(weights: Path | None) -> nn.Module:
         spec = _REGISTRY[key]
+        _need_transformers()
         path = find_weights(spec, weights)
         if path is None:
             tv_cache = Path(torch.hub.get_dir()) / "checkpoints"

@@ -15,6 +15,9 @@ Methods
                     background does not pass; plus pale-but-not-bright stained
                     pixels (mean RGB ≤ 200 with some colour); then a small morphological
                     clean-up (dust removed, small gaps and holes closed).
+                    Where saturation carries no signal (99th percentile below
+                    ``min_saturation``: a grayscale or very pale scan), Otsu on
+                    the mean-RGB intensity instead, capped at 200.
 ``mean_rgb``        The original DeepSpot rule: a pixel is background when its
                     mean RGB > 200.
 
@@ -128,10 +131,17 @@ def mask_from_rgb(
         sat = saturation(rgb)
         dark = rgb.max(axis=2) < dark_threshold  # black borders, scanner voids, thick pen
         vals = sat[~dark]
-        t = _otsu(vals) if vals.size else 255.0
-        t = float(np.clip(t, min_saturation, max_saturation))
-        strong = (sat > t) & ~dark
-        mask = strong
+        if vals.size and np.percentile(vals, 99) < min_saturation:
+            # grayscale or very pale: saturation carries no signal, so threshold the intensity instead
+            # (Otsu on mean RGB, never above the reference 200, so blank glass stays blank)
+            m = rgb.mean(axis=2, dtype=np.float32)
+            t = min(_otsu(np.round(m[~dark]).astype(np.uint8)), float(mean_rgb_threshold))
+            mask = (m <= t) & ~dark
+            with_dark_stain = False
+        else:
+            t = _otsu(vals) if vals.size else 255.0
+            t = float(np.clip(t, min_saturation, max_saturation))
+            mask = (sat > t) & ~dark
         if with_dark_stain:
             # pale-pink stroma has little saturation but is still darker than glass: add pixels that
             # pass the reference mean-RGB rule and carry at least a trace of colour

@@ -455,6 +455,10 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
 
     if backend not in ("ray", "local"):
         raise ValueError(f"unknown backend {backend!r}; use 'ray' or 'local'")
+    if backend == "ray":
+        from deepspot.extras import require
+
+        require("ray", "cohort", "predict-cohort --backend ray", " (or use --backend local)")
     if num_cpus < 0 or num_gpus < 0:
         raise ValueError("num_cpus and num_gpus must be ≥ 0")
     if tissue not in ("otsu", "mean_rgb", "none"):

@@ -146,17 +146,10 @@ def her2st_manifest(data_dir: str | Path | None = None, sections=("C2", "C3", "C
     """The bundled HER2ST sections as a manifest. They are four serial sections of ONE patient; each
     section is given its own ``patient_id`` so leave-one-patient-out becomes leave-one-section-out
     (an optimistic stand-in for a true patient split, and labelled so in every report)."""
-    from deepspot.io.datasets import data_dir as _data_dir
+    from deepspot.io.datasets import her2st
 
-    root = _data_dir(data_dir) / "her2st"
-    specs = []
-    for s in sections:
-        counts, image = root / f"{s}_counts.tsv.gz", root / f"{s}_HE.jpg"
-        for p in (counts, image):
-            if not p.exists():
-                raise SpatialDataError(f"{s}: bundled HER2ST file not found ({p}); set --data-dir")
-        specs.append(SampleSpec(s, f"section_{s}", image, counts, "her2st"))
-    return specs
+    return [SampleSpec(s, f"section_{s}", f["image"], f["counts"], "her2st", positions=f["spots"])
+            for s, f in her2st(tuple(sections), data_dir).items()]
 
 
 def load_sample(spec: SampleSpec, check_image: bool = True) -> Sample:

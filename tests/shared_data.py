@@ -1,0 +1,58 @@
+"""The bundled example data, found the way the package finds it (deepspot.datasets.locate: --data-dir,
+$DEEPSPOT_DATA_DIR, the checkout's shared/data, the user cache); never downloaded by the tests.
+
+Tests that need a file carry ``@needs_data(name, ...)``: where the file is missing they are skipped,
+except in CI (``CI`` set and not "0"/"false"), where they fail."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from deepspot import datasets
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _find(name: str) -> Path | None:
+    if name in datasets.REGISTRY:
+        return datasets.locate(name)
+    return next((d / name for d in datasets.search_dirs() if (d / name).is_file()), None)  # not a registry file
+
+
+def data_file(name: str) -> Path:
+    """The local copy of example file ``name``, or the path it would have in the checkout (missing)."""
+    found = _find(name)
+    if found is not None:
+        return found
+    return (datasets.checkout_data_dir() or Path(__file__).resolve().parents[2] / "shared" / "data") / name
+
+
+def missing(*names: str) -> list[str]:
+    return [n for n in names if _find(n) is None]
+
+
+def require_data(*names: str) -> None:
+    """Skip (fail in CI) the running test or fixture when any of these example files is missing."""
+    gone = missing(*names)
+    if gone:
+        msg = (f"example data not found: {', '.join(gone)} (looked in --data-dir/$DEEPSPOT_DATA_DIR, the checkout's "
+               f"shared/data and the user cache)")
+        if in_ci():
+            pytest.fail(msg + "; in CI that is a failure, not a skip", pytrace=False)
+        pytest.skip(msg)
+
+
+def needs_data(*names: str):
+    """Mark a test (or, as ``pytestmark``, a module) as needing these example files."""
+    return pytest.mark.needs_data(*names)
+
+
+HE = data_file("ncbi858/NCBI858.jpg")
+NCBI858_H5AD = data_file("ncbi858/NCBI858.h5ad")
+ZEN38 = data_file("ZEN38_visium_meta.json")
+NCBI858 = tuple(f"ncbi858/NCBI858.{e}" for e in ("h5ad", "jpg", "json"))
+HER2ST = tuple(n for n in datasets.REGISTRY if n.startswith("her2st/"))
