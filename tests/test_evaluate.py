@@ -9,7 +9,9 @@ import pytest
 import torch
 from spatial_fakes import spaceranger_folder
 
-from deepspot.evaluation.cv import (RIDGE, EvalConfig, evaluate, patient_folds, stack_bags, validation_patients)
+from deepspot.evaluation.cv import (NOISE, ORACLE, RIDGE, EvalConfig, evaluate, noise_band, patient_folds, section_table,
+                                   stack_bags)
+from deepspot.training.recipe import block_validation
 from deepspot.features.encoders import EncoderSpec, register_encoder
 from deepspot.features.store import Features
 from deepspot.training.manifest import her2st_manifest, load_sample
@@ -18,7 +20,7 @@ from deepspot.training.targets import log_normalize, rank_hvgs, select_panel
 from shared_data import HER2ST, require_data  # noqa: E402
 
 
-def test_patient_folds_and_validation_patients():
+def test_patient_folds_and_block_validation():
     pats = ["p3", "p1", "p2", "p1", "p4", "p5"]
     assert patient_folds(pats, "lopo") == [["p1"], ["p2"], ["p3"], ["p4"], ["p5"]]
     k = patient_folds(pats, 2, seed=1)
@@ -28,10 +30,13 @@ def test_patient_folds_and_validation_patients():
         patient_folds(["p1", "p1"], "lopo")
     with pytest.raises(ValueError, match="6 folds but only 5 patients"):
         patient_folds(pats, 6)
-    assert validation_patients(["a"], 0.2, 0) == []
-    v = validation_patients(["a", "b", "c"], 0.2, 0)
-    assert len(v) == 1 and v[0] in "abc"
-    assert len(validation_patients(list("abcdefghij"), 0.2, 0)) == 2
+    # validation: the top 20% of the array rows of EVERY training sample; a tiny sample trains only
+    rows = [np.arange(0, 50), np.arange(50, 100), np.arange(100, 105)]
+    arr = [np.arange(50) % 10, np.arange(50) // 5, np.zeros(5)]
+    tr, va = block_validation(rows, arr, 0.2)
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(105)) and not set(tr) & set(va)
+    assert set(va) == set(np.flatnonzero(arr[0] >= 8)) | set(50 + np.flatnonzero(arr[1] >= 8))
+    assert set(range(100, 105)) <= set(tr)
     with pytest.raises(ValueError, match="folds must be"):
         EvalConfig(folds=1)
     with pytest.raises(ValueError, match="unknown context"):
@@ -75,18 +80,24 @@ def test_stack_bags_keeps_neighbours_within_their_sample(her2st):
 def test_evaluate_no_leakage_and_same_seed_same_numbers(her2st, tmp_path):
     samples, feats = her2st
     res = evaluate(samples, cfg=_cfg(), features=feats, out_dir=tmp_path)
-    assert set(res.scores["method"]) == {RIDGE, "deepspot spot"}
-    assert sorted(res.scores["sample"].unique()) == ["C2", "C3", "C4"] and len(res.scores) == 6
+    assert set(res.scores["method"]) == {RIDGE, "deepspot spot", ORACLE, NOISE}
+    assert sorted(res.scores["sample"].unique()) == ["C2", "C3", "C4"] and len(res.scores) == 12
     for info in res.folds:
         test = set(info["test_samples"])
-        assert not test & (set(info["train_samples"]) | set(info["val_samples"]))  # held out means held out
-        assert len(info["val_samples"]) == 1  # early stopping on a whole training section
+        assert not test & set(info["train_samples"])  # held out means held out
+        assert len(info["train_samples"]) == 2 and info["n_val_spots"] > 0  # both train, each gives a block
+        assert info["n_train_spots"] + info["n_val_spots"] == sum(s.adata.n_obs for s in samples
+                                                                   if s.sample_id not in test)
         train = {s.sample_id: s.adata for s in samples if s.sample_id not in test}
         assert info["panel"] == select_panel(train, n_top=30, others={t: next(s.adata for s in samples
                                                                               if s.sample_id == t) for t in test})
         assert info["top_eval"] == info["panel"][:30]
     # expression is in the features: the baseline finds it, and so does DeepSpot after a few epochs
     summ = res.summary
+    table = section_table(res.scores)
+    assert list(table.index) == ["C2", "C3", "C4", "mean"] and NOISE in table.columns
+    # the shuffled band sits well below a model that found the signal
+    assert (table[NOISE] < table[RIDGE]).all()
     assert summ.loc[RIDGE, "pearson_mean"] > 0.15
     assert summ.loc["deepspot spot", "pearson_mean"] > 0.08
     for name in ("scores.csv", "summary.csv", "per_gene.csv", "evaluation.png", "evaluation.json"):
@@ -105,7 +116,7 @@ def test_evaluate_scaler_and_oversampling(her2st):
         assert info["scaler"] == "standard" and info["leiden_clusters"] >= 2
         assert info["n_train_rows"] > info["n_train_spots"]  # small clusters repeated
     assert np.isfinite(res.summary["pearson_mean"]).all()
-    assert (res.summary["mse"] < 5).all()  # predictions are back on the log1p scale (scaler inverted)
+    assert (res.summary.loc[[RIDGE, "deepspot spot"], "mse"] < 5).all()  # back on the log1p scale (scaler inverted)
 
 
 def test_missing_features_and_duplicate_samples(her2st):
@@ -257,3 +268,12 @@ def test_index_batch_sampler_shards_whole_batches(monkeypatch):
     monkeypatch.setattr(F, "_dist_info", lambda: (1, 2))
     v = F.IndexBatchSampler(index, 16, shuffle=False, shard=False)
     assert len(list(v)) == 5  # validation: every rank sees every batch
+
+
+def test_noise_band_is_what_shuffled_predictions_score():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(200, 6))
+    pred = truth + 0.1 * rng.normal(size=truth.shape)  # almost perfect predictions
+    band = noise_band(pred, truth, np.arange(6), n=200, seed=1)
+    assert 0 < band < 0.2  # chance level for 200 spots, far below the real r ~ 0.99
+    assert noise_band(pred, truth, np.arange(6), n=50, seed=1) == noise_band(pred, truth, np.arange(6), n=50, seed=1)

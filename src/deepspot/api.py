@@ -213,8 +213,9 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
           encoder: str = "efficientnet-lite0", encoder_weights=None, mpp: float | None = None,
           geometry: SpotGeometry | CellGeometry | None = None, grid: GridSpec | None = None,
           cells: bool = False, context: str = "spot_subspot_neighbors", genes: list[str] | None = None,
-          n_top_genes: int | None = None, loss: str = "mse", max_epochs: int = 200, patience: int = 20,
-          seed: int = 2024, hidden: int | None = None, n_ensemble: int = 10, aggregate: str = "sum",
+          n_top_genes: int | None = None, loss: str | None = None, max_epochs: int | None = None,
+          patience: int | None = None, seed: int = 2024, hidden: int | None = None, n_ensemble: int | None = None,
+          aggregate: str = "sum",
           cache_dir=None, num_workers: int = 0, progress: bool = True, log_dir=None) -> Model:
     """Train a model on one sample and score it on a held-out side of the image; returns the :class:`Model`
     (held-out scores in ``Model.scores``; written to ``out`` when given).
@@ -246,9 +247,11 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     enc = load_encoder(encoder, weights=encoder_weights)
     cache_dir = cache_dir if cache_dir is not None else (Path(out).parent / f".{Path(out).name}-features"
                                                          if out is not None else None)
-    common = dict(genes=genes, n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs, patience=patience,
-                  seed=seed, cache_dir=cache_dir, num_workers=num_workers, progress=progress, log_dir=log_dir,
-                  n_ensemble=n_ensemble, **({"hidden": hidden} if hidden else {}))
+    # training options left as None take each model's own defaults (for spots: training.recipe.SpotRecipe)
+    chosen = {k: v for k, v in dict(loss=loss, max_epochs=max_epochs, patience=patience, hidden=hidden,
+                                    n_ensemble=n_ensemble).items() if v is not None}
+    common = dict(genes=genes, n_top_genes=n_top_genes, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
+                  progress=progress, log_dir=log_dir, **chosen)
     if model == "deepspot":
         from deepspot.training.spots import train_spot_model
 

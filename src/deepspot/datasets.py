@@ -1,3 +1,7 @@
-"""Example data sets (``deepspot.datasets``, as ``squidpy.datasets``): see :mod:`deepspot.io.datasets`."""
-from deepspot.io.datasets import *  # noqa: F401,F403
-from deepspot.io.datasets import __all__  # noqa: F401
+"""``deepspot.datasets`` (as ``squidpy.datasets``): the example data sets, implemented in
+:mod:`deepspot.io.datasets`. This name is that same module object, so patching one patches the other."""
+import sys
+
+from deepspot.io import datasets as _datasets
+
+sys.modules[__name__] = _datasets

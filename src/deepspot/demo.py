@@ -21,7 +21,7 @@ from deepspot.training.spots import train_spot_model
 
 def run_demo(out_dir: str | Path = "deepspot_demo", data_dir=None, spot_px: float = 120.0, spacing_px: float = 120.0,
              encoder_name: str = "efficientnet-lite0", encoder_weights=None, context: str = "spot_subspot_neighbors",
-             max_epochs: int = 150, patience: int = 20, seed: int = 2024, progress: bool = True, echo=print,
+             max_epochs: int | None = None, patience: int | None = None, seed: int = 2024, progress: bool = True, echo=print,
              tissue: str = "otsu") -> dict:
     """Run the demo into ``out_dir``; the data is resolved before anything is written, and a folder this
     call created is removed again if the demo fails."""

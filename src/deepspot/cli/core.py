@@ -23,7 +23,7 @@ def demo(out: Path = typer.Option(Path("deepspot_demo"), help="Output folder."),
          encoder_weights: Optional[Path] = typer.Option(None, help="Local weights file/folder for the encoder."),
          spot_px: float = typer.Option(120.0, help="Pseudo-spot diameter in pixels (the image has no mpp)."),
          spacing_px: float = typer.Option(120.0, help="Pseudo-spot centre-to-centre spacing in pixels."),
-         max_epochs: int = typer.Option(150), seed: int = typer.Option(2024),
+         max_epochs: Optional[int] = typer.Option(None, help="Default: the training recipe's."), seed: int = typer.Option(2024),
          progress: bool = typer.Option(True, help="Show progress bars.")):
     """Train on the bundled Xenium lung H&E, score on a held-out side, predict the whole image."""
     from deepspot.demo import run_demo
@@ -64,7 +64,9 @@ def train(image: Path = typer.Option(..., help="H&E image/slide the spots lie on
                                     "(one encoder pass per spot); the model must then be used with predict --fast."),
           genes: Optional[str] = typer.Option(None, help="Comma-separated gene panel."),
           n_top_genes: Optional[int] = typer.Option(None, help="Top-N highly variable genes."),
-          loss: str = typer.Option("mse"), max_epochs: int = typer.Option(200), patience: int = typer.Option(20),
+          loss: Optional[str] = typer.Option(None, help="Default: mse."),
+          max_epochs: Optional[int] = typer.Option(None, help="Default: the training recipe's (spots: 40)."),
+          patience: Optional[int] = typer.Option(None, help="Default: the training recipe's (spots: 8)."),
           seed: int = typer.Option(2024), cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder."),
           num_workers: int = typer.Option(0), progress: bool = typer.Option(True),
           model: str = typer.Option("deepspot", help="deepspot (spots), deepcell (cells with their counts) or "

@@ -8,6 +8,9 @@ import typer
 from rich.console import Console
 
 from deepspot.cli import app
+from deepspot.training.recipe import SpotRecipe
+
+_R = SpotRecipe()
 
 console = Console(stderr=False)
 
@@ -34,10 +37,17 @@ def evaluate(
     on_missing: str = typer.Option("error", help="Panel gene missing from a sample: error | intersect."),
     contexts: str = typer.Option("all", help="DeepSpot context modes, comma-separated, or 'all'."),
     n_sub: int = typer.Option(3, help="Sub-spot grid n (n×n)."),
-    loss: str = typer.Option("mse"), lr: float = typer.Option(1e-4), batch_size: int = typer.Option(64),
-    max_epochs: int = typer.Option(200), patience: int = typer.Option(20),
-    hidden: int = typer.Option(512), n_ensemble: int = typer.Option(10), dropout: float = typer.Option(0.3),
-    scaler: str = typer.Option("none", help="Target scaler fitted on training spots: none | standard | minmax."),
+    loss: str = typer.Option(_R.loss), lr: float = typer.Option(_R.lr),
+    weight_decay: float = typer.Option(_R.weight_decay), batch_size: int = typer.Option(_R.batch_size),
+    max_epochs: int = typer.Option(_R.max_epochs), patience: int = typer.Option(_R.patience),
+    hidden: int = typer.Option(_R.hidden), n_ensemble: int = typer.Option(_R.n_ensemble),
+    dropout: float = typer.Option(_R.dropout),
+    subspot_pool: str = typer.Option(_R.subspot_pool, help="Sub-spot pooling: mean | sum | max."),
+    neighbor_pool: str = typer.Option(_R.neighbor_pool, help="Neighbour pooling: mean | max | sum."),
+    input_proj: int = typer.Option(_R.input_proj, help="Standardise + PCA the encoder features to this many "
+                                                       "dims inside the model (0: raw features)."),
+    monitor: str = typer.Option(_R.monitor, help="Early stopping on val_pearson or val_loss."),
+    scaler: str = typer.Option(_R.scaler, help="Target scaler fitted on training spots: none | standard | minmax."),
     oversample: bool = typer.Option(False, help="Leiden-cluster oversampling of the training spots."),
     precision: str = typer.Option("32", help="32 | bf16 | fp16 (fp16 becomes bf16 on CPU)."),
     loggers: str = typer.Option("csv", help="Training curves under <out>/logs: csv, tensorboard, csv,tensorboard or none."),
@@ -47,7 +57,7 @@ def evaluate(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Leave-one-patient-out (or k-fold by patient) scores of DeepSpot's four context modes and ridge."""
-    from deepspot.evaluation.cv import EvalConfig, evaluate as run_eval, load_samples
+    from deepspot.evaluation.cv import EvalConfig, evaluate as run_eval, load_samples, section_table
     from deepspot.features.encoders import load_encoder
     from deepspot.models.deepsets import CONTEXTS
     from deepspot.training.manifest import her2st_manifest, read_manifest
@@ -61,8 +71,10 @@ def evaluate(
     ctx = CONTEXTS if contexts.strip().lower() == "all" else tuple(_csv(contexts) or ())
     k = "lopo" if folds.strip().lower() in ("lopo", "loo") else int(folds)
     cfg = EvalConfig(contexts=ctx, folds=k, n_top_genes=n_top_genes, genes=_csv(genes), on_missing=on_missing,
-                     n_sub=n_sub, loss=loss, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
-                     patience=patience, hidden=hidden, n_ensemble=n_ensemble, dropout=dropout,
+                     n_sub=n_sub, loss=loss, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                     max_epochs=max_epochs, patience=patience, hidden=hidden, n_ensemble=n_ensemble, dropout=dropout,
+                     subspot_pool=subspot_pool, neighbor_pool=neighbor_pool, input_proj=input_proj or None,
+                     monitor=monitor,
                      scaler=None if scaler == "none" else scaler, oversample=oversample, precision=precision,
                      seed=seed)
     samples = load_samples(specs)
@@ -72,6 +84,9 @@ def evaluate(
     res = run_eval(samples, enc, cfg, cache_dir=cache_dir or out / "features", out_dir=out, progress=progress,
                    echo=console.print, num_workers=num_workers, note=note,
                    loggers=None if loggers.strip().lower() == "none" else _csv(loggers))
-    console.print(res.summary.to_string(float_format=lambda v: f"{v:.4f}"))
+    console.print(res.summary.to_string(float_format=lambda v: f"{v:.4f}"), soft_wrap=True)
+    console.print("\nper held-out sample: mean per-gene Pearson over the top-50 HVGs of the training split",
+                  soft_wrap=True)
+    console.print(section_table(res.scores).to_string(float_format=lambda v: f"{v:.3f}"), soft_wrap=True)
     console.print(f"{res.seconds:.0f} s; wrote {out / 'summary.csv'}, {out / 'scores.csv'}, "
                   f"{out / 'per_gene.csv'}, {out / 'evaluation.png'}")

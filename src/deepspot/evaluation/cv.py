@@ -14,11 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
-import lightning as L
 import numpy as np
 import pandas as pd
 
@@ -28,20 +27,26 @@ from deepspot.evaluation.metrics import pearson_per_gene, summarize
 from deepspot.features.store import Features
 from deepspot.geometry.neighbors import array_neighbors
 from deepspot.models.bags import Bags, predict_bags
-from deepspot.models.deepsets import CONTEXTS, DeepSpot
-from deepspot.training.fit import fit
+from deepspot.models.deepsets import CONTEXTS
 from deepspot.training.manifest import Sample, SampleSpec, as_spots, load_sample
 from deepspot.training.sampling import balanced_index
-from deepspot.training.targets import apply_scaler, fit_scaler, log_normalize, rank_hvgs, select_panel
+from deepspot.training.recipe import SpotRecipe, block_validation, fit_spot_model
+from deepspot.training.targets import log_normalize, rank_hvgs, select_panel
 
 log = logging.getLogger(__name__)
 
 RIDGE = "ridge (PCA-256)"
+ORACLE = "oracle: log library size"  # uses the held-out counts: a reference, not a method
+NOISE = "noise band (shuffled, 95%)"
+
+
+_R = SpotRecipe()
 
 
 @dataclass
 class EvalConfig:
-    """Everything that decides the numbers (stored beside them)."""
+    """Everything that decides the numbers (stored beside them). The training fields default to
+    :class:`deepspot.training.recipe.SpotRecipe`, the recipe ``deepspot train`` uses."""
 
     contexts: tuple[str, ...] = CONTEXTS
     folds: str | int = "lopo"  # leave-one-patient-out, or k patient-level folds
@@ -52,21 +57,26 @@ class EvalConfig:
     n_top_eval: int = 50
     n_sub: int = 3
     neighbor_radius: int = 1
-    loss: str = "mse"
-    lr: float = 1e-4
-    weight_decay: float = 1e-6
-    batch_size: int = 64
-    max_epochs: int = 200
-    patience: int = 20
-    hidden: int = 512
-    n_ensemble: int = 10
-    dropout: float = 0.3
-    scaler: str | None = None
+    loss: str = _R.loss
+    lr: float = _R.lr
+    weight_decay: float = _R.weight_decay
+    batch_size: int = _R.batch_size
+    max_epochs: int = _R.max_epochs
+    patience: int = _R.patience
+    hidden: int = _R.hidden
+    n_ensemble: int = _R.n_ensemble
+    dropout: float = _R.dropout
+    subspot_pool: str = _R.subspot_pool
+    neighbor_pool: str = _R.neighbor_pool
+    input_proj: int | None = _R.input_proj
+    scaler: str | None = _R.scaler
+    monitor: str = _R.monitor
     oversample: bool = False
     precision: str = "32"
-    val_fraction: float = 0.2
+    val_fraction: float = _R.val_fraction
     ridge_pca: int | None = 256
-    seed: int = 2024
+    n_shuffles: int = 100  # shuffled-prediction noise band: permutations per held-out sample
+    seed: int = _R.seed
 
     def __post_init__(self):
         bad = [c for c in self.contexts if c not in CONTEXTS]
@@ -74,6 +84,12 @@ class EvalConfig:
             raise ValueError(f"unknown context mode(s) {bad}; choose from {', '.join(CONTEXTS)}")
         if self.folds != "lopo" and (not isinstance(self.folds, int) or self.folds < 2):
             raise ValueError(f"folds must be 'lopo' or an integer >= 2, got {self.folds!r}")
+        self.recipe()  # checks the training fields
+
+    def recipe(self, context: str | None = None) -> SpotRecipe:
+        """The training recipe of these settings (for ``context``, default the recipe's)."""
+        names = {f.name for f in fields(SpotRecipe)} - {"context"}
+        return SpotRecipe(**{n: getattr(self, n) for n in names}, **({"context": context} if context else {}))
 
 
 @dataclass
@@ -102,15 +118,6 @@ def patient_folds(patients: Sequence[str], folds: str | int = "lopo", seed: int 
         raise ValueError(f"{k} folds but only {len(uniq)} patients")
     order = np.random.default_rng(seed).permutation(len(uniq))
     return [sorted(uniq[i] for i in order[f::k]) for f in range(k)]
-
-
-def validation_patients(train_patients: Sequence[str], fraction: float, seed: int) -> list[str]:
-    """Whole training patients held out for early stopping (none when fewer than 2 training patients)."""
-    tp = sorted(set(train_patients))
-    if len(tp) < 2:
-        return []
-    n = int(min(len(tp) - 1, max(1, round(fraction * len(tp)))))
-    return sorted(np.random.default_rng(seed).choice(tp, size=n, replace=False).tolist())
 
 
 # --------------------------------------------------------------------------- data
@@ -177,31 +184,43 @@ def _top_eval(train: dict, panel: list[str], cfg: EvalConfig, hvg_ranked: bool) 
     return np.array([pos[g] for g in top], dtype=np.int64)
 
 
+def noise_band(pred: np.ndarray, true: np.ndarray, genes: np.ndarray, n: int = 100, seed: int = 0) -> float:
+    """95th percentile of |mean per-gene Pearson| over ``genes`` of ``pred`` with its spots shuffled
+    (``n`` permutations): what a model with no spot-to-spot signal scores by chance on this sample."""
+    if n <= 0 or len(true) < 3:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    vals = [np.nanmean(pearson_per_gene(pred[rng.permutation(len(pred))][:, genes], true[:, genes]))
+            for _ in range(n)]
+    return float(np.nanquantile(np.abs(vals), 0.95))
+
+
+def library_oracle(sample: Sample, n_genes: int) -> np.ndarray:
+    """The image-free depth oracle: every gene of a spot predicted as log1p(its total counts): (N, G).
+    It uses the held-out spots' own counts, so it is a reference for how much a panel tracks depth,
+    not a method."""
+    lib = np.log1p(np.asarray(sample.adata.X.sum(axis=1), dtype=np.float64).ravel())
+    return np.repeat(lib[:, None], n_genes, axis=1).astype(np.float32)
+
+
 def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_patients: Sequence[str], cfg: EvalConfig,
              progress: bool = False, echo: Callable[[str], None] | None = None, log_dir=None, loggers="csv"):
-    """Train on the other patients, score each held-out sample. Returns (score rows, per-gene rows, fold info)."""
-    pid = np.array([s.patient_id for s in samples])
+    """Train on the other patients, score each held-out sample. Returns (score rows, per-gene rows, fold info).
+
+    Early stopping watches a spatial block of every training sample (:func:`block_validation`), so every
+    training sample trains; ridge is fitted on all training spots."""
     test_s = [i for i, s in enumerate(samples) if s.patient_id in set(test_patients)]
-    train_pat = sorted(set(pid) - set(test_patients))
-    val_pat = validation_patients(train_pat, cfg.val_fraction, cfg.seed)
-    train_s = [i for i, s in enumerate(samples) if s.patient_id in set(train_pat) - set(val_pat)]
-    val_s = [i for i, s in enumerate(samples) if s.patient_id in set(val_pat)]
-    fit_s = train_s + val_s  # the training split of this fold (panel, scaler, ridge)
-    train_ad = {samples[i].sample_id: samples[i].adata for i in fit_s}
+    train_s = [i for i, s in enumerate(samples) if s.patient_id not in set(test_patients)]
+    train_ad = {samples[i].sample_id: samples[i].adata for i in train_s}
     test_ad = {samples[i].sample_id: samples[i].adata for i in test_s}
     panel = select_panel(train_ad, n_top=cfg.n_top_genes, genes=cfg.genes, others=test_ad,
                          on_missing=cfg.on_missing, min_fraction=cfg.min_fraction)
     top = _top_eval(train_ad, panel, cfg, hvg_ranked=cfg.genes is None and cfg.n_top_genes is not None)
     y = _targets(samples, panel)
-    rows_of = lambda ss: np.flatnonzero(np.isin(owner, ss))  # noqa: E731
-    tr, va, te = rows_of(train_s), rows_of(val_s), rows_of(test_s)
-    if len(va) == 0:  # one training patient: a seeded random 20% of its spots for early stopping only
-        perm = np.random.default_rng(cfg.seed).permutation(tr)
-        n_val = max(1, int(round(cfg.val_fraction * len(tr))))
-        va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    fit_rows = np.sort(np.concatenate([tr, va]))
-    scaler = fit_scaler(y[tr], cfg.scaler)
-    y_fit = apply_scaler(y, scaler)
+    te = np.flatnonzero(np.isin(owner, test_s))
+    fit_rows = np.flatnonzero(np.isin(owner, train_s))
+    tr, va = block_validation([np.flatnonzero(owner == i) for i in train_s],
+                              [samples[i].adata.obs["array_row"].to_numpy() for i in train_s], cfg.val_fraction)
     tr_idx = tr
     n_clusters = None
     if cfg.oversample:
@@ -209,10 +228,10 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
         n_clusters = int(labels.max()) + 1
     info = {"test_patients": list(test_patients), "test_samples": [samples[i].sample_id for i in test_s],
             "train_samples": [samples[i].sample_id for i in train_s],
-            "val_samples": [samples[i].sample_id for i in val_s], "n_train_spots": int(len(tr)),
-            "n_train_rows": int(len(tr_idx)), "n_val_spots": int(len(va)), "n_test_spots": int(len(te)),
-            "n_genes": len(panel), "panel": panel, "top_eval": [panel[i] for i in top],
-            "leiden_clusters": n_clusters, "scaler": None if scaler is None else scaler["kind"], "fit": {}}
+            "validation": f"top {cfg.val_fraction:.0%} of the array rows of each training sample",
+            "n_train_spots": int(len(tr)), "n_train_rows": int(len(tr_idx)), "n_val_spots": int(len(va)),
+            "n_test_spots": int(len(te)), "n_genes": len(panel), "panel": panel,
+            "top_eval": [panel[i] for i in top], "leiden_clusters": n_clusters, "scaler": cfg.scaler, "fit": {}}
     fold_logs = None if log_dir is None or not loggers else Path(log_dir) / f"fold-{'+'.join(test_patients)}"
     preds = {}
     t0 = time.perf_counter()
@@ -221,32 +240,42 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
     info["fit"][RIDGE] = {"seconds": time.perf_counter() - t0}
     for ctx in cfg.contexts:
         t0 = time.perf_counter()
-        L.seed_everything(cfg.seed, verbose=False)  # model init is part of the seeded run
-        model = DeepSpot(bags.spot.shape[1], len(panel), hidden=cfg.hidden, n_ensemble=cfg.n_ensemble,
-                         dropout=cfg.dropout, context=ctx)
-        summ = fit(model, bags, y_fit, tr_idx, va, loss=cfg.loss, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                   batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, patience=cfg.patience, seed=cfg.seed,
-                   precision=cfg.precision, progress=progress,
-                   log_dir=None if fold_logs is None else fold_logs / ctx, loggers=loggers if fold_logs else None)
+        model, scaler, summ = fit_spot_model(cfg.recipe(ctx), bags, y, tr_idx, va, precision=cfg.precision,
+                                             progress=progress, log_dir=None if fold_logs is None else fold_logs / ctx,
+                                             loggers=loggers if fold_logs else None)
         preds[f"deepspot {ctx}"] = invert_scaler(predict_bags(model, bags)[te], scaler)
         info["fit"][ctx] = {**summ, "seconds": time.perf_counter() - t0}
         if echo:
             echo(f"  fold {'+'.join(test_patients)}: {ctx}: best epoch {summ['best_epoch']} of {summ['epochs']}, "
-                 f"val loss {summ['best_val_loss']:.4f} ({time.perf_counter() - t0:.0f} s)")
+                 f"{summ['monitor']} {summ['best_val']:.4f} ({time.perf_counter() - t0:.0f} s)")
+    ref = next((m for m in (f"deepspot {c}" for c in (SpotRecipe().context, *cfg.contexts)) if m in preds), RIDGE)
     score_rows, gene_rows = [], []
     for i in test_s:
         rows = np.flatnonzero(owner[te] == i)
         s = samples[i]
-        for method, p in preds.items():
-            sc_ = summarize(p[rows], y[te][rows], top_genes=top)
+        truth = y[te][rows]
+        for method, p in {**preds, ORACLE: library_oracle(s, len(panel))}.items():
+            p = p if method == ORACLE else p[rows]
+            sc_ = summarize(p, truth, top_genes=top)
+            sd_t = truth.std(axis=0)
+            ok = sd_t > 0
             score_rows.append({"fold": "+".join(test_patients), "sample": s.sample_id, "patient": s.patient_id,
                                "method": method, "pearson_mean": sc_["pearson_mean"],
                                "pearson_top50": sc_.get("pearson_top", float("nan")),
                                "spearman_mean": sc_["spearman_mean"], "mse": sc_["mse"],
+                               "sd_ratio": float(np.mean(p.std(axis=0)[ok] / sd_t[ok])) if ok.any() else float("nan"),
                                "n_genes_scored": sc_["n_genes_scored"], "n_spots": sc_["n_spots"]})
-            r = pearson_per_gene(p[rows], y[te][rows])
+            r = pearson_per_gene(p, truth)
             gene_rows.extend({"sample": s.sample_id, "method": method, "gene": g, "pearson": float(v)}
                              for g, v in zip(panel, r))
+        every = np.arange(len(panel))
+        band = noise_band(preds[ref][rows], truth, top if len(top) else every, cfg.n_shuffles, cfg.seed)
+        score_rows.append({"fold": "+".join(test_patients), "sample": s.sample_id, "patient": s.patient_id,
+                           "method": NOISE, "pearson_top50": band,
+                           "pearson_mean": noise_band(preds[ref][rows], truth, every, cfg.n_shuffles, cfg.seed),
+                           "spearman_mean": float("nan"), "mse": float("nan"), "sd_ratio": float("nan"),
+                           "n_genes_scored": len(top), "n_spots": int(len(rows))})
+    info["noise_band_of"] = ref
     return score_rows, gene_rows, info
 
 
@@ -260,6 +289,15 @@ def summarize_scores(scores: pd.DataFrame) -> pd.DataFrame:
     out = g.mean().join(g.std(ddof=0).add_suffix("_sd"))
     out["n_samples"] = g.size()
     return out
+
+
+def section_table(scores: pd.DataFrame, column: str = "pearson_top50") -> pd.DataFrame:
+    """Held-out samples × methods of ``column`` (default: mean per-gene Pearson over the top-50 HVGs of
+    each fold's training split), methods in report order, plus a mean row."""
+    t = scores.pivot_table(index="sample", columns="method", values=column, aggfunc="mean", sort=False)
+    t = t[list(dict.fromkeys(scores["method"]))]
+    t.loc["mean"] = t.mean(axis=0)
+    return t
 
 
 def evaluate(samples: Sequence[Sample], encoder=None, cfg: EvalConfig | None = None, cache_dir=None,
@@ -303,7 +341,7 @@ def evaluate(samples: Sequence[Sample], encoder=None, cfg: EvalConfig | None = N
     scores = pd.DataFrame(all_scores)
     genes = pd.DataFrame(all_genes)
     per_gene = genes.pivot_table(index="gene", columns="method", values="pearson", aggfunc="mean", sort=False)
-    per_gene = per_gene[list(dict.fromkeys(scores["method"]))]
+    per_gene = per_gene[[m for m in dict.fromkeys(scores["method"]) if m in per_gene.columns]]
     summary = summarize_scores(scores)
     config = {**asdict(cfg), "encoder": getattr(encoder, "name", None), "samples": ids,
               "patients": sorted({s.patient_id for s in samples}), "note": note,

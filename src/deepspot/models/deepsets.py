@@ -102,11 +102,50 @@ class Rho(nn.Module):
                            self.linear.weight.mean(dim=0)).reshape(*x.shape[:-1], -1)
 
 
+class InputProjection(nn.Module):
+    """A fixed (not trained) map of encoder features: standardise each of the d dims, then project on
+    the top-k principal axes of the training spots (HEST-Bench's ridge does the same). (..., d) -> (..., k).
+
+    Buffers ``mean`` (d,), ``scale`` (d,), ``weight`` (d,k) live in the state dict, so a checkpoint carries
+    the projection it was trained with and prediction applies it unchanged.
+    """
+
+    def __init__(self, in_dim: int, k: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("scale", torch.ones(in_dim))
+        self.register_buffer("weight", torch.eye(in_dim, k))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> "InputProjection":
+        """Fit on training spot features x (N, d); needs N > k."""
+        x = torch.as_tensor(x, dtype=torch.float32)
+        k = self.weight.shape[1]
+        if x.shape[0] <= k:
+            raise ValueError(f"an input projection to {k} dims needs more than {k} training spots, got {x.shape[0]}")
+        mean, scale = x.mean(dim=0), x.std(dim=0)
+        scale = torch.where(scale > 1e-6, scale, torch.ones_like(scale))
+        z = (x - mean) / scale
+        _, _, vh = torch.linalg.svd(z.double(), full_matrices=False)
+        w = vh[:k].T.float()  # (d, k)
+        # a fixed sign per axis (largest loading positive), so the same data always gives the same weights
+        sign = torch.sign(w[w.abs().argmax(dim=0), torch.arange(k)])
+        self.mean.copy_(mean), self.scale.copy_(scale), self.weight.copy_(w * torch.where(sign == 0, 1.0, sign))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / self.scale) @ self.weight
+
+
 class DeepSpot(nn.Module):
     """Spot-level deep-sets model.
 
     forward(spot (B,d), subspots (B,S,d), subspot_mask (B,S), neighbors (B,K,d),
     neighbor_mask (B,K)) -> (B,G). Inputs a context mode does not use may be None.
+    ``input_proj=k``: encoder features pass through a fixed :class:`InputProjection` (d -> k, fitted with
+    :meth:`fit_input_projection` on the training spots) before phi; None: phi sees the raw features (the
+    published models). The class defaults are the published architecture; the training defaults are in
+    :mod:`deepspot.training.recipe`.
     """
 
     def __init__(
@@ -119,6 +158,7 @@ class DeepSpot(nn.Module):
         context: Context = "spot_subspot_neighbors",
         subspot_pool: str = "sum",
         neighbor_pool: str = "max",
+        input_proj: int | None = None,
     ):
         super().__init__()
         if context not in CONTEXTS:
@@ -128,28 +168,43 @@ class DeepSpot(nn.Module):
         self.subspot_pool, self.neighbor_pool = subspot_pool, neighbor_pool
         self.use_subspots = "subspot" in context
         self.use_neighbors = "neighbors" in context
+        for name, pool in (("subspot_pool", subspot_pool), ("neighbor_pool", neighbor_pool)):
+            if pool not in POOLS:
+                raise ValueError(f"unknown {name} {pool!r}; choose one of {', '.join(POOLS)}")
         m = 1 + int(self.use_subspots) + int(self.use_neighbors)
-        self.phi = Phi(in_dim, hidden, n_ensemble, dropout)
+        self.input_proj = None if input_proj is None else int(input_proj)
+        self.proj = None if input_proj is None else InputProjection(in_dim, self.input_proj)
+        self.phi = Phi(in_dim if input_proj is None else self.input_proj, hidden, n_ensemble, dropout)
         self.rho = Rho(hidden * m, n_genes, n_ensemble, dropout)
 
     def config(self) -> dict:
         return dict(
             in_dim=self.in_dim, n_genes=self.n_genes, hidden=self.hidden, n_ensemble=self.n_ensemble,
             dropout=self.dropout_p, context=self.context, subspot_pool=self.subspot_pool,
-            neighbor_pool=self.neighbor_pool,
+            neighbor_pool=self.neighbor_pool, input_proj=self.input_proj,
         )
+
+    def fit_input_projection(self, spot_features) -> "DeepSpot":
+        """Fit the input projection on training spot features (N, d); a no-op without ``input_proj``."""
+        if self.proj is not None:
+            self.proj.fit(spot_features)
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder features as phi sees them: (..., d) -> (..., k) through the input projection, if any."""
+        return x if self.proj is None else self.proj(x)
 
     def embed(self, spot, subspots=None, subspot_mask=None, neighbors=None, neighbor_mask=None) -> torch.Tensor:
         """The pooled representation fed to rho: (B, m*h)."""
-        parts = [self.phi(spot)]
+        parts = [self.phi(self.features(spot))]
         if self.use_subspots:
             if subspots is None:
                 raise ValueError(f"context {self.context!r} needs sub-spot features")
-            parts.append(POOLS[self.subspot_pool](self.phi(subspots), subspot_mask))
+            parts.append(POOLS[self.subspot_pool](self.phi(self.features(subspots)), subspot_mask))
         if self.use_neighbors:
             if neighbors is None:
                 raise ValueError(f"context {self.context!r} needs neighbour features")
-            parts.append(POOLS[self.neighbor_pool](self.phi(neighbors), neighbor_mask))
+            parts.append(POOLS[self.neighbor_pool](self.phi(self.features(neighbors)), neighbor_mask))
         return torch.cat(parts, dim=-1)
 
     def forward(self, spot, subspots=None, subspot_mask=None, neighbors=None, neighbor_mask=None) -> torch.Tensor:
@@ -171,12 +226,12 @@ class DeepSpot(nn.Module):
         many others has phi computed once (the gathered rows of phi(feats) are what :meth:`embed`
         would compute from gathered features).
         """
-        p = self.phi(feats)
+        p = self.phi(self.features(feats))
         parts = [p[self_pos]]
         if self.use_subspots:
             if subspots is None:
                 raise ValueError(f"context {self.context!r} needs sub-spot features")
-            parts.append(POOLS[self.subspot_pool](self.phi(subspots), subspot_mask))
+            parts.append(POOLS[self.subspot_pool](self.phi(self.features(subspots)), subspot_mask))
         if self.use_neighbors:
             parts.append(POOLS[self.neighbor_pool](p[neighbor_pos], neighbor_mask))
         return self.rho(torch.cat(parts, dim=-1))

@@ -129,17 +129,28 @@ def make_loader(bags: Bags, targets: torch.Tensor, index: np.ndarray, batch_size
     return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=_as_is)
 
 
+MONITORS = {"val_loss": "min", "val_pearson": "max"}
+
+
 class KeepBest(L.Callback):
-    """Keeps a copy of the model weights at the best validation loss."""
+    """Keeps a copy of the model weights at the best value of ``monitor`` (val_loss: lowest;
+    val_pearson: highest mean per-gene Pearson across the validation spots)."""
 
     def __init__(self, monitor: str = "val_loss"):
-        self.monitor, self.best, self.state, self.epoch = monitor, float("inf"), None, -1
+        if monitor not in MONITORS:
+            raise ValueError(f"unknown monitor {monitor!r}; choose {' or '.join(MONITORS)}")
+        self.monitor, self.mode = monitor, MONITORS[monitor]
+        self.best = float("inf") if self.mode == "min" else -float("inf")
+        self.state, self.epoch = None, -1
+
+    def _better(self, v: float) -> bool:
+        return v < self.best if self.mode == "min" else v > self.best
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking:
             return
         v = trainer.callback_metrics.get(self.monitor)
-        if v is not None and float(v) < self.best:
+        if v is not None and self._better(float(v)):
             self.best, self.epoch = float(v), trainer.current_epoch
             self.state = copy.deepcopy(pl_module.model.state_dict())
 
@@ -148,7 +159,7 @@ class KeepBest(L.Callback):
         # and metrics Lightning copies back to the caller) and publish the best loss and epoch with the metrics
         if self.state is not None:
             pl_module.model.load_state_dict(self.state)
-            trainer.callback_metrics["best_val_loss"] = torch.tensor(self.best)
+            trainer.callback_metrics["best_val"] = torch.tensor(self.best)
             trainer.callback_metrics["best_epoch"] = torch.tensor(float(self.epoch))
 
 
@@ -206,12 +217,14 @@ def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.n
         max_epochs: int = 200, patience: int = 20, seed: int = 2024, precision: str = "32-true",
         log_dir: str | Path | None = None, progress: bool = True, accelerator: str = "cpu",
         devices: int | str = 1, strategy: str = "auto", loggers: str | Sequence[str] | None = None,
-        val_batch_size: int | None = None) -> dict:
+        val_batch_size: int | None = None, monitor: str = "val_loss") -> dict:
     """Train ``model`` in place; returns a summary (best val loss, best epoch, epochs run, precision).
 
     targets: (N, G) float, rows aligned with ``bags``; train_idx / val_idx index into them (train_idx may
     repeat indices, e.g. after oversampling). ``precision``: 32 | bf16 | fp16 or a Lightning name.
-    ``loggers``: None (CSV when ``log_dir`` is given), 'csv', 'tensorboard' or both.
+    ``loggers``: None (CSV when ``log_dir`` is given), 'csv', 'tensorboard' or both. ``monitor``: what early
+    stopping and the kept weights follow, ``val_loss`` or ``val_pearson`` (mean per-gene Pearson across
+    all validation spots). The summary's ``best_val`` is that monitor's best value.
     """
     precision = resolve_precision(precision, accelerator)
     with _scoped_process_state():
@@ -220,8 +233,8 @@ def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.n
         train_dl = make_loader(bags, tgt, train_idx, batch_size, shuffle=True, seed=seed)
         val_dl = make_loader(bags, tgt, val_idx, val_batch_size or max(batch_size, 1024), shuffle=False, shard=False)
         module = BagRegressor(model, loss=loss, lr=lr, weight_decay=weight_decay)
-        keep = KeepBest()
-        callbacks = [keep, L.pytorch.callbacks.EarlyStopping("val_loss", patience=patience, mode="min")]
+        keep = KeepBest(monitor)
+        callbacks = [keep, L.pytorch.callbacks.EarlyStopping(monitor, patience=patience, mode=keep.mode)]
         if progress:
             callbacks.append(L.pytorch.callbacks.RichProgressBar(leave=False))
         trainer = L.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=make_loggers(log_dir, loggers),
@@ -232,9 +245,12 @@ def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.n
         trainer.fit(module, train_dl, val_dl)
     if keep.state is not None:
         model.load_state_dict(keep.state)
-    elif "best_val_loss" in trainer.callback_metrics:  # trained in spawned ranks: weights already copied back
-        keep.best = float(trainer.callback_metrics["best_val_loss"])
+    elif "best_val" in trainer.callback_metrics:  # trained in spawned ranks: weights already copied back
+        keep.best = float(trainer.callback_metrics["best_val"])
         keep.epoch = int(trainer.callback_metrics["best_epoch"])
     model.eval()
-    return {"best_val_loss": keep.best, "best_epoch": keep.epoch, "epochs": trainer.current_epoch,
-            "precision": precision}
+    out = {"monitor": monitor, "best_val": keep.best, "best_epoch": keep.epoch, "epochs": trainer.current_epoch,
+           "precision": precision}
+    if monitor == "val_loss":
+        out["best_val_loss"] = keep.best
+    return out

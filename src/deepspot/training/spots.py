@@ -8,16 +8,15 @@ import logging
 from dataclasses import dataclass, field
 
 import anndata as ad
-import lightning as L
 import numpy as np
 
-from deepspot.config import TARGETS, EncoderRef, ModelConfig, SpotGeometry
+from deepspot.config import TARGETS, EncoderRef, ModelConfig, SpotGeometry, invert_scaler
 from deepspot.features.extract import extract_features
 from deepspot.features.store import Features
 from deepspot.geometry.neighbors import array_neighbors
 from deepspot.models.bags import Bags, predict_bags
 from deepspot.models.deepsets import DeepSpot
-from deepspot.training.fit import fit
+from deepspot.training.recipe import SpotRecipe, block_validation, fit_spot_model
 from deepspot.training.targets import log_normalize, select_genes
 
 log = logging.getLogger(__name__)
@@ -60,17 +59,19 @@ def bags_for(spots: ad.AnnData, features: Features, radius: int) -> Bags:
 
 
 def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, mpp: float | None = None,
-                     context: str = "spot_subspot_neighbors", genes: list[str] | None = None,
-                     n_top_genes: int | None = None, loss: str = "mse", max_epochs: int = 200, patience: int = 20,
-                     batch_size: int = 64, lr: float = 1e-4, seed: int = 2024, dropout: float = 0.3,
-                     n_ensemble: int = 10, hidden: int = 512, test_fraction: float = 0.3, cache_dir=None,
+                     recipe: SpotRecipe | None = None, genes: list[str] | None = None,
+                     n_top_genes: int | None = None, test_fraction: float = 0.3, cache_dir=None,
                      batch_size_encoder: int = 16, num_workers: int = 0, progress: bool = True,
-                     log_dir=None) -> SpotTrainResult:
+                     log_dir=None, **recipe_options) -> SpotTrainResult:
     """Train on the spots of one image with a spatial hold-out (the right-most ``test_fraction`` of the
-    spots are neither trained nor validated on); predicts every spot.
+    spots are neither trained nor validated on; early stopping watches the top 20 % of the array rows of
+    the rest); predicts every spot. ``recipe`` (default :class:`SpotRecipe`) with ``recipe_options``
+    (e.g. ``context=``, ``max_epochs=``; None values ignored) decides the training.
 
     spots: AnnData of raw counts with obs array_row/array_col and obsm['spatial'] (x, y) level-0 px.
     """
+    recipe = (recipe or SpotRecipe()).replace(**recipe_options)
+    context = recipe.context
     spec = geometry.grid.in_pixels(mpp) if geometry.grid.unit == "um" else geometry.grid
     feats = extract_features(image, spots.obsm["spatial"], spec.spot_diameter, encoder,
                              n_sub=geometry.n_sub if "subspot" in context else 0, mpp=mpp, cache_dir=cache_dir,
@@ -79,15 +80,17 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
     panel = select_genes(spots, n_top=n_top_genes, genes=genes)
     y = log_normalize(spots, genes=panel)
     bags = bags_for(spots, feats, geometry.neighbor_radius)
-    train, val, test = spatial_split(spots.obsm["spatial"], test_fraction=test_fraction, seed=seed)
-    L.seed_everything(seed, verbose=False)  # model init is part of the seeded run
-    model = DeepSpot(encoder.dim, len(panel), hidden=hidden, n_ensemble=n_ensemble, dropout=dropout, context=context)
-    summary = fit(model, bags, y, train, val, loss=loss, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
-                  patience=patience, seed=seed, progress=progress, log_dir=log_dir)
-    pred = predict_bags(model, bags)
-    training = {"loss": loss, "lr": lr, "seed": seed, "batch_size": batch_size, "max_epochs": max_epochs,
-                "patience": patience, "split": "spatial: right-most %.0f%% of spots held out" % (100 * test_fraction),
+    _, _, test = spatial_split(spots.obsm["spatial"], test_fraction=test_fraction, seed=recipe.seed)
+    rest = np.setdiff1d(np.arange(spots.n_obs), test)
+    train, val = block_validation([rest], [spots.obs["array_row"].to_numpy()[rest]], recipe.val_fraction)
+    if len(val) == 0 or len(train) == 0:
+        raise ValueError(f"{image}: {spots.n_obs} spots are too few for a train / validation / test split")
+    model, scaler, summary = fit_spot_model(recipe, bags, y, train, val, progress=progress, log_dir=log_dir)
+    pred = invert_scaler(predict_bags(model, bags), scaler)
+    training = {"recipe": recipe.to_dict(),
+                "split": "spatial: right-most %.0f%% of spots held out; validation: top %.0f%% of the array "
+                         "rows of the rest" % (100 * test_fraction, 100 * recipe.val_fraction),
                 **summary}
     config = ModelConfig("deepspot", model.config(), EncoderRef(encoder.name, int(encoder.dim)), list(panel),
-                         geometry, None, TARGETS, mpp, training)
+                         geometry, scaler, TARGETS, mpp, training)
     return SpotTrainResult(model, config, feats, y, panel, (train, val, test), pred, summary)

@@ -1,0 +1,148 @@
+"""The spot-model training recipe: every choice that decides a trained DeepSpot, in one place.
+
+``train``, ``evaluate`` and the API all train through :func:`fit_spot_model`, so the numbers that
+``deepspot evaluate`` reports are those of the models that ``deepspot train`` writes. The defaults were
+chosen by leave-one-section-out on the bundled HER2ST sections (docs/evaluation.md has the table and
+the effect of each choice in isolation):
+
+- encoder features standardised and projected on their top 256 principal axes of the training spots
+  (``input_proj``; a fixed layer inside the model, so prediction applies it unchanged);
+- targets standardised per gene (``scaler='standard'``; inverted at prediction), so every gene weighs
+  the same in the MSE, as the per-gene Pearson that scores the model does;
+- mean pooling of sub-spots and of neighbours (the published sum / max let the bag size set the scale
+  and let one neighbour dominate);
+- a smaller network for hundreds to thousands of spots (hidden 256, 5 heads, dropout 0.5), AdamW
+  lr 1e-3, weight decay 1e-2;
+- early stopping on the mean per-gene Pearson of a validation block cut from EVERY training sample
+  (the top ``val_fraction`` of its array rows: spatially apart from the spots it trains on), so every
+  training sample trains and the stopping signal is the score we report.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+
+from deepspot.config import Scaler
+from deepspot.models.bags import Bags
+from deepspot.models.deepsets import CONTEXTS, POOLS, DeepSpot
+from deepspot.models.losses import LOSSES
+from deepspot.training.fit import MONITORS, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpotRecipe:
+    """Hyper-parameters of a DeepSpot training run (recorded in the checkpoint as ``training.recipe``)."""
+
+    context: str = "spot_subspot_neighbors"
+    hidden: int = 256
+    n_ensemble: int = 5
+    dropout: float = 0.5
+    subspot_pool: str = "mean"
+    neighbor_pool: str = "mean"
+    input_proj: int | None = 256
+    scaler: str | None = "standard"
+    loss: str = "mse"
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 64
+    max_epochs: int = 40
+    patience: int = 8
+    monitor: str = "val_pearson"
+    val_fraction: float = 0.2
+    seed: int = 2024
+
+    def __post_init__(self):
+        checks = [(self.context in CONTEXTS, f"context {self.context!r}: choose one of {', '.join(CONTEXTS)}"),
+                  (self.subspot_pool in POOLS, f"subspot_pool {self.subspot_pool!r}: choose {', '.join(POOLS)}"),
+                  (self.neighbor_pool in POOLS, f"neighbor_pool {self.neighbor_pool!r}: choose {', '.join(POOLS)}"),
+                  (self.loss in LOSSES, f"loss {self.loss!r}: choose one of {', '.join(LOSSES)}"),
+                  (self.monitor in MONITORS, f"monitor {self.monitor!r}: choose {' or '.join(MONITORS)}"),
+                  (self.scaler in (None, "none", "standard", "minmax"), f"scaler {self.scaler!r}: choose "
+                                                                        "standard, minmax or none"),
+                  (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
+                  (self.input_proj is None or self.input_proj >= 1, "input_proj must be >= 1 or None"),
+                  (self.hidden >= 1 and self.n_ensemble >= 1 and self.batch_size >= 1 and self.max_epochs >= 1,
+                   "hidden, n_ensemble, batch_size and max_epochs must be >= 1"),
+                  (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")]
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ValueError("training recipe: " + "; ".join(bad))
+
+    def replace(self, **changes) -> "SpotRecipe":
+        """A copy with ``changes``; keys whose value is None are ignored (CLI options left unset)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {', '.join(sorted(known))}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def block_validation(rows: Sequence[np.ndarray], array_rows: Sequence[np.ndarray], fraction: float = 0.2,
+                     min_spots: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Split each training sample into (train, validation) by space: its validation spots are those in
+    the top ``fraction`` of its array rows (a block, not random spots, so neighbours of a training spot
+    are rarely validation spots). ``rows[i]``: the sample's row numbers in the stacked data,
+    ``array_rows[i]``: their array_row. A sample with fewer than ``min_spots`` spots trains only.
+    Returns sorted (train, val) row numbers."""
+    tr, va = [], []
+    for r, a in zip(rows, array_rows):
+        r, a = np.asarray(r), np.asarray(a, dtype=np.float64)
+        if len(r) < min_spots:
+            tr.append(r)
+            continue
+        cut = np.quantile(a, 1.0 - fraction)
+        m = a >= cut
+        if m.all() or not m.any():  # one array row only: fall back to the upper part of the order
+            m = np.zeros(len(r), bool)
+            m[np.argsort(a, kind="stable")[-max(1, int(round(fraction * len(r)))):]] = True
+        va.append(r[m])
+        tr.append(r[~m])
+    cat = lambda xs: np.sort(np.concatenate(xs)) if xs else np.zeros(0, np.int64)  # noqa: E731
+    return cat(tr), cat(va)
+
+
+def build_spot_model(recipe: SpotRecipe, in_dim: int, n_genes: int, train_spot_features: np.ndarray,
+                     context: str | None = None) -> DeepSpot:
+    """A seeded DeepSpot of the recipe, its input projection fitted on the training spots' features (N, d).
+    The projection keeps at most min(input_proj, N - 1, d) axes."""
+    L.seed_everything(recipe.seed, verbose=False)  # model init is part of the seeded run
+    k = recipe.input_proj
+    if k is not None:
+        k = int(min(k, len(train_spot_features) - 1, in_dim))
+        if k < 1:
+            raise ValueError(f"{len(train_spot_features)} training spots are too few to train on")
+    model = DeepSpot(in_dim, n_genes, hidden=recipe.hidden, n_ensemble=recipe.n_ensemble, dropout=recipe.dropout,
+                     context=context or recipe.context, subspot_pool=recipe.subspot_pool,
+                     neighbor_pool=recipe.neighbor_pool, input_proj=k)
+    return model.fit_input_projection(train_spot_features)
+
+
+def fit_spot_model(recipe: SpotRecipe, bags: Bags, targets: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+                   context: str | None = None, **fit_options) -> tuple[DeepSpot, Scaler | None, dict]:
+    """Train a DeepSpot by the recipe: the target scaler and the input projection fitted on ``train_idx``
+    only, early stopping on ``val_idx``. ``fit_options`` go to :func:`deepspot.training.fit.fit`
+    (precision, accelerator, devices, strategy, log_dir, loggers, progress).
+    Returns (model in eval mode with its best weights, scaler or None, fit summary)."""
+    train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
+    if len(val_idx) == 0:
+        raise ValueError("no validation spots for early stopping")
+    scaler = Scaler.fit(np.asarray(targets)[train_idx], recipe.scaler)
+    y = np.asarray(targets, np.float32) if scaler is None else scaler.transform(targets)
+    model = build_spot_model(recipe, int(bags.spot.shape[1]), int(y.shape[1]),
+                             bags.spot[np.unique(train_idx)].numpy(), context)
+    summary = fit(model, bags, y, train_idx, val_idx, loss=recipe.loss, lr=recipe.lr,
+                  weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, max_epochs=recipe.max_epochs,
+                  patience=recipe.patience, seed=recipe.seed, monitor=recipe.monitor, **fit_options)
+    return model, scaler, summary
+
+
+__all__ = ["SpotRecipe", "block_validation", "build_spot_model", "fit_spot_model"]
