@@ -89,6 +89,18 @@ class Model:
                                   f"--model {self.source}`)")
 
     @torch.no_grad()
+    def score(self, samples, cache_dir=None, progress: bool = True):
+        """Score on annotated samples (a manifest path or loaded Samples): (per_gene, summary) DataFrames,
+        see :func:`deepspot.evaluation.score.score_samples`."""
+        from deepspot.evaluation.score import score_samples
+        from deepspot.training.manifest import load_sample, read_manifest
+
+        if isinstance(samples, (str, Path)):
+            samples = [load_sample(s) for s in read_manifest(samples)]
+        per_gene, summary, _ = score_samples(self.network, self.config, self.encoder, list(samples),
+                                             cache_dir=cache_dir, progress=progress)
+        return per_gene, summary
+
     def predict_features(self, spot, subspots=None, neighbors=None, neighbor_mask=None, raw: bool = False):
         """Predictions from encoder features: spot (B,d), subspots (B,S,d), neighbors (B,K,d),
         neighbor_mask (B,K) bool (default all real) -> (B,G) numpy, in target space (the scaler undone)
@@ -191,6 +203,43 @@ def load_model(path: str | Path, device: str = "cpu", encoder_weights=None) -> M
 # --------------------------------------------------------------------------- training
 
 
+def _many_samples(samples, image):
+    """The loaded samples when ``samples`` is a manifest or a list of several Samples, else None."""
+    from deepspot.training.manifest import Sample, load_sample, read_manifest
+
+    if isinstance(samples, ad.AnnData):
+        return None
+    if isinstance(samples, (str, Path)):
+        samples = [load_sample(s) for s in read_manifest(samples)]  # every row read (and checked) first
+    samples = list(samples)
+    if len(samples) > 1 and all(isinstance(s, Sample) for s in samples):
+        for s in samples:  # spots stay spots: nothing is pooled behind the user's back
+            if "array_row" not in s.adata.obs or "array_col" not in s.adata.obs:
+                raise ValueError(f"{s.sample_id}: no array_row/array_col, so no spot neighbours; cell data "
+                                 f"must be pooled into spots first (training.manifest.as_spots)")
+        return samples
+    return None
+
+
+def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss, max_epochs,
+                patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir) -> "Model":
+    from deepspot.training.samples import train_samples
+
+    if model != "deepspot":
+        raise ValueError(f"training on several samples is implemented for deepspot, not {model}")
+    enc = load_encoder(encoder, weights=encoder_weights)
+    cache_dir = cache_dir if cache_dir is not None else (Path(out).parent / f".{Path(out).name}-features"
+                                                         if out is not None else None)
+    res = train_samples(samples, enc, genes=genes, n_top_genes=250 if n_top_genes is None else n_top_genes,
+                        cache_dir=cache_dir, progress=progress, log_dir=log_dir, context=context, loss=loss,
+                        max_epochs=max_epochs, patience=patience, seed=seed, hidden=hidden, n_ensemble=n_ensemble)
+    trained = Model(res.model, res.config, encoder=enc, source=str(out) if out is not None else "model")
+    trained.result = res
+    if out is not None:
+        trained.save(out)
+    return trained
+
+
 def _one_sample(samples, image):
     """(counts AnnData, image path, mpp or None) of the one sample to train on."""
     from deepspot.training.manifest import Sample, load_sample, read_manifest
@@ -233,6 +282,10 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     from deepspot.io.slides import open_slide
     from deepspot.io.spatial import SpatialDataError, check_inside
 
+    many = _many_samples(samples, image)
+    if many is not None:
+        return _train_many(many, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss,
+                           max_epochs, patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir)
     data, image, sample_mpp = _one_sample(samples, image)
     mpp = mpp if mpp is not None else sample_mpp
     if model not in ("deepspot",) + CELL_MODELS:

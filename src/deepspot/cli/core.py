@@ -48,8 +48,10 @@ def encoders():
 
 
 @app.command()
-def train(image: Path = typer.Option(..., help="H&E image/slide the spots lie on."),
-          adata: Path = typer.Option(..., help="h5ad with raw counts + positions (obsm['spatial'] x, y px), or a "
+def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the spots lie on (one-sample form)."),
+          manifest: Optional[Path] = typer.Option(None, help="CSV of samples (as `deepspot evaluate` reads): one "
+                                                  "model over all of them; validation blocks inside each."),
+          adata: Optional[Path] = typer.Option(None, help="h5ad with raw counts + positions (obsm['spatial'] x, y px), or a "
                                      "Xenium output folder (its cells registered to the image)."),
           out: Path = typer.Option(..., help="Checkpoint folder to write (safetensors + config.json)."),
           cells: bool = typer.Option(False, help="adata holds cells: pool them into pseudo-spots on the grid."),
@@ -82,6 +84,22 @@ def train(image: Path = typer.Option(..., help="H&E image/slide the spots lie on
     from deepspot.config import CellGeometry, GridSpec, SpotGeometry
     from deepspot.evaluation.holdout import score_table
 
+    if manifest is not None:
+        if image is not None or adata is not None:
+            raise ValueError("give either --manifest or --image with --adata, not both")
+        trained = ds.train(manifest, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
+                           context=context, genes=_split(genes), n_top_genes=n_top_genes, loss=loss,
+                           max_epochs=max_epochs, patience=patience, seed=seed, cache_dir=cache_dir, progress=progress)
+        t = trained.config.training
+        g = trained.config.geometry.grid
+        console.print(f"trained on {t['n_train_spots']} spots of {len(t['samples'])} samples "
+                      f"({', '.join(t['samples'])}); early stopping on {t['n_val_spots']} spots ({t['split']}); "
+                      f"best epoch {t['best_epoch']} of {t['epochs']}, {t['monitor']} {t['best_val']:.4f}; "
+                      f"geometry: {g.layout} grid, spot {g.spot_diameter:g} µm, pitch {g.spacing:g} µm; "
+                      f"wrote {out}", soft_wrap=True)
+        return
+    if image is None or adata is None:
+        raise ValueError("give --image and --adata (one sample) or --manifest (several)")
     data = ds.read.counts(adata, image=image, x_col=x_col, y_col=y_col, mpp=mpp)
     grid = GridSpec(spot_diameter, spacing, unit=unit)
     if model == "deepspot":
@@ -161,3 +179,21 @@ def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
     path = out or h5ad.with_suffix(".png")
     ds.pl.spatial(ad.read_h5ad(h5ad), genes=_split(genes), path=path)
     console.print(f"wrote {path}")
+
+
+@app.command()
+def score(model: Path = typer.Option(..., help="Checkpoint folder written by `deepspot train`."),
+          manifest: Path = typer.Option(..., help="CSV of annotated samples to score on (as `evaluate` reads)."),
+          out: Path = typer.Option(..., help="Folder for per_gene.csv and summary.csv."),
+          encoder_weights: Optional[Path] = typer.Option(None), cache_dir: Optional[Path] = typer.Option(None),
+          progress: bool = typer.Option(True)):
+    """Predict at the annotated spots of each sample and score per gene against its counts."""
+    import deepspot as ds
+    from deepspot.io.outputs import write_csv
+
+    m = ds.load_model(model, encoder_weights=encoder_weights)
+    per_gene, summary = m.score(manifest, cache_dir=cache_dir or out / "features", progress=progress)
+    write_csv(per_gene.set_index(["sample_id", "gene"]), out / "per_gene.csv")
+    write_csv(summary.set_index("sample_id"), out / "summary.csv")
+    console.print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), soft_wrap=True)
+    console.print(f"wrote {out / 'per_gene.csv'}, {out / 'summary.csv'}", soft_wrap=True)

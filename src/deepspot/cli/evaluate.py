@@ -82,7 +82,7 @@ def evaluate(
                   f"{sum(s.adata.n_obs for s in samples)} spots")
     enc = load_encoder(encoder, weights=encoder_weights)
     res = run_eval(samples, enc, cfg, cache_dir=cache_dir or out / "features", out_dir=out, progress=progress,
-                   echo=console.print, num_workers=num_workers, note=note,
+                   echo=lambda m: console.print(m, soft_wrap=True), num_workers=num_workers, note=note,
                    loggers=None if loggers.strip().lower() == "none" else _csv(loggers))
     console.print(res.summary.to_string(float_format=lambda v: f"{v:.4f}"), soft_wrap=True)
     console.print("\nper held-out sample: mean per-gene Pearson over the top-50 HVGs of the training split",

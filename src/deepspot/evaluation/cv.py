@@ -25,12 +25,12 @@ from deepspot.config import invert_scaler
 from deepspot.evaluation.baseline import ridge_baseline
 from deepspot.evaluation.metrics import pearson_per_gene, summarize
 from deepspot.features.store import Features
-from deepspot.geometry.neighbors import array_neighbors
 from deepspot.models.bags import Bags, predict_bags
 from deepspot.models.deepsets import CONTEXTS
 from deepspot.training.manifest import Sample, SampleSpec, as_spots, load_sample
 from deepspot.training.sampling import balanced_index
 from deepspot.training.recipe import SpotRecipe, block_validation, fit_spot_model
+from deepspot.training.samples import sample_features, stack_bags
 from deepspot.training.targets import log_normalize, rank_hvgs, select_panel
 
 log = logging.getLogger(__name__)
@@ -129,42 +129,6 @@ def load_samples(specs: Sequence[SampleSpec]) -> list[Sample]:
     for s in out:
         s.spot_px  # noqa: B018 - fails early (naming the sample) when mpp or spot size is unknown
     return out
-
-
-def sample_features(samples: Sequence[Sample], encoder, n_sub: int, cache_dir=None, batch_size: int = 16,
-                    num_workers: int = 0, progress: bool = True) -> dict[str, Features]:
-    """Spot + sub-spot features of every sample, encoded once (cached per sample under ``cache_dir``)."""
-    from deepspot.features.extract import extract_features
-
-    feats = {}
-    for s in samples:
-        feats[s.sample_id] = extract_features(s.image, s.adata.obsm["spatial"], s.spot_px, encoder, n_sub=n_sub,
-                                              mpp=s.mpp, cache_dir=cache_dir, batch_size=batch_size,
-                                              num_workers=num_workers, progress=progress)
-    return feats
-
-
-def stack_bags(samples: Sequence[Sample], feats: dict[str, Features], radius: int) -> tuple[Bags, np.ndarray]:
-    """One Bags over all samples (neighbours stay within their sample) and the sample number of each row."""
-    idxs, masks, owner, off = [], [], [], 0
-    for i, s in enumerate(samples):
-        n = s.adata.n_obs
-        f = feats[s.sample_id]
-        if len(f) != n:
-            raise ValueError(f"{s.sample_id}: {len(f)} feature rows for {n} spots")
-        ix, m = array_neighbors(s.adata.obs["array_row"].to_numpy(), s.adata.obs["array_col"].to_numpy(), radius)
-        idxs.append(ix + off)
-        masks.append(m)
-        owner.append(np.full(n, i))
-        off += n
-    k = max((ix.shape[1] for ix in idxs), default=0)
-    pad = lambda a, v: np.pad(a, ((0, 0), (0, k - a.shape[1])), constant_values=v)  # noqa: E731
-    spot = np.concatenate([feats[s.sample_id].spot for s in samples])
-    subs = [feats[s.sample_id].subspot for s in samples]
-    sub = None if any(x is None for x in subs) else np.concatenate(subs)
-    bags = Bags.from_numpy(spot, sub, np.concatenate([pad(ix, 0) for ix in idxs]),
-                           np.concatenate([pad(m, False) for m in masks]))
-    return bags, np.concatenate(owner)
 
 
 # --------------------------------------------------------------------------- one fold
@@ -294,8 +258,9 @@ def summarize_scores(scores: pd.DataFrame) -> pd.DataFrame:
 def section_table(scores: pd.DataFrame, column: str = "pearson_top50") -> pd.DataFrame:
     """Held-out samples × methods of ``column`` (default: mean per-gene Pearson over the top-50 HVGs of
     each fold's training split), methods in report order, plus a mean row."""
-    t = scores.pivot_table(index="sample", columns="method", values=column, aggfunc="mean", sort=False)
-    t = t[list(dict.fromkeys(scores["method"]))]
+    t = scores.pivot_table(index="sample", columns="method", values=column, aggfunc="mean", sort=False,
+                           dropna=False)
+    t = t[[m for m in dict.fromkeys(scores["method"]) if m in t.columns]]
     t.loc["mean"] = t.mean(axis=0)
     return t
 

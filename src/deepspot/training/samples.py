@@ -1,0 +1,137 @@
+"""Train one DeepSpot over many samples (a manifest): features per sample, one stacked bag table,
+a panel and a geometry decided from the training samples, validation blocks inside every sample.
+
+Neighbours stay within their sample; features are encoded once per sample and cached.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from deepspot.config import TARGETS, EncoderRef, GridSpec, ModelConfig, SpotGeometry, invert_scaler
+from deepspot.features.store import Features
+from deepspot.geometry.neighbors import array_neighbors
+from deepspot.io.spatial import SpatialDataError
+from deepspot.models.bags import Bags, predict_bags
+from deepspot.training.manifest import Sample
+from deepspot.training.recipe import SpotRecipe, block_validation, fit_spot_model
+from deepspot.training.spots import SpotTrainResult
+from deepspot.training.targets import log_normalize, select_panel
+
+log = logging.getLogger(__name__)
+
+GEOMETRY_TOLERANCE = 0.1  # relative disagreement in spot size or pitch that refuses a training set
+
+
+def sample_features(samples: Sequence[Sample], encoder, n_sub: int, cache_dir=None, batch_size: int = 16,
+                    num_workers: int = 0, progress: bool = True) -> dict[str, Features]:
+    """Spot + sub-spot features of every sample, encoded once (cached per sample under ``cache_dir``)."""
+    from deepspot.features.extract import extract_features
+
+    feats = {}
+    for s in samples:
+        feats[s.sample_id] = extract_features(s.image, s.adata.obsm["spatial"], s.spot_px, encoder, n_sub=n_sub,
+                                              mpp=s.mpp, cache_dir=cache_dir, batch_size=batch_size,
+                                              num_workers=num_workers, progress=progress)
+    return feats
+
+
+def stack_bags(samples: Sequence[Sample], feats: dict[str, Features], radius: int) -> tuple[Bags, np.ndarray]:
+    """One Bags over all samples (neighbours stay within their sample) and the sample number of each row."""
+    idxs, masks, owner, off = [], [], [], 0
+    for i, s in enumerate(samples):
+        n = s.adata.n_obs
+        f = feats[s.sample_id]
+        if len(f) != n:
+            raise ValueError(f"{s.sample_id}: {len(f)} feature rows for {n} spots")
+        ix, m = array_neighbors(s.adata.obs["array_row"].to_numpy(), s.adata.obs["array_col"].to_numpy(), radius)
+        idxs.append(ix + off)
+        masks.append(m)
+        owner.append(np.full(n, i))
+        off += n
+    k = max((ix.shape[1] for ix in idxs), default=0)
+    pad = lambda a, v: np.pad(a, ((0, 0), (0, k - a.shape[1])), constant_values=v)  # noqa: E731
+    spot = np.concatenate([feats[s.sample_id].spot for s in samples])
+    subs = [feats[s.sample_id].subspot for s in samples]
+    sub = None if any(x is None for x in subs) else np.concatenate(subs)
+    bags = Bags.from_numpy(spot, sub, np.concatenate([pad(ix, 0) for ix in idxs]),
+                           np.concatenate([pad(m, False) for m in masks]))
+    return bags, np.concatenate(owner)
+
+
+def sample_pitch_um(sample: Sample) -> float:
+    """Centre-to-centre spot distance of a sample in µm: the median nearest-neighbour distance of its
+    spot positions (px) times its mpp."""
+    xy = np.asarray(sample.adata.obsm["spatial"], dtype=np.float64)
+    if len(xy) < 2 or not sample.mpp:
+        raise SpatialDataError(f"{sample.sample_id}: cannot measure the spot pitch (needs >= 2 spots and an mpp)")
+    d, _ = cKDTree(xy).query(xy, k=2)
+    return float(np.median(d[:, 1]) * sample.mpp)
+
+
+def samples_geometry(samples: Sequence[Sample], n_sub: int = 3, neighbor_radius: int = 1) -> SpotGeometry:
+    """The spot geometry the samples share, from the data: spot diameter (reader / manifest), pitch
+    (measured), layout (square for legacy ST arrays, hex otherwise). Samples that disagree by more than
+    :data:`GEOMETRY_TOLERANCE` are refused with a message naming both."""
+    rows = []
+    for s in samples:
+        fmt = s.spec.format
+        layout = "square" if fmt == "her2st" else "hex"
+        if s.spot_diameter_um is None:
+            raise SpatialDataError(f"{s.sample_id}: spot diameter unknown; set spot_diameter_um in the manifest")
+        rows.append((s.sample_id, float(s.spot_diameter_um), sample_pitch_um(s), layout))
+    ref = rows[0]
+    for r in rows[1:]:
+        for j, what in ((1, "spot diameter"), (2, "spot pitch")):
+            if abs(r[j] - ref[j]) > GEOMETRY_TOLERANCE * ref[j]:
+                raise SpatialDataError(f"samples disagree on the {what}: {ref[0]} {ref[j]:.1f} µm vs {r[0]} "
+                                       f"{r[j]:.1f} µm; train them separately")
+        if r[3] != ref[3]:
+            raise SpatialDataError(f"samples disagree on the array layout: {ref[0]} {ref[3]} vs {r[0]} {r[3]}")
+    diam = float(np.median([r[1] for r in rows]))
+    pitch = float(np.median([r[2] for r in rows]))
+    return SpotGeometry(GridSpec(diam, round(pitch, 2), ref[3], "um"), n_sub=n_sub, neighbor_radius=neighbor_radius)
+
+
+def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None = None,
+                  genes: list[str] | None = None, n_top_genes: int | None = 250, on_missing: str = "error",
+                  min_fraction: float = 0.1, n_sub: int = 3, neighbor_radius: int = 1, cache_dir=None,
+                  features: dict[str, Features] | None = None, progress: bool = True, log_dir=None,
+                  **recipe_options) -> SpotTrainResult:
+    """One DeepSpot over all ``samples`` (every spot trains except each sample's validation block: the
+    top ``recipe.val_fraction`` of its array rows). Panel: ``genes`` or the top-``n_top_genes`` HVGs across
+    the samples (``batch_key`` = sample). Returns the result with ``split = (train, val, empty)`` rows of
+    the stacked spots, in sample order."""
+    recipe = (recipe or SpotRecipe()).replace(**recipe_options)
+    samples = list(samples)
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicated sample ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    geometry = samples_geometry(samples, n_sub, neighbor_radius)
+    panel = select_panel({s.sample_id: s.adata for s in samples}, n_top=n_top_genes, genes=genes,
+                         on_missing=on_missing, min_fraction=min_fraction)
+    if features is None:
+        features = sample_features(samples, encoder, n_sub if "subspot" in recipe.context else 0,
+                                   cache_dir=cache_dir, progress=progress)
+    bags, owner = stack_bags(samples, features, neighbor_radius)
+    y = np.concatenate([log_normalize(s.adata, genes=panel) for s in samples]).astype(np.float32)
+    tr, va = block_validation([np.flatnonzero(owner == i) for i in range(len(samples))],
+                              [s.adata.obs["array_row"].to_numpy() for s in samples], recipe.val_fraction)
+    log.info("training on %d spots of %d samples; early stopping on %d spots (top %.0f%% of each sample's "
+             "array rows)", len(tr), len(samples), len(va), 100 * recipe.val_fraction)
+    model, scaler, summary = fit_spot_model(recipe, bags, y, tr, va, progress=progress, log_dir=log_dir)
+    pred = invert_scaler(predict_bags(model, bags), scaler)
+    mpps = sorted({round(float(s.mpp), 4) for s in samples if s.mpp})
+    training = {"recipe": recipe.to_dict(), "samples": ids, "n_train_spots": int(len(tr)),
+                "n_val_spots": int(len(va)),
+                "split": f"validation: top {recipe.val_fraction:.0%} of the array rows of every sample", **summary}
+    config = ModelConfig("deepspot", model.config(), EncoderRef(encoder.name, int(encoder.dim)), list(panel),
+                         geometry, scaler, TARGETS, mpps[0] if len(mpps) == 1 else None, training)
+    feats = Features(bags.spot.numpy(), None if bags.subspot is None else bags.subspot.numpy())
+    return SpotTrainResult(model, config, feats, y, panel, (tr, va, np.zeros(0, np.int64)), pred, summary)
+
+
+__all__ = ["sample_features", "stack_bags", "samples_geometry", "sample_pitch_um", "train_samples"]

@@ -1,0 +1,72 @@
+"""Training one model over several samples, geometry from the data, scoring on held-out samples."""
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from deepspot.evaluation.score import score_samples
+from deepspot.features.store import Features
+from deepspot.io.spatial import SpatialDataError
+from deepspot.training.manifest import her2st_manifest, load_sample
+from deepspot.training.samples import samples_geometry, train_samples
+from deepspot.training.targets import log_normalize, rank_hvgs
+from shared_data import HER2ST, require_data
+
+
+@pytest.fixture(scope="module")
+def her2st():
+    """Four bundled sections (real counts) with features carrying expression signal (no encoding)."""
+    require_data(*HER2ST)
+    samples = [load_sample(s, check_image=False) for s in her2st_manifest()]
+    genes = rank_hvgs({s.sample_id: s.adata for s in samples}, 200, min_fraction=0.1)
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(len(genes), 24)).astype(np.float32) / np.sqrt(len(genes))
+    feats = {}
+    for s in samples:
+        e = (log_normalize(s.adata, genes=genes) @ w).astype(np.float32)
+        feats[s.sample_id] = Features(spot=(e + 0.3 * rng.normal(size=e.shape)).astype(np.float32),
+                                      subspot=(e[:, None] + 0.5 * rng.normal(size=(len(e), 9, 24))).astype(np.float32))
+    return samples, feats
+
+
+def test_geometry_from_the_data_and_mismatch_refused(her2st):
+    samples, _ = her2st
+    g = samples_geometry(samples[:3])
+    assert g.grid.layout == "square" and g.grid.unit == "um" and g.grid.spot_diameter == 100.0
+    assert 170 < g.grid.spacing < 210  # the ST pitch (200 µm nominal), measured from the positions
+    odd = dataclasses.replace(samples[1], spot_diameter_um=55.0)
+    with pytest.raises(SpatialDataError, match=r"disagree on the spot diameter: C2 100.0 µm vs C3 55.0 µm"):
+        samples_geometry([samples[0], odd])
+
+
+def test_train_on_many_then_score_held_out(her2st, tmp_path):
+    samples, feats = her2st
+    res = train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=30, progress=False,
+                        max_epochs=6, patience=6, hidden=16, n_ensemble=2, input_proj=12)
+    tr, va, _ = res.split
+    owner = np.repeat(np.arange(3), [s.adata.n_obs for s in samples[:3]])
+    assert set(owner[tr]) == set(owner[va]) == {0, 1, 2}  # every sample trains and gives a validation block
+    assert res.config.training["samples"] == ["C2", "C3", "C4"]
+    assert res.config.training["recipe"]["input_proj"] == 12 and res.config.scaler is not None
+    per_gene, summary, preds = score_samples(res.model, res.config, None, [samples[3]], features=feats)
+    assert list(per_gene.columns[:5]) == ["sample_id", "gene", "pearson", "spearman", "n_spots"]
+    assert {"sample_id", "pearson_mean_model_genes", "pearson_mean_top50_hvg"} <= set(summary.columns)
+    assert len(per_gene) == 30 and summary.loc[0, "pearson_mean_model_genes"] > 0.05
+    # the same spots in another order: the same per-gene values
+    c5 = samples[3]
+    perm = np.random.default_rng(1).permutation(c5.adata.n_obs)
+    shuffled = dataclasses.replace(c5, adata=c5.adata[perm].copy())
+    f = feats["C5"]
+    pg2, _, _ = score_samples(res.model, res.config, None, [shuffled],
+                              features={"C5": Features(f.spot[perm], f.subspot[perm])})
+    np.testing.assert_allclose(pg2["pearson"], per_gene["pearson"], rtol=1e-5, atol=1e-6)
+    # a sample lacking a panel gene: one clear error naming it
+    gene = res.config.genes[0]
+    lacking = dataclasses.replace(c5, adata=c5.adata[:, [g for g in c5.adata.var_names if g != gene]].copy())
+    with pytest.raises(SpatialDataError, match=rf"C5: 1 panel genes are missing from this sample \({gene}\)"):
+        score_samples(res.model, res.config, None, [lacking], features=feats)
+
+
+class _Enc:
+    name, dim = "synthetic", 24
