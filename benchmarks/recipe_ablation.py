@@ -21,7 +21,7 @@ from deepspot.training.manifest import her2st_manifest
 # each row: what changes relative to the default recipe (the published value of that choice)
 ABLATIONS = {
     "default recipe": {},
-    "no input projection (raw features)": {"input_proj": None},
+    "input projection: standardise + PCA-256": {"input_proj": 256},
     "no target scaler": {"scaler": None},
     "sum sub-spots / max neighbours (published)": {"subspot_pool": "sum", "neighbor_pool": "max"},
     "max neighbours": {"neighbor_pool": "max"},

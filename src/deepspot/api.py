@@ -123,7 +123,8 @@ class Model:
         if sub is not None:
             inputs.update(subspots=sub, subspot_mask=torch.ones(sub.shape[:2], dtype=torch.bool, device=self.device))
         net = cell_predictor(self.network) if self.config.is_cell_model else self.network
-        out = net.eval().to(self.device)(**inputs).float().cpu().numpy()
+        with torch.no_grad():
+            out = net.eval().to(self.device)(**inputs).float().cpu().numpy()
         return out if raw else invert_scaler(out, self.config.scaler)
 
     def predict_slide(self, slide, out: str | Path | None = None, genes: Sequence[str] | None = None,

@@ -44,8 +44,8 @@ def evaluate(
     dropout: float = typer.Option(_R.dropout),
     subspot_pool: str = typer.Option(_R.subspot_pool, help="Sub-spot pooling: mean | sum | max."),
     neighbor_pool: str = typer.Option(_R.neighbor_pool, help="Neighbour pooling: mean | max | sum."),
-    input_proj: int = typer.Option(_R.input_proj, help="Standardise + PCA the encoder features to this many "
-                                                       "dims inside the model (0: raw features)."),
+    input_proj: int = typer.Option(_R.input_proj or 0, help="Standardise + PCA the encoder features to this many "
+                                                       "dims inside the model (0, the default: raw features)."),
     monitor: str = typer.Option(_R.monitor, help="Early stopping on val_pearson or val_loss."),
     scaler: str = typer.Option(_R.scaler, help="Target scaler fitted on training spots: none | standard | minmax."),
     oversample: bool = typer.Option(False, help="Leiden-cluster oversampling of the training spots."),

@@ -181,7 +181,8 @@ class DeepSpot(nn.Module):
         return dict(
             in_dim=self.in_dim, n_genes=self.n_genes, hidden=self.hidden, n_ensemble=self.n_ensemble,
             dropout=self.dropout_p, context=self.context, subspot_pool=self.subspot_pool,
-            neighbor_pool=self.neighbor_pool, input_proj=self.input_proj,
+            neighbor_pool=self.neighbor_pool,
+            **({} if self.input_proj is None else {"input_proj": self.input_proj}),
         )
 
     def fit_input_projection(self, spot_features) -> "DeepSpot":
