@@ -27,7 +27,7 @@ ABLATIONS = {
     "max neighbours": {"neighbor_pool": "max"},
     "dropout 0.3 (published)": {"dropout": 0.3},
     "hidden 512 x 10 heads (published)": {"hidden": 512, "n_ensemble": 10},
-    "lr 1e-4, wd 1e-6 (published)": {"lr": 1e-4, "weight_decay": 1e-6, "max_epochs": 200, "patience": 20},
+    "lr 1e-4 and wd 1e-6 (published)": {"lr": 1e-4, "weight_decay": 1e-6, "max_epochs": 200, "patience": 20},
     "early stop on val loss": {"monitor": "val_loss"},
     "loss mse_pearson": {"loss": "mse_pearson"},
 }
@@ -53,7 +53,8 @@ def main():
         if not rows:
             rows[RIDGE], rows[NOISE] = t[RIDGE], t[NOISE]
         rows[name] = t[f"deepspot {args.context}"]
-        print(f"{name}: mean {rows[name]['mean']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"{name}: " + " ".join(f"{k} {v:.3f}" for k, v in rows[name].items())
+              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     table = pd.DataFrame(rows).T
     print(f"\nHER2ST leave-one-section-out, context {args.context}, efficientnet-lite0 features; mean per-gene "
           f"Pearson over the top-50 HVGs (panel: top {args.n_top_genes})")
