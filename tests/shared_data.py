@@ -56,3 +56,27 @@ NCBI858_H5AD = data_file("ncbi858/NCBI858.h5ad")
 ZEN38 = data_file("ZEN38_visium_meta.json")
 NCBI858 = tuple(f"ncbi858/NCBI858.{e}" for e in ("h5ad", "jpg", "json"))
 HER2ST = tuple(n for n in datasets.REGISTRY if n.startswith("her2st/"))
+
+
+def her2st_with_signal(sections=("C2", "C3", "C4", "C5"), n_sub: int = 9, dim: int = 24, seed: int = 0):
+    """Bundled HER2ST sections (real counts, images unread) with features that carry expression signal:
+    a fixed random projection of each spot's log expression of 200 variable genes plus noise (no
+    encoding). Returns (samples, {sample_id: Features(spot (N,dim), subspot (N,n_sub,dim))})."""
+    import numpy as np
+
+    from deepspot.features.store import Features
+    from deepspot.training.manifest import her2st_manifest, load_sample
+    from deepspot.training.targets import log_normalize, rank_hvgs
+
+    require_data(*HER2ST)
+    samples = [load_sample(s, check_image=False) for s in her2st_manifest(sections=sections)]
+    genes = rank_hvgs({s.sample_id: s.adata for s in samples}, 200, min_fraction=0.1)
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(len(genes), dim)).astype(np.float32) / np.sqrt(len(genes))
+    feats = {}
+    for s in samples:
+        e = (log_normalize(s.adata, genes=genes) @ w).astype(np.float32)
+        noise = rng.normal(size=(len(e), n_sub, dim)).astype(np.float32)
+        feats[s.sample_id] = Features(spot=(e + 0.3 * rng.normal(size=e.shape)).astype(np.float32),
+                                      subspot=(e[:, None] + 0.5 * noise).astype(np.float32))
+    return samples, feats

@@ -17,7 +17,7 @@ from deepspot.features.store import Features
 from deepspot.training.manifest import her2st_manifest, load_sample
 from deepspot.training.targets import log_normalize, rank_hvgs, select_panel
 
-from shared_data import HER2ST, require_data  # noqa: E402
+from shared_data import her2st_with_signal, HER2ST, require_data  # noqa: E402
 
 
 def test_patient_folds_and_block_validation():
@@ -45,20 +45,8 @@ def test_patient_folds_and_block_validation():
 
 @pytest.fixture(scope="module")
 def her2st():
-    """Three bundled sections (real counts) with features that carry expression signal: a fixed
-    random projection of each spot's log expression of 200 variable genes plus noise (no encoding)."""
-    require_data(*HER2ST)
-    samples = [load_sample(s, check_image=False) for s in her2st_manifest(sections=("C2", "C3", "C4"))]
-    genes = rank_hvgs({s.sample_id: s.adata for s in samples}, 200, min_fraction=0.1)
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=(len(genes), 24)).astype(np.float32) / np.sqrt(len(genes))
-    feats = {}
-    for s in samples:
-        e = (log_normalize(s.adata, genes=genes) @ w).astype(np.float32)
-        noise = rng.normal(size=(len(e), 4, 24)).astype(np.float32)
-        feats[s.sample_id] = Features(spot=(e + 0.3 * rng.normal(size=e.shape)).astype(np.float32),
-                                      subspot=(e[:, None] + 0.5 * noise).astype(np.float32))
-    return samples, feats
+    """Three bundled sections (real counts) with features that carry expression signal (no encoding)."""
+    return her2st_with_signal(("C2", "C3", "C4"), n_sub=4)
 
 
 def _cfg(**kw):

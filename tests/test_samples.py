@@ -2,32 +2,19 @@
 import dataclasses
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from deepspot.evaluation.score import score_samples
 from deepspot.features.store import Features
 from deepspot.io.spatial import SpatialDataError
-from deepspot.training.manifest import her2st_manifest, load_sample
 from deepspot.training.samples import samples_geometry, train_samples
-from deepspot.training.targets import log_normalize, rank_hvgs
-from shared_data import HER2ST, require_data
+from shared_data import her2st_with_signal
 
 
 @pytest.fixture(scope="module")
 def her2st():
     """Four bundled sections (real counts) with features carrying expression signal (no encoding)."""
-    require_data(*HER2ST)
-    samples = [load_sample(s, check_image=False) for s in her2st_manifest()]
-    genes = rank_hvgs({s.sample_id: s.adata for s in samples}, 200, min_fraction=0.1)
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=(len(genes), 24)).astype(np.float32) / np.sqrt(len(genes))
-    feats = {}
-    for s in samples:
-        e = (log_normalize(s.adata, genes=genes) @ w).astype(np.float32)
-        feats[s.sample_id] = Features(spot=(e + 0.3 * rng.normal(size=e.shape)).astype(np.float32),
-                                      subspot=(e[:, None] + 0.5 * rng.normal(size=(len(e), 9, 24))).astype(np.float32))
-    return samples, feats
+    return her2st_with_signal()
 
 
 def test_geometry_from_the_data_and_mismatch_refused(her2st):
