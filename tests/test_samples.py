@@ -57,3 +57,38 @@ def test_train_on_many_then_score_held_out(her2st, tmp_path):
 
 class _Enc:
     name, dim = "synthetic", 24
+
+
+def test_mixed_formats_one_geometry_and_whole_validation_samples(her2st, tmp_path):
+    """A manifest mixing the legacy ST reader and an h5ad written from another section: both read, one
+    geometry (square layout from the array coordinates, not from the format); --val-samples holds a
+    whole sample out of training."""
+    import anndata as ad
+
+    from deepspot.training.manifest import load_sample, read_manifest
+    from deepspot.training.samples import array_layout
+    from shared_data import data_file
+
+    samples, feats = her2st
+    c3 = samples[1]
+    a = ad.AnnData(X=c3.adata.X, obs=c3.adata.obs[["array_row", "array_col"]].copy(), var=c3.adata.var[[]].copy())
+    a.obsm["spatial"] = np.asarray(c3.adata.obsm["spatial"])
+    a.write_h5ad(tmp_path / "C3.h5ad")
+    root = data_file("her2st/C2_HE.jpg").parent
+    (tmp_path / "m.csv").write_text(
+        "sample_id,patient_id,image,expression,positions,format,mpp,spot_diameter_um\n"
+        f"C2,p1,{root / 'C2_HE.jpg'},{root / 'C2_counts.tsv.gz'},{root / 'C2_spots.tsv'},her2st,,\n"
+        f"C3,p2,{root / 'C3_HE.jpg'},{tmp_path / 'C3.h5ad'},,h5ad,{c3.mpp},100\n")
+    mixed = [load_sample(s, check_image=False) for s in read_manifest(tmp_path / "m.csv")]
+    assert [s.spec.format for s in mixed] == ["her2st", "h5ad"]
+    assert [array_layout(s) for s in mixed] == ["square", "square"]
+    assert samples_geometry(mixed).grid.layout == "square"
+    res = train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20, progress=False,
+                        max_epochs=2, patience=2, hidden=8, n_ensemble=2, val_samples=["C4"])
+    tr, va, _ = res.split
+    owner = np.repeat(np.arange(3), [s.adata.n_obs for s in samples[:3]])
+    assert set(owner[va]) == {2} and set(owner[tr]) == {0, 1}
+    assert res.config.training["split"] == "validation: whole samples C4"
+    with pytest.raises(ValueError, match=r"--val-samples \['C9'\] are not in the manifest"):
+        train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20, progress=False,
+                      max_epochs=1, val_samples=["C9"])

@@ -223,7 +223,7 @@ def _many_samples(samples, image):
 
 
 def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss, max_epochs,
-                patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir) -> "Model":
+                patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir, **options) -> "Model":
     from deepspot.training.samples import train_samples
 
     if model != "deepspot":
@@ -233,7 +233,8 @@ def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n
                                                          if out is not None else None)
     res = train_samples(samples, enc, genes=genes, n_top_genes=250 if n_top_genes is None else n_top_genes,
                         cache_dir=cache_dir, progress=progress, log_dir=log_dir, context=context, loss=loss,
-                        max_epochs=max_epochs, patience=patience, seed=seed, hidden=hidden, n_ensemble=n_ensemble)
+                        max_epochs=max_epochs, patience=patience, seed=seed, hidden=hidden, n_ensemble=n_ensemble,
+                        **options)
     trained = Model(res.model, res.config, encoder=enc, source=str(out) if out is not None else "model")
     trained.result = res
     if out is not None:
@@ -266,7 +267,8 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
           n_top_genes: int | None = None, loss: str | None = None, max_epochs: int | None = None,
           patience: int | None = None, seed: int = 2024, hidden: int | None = None, n_ensemble: int | None = None,
           aggregate: str = "sum",
-          cache_dir=None, num_workers: int = 0, progress: bool = True, log_dir=None) -> Model:
+          cache_dir=None, num_workers: int = 0, progress: bool = True, log_dir=None,
+          **many_options) -> Model:
     """Train a model on one sample and score it on a held-out side of the image; returns the :class:`Model`
     (held-out scores in ``Model.scores``; written to ``out`` when given).
 
@@ -284,9 +286,12 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     from deepspot.io.spatial import SpatialDataError, check_inside
 
     many = _many_samples(samples, image)
+    if many_options and many is None:
+        raise ValueError(f"options {sorted(many_options)} apply to training on several samples (a manifest)")
     if many is not None:
         return _train_many(many, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss,
-                           max_epochs, patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir)
+                           max_epochs, patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir,
+                           **many_options)
     data, image, sample_mpp = _one_sample(samples, image)
     mpp = mpp if mpp is not None else sample_mpp
     if model not in ("deepspot",) + CELL_MODELS:

@@ -51,6 +51,12 @@ def encoders():
 def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the spots lie on (one-sample form)."),
           manifest: Optional[Path] = typer.Option(None, help="CSV of samples (as `deepspot evaluate` reads): one "
                                                   "model over all of them; validation blocks inside each."),
+          val_samples: Optional[str] = typer.Option(None, help="--manifest: comma-separated sample ids held out "
+                                                    "whole for early stopping (default: a block of every sample)."),
+          on_missing: str = typer.Option("error", help="--manifest: a panel gene missing from a sample: error | "
+                                         "intersect (drop it, logged)."),
+          device: str = typer.Option("cpu", help="--manifest: training device cpu | cuda | auto."),
+          precision: str = typer.Option("32", help="--manifest: 32 | bf16 | fp16 (fp16 becomes bf16 on CPU)."),
           adata: Optional[Path] = typer.Option(None, help="h5ad with raw counts + positions (obsm['spatial'] x, y px), or a "
                                      "Xenium output folder (its cells registered to the image)."),
           out: Path = typer.Option(..., help="Checkpoint folder to write (safetensors + config.json)."),
@@ -89,7 +95,9 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
             raise ValueError("give either --manifest or --image with --adata, not both")
         trained = ds.train(manifest, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
                            context=context, genes=_split(genes), n_top_genes=n_top_genes, loss=loss,
-                           max_epochs=max_epochs, patience=patience, seed=seed, cache_dir=cache_dir, progress=progress)
+                           max_epochs=max_epochs, patience=patience, seed=seed, cache_dir=cache_dir, progress=progress,
+                           val_samples=_split(val_samples), on_missing=on_missing, precision=precision,
+                           accelerator=device)
         t = trained.config.training
         g = trained.config.geometry.grid
         console.print(f"trained on {t['n_train_spots']} spots of {len(t['samples'])} samples "

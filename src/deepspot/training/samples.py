@@ -72,14 +72,21 @@ def sample_pitch_um(sample: Sample) -> float:
     return float(np.median(d[:, 1]) * sample.mpp)
 
 
+def array_layout(sample: Sample) -> str:
+    """'hex' when every spot's array_row + array_col has one parity (Visium's offset rows), else 'square'
+    (legacy ST arrays, binned data)."""
+    obs = sample.adata.obs
+    parity = (obs["array_row"].to_numpy().astype(np.int64) + obs["array_col"].to_numpy().astype(np.int64)) % 2
+    return "hex" if len(np.unique(parity)) == 1 and len(parity) > 1 else "square"
+
+
 def samples_geometry(samples: Sequence[Sample], n_sub: int = 3, neighbor_radius: int = 1) -> SpotGeometry:
     """The spot geometry the samples share, from the data: spot diameter (reader / manifest), pitch
-    (measured), layout (square for legacy ST arrays, hex otherwise). Samples that disagree by more than
+    (measured), layout (:func:`array_layout`: from the array coordinates). Samples that disagree by more than
     :data:`GEOMETRY_TOLERANCE` are refused with a message naming both."""
     rows = []
     for s in samples:
-        fmt = s.spec.format
-        layout = "square" if fmt == "her2st" else "hex"
+        layout = array_layout(s)
         if s.spot_diameter_um is None:
             raise SpatialDataError(f"{s.sample_id}: spot diameter unknown; set spot_diameter_um in the manifest")
         rows.append((s.sample_id, float(s.spot_diameter_um), sample_pitch_um(s), layout))
@@ -100,10 +107,13 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
                   genes: list[str] | None = None, n_top_genes: int | None = 250, on_missing: str = "error",
                   min_fraction: float = 0.1, n_sub: int = 3, neighbor_radius: int = 1, cache_dir=None,
                   features: dict[str, Features] | None = None, progress: bool = True, log_dir=None,
+                  val_samples: Sequence[str] | None = None, precision: str = "32", accelerator: str = "cpu",
                   **recipe_options) -> SpotTrainResult:
     """One DeepSpot over all ``samples`` (every spot trains except each sample's validation block: the
     top ``recipe.val_fraction`` of its array rows). Panel: ``genes`` or the top-``n_top_genes`` HVGs across
-    the samples (``batch_key`` = sample). Returns the result with ``split = (train, val, empty)`` rows of
+    the samples (``batch_key`` = sample). ``val_samples``: ids of samples held out whole for early stopping
+    instead (they do not train). ``accelerator``: cpu | cuda | auto; ``precision``: 32 | bf16 | fp16.
+    Returns the result with ``split = (train, val, empty)`` rows of
     the stacked spots, in sample order."""
     recipe = (recipe or SpotRecipe()).replace(**recipe_options)
     samples = list(samples)
@@ -118,16 +128,28 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
                                    cache_dir=cache_dir, progress=progress)
     bags, owner = stack_bags(samples, features, neighbor_radius)
     y = np.concatenate([log_normalize(s.adata, genes=panel) for s in samples]).astype(np.float32)
-    tr, va = block_validation([np.flatnonzero(owner == i) for i in range(len(samples))],
-                              [s.adata.obs["array_row"].to_numpy() for s in samples], recipe.val_fraction)
-    log.info("training on %d spots of %d samples; early stopping on %d spots (top %.0f%% of each sample's "
-             "array rows)", len(tr), len(samples), len(va), 100 * recipe.val_fraction)
-    model, scaler, summary = fit_spot_model(recipe, bags, y, tr, va, progress=progress, log_dir=log_dir)
+    if val_samples:
+        unknown = sorted(set(val_samples) - set(ids))
+        if unknown:
+            raise ValueError(f"--val-samples {unknown} are not in the manifest (samples: {', '.join(ids)})")
+        held = np.isin(np.asarray(ids)[owner], list(val_samples))
+        if held.all():
+            raise ValueError("every sample is a validation sample; none is left to train on")
+        tr, va = np.flatnonzero(~held), np.flatnonzero(held)
+        split = f"validation: whole samples {', '.join(val_samples)}"
+    else:
+        tr, va = block_validation([np.flatnonzero(owner == i) for i in range(len(samples))],
+                                  [s.adata.obs["array_row"].to_numpy() for s in samples], recipe.val_fraction)
+        split = f"validation: top {recipe.val_fraction:.0%} of the array rows of every sample"
+    log.info("training on %d spots of %d samples; early stopping on %d spots (%s)", len(tr), len(samples),
+             len(va), split)
+    model, scaler, summary = fit_spot_model(recipe, bags, y, tr, va, progress=progress, log_dir=log_dir,
+                                            precision=precision, accelerator=accelerator)
     pred = invert_scaler(predict_bags(model, bags), scaler)
     mpps = sorted({round(float(s.mpp), 4) for s in samples if s.mpp})
     training = {"recipe": recipe.to_dict(), "samples": ids, "n_train_spots": int(len(tr)),
                 "n_val_spots": int(len(va)),
-                "split": f"validation: top {recipe.val_fraction:.0%} of the array rows of every sample", **summary}
+                "split": split, "precision": summary.get("precision"), **summary}
     config = ModelConfig("deepspot", model.config(), EncoderRef(encoder.name, int(encoder.dim)), list(panel),
                          geometry, scaler, TARGETS, mpps[0] if len(mpps) == 1 else None, training)
     feats = Features(bags.spot.numpy(), None if bags.subspot is None else bags.subspot.numpy())
