@@ -92,3 +92,21 @@ def test_mixed_formats_one_geometry_and_whole_validation_samples(her2st, tmp_pat
     with pytest.raises(ValueError, match=r"--val-samples \['C9'\] are not in the manifest"):
         train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20, progress=False,
                       max_epochs=1, val_samples=["C9"])
+
+
+def test_neighbour_sets_equal_in_training_and_prediction(her2st):
+    """The same spots of one slide: the neighbours a spot has in training (stacked bags) are the ones the
+    predictor gives it (plan of the annotated spots, the rule and radius of the checkpoint geometry)."""
+    from deepspot.inference.predict import plan_spots
+    from deepspot.training.samples import stack_bags
+
+    samples, feats = her2st
+    s = samples[0]
+    geometry = samples_geometry([s])
+    bags, _ = stack_bags([s], feats, geometry.neighbor_radius)
+    plan = plan_spots(s.image, s.adata, geometry, mpp=s.mpp, thumbnail_size=256)
+    idx, mask = plan.neighbors()
+    train_sets = [set(r[m]) for r, m in zip(bags.neighbor_idx.numpy(), bags.neighbor_mask.numpy())]
+    pred_sets = [set(r[m]) for r, m in zip(idx, mask)]
+    assert train_sets == pred_sets
+    assert max(len(x) for x in train_sets) == 8  # the square ST grid: the 8 adjacent spots
