@@ -91,6 +91,9 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
     from deepspot.evaluation.holdout import score_table
 
     if manifest is not None:
+        import time
+
+        t_start = time.perf_counter()
         if image is not None or adata is not None:
             raise ValueError("give either --manifest or --image with --adata, not both")
         trained = ds.train(manifest, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
@@ -105,6 +108,9 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                       f"best epoch {t['best_epoch']} of {t['epochs']}, {t['monitor']} {t['best_val']:.4f}; "
                       f"geometry: {g.layout} grid, spot {g.spot_diameter:g} µm, pitch {g.spacing:g} µm; "
                       f"wrote {out}", soft_wrap=True)
+        sec = t.get("seconds", {})
+        console.print(f"time: reading + saving {time.perf_counter() - t_start - sum(sec.values()):.0f} s, features "
+                      f"{sec.get('features', 0):.0f} s, training {sec.get('training', 0):.0f} s", soft_wrap=True)
         return
     if image is None or adata is None:
         raise ValueError("give --image and --adata (one sample) or --manifest (several)")

@@ -6,6 +6,7 @@ Neighbours stay within their sample; features are encoded once per sample and ca
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 import numpy as np
@@ -123,9 +124,11 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
     geometry = samples_geometry(samples, n_sub, neighbor_radius)
     panel = select_panel({s.sample_id: s.adata for s in samples}, n_top=n_top_genes, genes=genes,
                          on_missing=on_missing, min_fraction=min_fraction)
+    t0 = time.perf_counter()
     if features is None:
         features = sample_features(samples, encoder, n_sub if "subspot" in recipe.context else 0,
                                    cache_dir=cache_dir, progress=progress)
+    t_features = time.perf_counter() - t0
     bags, owner = stack_bags(samples, features, neighbor_radius)
     y = np.concatenate([log_normalize(s.adata, genes=panel) for s in samples]).astype(np.float32)
     if val_samples:
@@ -143,13 +146,16 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
         split = f"validation: top {recipe.val_fraction:.0%} of the array rows of every sample"
     log.info("training on %d spots of %d samples; early stopping on %d spots (%s)", len(tr), len(samples),
              len(va), split)
+    t0 = time.perf_counter()
     model, scaler, summary = fit_spot_model(recipe, bags, y, tr, va, progress=progress, log_dir=log_dir,
                                             precision=precision, accelerator=accelerator)
+    t_fit = time.perf_counter() - t0
     pred = invert_scaler(predict_bags(model, bags), scaler)
     mpps = sorted({round(float(s.mpp), 4) for s in samples if s.mpp})
     training = {"recipe": recipe.to_dict(), "samples": ids, "n_train_spots": int(len(tr)),
                 "n_val_spots": int(len(va)),
-                "split": split, "precision": summary.get("precision"), **summary}
+                "split": split, **summary,
+                "seconds": {"features": round(t_features, 1), "training": round(t_fit, 1)}}
     config = ModelConfig("deepspot", model.config(), EncoderRef(encoder.name, int(encoder.dim)), list(panel),
                          geometry, scaler, TARGETS, mpps[0] if len(mpps) == 1 else None, training)
     feats = Features(bags.spot.numpy(), None if bags.subspot is None else bags.subspot.numpy())
