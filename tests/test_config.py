@@ -111,10 +111,15 @@ def test_scaler_keeps_the_stored_form_and_numbers():
     np.testing.assert_allclose(s.a, y.mean(0), rtol=1e-6)
     np.testing.assert_allclose(s.b, np.where(y.std(0) > 1e-12, y.std(0), 1.0), rtol=1e-6)
     d = s.to_dict()
-    assert set(d) == {"kind", "a", "b"} and d["b"][2] == 1.0
+    assert set(d) == {"kind", "a", "b", "lo", "hi"} and d["b"][2] == 1.0
     z = Scaler.from_dict(d).transform(y)
     np.testing.assert_allclose(z, (y - s.a) / s.b, rtol=1e-5)
     np.testing.assert_allclose(invert_scaler(z, d), y, rtol=1e-5)
+    # predictions beyond the training range are clipped to it (a tile unlike any training tile)
+    far = invert_scaler(np.full((2, 4), 1e3, np.float32), d)
+    np.testing.assert_allclose(far, np.broadcast_to(y.max(0), (2, 4)), rtol=1e-6)
+    old = {"kind": "standard", "a": d["a"], "b": d["b"]}  # checkpoints stored before the range: no clipping
+    assert Scaler.from_dict(old).lo is None and invert_scaler(np.full((1, 4), 1e3, np.float32), old).max() > 1e3
     np.testing.assert_allclose(Scaler.fit(y, "minmax").transform(y).max(0)[[0, 1, 3]], 1.0, rtol=1e-6)
     assert Scaler.fit(y, None) is None and invert_scaler(z, None) is z
     with pytest.raises(ValueError, match="unknown scaler"):

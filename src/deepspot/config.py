@@ -267,12 +267,17 @@ class Scaler:
     """Per-gene target scaler: ``y_scaled = (y - a) / b``; a, b (G,) float32.
 
     standard: a = mean, b = std; minmax: a = min, b = max - min; constant genes get b = 1. Stored in
-    the checkpoint as ``{'kind', 'a', 'b'}`` (lists).
+    the checkpoint as ``{'kind', 'a', 'b'}`` (lists), plus ``lo``, ``hi`` (G,) when set: the range of
+    each gene in the training targets, to which :meth:`inverse` clips predictions, so that a tile
+    unlike any training tile (glass, pen, a slide edge) cannot predict expression far outside what
+    was ever measured (a network extrapolates linearly there).
     """
 
     kind: str
     a: np.ndarray
     b: np.ndarray
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
 
     @classmethod
     def fit(cls, y: np.ndarray, kind: str | None) -> "Scaler | None":
@@ -287,18 +292,25 @@ class Scaler:
         else:
             raise ValueError(f"unknown scaler {kind!r}; choose standard, minmax or none")
         b = np.where(b > 1e-12, b, 1.0)
-        return cls(kind, a.astype(np.float32), b.astype(np.float32))
+        return cls(kind, a.astype(np.float32), b.astype(np.float32), y.min(axis=0).astype(np.float32),
+                   y.max(axis=0).astype(np.float32))
 
     def transform(self, y: np.ndarray) -> np.ndarray:
         """(N, G) targets -> scaled targets, float32."""
         return ((np.asarray(y, dtype=np.float32) - self.a) / self.b).astype(np.float32)
 
     def inverse(self, y: np.ndarray) -> np.ndarray:
-        """(N, G) scaled predictions -> target space, float32."""
-        return y * self.b + self.a
+        """(N, G) scaled predictions -> target space (clipped to the training range when known), float32."""
+        out = y * self.b + self.a
+        if self.lo is not None and self.hi is not None:
+            out = np.clip(out, self.lo, self.hi)
+        return out
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "a": self.a.tolist(), "b": self.b.tolist()}
+        d = {"kind": self.kind, "a": self.a.tolist(), "b": self.b.tolist()}
+        if self.lo is not None and self.hi is not None:
+            d.update(lo=self.lo.tolist(), hi=self.hi.tolist())
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config", prefix: str = "scaler.",
@@ -306,7 +318,8 @@ class Scaler:
         f = _Fields(d, source, prefix)
         kind = f.get("kind", "standard", str)
         arrays = []
-        for key in ("a", "b"):
+        keys = ("a", "b", "lo", "hi") if ("lo" in d or "hi" in d) else ("a", "b")
+        for key in keys:
             v = f.get(key, types=list, name="a list of numbers")
             try:
                 arr = np.asarray(v, dtype=np.float32).reshape(-1)
