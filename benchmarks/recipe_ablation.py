@@ -29,7 +29,7 @@ ABLATIONS = {
     "hidden 512 x 10 heads (published)": {"hidden": 512, "n_ensemble": 10},
     "lr 1e-4 and wd 1e-6 (published)": {"lr": 1e-4, "weight_decay": 1e-6, "max_epochs": 200, "patience": 20},
     "early stop on val loss": {"monitor": "val_loss"},
-    "loss mse_pearson": {"loss": "mse_pearson"},
+    "loss mse (before)": {"loss": "mse"},
 }
 
 

@@ -14,6 +14,8 @@ the effect of each choice in isolation):
   and let one neighbour dominate);
 - a smaller network for hundreds to thousands of spots (hidden 256, 5 heads, dropout 0.5), AdamW
   lr 1e-3, weight decay 1e-2;
+- loss MSE + (1 − mean per-gene Pearson across the batch) (``mse_pearson``): the Pearson term asks for
+  the spot-to-spot pattern that the score measures, the MSE keeps the scale;
 - early stopping on the mean per-gene Pearson of a validation block cut from EVERY training sample
   (the top ``val_fraction`` of its array rows: spatially apart from the spots it trains on), so every
   training sample trains and the stopping signal is the score we report.
@@ -48,7 +50,7 @@ class SpotRecipe:
     neighbor_pool: str = "mean"
     input_proj: int | None = None
     scaler: str | None = "standard"
-    loss: str = "mse"
+    loss: str = "mse_pearson"
     lr: float = 1e-3
     weight_decay: float = 1e-2
     batch_size: int = 64
