@@ -53,6 +53,8 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                                                   "model over all of them; validation blocks inside each."),
           val_samples: Optional[str] = typer.Option(None, help="--manifest: comma-separated sample ids held out "
                                                     "whole for early stopping (default: a block of every sample)."),
+          val_patients: Optional[str] = typer.Option(None, help="--manifest: comma-separated patient ids whose "
+                                                     "samples are held out whole for early stopping."),
           on_missing: str = typer.Option("error", help="--manifest: a panel gene missing from a sample: error | "
                                          "intersect (drop it, logged)."),
           device: str = typer.Option("cpu", help="--manifest: training device cpu | cuda | auto."),
@@ -96,6 +98,15 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
         t_start = time.perf_counter()
         if image is not None or adata is not None:
             raise ValueError("give either --manifest or --image with --adata, not both")
+        if val_patients:
+            from deepspot.training.manifest import read_manifest
+
+            want = set(_split(val_patients))
+            specs = read_manifest(manifest)
+            unknown = sorted(want - {sp.patient_id for sp in specs})
+            if unknown:
+                raise ValueError(f"--val-patients {unknown} are not in {manifest}")
+            val_samples = ",".join(sp.sample_id for sp in specs if sp.patient_id in want)
         trained = ds.train(manifest, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
                            context=context, genes=_split(genes), n_top_genes=n_top_genes, loss=loss,
                            max_epochs=max_epochs, patience=patience, seed=seed, cache_dir=cache_dir, progress=progress,
