@@ -8,6 +8,7 @@ from deepspot.evaluation.score import score_samples
 from deepspot.features.store import Features
 from deepspot.io.spatial import SpatialDataError
 from deepspot.training.samples import samples_geometry, train_samples
+from deepspot.training.targets import log_normalize
 from shared_data import her2st_with_signal
 
 
@@ -40,6 +41,12 @@ def test_train_on_many_then_score_held_out(her2st, tmp_path):
     assert list(per_gene.columns[:5]) == ["sample_id", "gene", "pearson", "spearman", "n_spots"]
     assert {"sample_id", "pearson_mean_model_genes", "pearson_mean_top50_hvg"} <= set(summary.columns)
     assert len(per_gene) == 30 and summary.loc[0, "pearson_mean_model_genes"] > 0.05
+    from deepspot import plotting
+
+    png = plotting.score_panels(np.asarray(samples[3].adata.obsm["spatial"]), preds["C5"],
+                                log_normalize(samples[3].adata, genes=res.config.genes), res.config.genes,
+                                per_gene["pearson"].to_numpy(), "C5", tmp_path / "C5_score.png")
+    assert png.stat().st_size > 10_000
     # the same spots in another order: the same per-gene values
     c5 = samples[3]
     perm = np.random.default_rng(1).permutation(c5.adata.n_obs)

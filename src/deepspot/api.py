@@ -89,16 +89,27 @@ class Model:
                                   f"--model {self.source}`)")
 
     @torch.no_grad()
-    def score(self, samples, cache_dir=None, progress: bool = True):
+    def score(self, samples, cache_dir=None, progress: bool = True, plots=None):
         """Score on annotated samples (a manifest path or loaded Samples): (per_gene, summary) DataFrames,
-        see :func:`deepspot.evaluation.score.score_samples`."""
+        see :func:`deepspot.evaluation.score.score_samples`. ``plots``: a folder for one
+        ``<sample_id>_score.png`` per sample (per-gene Pearson histogram, best gene measured / predicted)."""
         from deepspot.evaluation.score import score_samples
         from deepspot.training.manifest import load_sample, read_manifest
 
         if isinstance(samples, (str, Path)):
             samples = [load_sample(s) for s in read_manifest(samples)]
-        per_gene, summary, _ = score_samples(self.network, self.config, self.encoder, list(samples),
-                                             cache_dir=cache_dir, progress=progress)
+        samples = list(samples)
+        per_gene, summary, preds = score_samples(self.network, self.config, self.encoder, samples,
+                                                 cache_dir=cache_dir, progress=progress)
+        if plots is not None:
+            from deepspot import plotting
+            from deepspot.training.targets import log_normalize
+
+            for s in samples:
+                r = per_gene.loc[per_gene["sample_id"] == s.sample_id, "pearson"].to_numpy()
+                plotting.score_panels(np.asarray(s.adata.obsm["spatial"])[:, :2], preds[s.sample_id],
+                                      log_normalize(s.adata, genes=self.genes), self.genes, r, s.sample_id,
+                                      Path(plots) / f"{s.sample_id}_score.png")
         return per_gene, summary
 
     def predict_features(self, spot, subspots=None, neighbors=None, neighbor_mask=None, raw: bool = False):

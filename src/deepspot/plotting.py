@@ -170,3 +170,31 @@ def cell_predictions(xy: np.ndarray, values: dict, genes: list[str], var_names: 
     if path is not None:
         write_figure(fig, path)
     return axes
+
+
+def score_panels(xy: np.ndarray, pred: np.ndarray, truth: np.ndarray, genes: list[str], pearson: np.ndarray,
+                 title: str, path) -> Path:
+    """One held-out sample's scores as a PNG: the histogram of per-gene Pearson, then the best-predicted
+    gene's truth and prediction at the spots. xy (N,2) px, pred/truth (N,G), pearson (G,)."""
+    fig, axes = _figure(1, 3, (4.2, 4.0), to_file=True)
+    ax = axes[0, 0]
+    ok = np.isfinite(pearson)
+    ax.hist(pearson[ok], bins=30, color="#3b75af")
+    ax.axvline(float(np.mean(pearson[ok])) if ok.any() else 0.0, color="black", lw=1)
+    ax.set_xlabel("per-gene Pearson across spots")
+    ax.set_ylabel("genes")
+    ax.set_title(f"{title}: mean {np.mean(pearson[ok]):.3f} over {int(ok.sum())} genes" if ok.any() else title,
+                 fontsize=9)
+    if ok.any():
+        j = int(np.nanargmax(np.where(ok, pearson, -np.inf)))
+        lo, hi = float(np.min(truth[:, j])), float(np.max(truth[:, j]))
+        for ax, values, name in ((axes[0, 1], truth[:, j], "measured"), (axes[0, 2], pred[:, j], "predicted")):
+            sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=12, cmap="viridis",
+                            **({"vmin": lo, "vmax": hi} if name == "measured" else {}))
+            ax.invert_yaxis()
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{genes[j]} {name} (r = {pearson[j]:.2f})", fontsize=9)
+            fig.colorbar(sc, ax=ax, shrink=0.7, label="log1p normalised")
+    return write_figure(fig, path)

@@ -217,8 +217,9 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
     from deepspot.io.outputs import write_csv
 
     m = ds.load_model(model, encoder_weights=encoder_weights)
-    per_gene, summary = m.score(manifest, cache_dir=cache_dir or out / "features", progress=progress)
+    per_gene, summary = m.score(manifest, cache_dir=cache_dir or out / "features", progress=progress, plots=out)
     write_csv(per_gene.set_index(["sample_id", "gene"]), out / "per_gene.csv")
     write_csv(summary.set_index("sample_id"), out / "summary.csv")
     console.print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), soft_wrap=True)
-    console.print(f"wrote {out / 'per_gene.csv'}, {out / 'summary.csv'}", soft_wrap=True)
+    console.print(f"wrote {out / 'per_gene.csv'}, {out / 'summary.csv'} and a PNG per sample "
+                  f"({out / '<sample_id>_score.png'})", soft_wrap=True)
