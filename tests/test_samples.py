@@ -37,7 +37,10 @@ def test_train_on_many_then_score_held_out(her2st, tmp_path):
     assert set(owner[tr]) == set(owner[va]) == {0, 1, 2}  # every sample trains and gives a validation block
     assert res.config.training["samples"] == ["C2", "C3", "C4"]
     assert res.config.training["recipe"]["input_proj"] == 12 and res.config.scaler is not None
-    per_gene, summary, preds = score_samples(res.model, res.config, None, [samples[3]], features=feats)
+    per_gene, summary, preds = score_samples(res.model, res.config, None, [samples[3]], features=feats,
+                                             ridge_train=samples[:3])
+    assert {"ridge_pearson_mean_model_genes", "ridge_pearson_mean_top50_hvg"} <= set(summary.columns)
+    assert summary.loc[0, "ridge_pearson_mean_model_genes"] > 0.05  # the planted signal is linear: ridge finds it
     assert list(per_gene.columns[:5]) == ["sample_id", "gene", "pearson", "spearman", "n_spots"]
     assert {"sample_id", "pearson_mean_model_genes", "pearson_mean_top50_hvg"} <= set(summary.columns)
     assert len(per_gene) == 30 and summary.loc[0, "pearson_mean_model_genes"] > 0.05

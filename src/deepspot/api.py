@@ -89,18 +89,21 @@ class Model:
                                   f"--model {self.source}`)")
 
     @torch.no_grad()
-    def score(self, samples, cache_dir=None, progress: bool = True, plots=None):
+    def score(self, samples, cache_dir=None, progress: bool = True, plots=None, ridge_train=None):
         """Score on annotated samples (a manifest path or loaded Samples): (per_gene, summary) DataFrames,
         see :func:`deepspot.evaluation.score.score_samples`. ``plots``: a folder for one
-        ``<sample_id>_score.png`` per sample (per-gene Pearson histogram, best gene measured / predicted)."""
+        ``<sample_id>_score.png`` per sample (per-gene Pearson histogram, best gene measured / predicted).
+        ``ridge_train``: a manifest path or samples to fit the PCA-256 + ridge baseline on, scored beside."""
         from deepspot.evaluation.score import score_samples
         from deepspot.training.manifest import load_sample, read_manifest
 
         if isinstance(samples, (str, Path)):
             samples = [load_sample(s) for s in read_manifest(samples)]
         samples = list(samples)
+        if isinstance(ridge_train, (str, Path)):
+            ridge_train = [load_sample(s) for s in read_manifest(ridge_train)]
         per_gene, summary, preds = score_samples(self.network, self.config, self.encoder, samples,
-                                                 cache_dir=cache_dir, progress=progress)
+                                                 cache_dir=cache_dir, progress=progress, ridge_train=ridge_train)
         if plots is not None:
             from deepspot import plotting
             from deepspot.training.targets import log_normalize

@@ -211,13 +211,16 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
           manifest: Path = typer.Option(..., help="CSV of annotated samples to score on (as `evaluate` reads)."),
           out: Path = typer.Option(..., help="Folder for per_gene.csv and summary.csv."),
           encoder_weights: Optional[Path] = typer.Option(None), cache_dir: Optional[Path] = typer.Option(None),
+          baseline: Optional[Path] = typer.Option(None, help="A training manifest: fit PCA-256 + ridge on its "
+                                                  "samples' spot features and score it beside the model."),
           progress: bool = typer.Option(True)):
     """Predict at the annotated spots of each sample and score per gene against its counts."""
     import deepspot as ds
     from deepspot.io.outputs import write_csv
 
     m = ds.load_model(model, encoder_weights=encoder_weights)
-    per_gene, summary = m.score(manifest, cache_dir=cache_dir or out / "features", progress=progress, plots=out)
+    per_gene, summary = m.score(manifest, cache_dir=cache_dir or out / "features", progress=progress, plots=out,
+                                ridge_train=baseline)
     write_csv(per_gene.set_index(["sample_id", "gene"]), out / "per_gene.csv")
     write_csv(summary.set_index("sample_id"), out / "summary.csv")
     console.print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), soft_wrap=True)

@@ -16,18 +16,31 @@ from deepspot.training.targets import check_panel, log_normalize, rank_hvgs
 
 
 def score_samples(network, config: ModelConfig, encoder, samples: Sequence[Sample], cache_dir=None,
-                  progress: bool = True, n_top: int = 50, features: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                  progress: bool = True, n_top: int = 50, features: dict | None = None,
+                  ridge_train: Sequence[Sample] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Predict at the annotated spots of each sample and compare with its counts.
 
     Returns (per_gene: sample_id, gene, pearson, spearman, n_spots, note — 'constant in truth' /
     'constant in prediction' where r is undefined; summary: one row per sample with the mean per-gene
     Pearson over the model's genes and over the top-``n_top`` HVGs of that sample's truth;
-    predictions by sample id, (N, G) in the sample's spot order)."""
+    predictions by sample id, (N, G) in the sample's spot order). ``ridge_train``: samples to fit the
+    field's baseline on (PCA-256 + ridge on the same spot features, the model's genes); its per-gene
+    Pearson and means are added as ``ridge_*`` columns."""
     genes = list(config.genes)
     check_panel(genes, {s.sample_id: s.adata for s in samples})  # a missing panel gene: one clear error
     n_sub = config.geometry.n_sub if "subspot" in config.context else 0
     feats = features if features is not None else sample_features(samples, encoder, n_sub, cache_dir=cache_dir,
                                                                     progress=progress)
+    ridge = None
+    if ridge_train:
+        from deepspot.evaluation.baseline import ridge_baseline
+
+        check_panel(genes, {s.sample_id: s.adata for s in ridge_train})
+        tf = (features if features is not None and all(s.sample_id in features for s in ridge_train)
+              else sample_features(ridge_train, encoder, 0, cache_dir=cache_dir, progress=progress))
+        x_tr = np.concatenate([tf[s.sample_id].spot for s in ridge_train])
+        y_tr = np.concatenate([log_normalize(s.adata, genes=genes) for s in ridge_train])
+        ridge = {s.sample_id: ridge_baseline(x_tr, y_tr, feats[s.sample_id].spot) for s in samples}
     per_gene, summary, preds = [], [], {}
     for s in samples:
         bags, _ = stack_bags([s], feats, config.geometry.neighbor_radius)
@@ -35,18 +48,23 @@ def score_samples(network, config: ModelConfig, encoder, samples: Sequence[Sampl
         truth = log_normalize(s.adata, genes=genes)
         preds[s.sample_id] = pred
         r, rho = pearson_per_gene(pred, truth), spearman_per_gene(pred, truth)
+        rr = None if ridge is None else pearson_per_gene(ridge[s.sample_id], truth)
         const_t, const_p = truth.std(axis=0) <= 1e-12, pred.std(axis=0) <= 1e-12
         for j, g in enumerate(genes):
             note = "constant in truth" if const_t[j] else ("constant in prediction" if const_p[j] else "")
             per_gene.append({"sample_id": s.sample_id, "gene": g, "pearson": r[j], "spearman": rho[j],
-                             "n_spots": s.adata.n_obs, "note": note})
+                             "n_spots": s.adata.n_obs, "note": note,
+                             **({} if rr is None else {"ridge_pearson": rr[j]})})
         top = rank_hvgs({s.sample_id: s.adata[:, genes]}, min(n_top, len(genes)))
         pos = {g: j for j, g in enumerate(genes)}
-        rt = r[[pos[g] for g in top]]
+        ti = [pos[g] for g in top]
+        rt = r[ti]
         summary.append({"sample_id": s.sample_id, "n_spots": s.adata.n_obs,
                         "pearson_mean_model_genes": float(np.nanmean(r)) if np.isfinite(r).any() else np.nan,
                         f"pearson_mean_top{n_top}_hvg": float(np.nanmean(rt)) if np.isfinite(rt).any() else np.nan,
-                        "n_genes": len(genes), "n_genes_undefined": int((~np.isfinite(r)).sum())})
+                        "n_genes": len(genes), "n_genes_undefined": int((~np.isfinite(r)).sum()),
+                        **({} if rr is None else {"ridge_pearson_mean_model_genes": float(np.nanmean(rr)),
+                                                  f"ridge_pearson_mean_top{n_top}_hvg": float(np.nanmean(rr[ti]))})})
     return pd.DataFrame(per_gene), pd.DataFrame(summary), preds
 
 
