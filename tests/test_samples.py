@@ -9,7 +9,7 @@ from deepspot.features.store import Features
 from deepspot.io.spatial import SpatialDataError
 from deepspot.training.samples import samples_geometry, train_samples
 from deepspot.training.targets import log_normalize
-from shared_data import her2st_with_signal
+from shared_data import HER2ST as HER2ST_FILES, her2st_with_signal
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,23 @@ def test_neighbour_sets_equal_in_training_and_prediction(her2st):
     pred_sets = [set(r[m]) for r, m in zip(idx, mask)]
     assert train_sets == pred_sets
     assert max(len(x) for x in train_sets) == 8  # the square ST grid: the 8 adjacent spots
+
+
+def test_bad_manifest_row_fails_before_any_encoding(tmp_path):
+    """A row pointing at a missing file, or at a counts table that cannot be read: one error naming the
+    row (sample id), the file and the reason — raised while reading, before any encoder is built."""
+    import deepspot as ds
+    from shared_data import data_file, require_data
+
+    require_data(*HER2ST_FILES)
+    root = data_file("her2st/C2_HE.jpg").parent
+    good = f"C2,p1,{root / 'C2_HE.jpg'},{root / 'C2_counts.tsv.gz'},{root / 'C2_spots.tsv'},her2st\n"
+    head = "sample_id,patient_id,image,expression,positions,format\n"
+    (tmp_path / "missing.csv").write_text(head + good + f"C9,p9,{root / 'C2_HE.jpg'},{tmp_path / 'nope.tsv.gz'},,her2st\n")
+    with pytest.raises(Exception, match=r"C9: expression not found \(.*nope.tsv.gz\)"):
+        ds.train(tmp_path / "missing.csv", encoder="no-such-encoder")  # an encoder would fail later, not first
+    (tmp_path / "junk.tsv.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "junk.csv").write_text(head + good + f"C8,p8,{root / 'C2_HE.jpg'},{tmp_path / 'junk.tsv.gz'},"
+                                                     f"{root / 'C2_spots.tsv'},her2st\n")
+    with pytest.raises(Exception, match=r"C8: cannot read counts .*junk.tsv.gz"):
+        ds.train(tmp_path / "junk.csv", encoder="no-such-encoder")
