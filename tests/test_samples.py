@@ -99,6 +99,12 @@ def test_mixed_formats_one_geometry_and_whole_validation_samples(her2st, tmp_pat
     owner = np.repeat(np.arange(3), [s.adata.n_obs for s in samples[:3]])
     assert set(owner[va]) == {2} and set(owner[tr]) == {0, 1}
     assert res.config.training["split"] == "validation: whole samples C4"
+    by_patient = train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20, progress=False,
+                               max_epochs=1, patience=1, hidden=8, n_ensemble=2, val_patients=["section_C4"])
+    assert by_patient.config.training["split"] == "validation: whole samples C4"
+    with pytest.raises(ValueError, match=r"--val-patients \['nobody'\] are not in the manifest"):
+        train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20, progress=False,
+                      max_epochs=1, val_patients=["nobody"])
     with pytest.raises(ValueError, match=r"--val-samples \['C9'\] are not in the manifest"):
         train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20, progress=False,
                       max_epochs=1, val_samples=["C9"])

@@ -95,13 +95,9 @@ class Model:
         ``<sample_id>_score.png`` per sample (per-gene Pearson histogram, best gene measured / predicted).
         ``ridge_train``: a manifest path or samples to fit the PCA-256 + ridge baseline on, scored beside."""
         from deepspot.evaluation.score import score_samples
-        from deepspot.training.manifest import load_sample, read_manifest
 
-        if isinstance(samples, (str, Path)):
-            samples = [load_sample(s) for s in read_manifest(samples)]
-        samples = list(samples)
-        if isinstance(ridge_train, (str, Path)):
-            ridge_train = [load_sample(s) for s in read_manifest(ridge_train)]
+        samples = list(_read_samples(samples))
+        ridge_train = None if ridge_train is None else list(_read_samples(ridge_train))
         per_gene, summary, preds = score_samples(self.network, self.config, self.encoder, samples,
                                                  cache_dir=cache_dir, progress=progress, ridge_train=ridge_train)
         if plots is not None:
@@ -218,14 +214,38 @@ def load_model(path: str | Path, device: str = "cpu", encoder_weights=None) -> M
 # --------------------------------------------------------------------------- training
 
 
-def _many_samples(samples, image):
-    """The loaded samples when ``samples`` is a manifest or a list of several Samples, else None."""
-    from deepspot.training.manifest import Sample, load_sample, read_manifest
+def _read_samples(samples):
+    """A manifest path read into loaded Samples (every row read and checked before any compute); anything
+    else as given."""
+    if isinstance(samples, (str, Path)):
+        from deepspot.training.manifest import load_sample, read_manifest
+
+        return [load_sample(s) for s in read_manifest(samples)]
+    return samples
+
+
+def _feature_cache(cache_dir, out):
+    """Where training caches features: ``cache_dir``, else a hidden folder beside ``out`` (None: no cache)."""
+    if cache_dir is not None or out is None:
+        return cache_dir
+    return Path(out).parent / f".{Path(out).name}-features"
+
+
+def _trained(res, enc, out) -> "Model":
+    """The Model of a training result (``result`` kept on it), saved to ``out`` when given."""
+    trained = Model(res.model, res.config, encoder=enc, source=str(out) if out is not None else "model")
+    trained.result = res
+    if out is not None:
+        trained.save(out)
+    return trained
+
+
+def _many_samples(samples):
+    """The loaded samples when ``samples`` (already read by :func:`_read_samples`) holds several, else None."""
+    from deepspot.training.manifest import Sample
 
     if isinstance(samples, ad.AnnData):
         return None
-    if isinstance(samples, (str, Path)):
-        samples = [load_sample(s) for s in read_manifest(samples)]  # every row read (and checked) first
     samples = list(samples)
     if len(samples) > 1 and all(isinstance(s, Sample) for s in samples):
         for s in samples:  # spots stay spots: nothing is pooled behind the user's back
@@ -243,29 +263,22 @@ def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n
     if model != "deepspot":
         raise ValueError(f"training on several samples is implemented for deepspot, not {model}")
     enc = load_encoder(encoder, weights=encoder_weights)
-    cache_dir = cache_dir if cache_dir is not None else (Path(out).parent / f".{Path(out).name}-features"
-                                                         if out is not None else None)
     res = train_samples(samples, enc, genes=genes, n_top_genes=250 if n_top_genes is None else n_top_genes,
-                        cache_dir=cache_dir, progress=progress, log_dir=log_dir, context=context, loss=loss,
+                        cache_dir=_feature_cache(cache_dir, out), progress=progress, log_dir=log_dir,
+                        context=context, loss=loss,
                         max_epochs=max_epochs, patience=patience, seed=seed, hidden=hidden, n_ensemble=n_ensemble,
                         **options)
-    trained = Model(res.model, res.config, encoder=enc, source=str(out) if out is not None else "model")
-    trained.result = res
-    if out is not None:
-        trained.save(out)
-    return trained
+    return _trained(res, enc, out)
 
 
 def _one_sample(samples, image):
     """(counts AnnData, image path, mpp or None) of the one sample to train on."""
-    from deepspot.training.manifest import Sample, load_sample, read_manifest
+    from deepspot.training.manifest import Sample
 
     if isinstance(samples, ad.AnnData):
         if image is None:
             raise ValueError("train(adata, image=...): the H&E image the positions refer to is needed")
         return samples, Path(image), None
-    if isinstance(samples, (str, Path)):
-        samples = [load_sample(s) for s in read_manifest(samples)]
     samples = list(samples)
     if len(samples) != 1 or not isinstance(samples[0], Sample):
         raise ValueError(f"training takes one sample for now, got {len(samples)}; train on one image "
@@ -299,7 +312,8 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     from deepspot.io.slides import open_slide
     from deepspot.io.spatial import SpatialDataError, check_inside
 
-    many = _many_samples(samples, image)
+    samples = _read_samples(samples)
+    many = _many_samples(samples)
     if many_options and many is None:
         raise ValueError(f"options {sorted(many_options)} apply to training on several samples (a manifest)")
     if many is not None:
@@ -318,8 +332,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
         slide_mpp = resolve_mpp(slide, mpp, needs_um=unit == "um")
     check_inside(data.obsm["spatial"], w, h, str(data.uns.get("source", {}).get("path", f"{image}: positions")))
     enc = load_encoder(encoder, weights=encoder_weights)
-    cache_dir = cache_dir if cache_dir is not None else (Path(out).parent / f".{Path(out).name}-features"
-                                                         if out is not None else None)
+    cache_dir = _feature_cache(cache_dir, out)
     # training options left as None take each model's own defaults (for spots: training.recipe.SpotRecipe)
     chosen = {k: v for k, v in dict(loss=loss, max_epochs=max_epochs, patience=patience, hidden=hidden,
                                     n_ensemble=n_ensemble).items() if v is not None}
@@ -349,8 +362,4 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
             res = train_spot2cell_from_cells(image, data, enc, grid or GridSpec(), geometry=geometry, mpp=mpp,
                                              aggregate=aggregate, **common)
     score_holdout(res)
-    trained = Model(res.model, res.config, encoder=enc, source=str(out) if out is not None else "model")
-    trained.result = res
-    if out is not None:
-        trained.save(out)
-    return trained
+    return _trained(res, enc, out)

@@ -98,19 +98,11 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
         t_start = time.perf_counter()
         if image is not None or adata is not None:
             raise ValueError("give either --manifest or --image with --adata, not both")
-        if val_patients:
-            from deepspot.training.manifest import read_manifest
-
-            want = set(_split(val_patients))
-            specs = read_manifest(manifest)
-            unknown = sorted(want - {sp.patient_id for sp in specs})
-            if unknown:
-                raise ValueError(f"--val-patients {unknown} are not in {manifest}")
-            val_samples = ",".join(sp.sample_id for sp in specs if sp.patient_id in want)
         trained = ds.train(manifest, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
                            context=context, genes=_split(genes), n_top_genes=n_top_genes, loss=loss,
                            max_epochs=max_epochs, patience=patience, seed=seed, cache_dir=cache_dir, progress=progress,
-                           val_samples=_split(val_samples), on_missing=on_missing, precision=precision,
+                           val_samples=_split(val_samples), val_patients=_split(val_patients),
+                           on_missing=on_missing, precision=precision,
                            accelerator=device)
         t = trained.config.training
         g = trained.config.geometry.grid

@@ -108,12 +108,13 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
                   genes: list[str] | None = None, n_top_genes: int | None = 250, on_missing: str = "error",
                   min_fraction: float = 0.1, n_sub: int = 3, neighbor_radius: int = 1, cache_dir=None,
                   features: dict[str, Features] | None = None, progress: bool = True, log_dir=None,
-                  val_samples: Sequence[str] | None = None, precision: str = "32", accelerator: str = "cpu",
+                  val_samples: Sequence[str] | None = None, val_patients: Sequence[str] | None = None,
+                  precision: str = "32", accelerator: str = "cpu",
                   **recipe_options) -> SpotTrainResult:
     """One DeepSpot over all ``samples`` (every spot trains except each sample's validation block: the
     top ``recipe.val_fraction`` of its array rows). Panel: ``genes`` or the top-``n_top_genes`` HVGs across
-    the samples (``batch_key`` = sample). ``val_samples``: ids of samples held out whole for early stopping
-    instead (they do not train). ``accelerator``: cpu | cuda | auto; ``precision``: 32 | bf16 | fp16.
+    the samples (``batch_key`` = sample). ``val_samples`` / ``val_patients``: ids of samples, or of
+    patients whose samples, are held out whole for early stopping instead (they do not train). ``accelerator``: cpu | cuda | auto; ``precision``: 32 | bf16 | fp16.
     Returns the result with ``split = (train, val, empty)`` rows of
     the stacked spots, in sample order."""
     recipe = (recipe or SpotRecipe()).replace(**recipe_options)
@@ -131,6 +132,11 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
     t_features = time.perf_counter() - t0
     bags, owner = stack_bags(samples, features, neighbor_radius)
     y = np.concatenate([log_normalize(s.adata, genes=panel) for s in samples]).astype(np.float32)
+    if val_patients:
+        unknown = sorted(set(val_patients) - {s.patient_id for s in samples})
+        if unknown:
+            raise ValueError(f"--val-patients {unknown} are not in the manifest")
+        val_samples = [*(val_samples or []), *(s.sample_id for s in samples if s.patient_id in set(val_patients))]
     if val_samples:
         unknown = sorted(set(val_samples) - set(ids))
         if unknown:
