@@ -36,12 +36,14 @@ def score_samples(network, config: ModelConfig, encoder, samples: Sequence[Sampl
         from deepspot.evaluation.baseline import ridge_baseline
 
         check_panel(genes, {s.sample_id: s.adata for s in ridge_train})
+        # the model's crop geometry: the training samples' feature stores are the ones training filled
         tf = (features if features is not None and all(s.sample_id in features for s in ridge_train)
-              else sample_features(ridge_train, encoder, 0, cache_dir=cache_dir, progress=progress))
+              else sample_features(ridge_train, encoder, n_sub, cache_dir=cache_dir, progress=progress))
         x_tr = np.concatenate([tf[s.sample_id].spot for s in ridge_train])
         y_tr = np.concatenate([log_normalize(s.adata, genes=genes) for s in ridge_train])
         ridge = {s.sample_id: ridge_baseline(x_tr, y_tr, feats[s.sample_id].spot) for s in samples}
     per_gene, summary, preds = [], [], {}
+    pos = {g: j for j, g in enumerate(genes)}
     for s in samples:
         bags, _ = stack_bags([s], feats, config.geometry.neighbor_radius)
         pred = invert_scaler(predict_bags(network, bags), config.scaler)
@@ -56,7 +58,6 @@ def score_samples(network, config: ModelConfig, encoder, samples: Sequence[Sampl
                              "n_spots": s.adata.n_obs, "note": note,
                              **({} if rr is None else {"ridge_pearson": rr[j]})})
         top = rank_hvgs({s.sample_id: s.adata[:, genes]}, min(n_top, len(genes)))
-        pos = {g: j for j, g in enumerate(genes)}
         ti = [pos[g] for g in top]
         rt = r[ti]
         summary.append({"sample_id": s.sample_id, "n_spots": s.adata.n_obs,
