@@ -64,3 +64,25 @@ def test_pool_cells_sums_counts_of_cells_in_each_disc():
     assert c2s.tolist() == [0, 0, 1, -1, -1]
     assert spots.obs.n_cells.tolist() == [2, 1]
     np.testing.assert_allclose(spots.obsm["spatial"], [[20, 20], [120, 20]])
+
+
+def test_lattice_coords_recover_a_rotated_jittered_visium_array():
+    """Positions alone (a 3° rotation, 3 % jitter, 40 % of the spots missing) give back Visium's array
+    coordinates up to a shift, hence the same four diagonal neighbours; a square ST array is told apart."""
+    from deepspot.geometry.neighbors import array_neighbors, lattice_coords
+
+    rng = np.random.default_rng(0)
+    r, c = np.meshgrid(np.arange(24), np.arange(50), indexing="ij")
+    on = ((r + c) % 2 == 0) & (rng.random(r.shape) < 0.6)
+    r, c = r[on], c[on]
+    x, y = c * 50.0, r * 50.0 * np.sqrt(3)  # pitch 100 px: array_col steps 2 per spot along a row
+    th = np.radians(3)
+    xy = np.stack([x * np.cos(th) - y * np.sin(th), x * np.sin(th) + y * np.cos(th)], 1)
+    xy += rng.normal(0, 3, xy.shape) + 400
+    row, col, layout, pitch = lattice_coords(xy)
+    assert layout == "hex" and abs(pitch - 100) < 1
+    assert (row == r - r.min()).all() and (col == c - c.min()).all()
+    i, m = array_neighbors(row, col)
+    assert m.sum(1).max() == 4
+    sq = np.stack(np.meshgrid(np.arange(9), np.arange(7)), -1).reshape(-1, 2) * 200.0
+    assert lattice_coords(sq + rng.normal(0, 10, sq.shape))[2] == "square"

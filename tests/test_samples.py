@@ -146,3 +146,42 @@ def test_bad_manifest_row_fails_before_any_encoding(tmp_path):
                                                      f"{root / 'C2_spots.tsv'},her2st\n")
     with pytest.raises(Exception, match=r"C8: cannot read counts .*junk.tsv.gz"):
         ds.train(tmp_path / "junk.csv", encoder="no-such-encoder")
+
+
+def test_h5ad_of_spot_positions_only_stays_spots(her2st, tmp_path, caplog):
+    """An h5ad with positions but no array_row/array_col is spot data: read as the same spots (not pooled
+    into pseudo-spots), array coordinates from the lattice of the positions, logged, and the same
+    neighbour sets as the legacy reader's real array coordinates. ``cells=True`` pools it instead; cell-like
+    positions without ``cells`` fail naming the sample and the flag."""
+    import logging
+
+    import anndata as ad
+
+    from deepspot.geometry.neighbors import array_neighbors
+    from deepspot.training.manifest import as_spots, load_sample, read_manifest
+    from shared_data import data_file
+
+    samples, _ = her2st
+    c3 = samples[1]
+    a = ad.AnnData(X=c3.adata.X, var=c3.adata.var[[]].copy())
+    a.obs_names = c3.adata.obs_names
+    a.obsm["spatial"] = np.asarray(c3.adata.obsm["spatial"])
+    a.write_h5ad(tmp_path / "C3.h5ad")
+    image = data_file("her2st/C3_HE.jpg")
+    (tmp_path / "m.csv").write_text("sample_id,patient_id,image,expression,format,mpp,spot_diameter_um\n"
+                                    f"C3,p,{image},{tmp_path / 'C3.h5ad'},h5ad,{c3.mpp},100\n")
+    spec = read_manifest(tmp_path / "m.csv")[0]
+    with caplog.at_level(logging.INFO, logger="deepspot"):
+        s = load_sample(spec, check_image=False)
+    assert "no array coordinates in C3.h5ad; spots placed on the square lattice" in caplog.text
+    assert s.adata.n_obs == c3.adata.n_obs and as_spots(s) is s and s.spot_diameter_um == 100.0
+    nb = lambda x: [set(i[m]) for i, m in zip(*array_neighbors(x.obs["array_row"], x.obs["array_col"]))]  # noqa
+    assert nb(s.adata) == nb(c3.adata)
+    assert samples_geometry([s, samples[0]]).grid.layout == "square"
+    pooled = as_spots(load_sample(spec, check_image=True, cells=True))
+    assert pooled.extra.get("pooled") and pooled.adata.n_obs != c3.adata.n_obs
+    rng = np.random.default_rng(0)
+    a.obsm["spatial"] = rng.uniform(500, 3000, size=(a.n_obs, 2))  # scattered like cells, on no lattice
+    a.write_h5ad(tmp_path / "C3.h5ad")
+    with pytest.raises(SpatialDataError, match=r"C3: C3.h5ad has no array_row/array_col .*pass --cells"):
+        load_sample(spec, check_image=False)

@@ -96,8 +96,8 @@ class Model:
         ``ridge_train``: a manifest path or samples to fit the PCA-256 + ridge baseline on, scored beside."""
         from deepspot.evaluation.score import score_samples
 
-        samples = list(_read_samples(samples))
-        ridge_train = None if ridge_train is None else list(_read_samples(ridge_train))
+        samples = list(_read_samples(samples, progress=progress))
+        ridge_train = None if ridge_train is None else list(_read_samples(ridge_train, progress=progress))
         per_gene, summary, preds = score_samples(self.network, self.config, self.encoder, samples,
                                                  cache_dir=cache_dir, progress=progress, ridge_train=ridge_train)
         if plots is not None:
@@ -214,13 +214,17 @@ def load_model(path: str | Path, device: str = "cpu", encoder_weights=None) -> M
 # --------------------------------------------------------------------------- training
 
 
-def _read_samples(samples):
-    """A manifest path read into loaded Samples (every row read and checked before any compute); anything
-    else as given."""
+def _read_samples(samples, cells: bool = False, progress: bool = False):
+    """A manifest path read into loaded Samples (every row read and checked before any compute, one progress
+    bar over the rows); anything else as given. ``cells``: the rows are cells (pooled later, not here)."""
     if isinstance(samples, (str, Path)):
+        from rich.progress import track
+
         from deepspot.training.manifest import load_sample, read_manifest
 
-        return [load_sample(s) for s in read_manifest(samples)]
+        specs = read_manifest(samples)
+        rows = track(specs, description="reading samples", disable=not progress or len(specs) < 2)
+        return [load_sample(s, cells=cells) for s in rows]
     return samples
 
 
@@ -241,23 +245,21 @@ def _trained(res, enc, out) -> "Model":
 
 
 def _many_samples(samples):
-    """The loaded samples when ``samples`` (already read by :func:`_read_samples`) holds several, else None."""
-    from deepspot.training.manifest import Sample
+    """The loaded samples when ``samples`` (already read by :func:`_read_samples`) holds several, else None.
+    Cell data among them (Xenium, or rows read as cells) is pooled into pseudo-spots, logged."""
+    from deepspot.training.manifest import Sample, as_spots
 
     if isinstance(samples, ad.AnnData):
         return None
     samples = list(samples)
     if len(samples) > 1 and all(isinstance(s, Sample) for s in samples):
-        for s in samples:  # spots stay spots: nothing is pooled behind the user's back
-            if "array_row" not in s.adata.obs or "array_col" not in s.adata.obs:
-                raise ValueError(f"{s.sample_id}: no array_row/array_col, so no spot neighbours; cell data "
-                                 f"must be pooled into spots first (training.manifest.as_spots)")
-        return samples
+        return [as_spots(s) for s in samples]
     return None
 
 
 def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss, max_epochs,
-                patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir, **options) -> "Model":
+                patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir, manifest=None,
+                **options) -> "Model":
     from deepspot.training.samples import train_samples
 
     if model != "deepspot":
@@ -268,6 +270,8 @@ def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n
                         context=context, loss=loss,
                         max_epochs=max_epochs, patience=patience, seed=seed, hidden=hidden, n_ensemble=n_ensemble,
                         **options)
+    if manifest is not None:  # `deepspot score --baseline ridge` refits the baseline on these samples
+        res.config.training["manifest"] = manifest
     return _trained(res, enc, out)
 
 
@@ -312,14 +316,15 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     from deepspot.io.slides import open_slide
     from deepspot.io.spatial import SpatialDataError, check_inside
 
-    samples = _read_samples(samples)
+    manifest = str(Path(samples).resolve()) if isinstance(samples, (str, Path)) else None
+    samples = _read_samples(samples, cells=cells, progress=progress)
     many = _many_samples(samples)
     if many_options and many is None:
         raise ValueError(f"options {sorted(many_options)} apply to training on several samples (a manifest)")
     if many is not None:
         return _train_many(many, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss,
                            max_epochs, patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir,
-                           **many_options)
+                           manifest=manifest, **many_options)
     data, image, sample_mpp = _one_sample(samples, image)
     mpp = mpp if mpp is not None else sample_mpp
     if model not in ("deepspot",) + CELL_MODELS:

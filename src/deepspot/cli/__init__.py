@@ -43,6 +43,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("deepspot").setLevel(logging.INFO)  # our own notes (what was decided from the data)
     _register()
     debug = os.environ.get("DEEPSPOT_DEBUG", "") not in ("", "0")
     try:

@@ -62,7 +62,8 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
           adata: Optional[Path] = typer.Option(None, help="h5ad with raw counts + positions (obsm['spatial'] x, y px), or a "
                                      "Xenium output folder (its cells registered to the image)."),
           out: Path = typer.Option(..., help="Checkpoint folder to write (safetensors + config.json)."),
-          cells: bool = typer.Option(False, help="adata holds cells: pool them into pseudo-spots on the grid."),
+          cells: bool = typer.Option(False, help="adata (or every manifest row) holds cells: pool them into "
+                                     "pseudo-spots. Spot data is never pooled otherwise; Xenium always is."),
           x_col: Optional[str] = typer.Option(None, help="obs column with x (horizontal) position, if not obsm['spatial']."),
           y_col: Optional[str] = typer.Option(None, help="obs column with y (vertical) position."),
           encoder: str = typer.Option("efficientnet-lite0"), encoder_weights: Optional[Path] = typer.Option(None),
@@ -103,7 +104,7 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                            max_epochs=max_epochs, patience=patience, seed=seed, cache_dir=cache_dir, progress=progress,
                            val_samples=_split(val_samples), val_patients=_split(val_patients),
                            on_missing=on_missing, precision=precision,
-                           accelerator=device)
+                           accelerator=device, cells=cells)
         t = trained.config.training
         g = trained.config.geometry.grid
         console.print(f"trained on {t['n_train_spots']} spots of {len(t['samples'])} samples "
@@ -203,18 +204,31 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
           manifest: Path = typer.Option(..., help="CSV of annotated samples to score on (as `evaluate` reads)."),
           out: Path = typer.Option(..., help="Folder for per_gene.csv and summary.csv."),
           encoder_weights: Optional[Path] = typer.Option(None), cache_dir: Optional[Path] = typer.Option(None),
-          baseline: Optional[Path] = typer.Option(None, help="A training manifest: fit PCA-256 + ridge on its "
-                                                  "samples' spot features and score it beside the model."),
+          baseline: Optional[str] = typer.Option(None, help="'ridge' (PCA-256 + ridge fitted on the spot features "
+                                                 "of the manifest the model was trained from) or a training "
+                                                 "manifest to fit it on; scored beside the model."),
           progress: bool = typer.Option(True)):
     """Predict at the annotated spots of each sample and score per gene against its counts."""
+    import time
+
     import deepspot as ds
     from deepspot.io.outputs import write_csv
 
+    t0 = time.perf_counter()
     m = ds.load_model(model, encoder_weights=encoder_weights)
+    ridge_train = None
+    if baseline is not None:
+        ridge_train = Path(baseline)
+        if baseline.strip().lower() == "ridge":
+            src = m.config.training.get("manifest")
+            if not src or not Path(src).exists():
+                raise ValueError(f"{model}: --baseline ridge needs the training manifest, which this checkpoint "
+                                 f"does not record{f' ({src} is gone)' if src else ''}; give its path instead")
+            ridge_train = Path(src)
     per_gene, summary = m.score(manifest, cache_dir=cache_dir or out / "features", progress=progress, plots=out,
-                                ridge_train=baseline)
+                                ridge_train=ridge_train)
     write_csv(per_gene.set_index(["sample_id", "gene"]), out / "per_gene.csv")
     write_csv(summary.set_index("sample_id"), out / "summary.csv")
     console.print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), soft_wrap=True)
     console.print(f"wrote {out / 'per_gene.csv'}, {out / 'summary.csv'} and a PNG per sample "
-                  f"({out / '<sample_id>_score.png'})", soft_wrap=True)
+                  f"({out / '<sample_id>_score.png'}) in {time.perf_counter() - t0:.0f} s", soft_wrap=True)

@@ -12,7 +12,7 @@ from deepspot.training.recipe import SpotRecipe
 
 _R = SpotRecipe()
 
-console = Console(stderr=False)
+console = Console(stderr=False, soft_wrap=True)  # tables are not re-wrapped at 80 columns in logs
 
 HER2ST_NOTE = ("HER2ST: four serial sections of ONE patient, each treated as a 'patient' "
                "(leave-one-section-out): an optimistic stand-in for a true patient split")
@@ -55,6 +55,8 @@ def evaluate(
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default: <out>/features)."),
     num_workers: int = typer.Option(0, help="DataLoader workers for reading crops."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    cells: bool = typer.Option(False, help="The manifest's rows are cells: pool them into 55 µm pseudo-spots "
+                                           "(Xenium always is; spot data is never pooled otherwise)."),
 ):
     """Leave-one-patient-out (or k-fold by patient) scores of DeepSpot's four context modes and ridge."""
     from deepspot.evaluation.cv import EvalConfig, evaluate as run_eval, load_samples, section_table
@@ -77,7 +79,7 @@ def evaluate(
                      monitor=monitor,
                      scaler=None if scaler == "none" else scaler, oversample=oversample, precision=precision,
                      seed=seed)
-    samples = load_samples(specs)
+    samples = load_samples(specs, cells=cells)
     console.print(f"{len(samples)} samples, {len({s.patient_id for s in samples})} patients, "
                   f"{sum(s.adata.n_obs for s in samples)} spots")
     enc = load_encoder(encoder, weights=encoder_weights)

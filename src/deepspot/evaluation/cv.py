@@ -123,9 +123,10 @@ def patient_folds(patients: Sequence[str], folds: str | int = "lopo", seed: int 
 # --------------------------------------------------------------------------- data
 
 
-def load_samples(specs: Sequence[SampleSpec]) -> list[Sample]:
-    """Read every sample (checked against its image), cells pooled into spots where needed."""
-    out = [as_spots(load_sample(s)) for s in specs]
+def load_samples(specs: Sequence[SampleSpec], cells: bool = False) -> list[Sample]:
+    """Read every sample (checked against its image); cell data (Xenium, or every row when ``cells``) is
+    pooled into pseudo-spots, spot data stays spots."""
+    out = [as_spots(load_sample(s, cells=cells)) for s in specs]
     for s in out:
         s.spot_px  # noqa: B018 - fails early (naming the sample) when mpp or spot size is unknown
     return out

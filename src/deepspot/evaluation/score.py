@@ -44,7 +44,9 @@ def score_samples(network, config: ModelConfig, encoder, samples: Sequence[Sampl
         ridge = {s.sample_id: ridge_baseline(x_tr, y_tr, feats[s.sample_id].spot) for s in samples}
     per_gene, summary, preds = [], [], {}
     pos = {g: j for j, g in enumerate(genes)}
-    for s in samples:
+    from rich.progress import track
+
+    for s in track(samples, description="scoring", disable=not progress or len(samples) < 2):
         bags, _ = stack_bags([s], feats, config.geometry.neighbor_radius)
         pred = invert_scaler(predict_bags(network, bags), config.scaler)
         truth = log_normalize(s.adata, genes=genes)

@@ -72,3 +72,61 @@ def knn_neighbors(points: np.ndarray, k: int):
     keep[np.arange(n), drop] = False
     idx = idx[keep].reshape(n, k_eff)
     return idx.astype(np.int64), np.ones((n, k_eff), dtype=bool)
+
+
+class LatticeError(ValueError):
+    """Positions that do not lie on one square or hex lattice."""
+
+
+def lattice_coords(points: np.ndarray, max_residual: float = 0.3) -> tuple[np.ndarray, np.ndarray, str, float]:
+    """Array coordinates of spots from their positions alone: fit the square or hex lattice they lie on.
+
+    points: (N, 2) x, y (any unit). The two lattice vectors are the mean nearest-neighbour offsets of the
+    two (square) or three (hex) directions; an affine fit on the rounded coordinates then absorbs rotation
+    and a pitch that drifts across the slide. Hex lattices get Visium's convention (``array_col`` steps 2
+    along a row, rows offset by 1), so :func:`array_neighbors` gives the same neighbours as on real
+    array coordinates. Returns (array_row, array_col, layout 'square' | 'hex', pitch in point units);
+    raises :class:`LatticeError` when a spot lies more than ``max_residual`` lattice steps off the fit.
+    """
+    xy = np.asarray(points, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) < 3:
+        raise LatticeError(f"need >= 3 (x, y) positions to fit a lattice, got shape {xy.shape}")
+    tree = cKDTree(xy)
+    d, _ = tree.query(xy, k=2)
+    pitch = float(np.median(d[:, 1]))
+    if not pitch > 0:
+        raise LatticeError("positions coincide; cannot fit a lattice")
+    pairs = tree.query_pairs(1.25 * pitch, output_type="ndarray")
+    vec = xy[pairs[:, 1]] - xy[pairs[:, 0]]
+    ang = np.degrees(np.arctan2(vec[:, 1], vec[:, 0])) % 180.0
+    # hex directions coincide modulo 60 degrees, square ones modulo 90
+    conc = {p: np.abs(np.mean(np.exp(2j * np.pi * ang / p))) for p in (60.0, 90.0)}
+    layout = "hex" if conc[60.0] > conc[90.0] else "square"
+    period = 60.0 if layout == "hex" else 90.0
+    c = np.degrees(np.angle(np.mean(np.exp(2j * np.pi * ang / period)))) * period / 360.0
+
+    def direction(a0: float, flip_axis: int) -> np.ndarray:
+        near = np.abs((ang - a0 + 90.0) % 180.0 - 90.0) < period / 4
+        if not near.any():
+            raise LatticeError(f"no neighbour pairs along {a0:.0f} degrees; positions are not a {layout} lattice")
+        v = vec[near]
+        v = v * np.where(v[:, flip_axis] < 0, -1.0, 1.0)[:, None]
+        return v.mean(axis=0)
+
+    b1 = direction(c, 0)  # the direction nearest horizontal, pointing +x
+    b2 = direction(c + period, 1)  # 60 (hex) or 90 (square) degrees on, pointing +y
+    basis = np.stack([b1, b2], axis=1)  # columns: lattice vectors
+    uv = np.rint(np.linalg.solve(basis, (xy - xy[0]).T).T)
+    for _ in range(3):  # refine: affine least squares on the integer coordinates
+        design = np.column_stack([uv, np.ones(len(uv))])
+        coef, *_ = np.linalg.lstsq(design, xy, rcond=None)
+        frac = np.linalg.solve(coef[:2].T, (xy - coef[2]).T).T
+        uv = np.rint(frac)
+    worst = float(np.abs(frac - uv).max())
+    if worst > max_residual:
+        raise LatticeError(f"positions are not on a {layout} lattice (a spot lies {worst:.2f} steps off it)")
+    if len(np.unique(uv, axis=0)) != len(uv):
+        raise LatticeError(f"two spots fall on one {layout} lattice site; positions are not one spot grid")
+    u, v = uv[:, 0].astype(np.int64), uv[:, 1].astype(np.int64)
+    row, col = (v, 2 * u + v) if layout == "hex" else (v, u)
+    return row - row.min(), col - col.min(), layout, float(np.linalg.norm(coef[0]))

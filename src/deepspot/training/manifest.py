@@ -7,13 +7,15 @@ manifest's folder. ``format`` is one of:
 - ``spaceranger``: ``expression`` is a Space Ranger ``outs`` folder;
 - ``xenium``: a Xenium output folder (cells are pooled into Visium-like pseudo-spots for spot models);
 - ``hest``: a HEST-1k ``st/<id>.h5ad`` (metadata json from ``positions`` or ``../metadata/<id>.json``);
-- ``h5ad``: any h5ad with raw counts and ``obsm['spatial']`` in pixels of ``image``;
+- ``h5ad``: any h5ad with raw counts and ``obsm['spatial']`` in pixels of ``image``; spots without
+  ``array_row`` / ``array_col`` get them from the lattice of their positions (cells: ``--cells``);
 - ``her2st``: a legacy ST ``{S}_counts.tsv.gz`` (spots table from ``positions`` or ``{S}_spots.tsv``).
 
 Left empty, it is detected from ``expression``. Patients, not samples, are the unit of evaluation.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,8 @@ import pandas as pd
 
 from deepspot.io import spatial as S
 from deepspot.io.spatial import SpatialDataError
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("spaceranger", "xenium", "hest", "h5ad", "her2st")
 REQUIRED = ("sample_id", "patient_id", "image", "expression")
@@ -152,8 +156,12 @@ def her2st_manifest(data_dir: str | Path | None = None, sections=("C2", "C3", "C
             for s, f in her2st(tuple(sections), data_dir).items()]
 
 
-def load_sample(spec: SampleSpec, check_image: bool = True) -> Sample:
-    """Read one sample with the reader of its format; positions are checked against the image."""
+def load_sample(spec: SampleSpec, check_image: bool = True, cells: bool = False) -> Sample:
+    """Read one sample with the reader of its format; positions are checked against the image.
+
+    Spots stay spots: spot data without array coordinates (an h5ad of positions only) gets them from a
+    lattice fitted to its positions (logged), so its neighbours follow the same array rule as in
+    prediction. ``cells``: the rows are cells, left as they are for :func:`as_spots` to pool."""
     img = spec.image if check_image else None
     sid, fmt = spec.sample_id, spec.format
     if fmt == "spaceranger":
@@ -173,6 +181,8 @@ def load_sample(spec: SampleSpec, check_image: bool = True) -> Sample:
         a = S.read_her2st(spec.expression, spots=spec.positions, image=img, sample=sid, mpp=spec.mpp)
     else:
         raise SpatialDataError(f"{sid}: unknown format {fmt!r}")
+    if not cells and fmt != "xenium" and not {"array_row", "array_col"} <= set(a.obs.columns):
+        a = _on_lattice(a, spec)
     src = a.uns.get("source", {})
     mpp = spec.mpp if spec.mpp is not None else src.get("mpp")
     spot = spec.spot_diameter_um if spec.spot_diameter_um is not None else src.get("spot_diameter_um")
@@ -184,14 +194,34 @@ def load_sample(spec: SampleSpec, check_image: bool = True) -> Sample:
     return Sample(spec, a, None if mpp is None else float(mpp), None if spot is None else float(spot))
 
 
+def _on_lattice(a: ad.AnnData, spec: SampleSpec) -> ad.AnnData:
+    """``a`` with obs array_row / array_col from the lattice its spot positions lie on."""
+    from deepspot.geometry.neighbors import LatticeError, lattice_coords
+
+    try:
+        row, col, layout, pitch = lattice_coords(np.asarray(a.obsm["spatial"])[:, :2])
+    except LatticeError as e:
+        raise SpatialDataError(f"{spec.sample_id}: {spec.expression.name} has no array_row/array_col and its "
+                               f"positions give none: {e}. If its rows are cells, pass --cells to pool them "
+                               f"into pseudo-spots") from None
+    a.obs["array_row"], a.obs["array_col"] = row, col
+    log.info("%s: no array coordinates in %s; spots placed on the %s lattice of their positions (pitch %.1f px); "
+             "neighbours follow the array rule, as at prediction", spec.sample_id, spec.expression.name, layout,
+             pitch)
+    return a
+
+
 def as_spots(sample: Sample, spot_diameter_um: float = S.VISIUM_SPOT_UM, spacing_um: float = 100.0) -> Sample:
-    """A spot-level view of a sample: cell-level data (Xenium, or an h5ad without array coordinates) is
+    """A spot-level view of a sample: cell-level data (Xenium, or an h5ad read with ``cells=True``) is
     pooled into Visium-like pseudo-spots on a hex grid (µm converted with the sample's mpp)."""
     a = sample.adata
     if "array_row" in a.obs and "array_col" in a.obs:
         return sample
     if not sample.mpp:
-        raise SpatialDataError(f"{sample.sample_id}: cells need an mpp to be pooled into spots; set mpp")
+        raise SpatialDataError(f"{sample.sample_id}: no µm per pixel for {sample.image.name}, so its cells cannot "
+                               f"be pooled into {spot_diameter_um:g} µm pseudo-spots; set mpp in the manifest")
+    log.info("%s: pooling %d cells into %g µm pseudo-spots every %g µm", sample.sample_id, a.n_obs,
+             spot_diameter_um, spacing_um)
     from deepspot.geometry.grid import GridSpec, pool_cells
     from deepspot.io.slides import open_slide
 
