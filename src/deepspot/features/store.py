@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,16 +117,17 @@ class RowWriter:
 
 
 class FeatureWriter:
-    """Streams features, in row order, into ``<path>.partial`` and renames it to ``path`` on close.
+    """Streams features, in row order, into ``<path>.partial-<unique>`` and renames it to ``path`` on close.
 
-    Memory is one chunk per array whatever the number of spots.
+    Memory is one chunk per array whatever the number of spots. Each writer has its own temporary
+    folder, so two jobs filling one cache never write into each other's store.
     """
 
     def __init__(self, path: str | Path, n: int, dim: int, n_sub: int, attrs: dict):
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".partial")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".partial-", dir=self.path.parent))
+        os.chmod(self.tmp, 0o755)  # mkdtemp's 0700 would make the finished cache private
         self.group = zarr.open_group(str(self.tmp), mode="w")
         self.group.attrs.update(attrs)
         self.centers = RowWriter(self.group, "centers", (n, 2), "float64")
@@ -149,9 +151,20 @@ class FeatureWriter:
         if self.spot.written != self.n:
             raise ValueError(f"{self.path}: {self.spot.written} of {self.n} feature rows written")
         self.group.attrs["complete"] = True
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.tmp, self.path)
+        if self.path.exists():  # an older store (now extended) or one another job finished meanwhile
+            old = self.path.with_name(f"{self.tmp.name}.old")
+            try:
+                os.replace(self.path, old)
+            except FileNotFoundError:
+                old = None
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError:  # another job put a store there in between: keep that one if it is whole
+            if open_store(self.path) is None:
+                raise
+            shutil.rmtree(self.tmp, ignore_errors=True)
         return self.path
 
     def abort(self) -> None:
@@ -216,9 +229,10 @@ def open_store(path: str | Path) -> zarr.Group | None:
         return None
     try:
         g = zarr.open_group(str(path), mode="r")
+        whole = g.attrs.get("complete") and all(k in g for k in ("centers", "spot"))
     except Exception:
         return None
-    return g if g.attrs.get("complete") else None
+    return g if whole else None
 
 
 def load_features(path: str | Path, rows: np.ndarray | None = None) -> Features:
