@@ -74,3 +74,48 @@ def test_seurat_v3_ranks_on_counts_as_scanpy_does():
     assert len(both) == 10 and len(set(both)) == 10
     with pytest.raises(ValueError, match="unknown HVG flavor"):
         rank_hvgs({"s": a}, 10, flavor="cell_ranger_v9")
+
+
+def test_api_train_with_the_original_preset_records_it(tmp_path):
+    """ds.train(..., preset='original') on a generated image: the checkpoint's recipe says so."""
+    import json
+
+    import torch
+    from PIL import Image
+
+    import deepspot as ds
+    from deepspot.config import GridSpec, SpotGeometry
+    from deepspot.features.encoders import EncoderSpec, register_encoder
+    from deepspot.geometry.grid import make_grid
+
+    register_encoder(EncoderSpec("test-pixel-probe", 48, 4, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+                                 lambda _p: torch.nn.Flatten(), "pixels as features (tests)", False,
+                                 arch=torch.nn.Flatten), overwrite=True)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(180, 180, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "he.png")
+    grid = GridSpec(16, 20, "square", "px")
+    spots = make_grid(180, 180, grid)
+    counts = _counts(3, n=len(spots), g=60)
+    counts.obs = pd.DataFrame({"array_row": spots["array_row"].to_numpy(), "array_col": spots["array_col"].to_numpy()},
+                              index=[f"s{i}" for i in range(len(spots))])
+    counts.obsm["spatial"] = spots[["x", "y"]].to_numpy()
+    m = ds.train(counts, image=tmp_path / "he.png", encoder="test-pixel-probe", geometry=SpotGeometry(grid),
+                 preset="original", n_top_genes=20, hidden=16, n_ensemble=2, out=tmp_path / "m", progress=False)
+    rec = json.loads((tmp_path / "m" / "config.json").read_text())["training"]["recipe"]
+    assert rec["preset"] == "original" and rec["batch_size"] == 1024 and rec["monitor"] == "train_loss"
+    assert rec["hidden"] == 16 and rec["dropout"] == 0.3  # an option given overrides the preset, the rest stays
+    assert rec["hvg_flavor"] == "seurat_v3" and rec["oversample"] is True
+    assert len(m.config.genes) == 20 and 10 <= m.config.training["epochs"] <= 15
+    with pytest.raises(ValueError, match="presets are for spot models"):
+        ds.train(counts, image=tmp_path / "he.png", model="deepcell", preset="original")
+
+
+def test_evaluate_options_left_at_default_take_the_presets():
+    from deepspot.cli.evaluate import recipe_from_options
+
+    r = recipe_from_options("original", {"lr": SpotRecipe().lr, "batch_size": 256, "scaler": "none",
+                                         "oversample": None})
+    assert r.preset == "original" and r.lr == 1e-4 and r.batch_size == 256 and r.scaler == "none"
+    assert r.oversample is True and r.monitor == "train_loss"
+    assert recipe_from_options("deepspot", {"batch_size": 256}) == SpotRecipe(batch_size=256)

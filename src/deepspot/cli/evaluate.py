@@ -22,6 +22,14 @@ def _csv(s: Optional[str]) -> Optional[list[str]]:
     return [g.strip() for g in s.split(",") if g.strip()] if s else None
 
 
+def recipe_from_options(preset: str, options: dict) -> SpotRecipe:
+    """The preset's recipe with the options that differ from our defaults (an option left at its
+    default takes the preset's value; None = not given)."""
+    from deepspot.training.recipe import spot_preset
+
+    return spot_preset(preset, **{k: v for k, v in options.items() if v is not None and v != getattr(_R, k)})
+
+
 @app.command()
 def evaluate(
     manifest: Optional[Path] = typer.Option(None, help="CSV: sample_id, patient_id, image, expression "
@@ -74,14 +82,13 @@ def evaluate(
         console.print(f"[yellow]note:[/yellow] {note}")
     ctx = CONTEXTS if contexts.strip().lower() == "all" else tuple(_csv(contexts) or ())
     k = "lopo" if folds.strip().lower() in ("lopo", "loo") else int(folds)
-    from deepspot.training.recipe import preset_panel, spot_preset
+    from deepspot.training.recipe import preset_panel
 
     given = dict(loss=loss, lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=max_epochs,
                  patience=patience, hidden=hidden, n_ensemble=n_ensemble, dropout=dropout, subspot_pool=subspot_pool,
                  neighbor_pool=neighbor_pool, input_proj=input_proj or None, monitor=monitor,
                  scaler=scaler, oversample=oversample or None, seed=seed)
-    # an option left at our default takes the preset's value
-    recipe = spot_preset(preset, **{k: v for k, v in given.items() if v != getattr(_R, k)})
+    recipe = recipe_from_options(preset, given)
     n_top, min_fraction = preset_panel(preset, n_top_genes, fallback_n_top=250)
     cfg = EvalConfig.from_recipe(recipe, contexts=ctx, folds=k, n_top_genes=n_top, genes=_csv(genes),
                                  on_missing=on_missing, n_sub=n_sub, min_fraction=min_fraction, precision=precision)
