@@ -220,7 +220,8 @@ class SpotGeometry:
 
     subspot_rule: 'split' (sub-spot edges at round(i·D/n): every pixel in one sub-spot) or 'floor' (the
     original's: exact ``D // n`` squares from the tile's corner, the remainder dropped, cut at full
-    resolution); tissue: the tissue filter prediction uses unless told otherwise (None: 'otsu');
+    resolution; the rule of standard features: fast mode pools patch tokens over the 'split' regions);
+    tissue: the tissue filter prediction uses unless told otherwise (None: 'otsu');
     preset: the name of the preset this geometry came from (:func:`geometry_preset`), if any.
     """
 
