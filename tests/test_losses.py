@@ -30,9 +30,36 @@ def _poisson(p, t):
     return np.mean(np.exp(p) - t * p)  # log-rate input, exp applied once, Stirling term off
 
 
+def _orig_cos(p, t):
+    sims = [np.dot(p[:, g], t[:, g]) / (np.linalg.norm(p[:, g]) * np.linalg.norm(t[:, g]))
+            for g in range(p.shape[1])]  # per gene, across spots, not centred
+    return 1.0 - np.mean(sims)
+
+
+def _orig_pearson(p, t):
+    rs = [np.corrcoef(a, b)[0, 1] for a, b in zip(p, t)]  # per spot, across genes
+    return 1.0 - np.mean(rs)
+
+
+def _l1(p, t):
+    return np.mean(np.abs(p - t))
+
+
+def _huber(p, t):
+    d = np.abs(p - t)
+    return np.mean(np.where(d <= 1.0, 0.5 * d ** 2, d - 0.5))
+
+
 HAND = {"mse": _mse, "cos": _cos, "pearson": _pearson, "poisson": _poisson,
         "mse_cos": lambda p, t: _mse(p, t) + _cos(p, t),
-        "mse_pearson": lambda p, t: _mse(p, t) + _pearson(p, t)}
+        "mse_pearson": lambda p, t: _mse(p, t) + _pearson(p, t),
+        "l1": _l1, "huber": _huber,
+        "original_cos": _orig_cos, "original_pearson": _orig_pearson,
+        "original_mse_cos": lambda p, t: _orig_cos(p, t) + _mse(p, t),
+        "original_mse_pearson": lambda p, t: _orig_cos(p, t) + 0.2 * _mse(p, t),
+        "original_cell_mse_pearson": lambda p, t: 0.1 * _orig_cos(p, t) + _mse(p, t),
+        "original_l1_cos": lambda p, t: _orig_cos(p, t) + _l1(p, t),
+        "original_huber_cos": lambda p, t: _orig_cos(p, t) + _huber(p, t)}
 
 
 def _torch(name, p, t):
@@ -56,6 +83,24 @@ def test_pearson_is_per_gene_not_per_spot():
     t = p + np.array([100.0, 50.0, 0.0])
     assert all(np.corrcoef(a, b)[0, 1] < -0.99 for a, b in zip(p, t))
     assert _torch("pearson", p, t) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_original_variants_differ_from_ours_where_the_original_does():
+    # the same inputs give different values: the original's cosine is per gene (ours per spot), its spot
+    # Pearson per spot (ours per gene), its mse_pearson weights differ
+    p, t = 3.0 * P + 1.0, T  # scale and shift change the per-spot / per-gene cosines differently
+    for ours, orig in (("cos", "original_cos"), ("pearson", "original_pearson"),
+                       ("mse_pearson", "original_mse_pearson"), ("mse_cos", "original_mse_cos")):
+        assert abs(_torch(ours, p, t) - _torch(orig, p, t)) > 1e-3, (ours, orig)
+    # the original spot Pearson is blind to a per-spot shift of the prediction, ours is not
+    shifted = p + np.arange(len(p))[:, None] * 5.0
+    assert _torch("original_pearson", shifted, t) == pytest.approx(_torch("original_pearson", p, t), rel=1e-9)
+    assert abs(_torch("pearson", shifted, t) - _torch("pearson", p, t)) > 1e-3
+
+
+def test_huber_switches_to_linear_beyond_delta():
+    p, t = np.array([[0.0, 0.0]]), np.array([[0.5, 3.0]])
+    assert _torch("huber", p, t) == pytest.approx((0.5 * 0.25 + (3.0 - 0.5)) / 2, rel=1e-12)
 
 
 def test_pearson_constant_gene_is_finite():
@@ -82,4 +127,4 @@ def test_losses_backprop_and_pickle():
 
 def test_unknown_loss():
     with pytest.raises(ValueError, match="unknown loss"):
-        get_loss("huber")
+        get_loss("smooth_l2")

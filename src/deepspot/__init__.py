@@ -27,6 +27,7 @@ _LAZY = {
     "SpotGeometry": ("deepspot.config", "SpotGeometry"),
     "CellGeometry": ("deepspot.config", "CellGeometry"),
     "GridSpec": ("deepspot.config", "GridSpec"),
+    "geometry_preset": ("deepspot.config", "geometry_preset"),
     "Scaler": ("deepspot.config", "Scaler"),
     "read": ("deepspot.io.read", None),
     "pl": ("deepspot.plotting", None),

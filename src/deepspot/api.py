@@ -138,12 +138,18 @@ class Model:
         return out if raw else invert_scaler(out, self.config.scaler)
 
     def predict_slide(self, slide, out: str | Path | None = None, genes: Sequence[str] | None = None,
-                      mpp: float | None = None, tissue: str = "otsu", min_tissue: float = 0.1,
+                      mpp: float | None = None, tissue: str | None = None, min_tissue: float = 0.1,
                       fast: bool | None = None, layout: str | None = None, spacing: float | None = None,
                       batch_size: int = 16, num_workers: int | None = None, cache_dir=None, progress: bool = True,
-                      library_id: str | None = None, n_plot: int = 4) -> ad.AnnData:
+                      library_id: str | None = None, n_plot: int = 4,
+                      geometry: SpotGeometry | str | None = None) -> ad.AnnData:
         """Predict every in-tissue spot of a virtual grid over ``slide`` (the model's geometry; ``layout``
         and ``spacing`` override its grid, ``mpp`` the slide's µm/px) -> AnnData (spots × genes).
+
+        ``geometry``: another grid and crop rule — a preset name ('visium', 'original', 'tcga'; see
+        :func:`deepspot.config.geometry_preset`, whose ``spot_px`` / ``spacing_px`` set the original's
+        pixel sizes) or a :class:`SpotGeometry`. ``tissue``: None = the geometry's rule (the original's
+        presets drop tiles whose mean RGB > 200), else otsu | mean_rgb | tile_mean_rgb | none.
 
         Without ``out``, in memory. With ``out`` (what ``deepspot predict`` does), streamed with flat memory
         into ``out/<name>.h5ad``, ``<name>_spots.csv`` and ``<name>_genes.png`` (``genes`` or the
@@ -158,7 +164,7 @@ class Model:
             self.config.check_feature_mode("fast" if fast else "standard", self.source)
         common = dict(mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue, fast=fast, layout=layout,
                       spacing=spacing, batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
-                      device=self.device, progress=progress, library_id=library_id)
+                      device=self.device, progress=progress, library_id=library_id, geometry=geometry)
         if out is None:
             return predict_image(slide, self.network, self.config, self.encoder, **common)
         res = predict_slide(slide, self.network, self.config, self.encoder, out, genes=list(genes or []) or None,
@@ -258,14 +264,18 @@ def _many_samples(samples):
 
 
 def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss, max_epochs,
-                patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir, manifest=None,
+                patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir, manifest=None, preset=None,
                 **options) -> "Model":
+    from deepspot.training.recipe import preset_panel, spot_preset
     from deepspot.training.samples import train_samples
 
     if model != "deepspot":
         raise ValueError(f"training on several samples is implemented for deepspot, not {model}")
+    recipe = spot_preset(preset)
+    n_top_genes, options["min_fraction"] = preset_panel(preset, n_top_genes, options.get("min_fraction"),
+                                                        fallback_n_top=250)
     enc = load_encoder(encoder, weights=encoder_weights)
-    res = train_samples(samples, enc, genes=genes, n_top_genes=250 if n_top_genes is None else n_top_genes,
+    res = train_samples(samples, enc, recipe=recipe, genes=genes, n_top_genes=n_top_genes,
                         cache_dir=_feature_cache(cache_dir, out), progress=progress, log_dir=log_dir,
                         context=context, loss=loss,
                         max_epochs=max_epochs, patience=patience, seed=seed, hidden=hidden, n_ensemble=n_ensemble,
@@ -298,7 +308,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
           n_top_genes: int | None = None, loss: str | None = None, max_epochs: int | None = None,
           patience: int | None = None, seed: int = 2024, hidden: int | None = None, n_ensemble: int | None = None,
           aggregate: str = "sum",
-          cache_dir=None, num_workers: int = 0, progress: bool = True, log_dir=None,
+          cache_dir=None, num_workers: int = 0, progress: bool = True, log_dir=None, preset: str | None = None,
           **many_options) -> Model:
     """Train a model on one sample and score it on a held-out side of the image; returns the :class:`Model`
     (held-out scores in ``Model.scores``; written to ``out`` when given).
@@ -308,7 +318,10 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     'deepspot' (spots; ``cells=True`` pools cells into pseudo-spots on ``geometry.grid``), 'deepcell'
     (cells with their counts) or 'deepspot2cell' (cells pooled into pseudo-spots on ``grid``; trained on
     the spot counts only). ``geometry``: :class:`SpotGeometry` (spots, default Visium 55/100 µm) or
-    :class:`CellGeometry` (cells). ``mpp`` overrides the image's µm/px.
+    :class:`CellGeometry` (cells). ``mpp`` overrides the image's µm/px. ``preset`` (spot models):
+    'deepspot' (ours, the default) or 'original' (the original DeepSpot's training: batch 1024, 10–15
+    epochs, early stop on the training loss, Leiden oversampling, top 5,000 ``seurat_v3`` HVGs…; see
+    :mod:`deepspot.training.recipe`); options given here override the preset's.
     """
     from deepspot.config import CELL_MODELS, resolve_mpp
     from deepspot.evaluation.holdout import score_holdout
@@ -321,10 +334,12 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     many = _many_samples(samples)
     if many_options and many is None:
         raise ValueError(f"options {sorted(many_options)} apply to training on several samples (a manifest)")
+    if preset not in (None, "deepspot") and model != "deepspot":
+        raise ValueError(f"training presets are for spot models (deepspot), not {model}")
     if many is not None:
         return _train_many(many, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss,
                            max_epochs, patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir,
-                           manifest=manifest, **many_options)
+                           manifest=manifest, preset=preset, **many_options)
     data, image, sample_mpp = _one_sample(samples, image)
     mpp = mpp if mpp is not None else sample_mpp
     if model not in ("deepspot",) + CELL_MODELS:
@@ -354,7 +369,11 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
         elif "array_row" not in data.obs or "array_col" not in data.obs:
             raise SpatialDataError(f"{image}: obs needs array_row/array_col for the neighbour context "
                                    f"(or pool cells into spots: cells=True)")
-        res = train_spot_model(image, data, enc, geometry, mpp=slide_mpp, context=context, **common)
+        from deepspot.training.recipe import preset_panel, spot_preset
+
+        common["n_top_genes"] = preset_panel(preset, n_top_genes)[0]
+        res = train_spot_model(image, data, enc, geometry, mpp=slide_mpp, context=context,
+                               recipe=spot_preset(preset), **common)
     else:
         from deepspot.training.cells import train_cell_model, train_spot2cell_from_cells
 

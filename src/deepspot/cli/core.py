@@ -87,7 +87,10 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
           neighbors: str = typer.Option("knn", help="Cell models: neighbour rule knn | radius | none."),
           k: int = typer.Option(45, help="Cell models: number of nearest cells (knn)."),
           radius: float = typer.Option(50.0, help="Cell models: neighbour radius (radius rule), in --cell-unit."),
-          aggregate: str = typer.Option("sum", help="deepspot2cell: cells to spot by sum (count space) or mean (log).")):
+          aggregate: str = typer.Option("sum", help="deepspot2cell: cells to spot by sum (count space) or mean (log)."),
+          preset: str = typer.Option("deepspot", help="Spot training preset: deepspot (ours) or original (the "
+                                     "original's: batch 1024, 10-15 epochs, early stop on training loss, Leiden "
+                                     "oversampling, top 5,000 seurat_v3 HVGs); options given override it.")):
     """Train DeepSpot (spots), DeepCell or DeepSpot2Cell (cells) on one image; prints held-out scores."""
     import deepspot as ds
     from deepspot.config import CellGeometry, GridSpec, SpotGeometry
@@ -104,7 +107,7 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                            max_epochs=max_epochs, patience=patience, seed=seed, cache_dir=cache_dir, progress=progress,
                            val_samples=_split(val_samples), val_patients=_split(val_patients),
                            on_missing=on_missing, precision=precision,
-                           accelerator=device, cells=cells)
+                           accelerator=device, cells=cells, preset=preset)
         t = trained.config.training
         g = trained.config.geometry.grid
         console.print(f"trained on {t['n_train_spots']} spots of {len(t['samples'])} samples "
@@ -128,7 +131,8 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
     trained = ds.train(data, image=image, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
                        mpp=mpp, geometry=geometry, grid=grid, cells=cells, context=context, genes=_split(genes),
                        n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs, patience=patience, seed=seed,
-                       aggregate=aggregate, cache_dir=cache_dir, num_workers=num_workers, progress=progress)
+                       aggregate=aggregate, cache_dir=cache_dir, num_workers=num_workers, progress=progress,
+                       preset=None if model != "deepspot" and preset == "deepspot" else preset)
     res = trained.result
     if model == "deepspot" and cells:
         console.print(f"pooled cells into {res.targets.shape[0]} pseudo-spots")
@@ -145,7 +149,16 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
             out: Path = typer.Option(Path("deepspot_predictions"), help="Output folder."),
             mpp: Optional[float] = typer.Option(None, help="µm per pixel; overrides the slide's metadata (needed "
                                                 "when the file has none and the model's geometry is in µm)."),
-            tissue: str = typer.Option("otsu", help="Tissue filter: otsu, mean_rgb (reference rule) or none."),
+            tissue: Optional[str] = typer.Option(None, help="Tissue filter: otsu, mean_rgb (on a thumbnail), "
+                                                 "tile_mean_rgb (the original's: each full-resolution tile) or "
+                                                 "none; default: the geometry's (otsu for visium)."),
+            geometry: Optional[str] = typer.Option(None, help="Spot geometry: visium (55/100 µm hex), original (the "
+                                                   "original's square pixel grid and crops) or tcga (its TCGA "
+                                                   "grid: 160/290 px at 20x, doubled at 40x); default: the model's."),
+            spot_px: Optional[float] = typer.Option(None, help="--geometry original: spot side in px (default 100, "
+                                                    "or the model's if it is stored with this geometry)."),
+            spacing_px: Optional[float] = typer.Option(None, help="--geometry original: spacing in px (default: "
+                                                       "the spot side)."),
             min_tissue: float = typer.Option(0.1, help="Keep spots with at least this tissue fraction."),
             fast: bool = typer.Option(False, "--fast", help="Fast features (sub-spots from the spot's patch tokens); "
                                       "only for models trained with --fast."),
@@ -171,11 +184,16 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         raise FileNotFoundError(f"{slide}: file not found")
     t0 = time.perf_counter()
     m = ds.load_model(model, device=device, encoder_weights=encoder_weights)
+    geo = None
+    if geometry is not None or spot_px is not None or spacing_px is not None:
+        if geometry is None:
+            raise ValueError("--spot-px / --spacing-px need --geometry original")
+        geo = ds.geometry_preset(geometry, spot_px=spot_px, spacing_px=spacing_px, like=m.config.geometry)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pred = m.predict_slide(slide, out=out, genes=_split(genes), mpp=mpp, tissue=tissue, min_tissue=min_tissue,
                                fast=fast, layout=layout, spacing=spacing, batch_size=batch_size,
-                               num_workers=num_workers, cache_dir=cache_dir, progress=progress)
+                               num_workers=num_workers, cache_dir=cache_dir, progress=progress, geometry=geo)
     info = pred.uns["deepspot"]
     for msg in [str(w.message) for w in caught] + [f"geometry: {n}" for n in info["geometry_notes"]]:
         typer.echo(f"deepspot: warning: {msg}", err=True)

@@ -22,6 +22,14 @@ def _csv(s: Optional[str]) -> Optional[list[str]]:
     return [g.strip() for g in s.split(",") if g.strip()] if s else None
 
 
+def recipe_from_options(preset: str, options: dict) -> SpotRecipe:
+    """The preset's recipe with the options that differ from our defaults (an option left at its
+    default takes the preset's value; None = not given)."""
+    from deepspot.training.recipe import spot_preset
+
+    return spot_preset(preset, **{k: v for k, v in options.items() if v is not None and v != getattr(_R, k)})
+
+
 @app.command()
 def evaluate(
     manifest: Optional[Path] = typer.Option(None, help="CSV: sample_id, patient_id, image, expression "
@@ -32,7 +40,11 @@ def evaluate(
     encoder: str = typer.Option("efficientnet-lite0", help="Encoder name (see `deepspot encoders`)."),
     encoder_weights: Optional[Path] = typer.Option(None, help="Local weights for the encoder."),
     folds: str = typer.Option("lopo", help="'lopo' (leave one patient out) or a number of patient-level folds."),
-    n_top_genes: int = typer.Option(250, help="Top-N HVGs of each training split (ignored with --genes)."),
+    preset: str = typer.Option("deepspot", help="Training preset: deepspot (ours) or original (the original's "
+                               "training and its 5,000 seurat_v3 HVGs); options left at their default take "
+                               "the preset's."),
+    n_top_genes: Optional[int] = typer.Option(None, help="Top-N HVGs of each training split (ignored with --genes); "
+                                              "default: the preset's (deepspot: 250, original: 5000)."),
     genes: Optional[str] = typer.Option(None, help="Comma-separated gene panel instead of HVGs."),
     on_missing: str = typer.Option("error", help="Panel gene missing from a sample: error | intersect."),
     contexts: str = typer.Option("all", help="DeepSpot context modes, comma-separated, or 'all'."),
@@ -72,13 +84,16 @@ def evaluate(
         console.print(f"[yellow]note:[/yellow] {note}")
     ctx = CONTEXTS if contexts.strip().lower() == "all" else tuple(_csv(contexts) or ())
     k = "lopo" if folds.strip().lower() in ("lopo", "loo") else int(folds)
-    cfg = EvalConfig(contexts=ctx, folds=k, n_top_genes=n_top_genes, genes=_csv(genes), on_missing=on_missing,
-                     n_sub=n_sub, loss=loss, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                     max_epochs=max_epochs, patience=patience, hidden=hidden, n_ensemble=n_ensemble, dropout=dropout,
-                     subspot_pool=subspot_pool, neighbor_pool=neighbor_pool, input_proj=input_proj or None,
-                     monitor=monitor,
-                     scaler=None if scaler == "none" else scaler, oversample=oversample, precision=precision,
-                     seed=seed)
+    from deepspot.training.recipe import preset_panel
+
+    given = dict(loss=loss, lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=max_epochs,
+                 patience=patience, hidden=hidden, n_ensemble=n_ensemble, dropout=dropout, subspot_pool=subspot_pool,
+                 neighbor_pool=neighbor_pool, input_proj=input_proj or None, monitor=monitor,
+                 scaler=scaler, oversample=oversample or None, seed=seed)
+    recipe = recipe_from_options(preset, given)
+    n_top, min_fraction = preset_panel(preset, n_top_genes, fallback_n_top=250)
+    cfg = EvalConfig.from_recipe(recipe, contexts=ctx, folds=k, n_top_genes=n_top, genes=_csv(genes),
+                                 on_missing=on_missing, n_sub=n_sub, min_fraction=min_fraction, precision=precision)
     samples = load_samples(specs, cells=cells)
     console.print(f"{len(samples)} samples, {len({s.patient_id for s in samples})} patients, "
                   f"{sum(s.adata.n_obs for s in samples)} spots")

@@ -28,7 +28,6 @@ from deepspot.features.store import Features
 from deepspot.models.bags import Bags, predict_bags
 from deepspot.models.deepsets import CONTEXTS
 from deepspot.training.manifest import Sample, SampleSpec, as_spots, load_sample
-from deepspot.training.sampling import balanced_index
 from deepspot.training.recipe import SpotRecipe, block_validation, fit_spot_model
 from deepspot.training.samples import sample_features, stack_bags
 from deepspot.training.targets import log_normalize, rank_hvgs, select_panel
@@ -71,7 +70,10 @@ class EvalConfig:
     input_proj: int | None = _R.input_proj
     scaler: str | None = _R.scaler
     monitor: str = _R.monitor
-    oversample: bool = False
+    oversample: bool = _R.oversample
+    min_epochs: int = _R.min_epochs
+    hvg_flavor: str = _R.hvg_flavor
+    preset: str = _R.preset
     precision: str = "32"
     val_fraction: float = _R.val_fraction
     ridge_pca: int | None = 256
@@ -90,6 +92,12 @@ class EvalConfig:
         """The training recipe of these settings (for ``context``, default the recipe's)."""
         names = {f.name for f in fields(SpotRecipe)} - {"context"}
         return SpotRecipe(**{n: getattr(self, n) for n in names}, **({"context": context} if context else {}))
+
+    @classmethod
+    def from_recipe(cls, recipe: SpotRecipe, **others) -> "EvalConfig":
+        """Settings whose training fields are ``recipe``'s (its context aside) and the rest ``others``."""
+        names = {f.name for f in fields(SpotRecipe)} - {"context"}
+        return cls(**{n: getattr(recipe, n) for n in names}, **others)
 
 
 @dataclass
@@ -140,11 +148,12 @@ def _targets(samples: Sequence[Sample], panel: list[str]) -> np.ndarray:
     return np.concatenate([log_normalize(s.adata, genes=panel) for s in samples]).astype(np.float32)
 
 
-def _top_eval(train: dict, panel: list[str], cfg: EvalConfig, hvg_ranked: bool) -> np.ndarray:
-    """Indices (into the panel) of the top-n HVGs of the training split."""
+def _top_eval(train: dict, panel: list[str], cfg: EvalConfig, hvg_ranked: bool, min_fraction: float = 0.0) -> np.ndarray:
+    """Indices (into the panel) of the top-n HVGs of the training split (among genes detected in at least
+    ``min_fraction`` of its spots when the panel is not already in that order)."""
     if hvg_ranked:
         return np.arange(min(cfg.n_top_eval, len(panel)))
-    top = rank_hvgs({k: a[:, panel] for k, a in train.items()}, cfg.n_top_eval)
+    top = rank_hvgs({k: a[:, panel] for k, a in train.items()}, cfg.n_top_eval, min_fraction=min_fraction)
     pos = {g: i for i, g in enumerate(panel)}
     return np.array([pos[g] for g in top], dtype=np.int64)
 
@@ -179,24 +188,24 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
     train_ad = {samples[i].sample_id: samples[i].adata for i in train_s}
     test_ad = {samples[i].sample_id: samples[i].adata for i in test_s}
     panel = select_panel(train_ad, n_top=cfg.n_top_genes, genes=cfg.genes, others=test_ad,
-                         on_missing=cfg.on_missing, min_fraction=cfg.min_fraction)
-    top = _top_eval(train_ad, panel, cfg, hvg_ranked=cfg.genes is None and cfg.n_top_genes is not None)
+                         on_missing=cfg.on_missing, min_fraction=cfg.min_fraction, flavor=cfg.hvg_flavor)
+    # the scored top-50 are seurat HVGs among genes in >= 10 % of the training spots whatever the panel's
+    # ranking, so that runs with other panels (e.g. the original's 5,000 seurat_v3 genes) score the same genes
+    hvg_panel = cfg.genes is None and cfg.n_top_genes is not None
+    default_ranking = cfg.hvg_flavor == "seurat" and cfg.min_fraction == EvalConfig.min_fraction
+    top = _top_eval(train_ad, panel, cfg, hvg_ranked=hvg_panel and default_ranking,
+                    min_fraction=EvalConfig.min_fraction if hvg_panel and not default_ranking else 0.0)
     y = _targets(samples, panel)
     te = np.flatnonzero(np.isin(owner, test_s))
     fit_rows = np.flatnonzero(np.isin(owner, train_s))
     tr, va = block_validation([np.flatnonzero(owner == i) for i in train_s],
                               [samples[i].adata.obs["array_row"].to_numpy() for i in train_s], cfg.val_fraction)
-    tr_idx = tr
-    n_clusters = None
-    if cfg.oversample:
-        tr_idx, labels = balanced_index(tr, y, seed=cfg.seed)
-        n_clusters = int(labels.max()) + 1
     info = {"test_patients": list(test_patients), "test_samples": [samples[i].sample_id for i in test_s],
             "train_samples": [samples[i].sample_id for i in train_s],
             "validation": f"top {cfg.val_fraction:.0%} of the array rows of each training sample",
-            "n_train_spots": int(len(tr)), "n_train_rows": int(len(tr_idx)), "n_val_spots": int(len(va)),
+            "n_train_spots": int(len(tr)), "n_val_spots": int(len(va)),
             "n_test_spots": int(len(te)), "n_genes": len(panel), "panel": panel,
-            "top_eval": [panel[i] for i in top], "leiden_clusters": n_clusters, "scaler": cfg.scaler, "fit": {}}
+            "top_eval": [panel[i] for i in top], "scaler": cfg.scaler, "fit": {}}
     fold_logs = None if log_dir is None or not loggers else Path(log_dir) / f"fold-{'+'.join(test_patients)}"
     preds = {}
     t0 = time.perf_counter()
@@ -205,11 +214,13 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
     info["fit"][RIDGE] = {"seconds": time.perf_counter() - t0}
     for ctx in cfg.contexts:
         t0 = time.perf_counter()
-        model, scaler, summ = fit_spot_model(cfg.recipe(ctx), bags, y, tr_idx, va, precision=cfg.precision,
+        model, scaler, summ = fit_spot_model(cfg.recipe(ctx), bags, y, tr, va, precision=cfg.precision,
                                              progress=progress, log_dir=None if fold_logs is None else fold_logs / ctx,
                                              loggers=loggers if fold_logs else None)
         preds[f"deepspot {ctx}"] = invert_scaler(predict_bags(model, bags)[te], scaler)
         info["fit"][ctx] = {**summ, "seconds": time.perf_counter() - t0}
+        info.setdefault("n_train_rows", summ["n_train_rows"])  # the same for every context
+        info.setdefault("leiden_clusters", summ.get("leiden_clusters"))
         if echo:
             echo(f"  fold {'+'.join(test_patients)}: {ctx}: best epoch {summ['best_epoch']} of {summ['epochs']}, "
                  f"{summ['monitor']} {summ['best_val']:.4f} ({time.perf_counter() - t0:.0f} s)")

@@ -55,11 +55,12 @@ class SpotCropDataset(Dataset):
     The slide is opened lazily in each worker (slides are not shared across processes).
     """
 
-    def __init__(self, slide_path, mpp, centers: np.ndarray, tile_px: float, out_size: int, n_sub: int):
+    def __init__(self, slide_path, mpp, centers: np.ndarray, tile_px: float, out_size: int, n_sub: int,
+                 subspot_rule: str = "split"):
         self.slide_path, self.mpp = str(slide_path), mpp
         self.boxes = spot_boxes(centers, tile_px)
-        self.out_size, self.n_sub = out_size, n_sub
-        self.read_px = read_size(tile_px, out_size, n_sub)
+        self.out_size, self.n_sub, self.subspot_rule = out_size, n_sub, subspot_rule
+        self.read_px = read_size(tile_px, out_size, n_sub, subspot_rule)
         self._slide = None
 
     def __len__(self) -> int:
@@ -77,7 +78,7 @@ class SpotCropDataset(Dataset):
         """Spot ``i``: its box read once at ``read_px`` and cut into (C, out, out, 3) crops."""
         x0, y0, w, h = (int(v) for v in self.boxes[i])
         region = self.slide.read_scaled((x0, y0), (w, h), self.read_px)
-        return make_crops(region, self.out_size, self.n_sub)
+        return make_crops(region, self.out_size, self.n_sub, self.subspot_rule)
 
     def __getitem__(self, indices) -> dict:
         from deepspot.io.slides import SlideError
@@ -145,10 +146,11 @@ def encode_batch(encoder, crops: torch.Tensor, n_sub: int, mode: str = "standard
 def encode_spots(slide_path, centers: np.ndarray, tile_px: float, encoder, sink: Callable, n_sub: int = 3,
                  mode: str = "standard", mpp: float | None = None, batch_size: int = 16,
                  num_workers: int | None = None, device="cpu", autocast_dtype=None, progress: bool = True,
-                 stats: ExtractStats | None = None) -> ExtractStats:
+                 stats: ExtractStats | None = None, subspot_rule: str = "split") -> ExtractStats:
     """Encode spots in order, calling ``sink(start, centers, spot (B,d), subspot (B,S,d)|None)`` per batch.
 
-    centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px. Reading runs in
+    centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px; subspot_rule: how sub-spots are
+    cut (:func:`~deepspot.features.tiles.subspot_bounds`). Reading runs in
     ``num_workers`` DataLoader processes (None: :func:`default_num_workers`; 0: in this process).
     """
     from deepspot.io.slides import SlideError
@@ -160,7 +162,8 @@ def encode_spots(slide_path, centers: np.ndarray, tile_px: float, encoder, sink:
     if n == 0:
         return stats
     n_crop = 1 + s if mode == "standard" else 1
-    ds = SpotCropDataset(slide_path, mpp, centers, tile_px, encoder.input_size, n_sub if mode == "standard" else 0)
+    ds = SpotCropDataset(slide_path, mpp, centers, tile_px, encoder.input_size, n_sub if mode == "standard" else 0,
+                         subspot_rule)
     workers = default_num_workers() if num_workers is None else int(num_workers)
     workers = min(workers, max(1, (n + batch_size - 1) // batch_size))
     dl = DataLoader(ds, batch_size=None, sampler=BatchSampler(SequentialSampler(range(n)), batch_size, False),
@@ -190,9 +193,10 @@ def encode_spots(slide_path, centers: np.ndarray, tile_px: float, encoder, sink:
     return stats
 
 
-def store_path_for(cache_dir, slide_path, encoder, tile_px: float, n_sub: int, mode: str = "standard") -> Path:
+def store_path_for(cache_dir, slide_path, encoder, tile_px: float, n_sub: int, mode: str = "standard",
+                   subspot_rule: str = "split") -> Path:
     """Where the feature store of (slide, encoder, crop geometry, mode) lives in ``cache_dir``."""
-    key = feature_key(slide_path, encoder.name, tile_px, n_sub, mode)
+    key = feature_key(slide_path, encoder.name, tile_px, n_sub, mode, subspot_rule)
     suffix = "" if mode == "standard" else f"-{mode}"
     return Path(cache_dir) / f"{Path(slide_path).stem}-{encoder.name}{suffix}-{key}.zarr"
 
@@ -200,7 +204,7 @@ def store_path_for(cache_dir, slide_path, encoder, tile_px: float, n_sub: int, m
 def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, store_path, n_sub: int = 3,
                      mode: str = "standard", mpp: float | None = None, batch_size: int = 16,
                      num_workers: int | None = None, device="cpu", autocast_dtype=None, progress: bool = True,
-                     stats: ExtractStats | None = None) -> StoredFeatures:
+                     stats: ExtractStats | None = None, subspot_rule: str = "split") -> StoredFeatures:
     """Encode what ``store_path`` lacks and return the features of ``centers`` read lazily from it.
 
     Centres already in a finished store are reused; only new ones are encoded, appended behind the old
@@ -212,7 +216,7 @@ def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, s
     stats.store = str(store_path)
     s = n_sub * n_sub
     attrs = {"encoder": encoder.name, "tile_px": float(tile_px), "n_sub": n_sub, "mode": check_mode(mode),
-             "slide": str(slide_path)}
+             "slide": str(slide_path), "subspot_rule": subspot_rule}
     old = store_centers(store_path)
     rows = match_centers(old, centers)
     missing = np.flatnonzero(rows < 0)
@@ -233,7 +237,7 @@ def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, s
         encode_spots(slide_path, new_centers, tile_px, encoder,
                      lambda start, c, f, sf: writer.write(len(old) + start, c, f, sf), n_sub=n_sub, mode=mode,
                      mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
-                     autocast_dtype=autocast_dtype, progress=progress, stats=stats)
+                     autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=subspot_rule)
         writer.close()
     except BaseException:
         writer.abort()
@@ -244,7 +248,8 @@ def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, s
 def extract_features(slide_path, centers: np.ndarray, tile_px: float, encoder, n_sub: int = 3,
                      mpp: float | None = None, cache_dir: str | Path | None = None, batch_size: int = 16,
                      num_workers: int | None = 0, device: str | torch.device = "cpu", autocast_dtype=None,
-                     progress: bool = True, stats: ExtractStats | None = None, mode: str = "standard") -> Features:
+                     progress: bool = True, stats: ExtractStats | None = None, mode: str = "standard",
+                     subspot_rule: str = "split") -> Features:
     """Encode the spot crop and n×n sub-spot crops of every centre once; features in memory.
 
     centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px.
@@ -256,9 +261,9 @@ def extract_features(slide_path, centers: np.ndarray, tile_px: float, encoder, n
     stats = stats if stats is not None else ExtractStats()
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
     common = dict(n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
-                  autocast_dtype=autocast_dtype, progress=progress, stats=stats)
+                  autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=subspot_rule)
     if cache_dir is not None:
-        path = store_path_for(cache_dir, slide_path, encoder, tile_px, n_sub, mode)
+        path = store_path_for(cache_dir, slide_path, encoder, tile_px, n_sub, mode, subspot_rule)
         return extract_to_store(slide_path, centers, tile_px, encoder, path, **common).load()
     n, s = len(centers), n_sub * n_sub
     spot_out = np.zeros((n, encoder.dim), dtype=np.float32)

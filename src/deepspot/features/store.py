@@ -28,11 +28,14 @@ def slide_fingerprint(path: str | Path) -> str:
     return f"{p.resolve()}|{st.st_size}|{int(st.st_mtime)}"
 
 
-def feature_key(slide_path, encoder: str, tile_px: float, n_sub: int, mode: str = "standard") -> str:
+def feature_key(slide_path, encoder: str, tile_px: float, n_sub: int, mode: str = "standard",
+                subspot_rule: str = "split") -> str:
     """Key of a store: everything a crop's features depend on except its centre."""
     h = hashlib.sha1()
-    h.update(json.dumps([slide_fingerprint(slide_path), encoder, round(float(tile_px), 4), int(n_sub),
-                         mode, CROP_VERSION]).encode())
+    key = [slide_fingerprint(slide_path), encoder, round(float(tile_px), 4), int(n_sub), mode, CROP_VERSION]
+    if subspot_rule != "split":  # the default rule keeps the keys stores were written under
+        key.append(subspot_rule)
+    h.update(json.dumps(key).encode())
     return h.hexdigest()[:16]
 
 

@@ -26,10 +26,14 @@ def spot_boxes(centers: np.ndarray, tile_px: float) -> np.ndarray:
     return np.stack([x0, y0, np.full_like(x0, side), np.full_like(x0, side)], axis=1)
 
 
-def read_size(tile_px: float, out_size: int, n_sub: int) -> int:
-    """Pixels per side to read a spot box at: native resolution, capped at what the crops need."""
+def read_size(tile_px: float, out_size: int, n_sub: int, rule: str = "split") -> int:
+    """Pixels per side to read a spot box at: native resolution, capped at what the crops need
+    (always native under the 'floor' rule, whose sub-spot squares are whole level-0 pixels)."""
+    native = max(1, round(tile_px))
+    if rule == "floor":
+        return int(native)
     need = out_size * max(1, n_sub)
-    return int(min(need, max(1, round(tile_px))))
+    return int(min(need, native))
 
 
 def _resize_box(img: Image.Image, size: int, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -41,19 +45,31 @@ def _resize_box(img: Image.Image, size: int, box: tuple[int, int, int, int]) -> 
     return np.asarray(part.resize((size, size), Image.BILINEAR))
 
 
-def make_crops(region: np.ndarray, out_size: int, n_sub: int) -> torch.Tensor:
+def make_crops(region: np.ndarray, out_size: int, n_sub: int, rule: str = "split") -> torch.Tensor:
     """One spot's crops from its box read: uint8 (1 + n_sub², out, out, 3), spot first, then the
     n×n sub-spots row-major. Each sub-spot square (edges from :func:`region_bounds`, so no pixel is
-    dropped when the side is not divisible by n) is resampled once, directly to ``out_size``."""
+    dropped when the side is not divisible by n; or, ``rule='floor'``, the original's exact
+    ``side // n`` squares from the corner, the remainder dropped) is resampled once, to ``out_size``."""
     region = np.ascontiguousarray(region, dtype=np.uint8)
     img = Image.fromarray(region, mode="RGB") if region.ndim == 3 else Image.fromarray(region).convert("RGB")
     h, w = region.shape[:2]
     crops = [_resize_box(img, out_size, (0, 0, w, h))]
     if n_sub > 0:
-        ys, xs = region_bounds(h, n_sub), region_bounds(w, n_sub)
+        ys, xs = subspot_bounds(h, n_sub, rule), subspot_bounds(w, n_sub, rule)
         crops += [_resize_box(img, out_size, (xs[j], ys[i], xs[j + 1], ys[i + 1]))
                   for i in range(n_sub) for j in range(n_sub)]
     return torch.from_numpy(np.stack(crops))
+
+
+def subspot_bounds(size: int, n: int, rule: str = "split") -> list[int]:
+    """Sub-spot edges along one side: :func:`region_bounds` ('split') or ``i * (size // n)`` ('floor')."""
+    if rule == "floor":
+        if size < n:
+            raise ValueError(f"a {size}-px tile cannot be cut into {n}x{n} whole-pixel sub-spots")
+        return [i * (size // n) for i in range(n + 1)]
+    if rule != "split":
+        raise ValueError(f"unknown sub-spot rule {rule!r}; use 'split' or 'floor'")
+    return region_bounds(size, n)
 
 
 def region_bounds(size: int, n: int) -> list[int]:

@@ -22,10 +22,21 @@ def make_grid(width: float, height: float, spec: GridSpec) -> pd.DataFrame:
 
     Hex layout follows Visium's array coordinates: ``array_col`` steps by 2 along a
     row (one step = spacing/2 horizontally), odd rows are shifted by one column,
-    rows are spacing·√3/2 apart. Returns columns array_row, array_col, x, y.
+    rows are spacing·√3/2 apart. Origin 'original' (square only): the original DeepSpot's pixel grid,
+    centres at whole pixels ``D + 1 + k·spacing`` below ``size - D - 1`` in each axis (D and spacing
+    rounded to whole pixels), array_row / array_col the row / column numbers.
+    Returns columns array_row, array_col, x, y.
     """
     if spec.unit != "px":
         raise ValueError("make_grid needs a grid in pixels; call spec.in_pixels(mpp) first")
+    if spec.origin == "original":
+        d, step = int(round(spec.spot_diameter)), max(1, int(round(spec.spacing)))
+        ys = np.arange(d + 1, int(height) - d - 1, step) + spec.offset_y
+        xs = np.arange(d + 1, int(width) - d - 1, step) + spec.offset_x
+        rows, cols = np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij")
+        rows, cols = rows.ravel(), cols.ravel()
+        return pd.DataFrame({"array_row": rows.astype(int), "array_col": cols.astype(int),
+                             "x": xs[cols].astype(float), "y": ys[rows].astype(float)})
     r = spec.spot_diameter / 2.0
     x0, y0 = spec.offset_x + r, spec.offset_y + r
     if spec.layout == "hex":

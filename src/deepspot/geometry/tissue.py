@@ -23,7 +23,8 @@ Methods
 
 For crops there is the reference rule itself:
 :func:`tile_is_background_mean_rgb` (a tile is background when its mean RGB
-> 200).
+> 200), and :func:`tile_mean_rgb` computes it on full-resolution tiles of a
+slide (the ``tile_mean_rgb`` tissue rule: exactly the original's filter).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "mask_from_rgb",
     "saturation",
     "tile_is_background_mean_rgb",
+    "tile_mean_rgb",
 ]
 
 
@@ -63,6 +65,36 @@ def tile_is_background_mean_rgb(tiles: np.ndarray, threshold: float = BACKGROUND
         return np.zeros(0, bool)
     means = t.reshape(t.shape[0], -1).mean(axis=1, dtype=np.float64)
     return means > threshold
+
+
+def tile_mean_rgb(slide, boxes: np.ndarray, max_width: int = 8192) -> np.ndarray:
+    """Mean RGB (over all pixels and channels) of each level-0 box (x0, y0, w, h) int (N,4) of ``slide``:
+    float64 (N,). Boxes sharing a top edge and size (one grid row) are read together, in strips at most
+    ``max_width`` px wide, so each pixel is read once; parts outside the slide count as white."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    out = np.zeros(len(boxes), dtype=np.float64)
+    if len(boxes) == 0:
+        return out
+    keys = np.stack([boxes[:, 1], boxes[:, 2], boxes[:, 3]], axis=1)
+    _, group = np.unique(keys, axis=0, return_inverse=True)
+    for g in np.unique(group):
+        members = np.flatnonzero(group == g)
+        members = members[np.argsort(boxes[members, 0], kind="stable")]
+        _, y0, w, h = (int(v) for v in boxes[members[0]])
+        start = 0
+        while start < len(members):
+            x_lo = int(boxes[members[start], 0])
+            stop = start + 1
+            while stop < len(members) and boxes[members[stop], 0] + w - x_lo <= max(max_width, w):
+                stop += 1
+            x_hi = int(boxes[members[stop - 1], 0]) + w
+            strip = slide.read_region((x_lo, y0), 0, (x_hi - x_lo, h))[..., :3]
+            col = strip.sum(axis=(0, 2), dtype=np.float64)  # (width,) sum over rows and channels
+            csum = np.concatenate([[0.0], np.cumsum(col)])
+            x0 = boxes[members[start:stop], 0] - x_lo
+            out[members[start:stop]] = (csum[x0 + w] - csum[x0]) / (3.0 * w * h)
+            start = stop
+    return out
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:

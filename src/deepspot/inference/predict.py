@@ -33,11 +33,13 @@ import numpy as np
 import pandas as pd
 
 from deepspot import plotting
-from deepspot.config import GridSpec, ModelConfig, SpotGeometry, invert_scaler, resolve_mpp
+from deepspot.config import (TISSUE_RULES, GridSpec, ModelConfig, SpotGeometry, geometry_preset, invert_scaler,
+                             resolve_mpp)
 from deepspot.features.extract import ExtractStats, check_mode, extract_features, extract_to_store, store_path_for
 from deepspot.geometry.grid import make_grid
 from deepspot.geometry.neighbors import array_neighbors
-from deepspot.geometry.tissue import tissue_spots
+from deepspot.features.tiles import spot_boxes
+from deepspot.geometry.tissue import BACKGROUND_MEAN_RGB, tile_mean_rgb, tissue_spots
 from deepspot.io.outputs import add_spatial_image, atomic_path, write_h5ad_chunked
 from deepspot.io.slides import open_slide
 from deepspot.models.bags import iter_predictions
@@ -102,20 +104,22 @@ class SlidePlan:
                                self.geometry.neighbor_radius)
 
 
-def plan_slide(slide_path, geometry: SpotGeometry, mpp: float | None = None, tissue: str = "otsu",
+def plan_slide(slide_path, geometry: SpotGeometry, mpp: float | None = None, tissue: str | None = None,
                min_tissue_fraction: float = 0.1, thumbnail_size: int = 2000, layout: str | None = None,
                spacing: float | None = None, meta: dict | None = None) -> SlidePlan:
     """Grid + tissue filter + thumbnail of a slide. ``layout`` ('hex'/'square') and ``spacing`` (grid unit)
-    override the checkpoint's grid; the spot diameter (crop size) always stays the model's.
+    override the checkpoint's grid; the spot diameter (crop size) always stays the model's. ``tissue``:
+    None = the geometry's rule (``tile_mean_rgb`` for the original's presets), else 'otsu'.
     Raises SlideError (corrupt/unsupported file, no mpp for a µm model: pass ``mpp``)."""
-    if tissue not in ("otsu", "mean_rgb", "none"):
-        raise ValueError(f"unknown tissue method {tissue!r}; use otsu, mean_rgb or none")
+    tissue = tissue or geometry.tissue or "otsu"
+    if tissue not in TISSUE_RULES:
+        raise ValueError(f"unknown tissue method {tissue!r}; use {', '.join(TISSUE_RULES)}")
     grid_spec = geometry.grid
     if layout is not None or spacing is not None:
         grid_spec = replace(grid_spec, layout=layout or grid_spec.layout, spacing=spacing or grid_spec.spacing)
     geometry = replace(geometry, grid=grid_spec)
     with open_slide(slide_path, mpp=mpp) as slide:
-        mpp_used = resolve_mpp(slide, mpp, needs_um=grid_spec.unit == "um")
+        mpp_used = resolve_mpp(slide, mpp, needs_um=grid_spec.needs_mpp)
         spec = grid_spec.in_pixels(mpp_used)
         notes = []
         if grid_spec.unit == "um":
@@ -127,8 +131,12 @@ def plan_slide(slide_path, geometry: SpotGeometry, mpp: float | None = None, tis
         w, h = slide.dimensions
         grid = make_grid(w, h, spec)
         thumb = slide.get_thumbnail(thumbnail_size)
-        keep = tissue_spots(slide, grid, spec.spot_diameter, method=tissue, min_fraction=min_tissue_fraction,
-                            view=thumb)
+        if tissue == "tile_mean_rgb":  # the original's filter: each full-resolution tile's mean RGB
+            boxes = spot_boxes(grid[["x", "y"]].to_numpy(), spec.spot_diameter)
+            keep = tile_mean_rgb(slide, boxes) <= BACKGROUND_MEAN_RGB
+        else:
+            keep = tissue_spots(slide, grid, spec.spot_diameter, method=tissue, min_fraction=min_tissue_fraction,
+                                view=thumb)
     return SlidePlan(Path(slide_path), geometry, spec, mpp_used, grid[keep].reset_index(drop=True), len(grid),
                      (int(w), int(h)), thumb, tissue, notes)
 
@@ -152,6 +160,7 @@ def _skeleton(plan: SlidePlan, config: ModelConfig, library_id: str | None, mode
         "grid_unit": g.grid.unit, "grid_layout": plan.spec.layout, "spot_diameter_px": float(plan.spec.spot_diameter),
         "spacing_px": float(plan.spec.spacing), "mpp": float(plan.mpp) if plan.mpp else -1.0,
         "neighbors": f"array row and column within {g.neighbor_radius}",
+        "geometry_preset": g.preset or "", "subspot_rule": g.subspot_rule,
         "tissue_method": plan.tissue, "grid_spots": int(plan.n_grid), "in_tissue_spots": int(len(plan.grid)),
         "geometry_notes": list(plan.notes),
         "values": ("log1p(normalize_total 1e4) expression" if config.scaler is None
@@ -175,10 +184,11 @@ def predict_plan(plan: SlidePlan, model, config: ModelConfig, encoder, sink=None
     mode = check_mode(mode) if n_sub else "standard"
     centers = plan.grid[["x", "y"]].to_numpy()
     tile = plan.spec.spot_diameter
+    rule = plan.geometry.subspot_rule
     common = dict(n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
-                  autocast_dtype=autocast_dtype, progress=progress, stats=stats)
+                  autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=rule)
     if cache_dir is not None or store_dir is not None:
-        path = (store_path_for(cache_dir, plan.slide_path, encoder, tile, n_sub, mode) if cache_dir is not None
+        path = (store_path_for(cache_dir, plan.slide_path, encoder, tile, n_sub, mode, rule) if cache_dir is not None
                 else Path(store_dir) / "features.zarr")
         source = extract_to_store(plan.slide_path, centers, tile, encoder, path, **common)
     else:
@@ -195,24 +205,38 @@ def predict_plan(plan: SlidePlan, model, config: ModelConfig, encoder, sink=None
     return out
 
 
+def with_geometry(config: ModelConfig, geometry: SpotGeometry | str | None) -> ModelConfig:
+    """``config`` predicting on another spot geometry: a :class:`SpotGeometry`, or a preset name
+    (:func:`~deepspot.config.geometry_preset`; the model's n_sub, neighbour radius and feature mode are
+    kept). None: the checkpoint's own."""
+    if geometry is None:
+        return config
+    if isinstance(geometry, str):
+        geometry = geometry_preset(geometry, like=config.geometry)
+    if not isinstance(geometry, SpotGeometry):
+        raise ValueError(f"geometry must be a preset name or a SpotGeometry, got {type(geometry).__name__}")
+    return config.replace(geometry=geometry)
+
+
 def _mode(config: ModelConfig, fast: bool | None) -> str:
     return config.check_feature_mode(config.feature_mode if fast is None else ("fast" if fast else "standard"))
 
 
-def predict_image(slide_path, model, config: ModelConfig | dict, encoder, mpp: float | None = None, tissue: str = "otsu",
+def predict_image(slide_path, model, config: ModelConfig | dict, encoder, mpp: float | None = None,
+                  tissue: str | None = None,
                   batch_size: int = 16, num_workers: int | None = 0, cache_dir=None, device="cpu",
                   autocast_dtype=None, progress: bool = True, library_id: str | None = None,
                   thumbnail_size: int = 2000, stats: ExtractStats | None = None, min_tissue_fraction: float = 0.1,
                   fast: bool | None = None, layout: str | None = None, spacing: float | None = None,
-                  predict_batch: int = 512) -> ad.AnnData:
+                  predict_batch: int = 512, geometry: SpotGeometry | str | None = None) -> ad.AnnData:
     """Predict every in-tissue spot of a virtual grid over the slide, in memory (small images).
 
     Returns AnnData (spots × genes) with obs array_row, array_col, in_tissue; obsm['spatial'] (x, y)
     level-0 px; uns['spatial'][library_id] (thumbnail + scalefactors); uns['deepspot'] (provenance).
     ``fast``: None = the checkpoint's feature mode; True/False must match it. For whole slides use
-    :func:`predict_slide` (streams to disk).
+    :func:`predict_slide` (streams to disk). ``geometry``: predict on another grid (:func:`with_geometry`).
     """
-    config = ModelConfig.coerce(config)
+    config = with_geometry(ModelConfig.coerce(config), geometry)
     mode = _mode(config, fast)
     plan = plan_slide(slide_path, config.geometry, mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue_fraction,
                       thumbnail_size=thumbnail_size, layout=layout, spacing=spacing)
@@ -241,7 +265,7 @@ def plan_spots(slide_path, adata: ad.AnnData, geometry: SpotGeometry, mpp: float
     if not has_array and geometry.neighbor_radius > 0:
         raise SpatialDataError(f"{slide_path}: obs needs array_row/array_col for the model's neighbour context")
     with open_slide(slide_path, mpp=mpp) as slide:
-        mpp_used = resolve_mpp(slide, mpp, needs_um=geometry.grid.unit == "um")
+        mpp_used = resolve_mpp(slide, mpp, needs_um=geometry.grid.needs_mpp)
         spec = geometry.grid.in_pixels(mpp_used)
         w, h = slide.dimensions
         check_inside(xy, w, h, f"{slide_path}: spots")
@@ -312,13 +336,14 @@ class _GeneMoments:
 
 
 def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_dir, genes: list[str] | None = None,
-                  n_plot: int = 4, mpp: float | None = None, tissue: str = "otsu", min_tissue_fraction: float = 0.1,
+                  n_plot: int = 4, mpp: float | None = None, tissue: str | None = None,
+                  min_tissue_fraction: float = 0.1,
                   fast: bool | None = None, layout: str | None = None, spacing: float | None = None,
                   batch_size: int = 16, num_workers: int | None = None, cache_dir=None, device="cpu",
                   autocast_dtype=None, progress: bool = True, library_id: str | None = None,
                   thumbnail_size: int = 2000, predict_batch: int = 512, name: str | None = None,
                   meta: dict | None = None, stats: ExtractStats | None = None,
-                  max_spots: int | None = None) -> PredictResult:
+                  max_spots: int | None = None, geometry: SpotGeometry | str | None = None) -> PredictResult:
     """Predict a whole slide with flat memory and write ``<name>.h5ad``, ``<name>_spots.csv`` and
     ``<name>_genes.png`` (``genes`` or the ``n_plot`` most variable) into ``out_dir``.
 
@@ -327,6 +352,7 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
     are written under temporary names and renamed together at the end: on any error nothing is left
     behind (a folder this call created is removed again). A slide without tissue gives an empty AnnData
     and a warning (no PNG). ``max_spots`` keeps only the first in-tissue spots in grid order (benchmarks).
+    ``geometry``: predict on another grid than the checkpoint's (a preset name or a SpotGeometry).
     """
     import zarr
 
@@ -334,7 +360,7 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
 
     t0 = time.perf_counter()
     stats = stats if stats is not None else ExtractStats()
-    config = ModelConfig.coerce(config)
+    config = with_geometry(ModelConfig.coerce(config), geometry)
     mode = _mode(config, fast)
     all_genes = list(config.genes)
     config.check_genes(genes)

@@ -129,12 +129,13 @@ def make_loader(bags: Bags, targets: torch.Tensor, index: np.ndarray, batch_size
     return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=_as_is)
 
 
-MONITORS = {"val_loss": "min", "val_pearson": "max"}
+MONITORS = {"val_loss": "min", "val_pearson": "max", "train_loss": "min"}
 
 
 class KeepBest(L.Callback):
     """Keeps a copy of the model weights at the best value of ``monitor`` (val_loss: lowest;
-    val_pearson: highest mean per-gene Pearson across the validation spots)."""
+    val_pearson: highest mean per-gene Pearson across the validation spots; train_loss: lowest epoch
+    mean of the training loss, read when the training epoch ends)."""
 
     def __init__(self, monitor: str = "val_loss"):
         if monitor not in MONITORS:
@@ -147,8 +148,14 @@ class KeepBest(L.Callback):
         return v < self.best if self.mode == "min" else v > self.best
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            return
+        if not trainer.sanity_checking and not self.monitor.startswith("train_"):
+            self._update(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.monitor.startswith("train_"):
+            self._update(trainer, pl_module)
+
+    def _update(self, trainer, pl_module):
         v = trainer.callback_metrics.get(self.monitor)
         if v is not None and self._better(float(v)):
             self.best, self.epoch = float(v), trainer.current_epoch
@@ -215,6 +222,7 @@ def _scoped_process_state():
 def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
         loss: str = "mse", lr: float = 1e-4, weight_decay: float = 1e-6, batch_size: int = 64,
         max_epochs: int = 200, patience: int = 20, seed: int = 2024, precision: str = "32-true",
+        min_epochs: int | None = None,
         log_dir: str | Path | None = None, progress: bool = True, accelerator: str = "cpu",
         devices: int | str = 1, strategy: str = "auto", loggers: str | Sequence[str] | None = None,
         val_batch_size: int | None = None, monitor: str = "val_loss") -> dict:
@@ -223,8 +231,9 @@ def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.n
     targets: (N, G) float, rows aligned with ``bags``; train_idx / val_idx index into them (train_idx may
     repeat indices, e.g. after oversampling). ``precision``: 32 | bf16 | fp16 or a Lightning name.
     ``loggers``: None (CSV when ``log_dir`` is given), 'csv', 'tensorboard' or both. ``monitor``: what early
-    stopping and the kept weights follow, ``val_loss`` or ``val_pearson`` (mean per-gene Pearson across
-    all validation spots). The summary's ``best_val`` is that monitor's best value.
+    stopping and the kept weights follow, ``val_loss``, ``val_pearson`` (mean per-gene Pearson across
+    all validation spots) or ``train_loss`` (the original's). ``min_epochs``: no early stop before.
+    The summary's ``best_val`` is that monitor's best value.
     """
     precision = resolve_precision(precision, accelerator)
     with _scoped_process_state():
@@ -237,7 +246,7 @@ def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.n
         callbacks = [keep, L.pytorch.callbacks.EarlyStopping(monitor, patience=patience, mode=keep.mode)]
         if progress:
             callbacks.append(L.pytorch.callbacks.RichProgressBar(leave=False))
-        trainer = L.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=make_loggers(log_dir, loggers),
+        trainer = L.Trainer(max_epochs=max_epochs, min_epochs=min_epochs, callbacks=callbacks, logger=make_loggers(log_dir, loggers),
                             enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
                             deterministic=True, precision=precision, accelerator=accelerator, devices=devices,
                             strategy=strategy, num_sanity_val_steps=0, log_every_n_steps=1,

@@ -20,6 +20,13 @@ the effect of each choice in isolation):
 - early stopping on the mean per-gene Pearson of a validation block cut from EVERY training sample
   (the top ``val_fraction`` of its array rows: spatially apart from the spots it trains on), so every
   training sample trains and the stopping signal is the score we report.
+
+Presets (:data:`PRESETS`, ``--preset``): ``deepspot`` (the above) and ``original``, the original
+DeepSpot's training as published: hidden 512, 10 heads, dropout 0.3, sum / max pooling, MSE, AdamW lr
+1e-4 and weight decay 1e-6, batch 1024, 10–15 epochs with early stopping on the training loss (patience 3;
+every spot trains, the validation block included), a standard scaler on the targets, Leiden-cluster
+oversampling of the training spots, and a panel of the top 5,000 HVGs by scanpy's ``seurat_v3`` on counts
+(:data:`PRESET_PANELS`). The preset's name is recorded with the recipe in the checkpoint.
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ from deepspot.models.bags import Bags
 from deepspot.models.deepsets import CONTEXTS, POOLS, DeepSpot
 from deepspot.models.losses import LOSSES
 from deepspot.training.fit import MONITORS, fit
+
+HVG_FLAVORS = ("seurat", "seurat_v3")
 
 @dataclass(frozen=True)
 class SpotRecipe:
@@ -56,6 +65,10 @@ class SpotRecipe:
     monitor: str = "val_pearson"
     val_fraction: float = 0.2
     seed: int = 2024
+    min_epochs: int = 1
+    oversample: bool = False  # Leiden-cluster oversampling of the training spots (training/sampling.py)
+    hvg_flavor: str = "seurat"  # how a top-n HVG panel is ranked: seurat (log data) or seurat_v3 (counts)
+    preset: str = "deepspot"  # the preset these settings started from (recorded in the checkpoint)
 
     def __post_init__(self):
         checks = [(self.context in CONTEXTS, f"context {self.context!r}: choose one of {', '.join(CONTEXTS)}"),
@@ -69,7 +82,12 @@ class SpotRecipe:
                   (self.input_proj is None or self.input_proj >= 1, "input_proj must be >= 1 or None"),
                   (self.hidden >= 1 and self.n_ensemble >= 1 and self.batch_size >= 1 and self.max_epochs >= 1,
                    "hidden, n_ensemble, batch_size and max_epochs must be >= 1"),
-                  (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")]
+                  (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+                  (1 <= self.min_epochs <= self.max_epochs, f"min_epochs must be in [1, max_epochs], got "
+                                                           f"{self.min_epochs}"),
+                  (self.hvg_flavor in HVG_FLAVORS, f"hvg_flavor {self.hvg_flavor!r}: choose "
+                                                   f"{' or '.join(HVG_FLAVORS)}"),
+                  (self.preset in PRESET_PANELS, f"preset {self.preset!r}: choose {', '.join(PRESET_PANELS)}")]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
             raise ValueError("training recipe: " + "; ".join(bad))
@@ -84,6 +102,38 @@ class SpotRecipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+PRESET_PANELS = {  # gene-panel defaults of each preset, used where the caller does not choose
+    "deepspot": {},
+    "original": {"n_top_genes": 5000, "min_fraction": 0.0},
+}
+
+PRESETS = {
+    "deepspot": SpotRecipe(),
+    "original": SpotRecipe(hidden=512, n_ensemble=10, dropout=0.3, subspot_pool="sum", neighbor_pool="max",
+                           scaler="standard", loss="mse", lr=1e-4, weight_decay=1e-6, batch_size=1024,
+                           min_epochs=10, max_epochs=15, patience=3, monitor="train_loss", oversample=True,
+                           hvg_flavor="seurat_v3", preset="original"),
+}
+
+
+def spot_preset(name: str | None = None, **changes) -> SpotRecipe:
+    """The recipe of preset ``name`` ('deepspot', the default, or 'original') with ``changes`` (None values
+    ignored, as :meth:`SpotRecipe.replace`)."""
+    name = name or "deepspot"
+    if name not in PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; choose {' or '.join(PRESETS)}")
+    return PRESETS[name].replace(**changes)
+
+
+def preset_panel(name: str | None, n_top_genes: int | None = None, min_fraction: float | None = None,
+                 fallback_n_top: int | None = None, fallback_min_fraction: float = 0.1) -> tuple[int | None, float]:
+    """(n_top_genes, min_fraction) of a run: the caller's, else the preset's, else the fallbacks."""
+    d = PRESET_PANELS.get(name or "deepspot", {})
+    n = n_top_genes if n_top_genes is not None else d.get("n_top_genes", fallback_n_top)
+    f = min_fraction if min_fraction is not None else d.get("min_fraction", fallback_min_fraction)
+    return n, f
 
 
 def block_validation(rows: Sequence[np.ndarray], array_rows: Sequence[np.ndarray], fraction: float = 0.2,
@@ -131,18 +181,35 @@ def fit_spot_model(recipe: SpotRecipe, bags: Bags, targets: np.ndarray, train_id
     """Train a DeepSpot by the recipe: the target scaler and the input projection fitted on ``train_idx``
     only, early stopping on ``val_idx``. ``fit_options`` go to :func:`deepspot.training.fit.fit`
     (precision, accelerator, devices, strategy, log_dir, loggers, progress).
+
+    Early stopping on the training loss (``monitor='train_loss'``, the original's) trains on the
+    validation spots too (they are only logged). ``recipe.oversample``: the training spots are
+    resampled so that every Leiden cluster of their targets is as large as the largest.
     Returns (model in eval mode with its best weights, scaler or None, fit summary)."""
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     if len(val_idx) == 0:
         raise ValueError("no validation spots for early stopping")
-    scaler = Scaler.fit(np.asarray(targets)[train_idx], recipe.scaler)
+    if recipe.monitor == "train_loss":
+        train_idx = np.concatenate([train_idx, val_idx])
+    n_clusters = None
+    if recipe.oversample:
+        from deepspot.training.sampling import balanced_index
+
+        train_idx, labels = balanced_index(train_idx, np.asarray(targets, np.float32), seed=recipe.seed)
+        n_clusters = int(labels.max()) + 1 if len(labels) else 0
+    scaler = Scaler.fit(np.asarray(targets)[np.unique(train_idx)], recipe.scaler)
     y = np.asarray(targets, np.float32) if scaler is None else scaler.transform(targets)
     model = build_spot_model(recipe, int(bags.spot.shape[1]), int(y.shape[1]),
                              bags.spot[np.unique(train_idx)].numpy(), context)
     summary = fit(model, bags, y, train_idx, val_idx, loss=recipe.loss, lr=recipe.lr,
                   weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, max_epochs=recipe.max_epochs,
-                  patience=recipe.patience, seed=recipe.seed, monitor=recipe.monitor, **fit_options)
+                  min_epochs=recipe.min_epochs, patience=recipe.patience, seed=recipe.seed, monitor=recipe.monitor,
+                  **fit_options)
+    summary["n_train_rows"] = int(len(train_idx))
+    if n_clusters is not None:
+        summary["leiden_clusters"] = n_clusters
     return model, scaler, summary
 
 
-__all__ = ["SpotRecipe", "block_validation", "build_spot_model", "fit_spot_model"]
+__all__ = ["PRESETS", "PRESET_PANELS", "SpotRecipe", "block_validation", "build_spot_model", "fit_spot_model",
+           "preset_panel", "spot_preset"]

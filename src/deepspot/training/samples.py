@@ -124,7 +124,7 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
         raise ValueError(f"duplicated sample ids {sorted({i for i in ids if ids.count(i) > 1})}")
     geometry = samples_geometry(samples, n_sub, neighbor_radius)
     panel = select_panel({s.sample_id: s.adata for s in samples}, n_top=n_top_genes, genes=genes,
-                         on_missing=on_missing, min_fraction=min_fraction)
+                         on_missing=on_missing, min_fraction=min_fraction, flavor=recipe.hvg_flavor)
     t0 = time.perf_counter()
     if features is None:
         features = sample_features(samples, encoder, n_sub if "subspot" in recipe.context else 0,

@@ -72,12 +72,12 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
     """
     recipe = (recipe or SpotRecipe()).replace(**recipe_options)
     context = recipe.context
-    spec = geometry.grid.in_pixels(mpp) if geometry.grid.unit == "um" else geometry.grid
+    spec = geometry.grid.in_pixels(mpp)
     feats = extract_features(image, spots.obsm["spatial"], spec.spot_diameter, encoder,
                              n_sub=geometry.n_sub if "subspot" in context else 0, mpp=mpp, cache_dir=cache_dir,
                              batch_size=batch_size_encoder, num_workers=num_workers, progress=progress,
-                             mode=geometry.feature_mode)
-    panel = select_genes(spots, n_top=n_top_genes, genes=genes)
+                             mode=geometry.feature_mode, subspot_rule=geometry.subspot_rule)
+    panel = select_genes(spots, n_top=n_top_genes, genes=genes, flavor=recipe.hvg_flavor)
     y = log_normalize(spots, genes=panel)
     bags = bags_for(spots, feats, geometry.neighbor_radius)
     _, _, test = spatial_split(spots.obsm["spatial"], test_fraction=test_fraction, seed=recipe.seed)

@@ -35,9 +35,10 @@ def log_normalize(adata: ad.AnnData, target_sum: float = 1e4, genes: list[str] |
     return np.log1p(X.astype(np.float64) * scale[:, None]).astype(np.float32)
 
 
-def select_genes(adata: ad.AnnData, n_top: int | None = None, genes: list[str] | None = None) -> list[str]:
-    """A gene panel: a given list (checked), or the top-n highly variable genes (scanpy, on log data),
-    or all genes expressed in at least one spot."""
+def select_genes(adata: ad.AnnData, n_top: int | None = None, genes: list[str] | None = None,
+                 flavor: str = "seurat") -> list[str]:
+    """A gene panel: a given list (checked), or the top-n highly variable genes (scanpy ``flavor``: seurat
+    on log data, seurat_v3 on counts), or all genes expressed in at least one spot."""
     names = list(map(str, adata.var_names))
     if genes is not None:
         missing = [g for g in genes if g not in set(names)]
@@ -48,7 +49,7 @@ def select_genes(adata: ad.AnnData, n_top: int | None = None, genes: list[str] |
     expressed = np.asarray((X > 0).sum(axis=0)).ravel() > 0
     if n_top is None or n_top >= int(expressed.sum()):
         return [g for g, e in zip(names, expressed) if e]
-    ranked = set(rank_hvgs({"sample": adata[:, expressed]}, n_top))
+    ranked = set(rank_hvgs({"sample": adata[:, expressed]}, n_top, flavor=flavor))
     return [g for g in names if g in ranked]  # in var order, as before
 
 
@@ -69,14 +70,22 @@ def common_genes(samples: dict[str, ad.AnnData]) -> list[str]:
 def rank_hvgs(samples: dict[str, ad.AnnData], n_top: int, flavor: str = "seurat",
               min_fraction: float = 0.0) -> list[str]:
     """The top-``n_top`` highly variable genes across ``samples`` (scanpy, ``batch_key`` = sample when
-    there are several), best first. Uses the genes common to all samples; counts are log-normalised
-    (normalize_total 1e4 + log1p) per spot first. Genes detected in fewer than ``min_fraction`` of all
-    spots are left out. Order: number of samples in which a gene is highly variable, then mean
-    normalised dispersion (scanpy's own ranking)."""
+    there are several), best first. Uses the genes common to all samples. ``flavor`` 'seurat': counts are
+    log-normalised (normalize_total 1e4 + log1p) per spot first; order: number of samples in which a gene
+    is highly variable, then mean normalised dispersion (scanpy's own ranking). 'seurat_v3' (the
+    original's): on the counts themselves, in scanpy's ``highly_variable_rank`` order. Genes detected
+    in fewer than ``min_fraction`` of all spots are left out."""
+    if flavor not in ("seurat", "seurat_v3"):
+        raise ValueError(f"unknown HVG flavor {flavor!r}; choose seurat or seurat_v3")
     genes = common_genes(samples)
     parts = []
     for name, a in samples.items():
-        b = ad.AnnData(X=log_normalize(a, genes=genes), var=pd.DataFrame(index=genes))
+        if flavor == "seurat_v3":
+            X = a[:, genes].X
+            X = X.astype(np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
+        else:
+            X = log_normalize(a, genes=genes)
+        b = ad.AnnData(X=X, var=pd.DataFrame(index=genes))
         b.obs["sample"] = name
         b.obs_names = [f"{name}:{o}" for o in a.obs_names]
         parts.append(b)
@@ -89,6 +98,9 @@ def rank_hvgs(samples: dict[str, ad.AnnData], n_top: int, flavor: str = "seurat"
         a.obs["sample"] = a.obs["sample"].astype("category")
     df = sc.pp.highly_variable_genes(a, n_top_genes=n_top, flavor=flavor, batch_key=batch_key, inplace=False)
     df.index = a.var_names
+    if flavor == "seurat_v3":
+        df = df[df["highly_variable"]].sort_values("highly_variable_rank", kind="stable")
+        return list(map(str, df.index[:n_top]))
     if "highly_variable_nbatches" not in df:
         df["highly_variable_nbatches"] = 1
     df = df.sort_values(["highly_variable_nbatches", "dispersions_norm"], ascending=False, na_position="last",
@@ -120,7 +132,7 @@ def check_panel(panel: list[str], samples: dict[str, ad.AnnData], on_missing: st
 
 def select_panel(train: dict[str, ad.AnnData], n_top: int | None = None, genes: list[str] | None = None,
                  others: dict[str, ad.AnnData] | None = None, on_missing: str = "error",
-                 min_fraction: float = 0.1) -> list[str]:
+                 min_fraction: float = 0.1, flavor: str = "seurat") -> list[str]:
     """The gene panel of a training run, decided on the training samples only.
 
     ``genes`` given: that list (order kept). Else the top-``n_top`` HVGs across the training samples
@@ -137,7 +149,7 @@ def select_panel(train: dict[str, ad.AnnData], n_top: int | None = None, genes: 
             tot = sum(np.asarray(pool[n][:, g0].X.sum(axis=0)).ravel() for n in pool)
             genes = [g for g, t in zip(g0, tot) if t > 0]
         else:
-            genes = rank_hvgs(pool, n_top, min_fraction=min_fraction)
+            genes = rank_hvgs(pool, n_top, flavor=flavor, min_fraction=min_fraction)
     return check_panel(list(genes), everything, on_missing)
 
 
