@@ -422,10 +422,18 @@ class ModelConfig:
         enc = f.sub("encoder")
         encoder = EncoderRef(enc.get("name", types=str), enc.integer("dim", minimum=1))
         genes = f.get("genes", types=list, name="a list of gene names")
-        if not genes or not all(isinstance(g, str) and g for g in genes):
+        if not genes or not all(isinstance(g, str) for g in genes):
             f.fail("genes", "must be a non-empty list of gene names")
+        blank = [i for i, g in enumerate(genes) if not g.strip()]
+        if blank:
+            f.fail("genes", f"has {len(blank)} empty name(s) (first at position {blank[0]})")
         if len(set(genes)) != len(genes):
-            f.fail("genes", "has duplicates")
+            seen, dups = set(), []
+            for g in genes:
+                if g in seen and g not in dups:
+                    dups.append(g)
+                seen.add(g)
+            f.fail("genes", f"has duplicates ({', '.join(map(repr, dups[:3]))}{' …' if len(dups) > 3 else ''})")
         args = f.sub("model_args")
         in_dim, n_genes = args.integer("in_dim", minimum=1), args.integer("n_genes", minimum=1)
         if in_dim != encoder.dim:

@@ -88,6 +88,9 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
           radius: float = typer.Option(50.0, help="Cell models: neighbour radius (radius rule), in --cell-unit."),
           aggregate: str = typer.Option("sum", help="deepspot2cell: cells to spot by sum (count space) or mean (log).")):
     """Train DeepSpot (spots), DeepCell or DeepSpot2Cell (cells) on one image; prints held-out scores."""
+    from deepspot.inference.preflight import check_out_dir
+
+    check_out_dir(out)  # a file, or a folder that cannot be written: refused before any data is read
     import deepspot as ds
     from deepspot.config import CellGeometry, GridSpec, SpotGeometry
     from deepspot.evaluation.holdout import score_table
@@ -159,22 +162,27 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
                                                       "half the cores; 0 = read in the main process)."),
             device: str = typer.Option("cpu", help="Device for the encoder and model (cpu, cuda…)."),
             cache_dir: Optional[Path] = typer.Option(None, help="Keep/reuse the feature store here."),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous result of this slide "
+                                           "in --out (else refused)."),
             progress: bool = typer.Option(True)):
     """Predict every in-tissue spot of a virtual grid over a slide: h5ad + spots CSV + PNG (memory stays flat)."""
     import time
     import warnings
 
-    import deepspot as ds
+    from deepspot.inference.preflight import check_out_dir
 
     if not slide.exists():
         raise FileNotFoundError(f"{slide}: file not found")
+    check_out_dir(out)
+
+    import deepspot as ds
     t0 = time.perf_counter()
     m = ds.load_model(model, device=device, encoder_weights=encoder_weights)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pred = m.predict_slide(slide, out=out, genes=_split(genes), mpp=mpp, tissue=tissue, min_tissue=min_tissue,
                                fast=fast, layout=layout, spacing=spacing, batch_size=batch_size,
-                               num_workers=num_workers, cache_dir=cache_dir, progress=progress)
+                               num_workers=num_workers, cache_dir=cache_dir, progress=progress, overwrite=overwrite)
     info = pred.uns["deepspot"]
     for msg in [str(w.message) for w in caught] + [f"geometry: {n}" for n in info["geometry_notes"]]:
         typer.echo(f"deepspot: warning: {msg}", err=True)

@@ -47,6 +47,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: ModelConfi
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=1))
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
+        for f in (WEIGHTS_FILE, CONFIG_FILE):  # safetensors writes 0600; every output gets the usual mode
+            os.chmod(tmp / f, 0o666 & ~current_umask())
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -65,9 +67,13 @@ def read_config(path: str | Path) -> ModelConfig:
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: not a deepspot checkpoint (no {CONFIG_FILE})")
     try:
-        raw = json.loads(cfg_file.read_text())
+        raw = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e.msg})") from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg_file}: cannot read ({e.strerror or type(e).__name__})") from None
     return ModelConfig.from_dict(raw, source=str(cfg_file))
 
 
