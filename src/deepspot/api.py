@@ -174,7 +174,7 @@ class Model:
         if out is not None:
             preflight.check_out_dir(out)
             preflight.check_previous(out, preflight.prediction_files(Path(slide).stem), overwrite)
-        preflight.check_slide(slide, mpp, needs_um=self.config.geometry.grid.unit == "um")
+        preflight.check_slide(slide, mpp, needs_um=preflight.needs_um(self.config))
         self._check_encoder()
         common = dict(mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue, fast=fast, layout=layout,
                       spacing=spacing, batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
@@ -221,7 +221,7 @@ class Model:
             raise FileNotFoundError(f"{image}: file not found")
         from deepspot.inference.preflight import check_slide
 
-        check_slide(image, mpp, needs_um=getattr(self.config.geometry, "unit", "px") == "um")
+        check_slide(image, mpp, needs_um=getattr(self.config.geometry, "unit", "px") == "um")  # cell geometry
         self._check_encoder()
         return predict_cells(image, xy, self.network, self.config, self.encoder, cell_ids=ids, mpp=mpp,
                              batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir, device=self.device,

@@ -463,6 +463,29 @@ class ModelConfig:
         return config if isinstance(config, cls) else cls.from_dict(config, source)
 
 
+def read_config_file(folder, name: str = "config.json") -> "ModelConfig":
+    """The checked :class:`ModelConfig` of checkpoint folder ``folder`` (its ``name`` file), without
+    importing torch: every problem is one CheckpointError naming the file."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    cfg_file = folder / name
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    if not cfg_file.exists():
+        raise CheckpointError(f"{folder}: not a deepspot checkpoint (no {name})")
+    try:
+        raw = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e.msg})") from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg_file}: cannot read ({e.strerror or type(e).__name__})") from None
+    return ModelConfig.from_dict(raw, source=str(cfg_file))
+
+
 def invert_scaler(pred: np.ndarray, scaler: "Scaler | dict | None") -> np.ndarray:
     """Undo an optional target scaler (a :class:`Scaler` or its stored dict form) on predictions (N, G)."""
     if not scaler:

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("DEEPSPOT_DEBUG", "") not in ("", "0")
     try:
         rc = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
+        if rc == 130:  # typer's answer to Ctrl-C (KeyboardInterrupt -> Exit(130), returned here)
+            _interrupted()
         if isinstance(rc, int) and rc != 0:
             sys.exit(rc)
     except SystemExit:

@@ -169,11 +169,12 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
     import time
     import warnings
 
-    from deepspot.inference.preflight import check_out_dir
+    from deepspot.inference.preflight import check_out_dir, check_predict
 
     if not slide.exists():
         raise FileNotFoundError(f"{slide}: file not found")
     check_out_dir(out)
+    check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes))  # before torch is imported
 
     import deepspot as ds
     t0 = time.perf_counter()

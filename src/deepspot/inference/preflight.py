@@ -9,7 +9,8 @@ from pathlib import Path
 from deepspot.config import resolve_mpp
 from deepspot.io.slides import open_slide
 
-__all__ = ["check_out_dir", "check_out_file", "check_previous", "check_slide", "prediction_files"]
+__all__ = ["check_out_dir", "check_out_file", "check_predict", "check_previous", "check_slide", "needs_um",
+           "prediction_files"]
 
 
 def _nearest_existing(p: Path) -> Path:
@@ -64,3 +65,23 @@ def check_slide(path, mpp: float | None = None, needs_um: bool = True, thumbnail
         mpp_used = resolve_mpp(slide, mpp, needs_um=needs_um)
         slide.thumbnail_plan(thumbnail_size)
         return tuple(slide.dimensions), mpp_used
+
+
+def needs_um(config) -> bool:
+    """Whether a config's geometry is in µm (the slide then needs an mpp)."""
+    geo = config.geometry
+    return (geo.grid.unit if hasattr(geo, "grid") else geo.unit) == "um"
+
+
+def check_predict(slide, model_dir, out, mpp: float | None = None, overwrite: bool = False, genes=None):
+    """Everything ``deepspot predict`` can check in its first second, in order: the output folder, the
+    checkpoint's config (every field), the requested genes, the slide and its mpp, a previous result
+    in the folder. Imports neither torch nor the encoder. Returns the checked config."""
+    from deepspot.config import read_config_file
+
+    check_out_dir(out)
+    cfg = read_config_file(model_dir)
+    cfg.check_genes(genes, str(model_dir))
+    check_slide(slide, mpp, needs_um=needs_um(cfg))
+    check_previous(out, prediction_files(Path(slide).stem), overwrite)
+    return cfg

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from deepspot.config import CheckpointError, ModelConfig
+from deepspot.config import CheckpointError, ModelConfig, read_config_file
 from deepspot.io.outputs import current_umask
 from deepspot.models import registry
 
@@ -60,21 +60,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: ModelConfi
 
 def read_config(path: str | Path) -> ModelConfig:
     """The checked config of checkpoint folder ``path`` (older schema versions migrated on read)."""
-    path = Path(path)
-    cfg_file = path / CONFIG_FILE
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint folder not found")
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: not a deepspot checkpoint (no {CONFIG_FILE})")
-    try:
-        raw = json.loads(cfg_file.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not UTF-8 text (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e.msg})") from None
-    except OSError as e:
-        raise CheckpointError(f"{cfg_file}: cannot read ({e.strerror or type(e).__name__})") from None
-    return ModelConfig.from_dict(raw, source=str(cfg_file))
+    return read_config_file(path, CONFIG_FILE)
 
 
 def load_checkpoint(path: str | Path, genes: list[str] | None = None, feature_dim: int | None = None):
