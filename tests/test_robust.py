@@ -162,10 +162,17 @@ def test_grayscale_png_stays_one_channel_in_memory(tmp_path):
     np.testing.assert_array_equal(out, np.repeat(g[:, :, None], 3, axis=2))
 
 
-def test_jpeg_thumbnail_comes_from_a_reduced_decode(tmp_path):
+def test_jpeg_thumbnail_comes_from_a_reduced_decode(tmp_path, monkeypatch):
     p = tmp_path / "a.jpg"
     img = np.asarray(Image.fromarray(_tissue(60, 80)).resize((4000, 3000), Image.BILINEAR))
     Image.fromarray(img).save(p, quality=92)
+    drafts = []
+    real = slides_mod.ImageSlide._draft
+    monkeypatch.setattr(slides_mod.ImageSlide, "_draft", lambda self, im: drafts.append(1) or real(self, im))
+    for _ in range(2):
+        with open_slide(p) as s:
+            s.get_thumbnail(500)
+    assert len(drafts) == 1  # the reduced decode too is made once per process
     with open_slide(p) as s:
         assert s._preview is not None and max(s._preview.shape[:2]) < 4000  # draft: 1/2 scale or less
         thumb = s.get_thumbnail(500)

@@ -324,6 +324,7 @@ EAGER_DECODE_BYTES = 64 << 20
 _PIL_LOCK = threading.Lock()
 _DECODED: dict[tuple, object] = {}  # the last full decode of this process: key -> ndarray or PIL image
 _DECODED_LOCK = threading.Lock()
+_PREVIEWS: dict[tuple, np.ndarray] = {}  # the last reduced JPEG decode: key -> (h', w', 3)
 
 
 def available_memory() -> int:
@@ -356,6 +357,7 @@ def clear_decode_cache() -> None:
     """Drop this process's cached full-resolution image decode."""
     with _DECODED_LOCK:
         _DECODED.clear()
+        _PREVIEWS.clear()
 
 
 _GRAY_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -415,7 +417,11 @@ class ImageSlide(Slide):
                            f"a tiled pyramidal TIFF first: deepspot convert-slide {p.name} {p.stem}.tif --mpp <µm/px>",
                         fatal=True)
                 if im.format == "JPEG" and max(self._w, self._h) > PREVIEW_SIZE:
-                    self._preview = self._draft(im)  # decodes the whole stream (reduced): a broken file fails now
+                    self._preview = _PREVIEWS.get(self._key)
+                    if self._preview is None:  # decodes the whole stream (reduced): a broken file fails now
+                        self._preview = self._draft(im)
+                        _PREVIEWS.clear()
+                        _PREVIEWS[self._key] = self._preview
         finally:
             im.close()
         if self._full is None and self._preview is None and self.decode_bytes <= EAGER_DECODE_BYTES:
