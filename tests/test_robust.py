@@ -319,16 +319,30 @@ def test_bad_checkpoint_is_one_line_before_compute(ck, slide_png, tmp_path, caps
     assert not (tmp_path / "o").exists()
 
 
-def test_out_that_is_a_file_is_refused_first(slide_png, tmp_path, capsys):
+def test_out_that_is_a_file_is_refused_first(ck, slide_png, tmp_path, capsys):
     f = tmp_path / "taken"
     f.write_text("x")
+    (tmp_path / "m.csv").write_text(f"path,id\n{slide_png},a\n")
     for cmd in (["predict", slide_png, "--model", tmp_path / "nope"],
                 ["predict-cells", tmp_path / "cells.csv", "--image", slide_png, "--model", tmp_path / "nope"],
-                ["train", "--image", slide_png, "--adata", tmp_path / "nope.h5ad"]):
+                ["train", "--image", slide_png, "--adata", tmp_path / "nope.h5ad"],
+                ["predict-cohort", tmp_path / "m.csv", "--model", ck, "--backend", "local"]):
         code, _, err = _cli(capsys, *cmd, "--out", f)
         assert code == 1
-        _one_line(err, "taken", "existing file")  # before the missing model / data is even looked at
+        _one_line(err, "taken", "existing file")  # (predict, train: before the missing model / data is looked at)
     assert f.read_text() == "x"
+
+
+def test_train_checks_genes_and_slide_before_reading_counts(slide_png, tmp_path, capsys):
+    missing = tmp_path / "nope.h5ad"  # never read: the checks come first
+    code, _, err = _cli(capsys, "train", "--image", slide_png, "--adata", missing, "--out", tmp_path / "m",
+                        "--genes", "A,B,A")
+    assert code == 1
+    _one_line(err, "--genes", "repeated", "A")
+    code, _, err = _cli(capsys, "train", "--image", slide_png, "--adata", missing, "--out", tmp_path / "m")
+    assert code == 1
+    _one_line(err, "he.png", "--mpp")
+    assert not (tmp_path / "m").exists()
 
 
 def test_slide_and_mpp_are_checked_before_the_encoder(ck, slide_png, tmp_path, capsys, no_encoder):

@@ -88,9 +88,12 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
           radius: float = typer.Option(50.0, help="Cell models: neighbour radius (radius rule), in --cell-unit."),
           aggregate: str = typer.Option("sum", help="deepspot2cell: cells to spot by sum (count space) or mean (log).")):
     """Train DeepSpot (spots), DeepCell or DeepSpot2Cell (cells) on one image; prints held-out scores."""
-    from deepspot.inference.preflight import check_out_dir
+    from deepspot.inference.preflight import check_gene_list, check_out_dir, check_slide
 
     check_out_dir(out)  # a file, or a folder that cannot be written: refused before any data is read
+    check_gene_list(_split(genes), "--genes")
+    if image is not None and manifest is None:  # the slide opened and its mpp resolved before the counts are read
+        check_slide(image, mpp, needs_um=(unit if model == "deepspot" else cell_unit) == "um")
     import deepspot as ds
     from deepspot.config import CellGeometry, GridSpec, SpotGeometry
     from deepspot.evaluation.holdout import score_table

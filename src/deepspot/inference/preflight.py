@@ -9,7 +9,7 @@ from pathlib import Path
 from deepspot.config import resolve_mpp
 from deepspot.io.slides import open_slide
 
-__all__ = ["check_out_dir", "check_out_file", "check_predict", "check_previous", "check_slide", "needs_um",
+__all__ = ["check_gene_list", "check_out_dir", "check_out_file", "check_predict", "check_previous", "check_slide", "needs_um",
            "prediction_files"]
 
 
@@ -67,6 +67,22 @@ def check_slide(path, mpp: float | None = None, needs_um: bool = True, thumbnail
         return tuple(slide.dimensions), mpp_used
 
 
+def check_gene_list(genes, option: str = "--genes") -> None:
+    """A gene list the user gave: no empty and no repeated names."""
+    if not genes:
+        return
+    blank = [i for i, g in enumerate(genes) if not str(g).strip()]
+    if blank:
+        raise ValueError(f"{option}: empty gene name at position {blank[0]}")
+    seen, dups = set(), []
+    for g in genes:
+        if g in seen and g not in dups:
+            dups.append(g)
+        seen.add(g)
+    if dups:
+        raise ValueError(f"{option}: repeated gene names ({', '.join(dups[:3])}{' …' if len(dups) > 3 else ''})")
+
+
 def needs_um(config) -> bool:
     """Whether a config's geometry is in µm (the slide then needs an mpp)."""
     geo = config.geometry
@@ -80,6 +96,7 @@ def check_predict(slide, model_dir, out, mpp: float | None = None, overwrite: bo
     from deepspot.config import read_config_file
 
     check_out_dir(out)
+    check_gene_list(genes)
     cfg = read_config_file(model_dir)
     cfg.check_genes(genes, str(model_dir))
     check_slide(slide, mpp, needs_um=needs_um(cfg))
