@@ -121,7 +121,7 @@ def _block_reduce(img: np.ndarray, f: int) -> np.ndarray:
 
 #: Most pixels ``get_thumbnail`` scans on one level; a slide whose coarsest suitable level is larger (a
 #: single-level 100k x 100k TIFF) is refused at once with a hint to convert it, instead of a long scan.
-MAX_SCAN_PIXELS = 2_000_000_000
+MAX_SCAN_PIXELS = 1_000_000_000
 _MIN_CHUNK_CHECK = 1 << 28  # TIFF tiles/strips up to 256 MB decoded are never refused
 
 # --------------------------------------------------------------------------- interface
