@@ -5,8 +5,9 @@
 
 ``make`` writes into DIR:
 
-- ``png30k.png``: 30,000 x 30,000 RGB PNG, white with one 1,000 x 1,000 crop of the bundled H&E in
-  it; written row by row through zlib (a hand-made IHDR/IDAT/IEND stream, filter 0), so building it
+- ``png30k.png``: 30,000 x 30,000 RGB PNG, white with the bottom-right corner of the bundled H&E
+  (``[1000:2000, 1000:2000]`` of a 1431 x 1249 image: 249 x 431 px, nearly all background, so
+  predict finds no tissue, as in the issue) at (14000, 14000); written row by row through zlib (a hand-made IHDR/IDAT/IEND stream, filter 0), so building it
   needs one row of memory;
 - ``gray30k.png``: the same as 8-bit grayscale;
 - ``tiff200k.tif``: 200,000 x 200,000 single-level tiled BigTIFF (1024 px tiles, zlib), every tile the
