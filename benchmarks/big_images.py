@@ -111,7 +111,7 @@ def _measure(cmd: list[str], timeout: float) -> tuple[str, float, float, float, 
     ``/usr/bin/time -v timeout -s KILL T cmd`` (time reports the largest RSS of the process tree it
     waited for), else python's resource.getrusage of the children."""
     timer = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
-    wrapped = ["timeout", "-s", "KILL", str(int(timeout)), *cmd]
+    wrapped = ["timeout", "--foreground", "-s", "KILL", str(int(timeout)), *cmd]
     t0 = time.perf_counter()
     if timer:
         p = subprocess.run([timer, "-v", *wrapped], capture_output=True, text=True)
