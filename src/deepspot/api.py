@@ -79,6 +79,16 @@ class Model:
         """Write the checkpoint folder (model.safetensors + config.json)."""
         return save_checkpoint(path, self.network, self.config)
 
+    def _check_encoder(self) -> None:
+        """The config's encoder is a registered one (before any compute; it is built on first use)."""
+        from deepspot.features.encoders import EncoderError, get_spec
+
+        if self._encoder is None:
+            try:
+                get_spec(self.config.encoder.name)
+            except EncoderError as e:
+                raise EncoderError(f"{self.source}: config encoder.name: {e}") from None
+
     def _require(self, cells: bool) -> None:
         if cells and not self.config.is_cell_model:
             raise CheckpointError(f"{self.source}: a {self.config.model} model predicts spots, not cells; use "
@@ -142,7 +152,7 @@ class Model:
                       fast: bool | None = None, layout: str | None = None, spacing: float | None = None,
                       batch_size: int = 16, num_workers: int | None = None, cache_dir=None, progress: bool = True,
                       library_id: str | None = None, n_plot: int = 4,
-                      geometry: SpotGeometry | str | None = None) -> ad.AnnData:
+                      geometry: SpotGeometry | str | None = None, overwrite: bool = False) -> ad.AnnData:
         """Predict every in-tissue spot of a virtual grid over ``slide`` (the model's geometry; ``layout``
         and ``spacing`` override its grid, ``mpp`` the slide's µm/px) -> AnnData (spots × genes).
 
@@ -154,14 +164,24 @@ class Model:
         Without ``out``, in memory. With ``out`` (what ``deepspot predict`` does), streamed with flat memory
         into ``out/<name>.h5ad``, ``<name>_spots.csv`` and ``<name>_genes.png`` (``genes`` or the
         ``n_plot`` most variable); the AnnData returned is then the written file, opened backed
-        (read-only); ``uns['deepspot']['outputs']`` lists the files.
+        (read-only); ``uns['deepspot']['outputs']`` lists the files. A folder that already holds this
+        slide's result is refused unless ``overwrite``.
+
+        Everything that can be checked before compute is, before the encoder is built: the genes, the
+        feature mode, the output folder, the slide (opened, its mpp resolved, a thumbnail possible).
         """
+        from deepspot.inference import preflight
         from deepspot.inference.predict import predict_image, predict_slide
 
         self._require(cells=False)
         self.config.check_genes(genes, self.source)
         if fast is not None:
             self.config.check_feature_mode("fast" if fast else "standard", self.source)
+        if out is not None:
+            preflight.check_out_dir(out)
+            preflight.check_previous(out, preflight.prediction_files(Path(slide).stem), overwrite)
+        preflight.check_slide(slide, mpp, needs_um=preflight.needs_um(self.config))
+        self._check_encoder()
         common = dict(mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue, fast=fast, layout=layout,
                       spacing=spacing, batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
                       device=self.device, progress=progress, library_id=library_id, geometry=geometry)
@@ -205,6 +225,10 @@ class Model:
             ids, xy = None, np.asarray(cells, dtype=np.float64)
         if not Path(image).exists():
             raise FileNotFoundError(f"{image}: file not found")
+        from deepspot.inference.preflight import check_slide
+
+        check_slide(image, mpp, needs_um=getattr(self.config.geometry, "unit", "px") == "um")  # cell geometry
+        self._check_encoder()
         return predict_cells(image, xy, self.network, self.config, self.encoder, cell_ids=ids, mpp=mpp,
                              batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir, device=self.device,
                              progress=progress, drop_outside=drop_outside, library_id=library_id)
@@ -213,7 +237,11 @@ class Model:
 def load_model(path: str | Path, device: str = "cpu", encoder_weights=None) -> Model:
     """Load a checkpoint folder: every config field, the genes and dims are checked before any compute;
     the encoder is built on first use."""
+    from deepspot.features.encoders import list_encoders, get_spec
+
     network, config = load_checkpoint(path)
+    if config.encoder.name.strip().lower() in list_encoders():  # built on first use; its dim is checked now
+        config.check_encoder_dim(get_spec(config.encoder.name).dim, f"{Path(path) / 'config.json'}: encoder.dim")
     return Model(network.to(device), config, encoder_weights=encoder_weights, device=device, source=str(path))
 
 

@@ -520,10 +520,18 @@ class ModelConfig:
         enc = f.sub("encoder")
         encoder = EncoderRef(enc.get("name", types=str), enc.integer("dim", minimum=1))
         genes = f.get("genes", types=list, name="a list of gene names")
-        if not genes or not all(isinstance(g, str) and g for g in genes):
+        if not genes or not all(isinstance(g, str) for g in genes):
             f.fail("genes", "must be a non-empty list of gene names")
+        blank = [i for i, g in enumerate(genes) if not g.strip()]
+        if blank:
+            f.fail("genes", f"has {len(blank)} empty name(s) (first at position {blank[0]})")
         if len(set(genes)) != len(genes):
-            f.fail("genes", "has duplicates")
+            seen, dups = set(), []
+            for g in genes:
+                if g in seen and g not in dups:
+                    dups.append(g)
+                seen.add(g)
+            f.fail("genes", f"has duplicates ({', '.join(map(repr, dups[:3]))}{' …' if len(dups) > 3 else ''})")
         args = f.sub("model_args")
         in_dim, n_genes = args.integer("in_dim", minimum=1), args.integer("n_genes", minimum=1)
         if in_dim != encoder.dim:
@@ -551,6 +559,29 @@ class ModelConfig:
     def coerce(cls, config: "ModelConfig | dict", source: str = "config") -> "ModelConfig":
         """A ModelConfig as it is, or a config dict checked and typed."""
         return config if isinstance(config, cls) else cls.from_dict(config, source)
+
+
+def read_config_file(folder, name: str = "config.json") -> "ModelConfig":
+    """The checked :class:`ModelConfig` of checkpoint folder ``folder`` (its ``name`` file), without
+    importing torch: every problem is one CheckpointError naming the file."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    cfg_file = folder / name
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    if not cfg_file.exists():
+        raise CheckpointError(f"{folder}: not a deepspot checkpoint (no {name})")
+    try:
+        raw = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e.msg})") from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg_file}: cannot read ({e.strerror or type(e).__name__})") from None
+    return ModelConfig.from_dict(raw, source=str(cfg_file))
 
 
 def invert_scaler(pred: np.ndarray, scaler: "Scaler | dict | None") -> np.ndarray:

@@ -19,12 +19,26 @@ def _register() -> None:
     # each module adds its commands to ``app``
     from deepspot.cli import core  # noqa: F401
 
-    for optional in ("evaluate", "cells", "weights", "cohort"):
+    for optional in ("evaluate", "cells", "weights", "cohort", "slides"):
         try:
             __import__(f"deepspot.cli.{optional}")
         except ModuleNotFoundError as e:
             if e.name != f"deepspot.cli.{optional}":
                 raise
+
+
+#: What a command leaves behind if it is interrupted (Ctrl-C); commands that keep finished work say so.
+_interrupt_note = ["nothing written"]
+
+
+def on_interrupt(note: str) -> None:
+    """Set the line printed after 'interrupted;' when the running command gets SIGINT."""
+    _interrupt_note[0] = note
+
+
+def _interrupted() -> None:
+    print(f"deepspot: interrupted; {_interrupt_note[0]}", file=sys.stderr)
+    sys.exit(130)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -38,7 +52,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from deepspot.models.checkpoint import CheckpointError
 
     return (SlideError, EncoderError, ConvertError, CheckpointError, SpatialDataError, DataError, MissingExtra,
-            FileNotFoundError, ValueError, PermissionError, IsADirectoryError, NotADirectoryError)
+            FileNotFoundError, FileExistsError, ValueError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,13 +62,14 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("DEEPSPOT_DEBUG", "") not in ("", "0")
     try:
         rc = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
+        if rc == 130:  # typer's answer to Ctrl-C (KeyboardInterrupt -> Exit(130), returned here)
+            _interrupted()
         if isinstance(rc, int) and rc != 0:
             sys.exit(rc)
     except SystemExit:
         raise
-    except KeyboardInterrupt:
-        print("deepspot: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt:  # outputs are renamed into place only when complete: no partial files
+        _interrupted()
     except Exception as e:  # noqa: BLE001 - the CLI boundary
         import click
 
@@ -64,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(e.exit_code)
         if isinstance(e, click.exceptions.Abort):
+            if isinstance(e.__cause__ or e.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+                _interrupted()
             print("deepspot: aborted", file=sys.stderr)
             sys.exit(1)
         if debug:

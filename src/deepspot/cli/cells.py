@@ -37,6 +37,9 @@ def predict_cells_cmd(
         cache_dir: Optional[Path] = typer.Option(None, help="Keep/reuse the cell feature store here."),
         progress: bool = typer.Option(True)):
     """Predict the expression of every cell of a centroid table: cells h5ad (+ PNG of a few genes)."""
+    from deepspot.inference.preflight import check_out_dir
+
+    check_out_dir(out)
     import deepspot as ds
     from deepspot.io.outputs import write_h5ad
 

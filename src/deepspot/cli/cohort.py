@@ -36,18 +36,26 @@ def predict_cohort(
         encoder_weights: Optional[Path] = typer.Option(None, help="Local weights for the model's encoder "
                                                                   "(a path every worker can read)."),
         cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (reused by reruns)."),
+        new_run: bool = typer.Option(False, "--new-run", help="--out holds another run's results (other model, "
+                                     "options or mpp): write this run into a new folder <out>-2, -3…"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Remove the results and state already in --out, "
+                                       "then run every slide."),
         progress: bool = typer.Option(True, help="Show a progress bar over slides.")):
     """Predict a cohort of slides: one task per slide, skips finished slides on rerun, never stops on a bad one.
 
     Exit code 1 when any slide failed; _summary.csv in the output folder lists every slide and its reason.
     """
+    from deepspot.cli import on_interrupt
     from deepspot.inference.cohort import run_cohort
+
+    on_interrupt(f"slides finished so far are kept in {out} (rerun the same command to resume); "
+                 f"no partial files")
 
     s = run_cohort(manifest, model, out, backend=backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
                    max_in_flight=max_in_flight, retry_failed=retry_failed, mpp=mpp, tissue=tissue,
                    batch_size=batch_size, num_workers=num_workers, plot_genes=plot_genes, device=device,
                    autocast=autocast, encoder_weights=encoder_weights, cache_dir=cache_dir, progress=progress,
-                   echo=console.print)
+                   echo=console.print, new_run=new_run, overwrite=overwrite)
     spots = sum(r.n_spots for r in s.ran if r.ok)
     console.print(f"ran {len(s.ran)} slides in {s.seconds:.1f} s ({spots} spots); "
                   f"{s.n_done} done in total, {len(s.failures)} failed → {s.out_dir}")

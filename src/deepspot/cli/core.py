@@ -92,6 +92,12 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                                      "original's: batch 1024, 10-15 epochs, early stop on training loss, Leiden "
                                      "oversampling, top 5,000 seurat_v3 HVGs); options given override it.")):
     """Train DeepSpot (spots), DeepCell or DeepSpot2Cell (cells) on one image; prints held-out scores."""
+    from deepspot.inference.preflight import check_gene_list, check_out_dir, check_slide
+
+    check_out_dir(out)  # a file, or a folder that cannot be written: refused before any data is read
+    check_gene_list(_split(genes), "--genes")
+    if image is not None and manifest is None:  # the slide opened and its mpp resolved before the counts are read
+        check_slide(image, mpp, needs_um=(unit if model == "deepspot" else cell_unit) == "um")
     import deepspot as ds
     from deepspot.config import CellGeometry, GridSpec, SpotGeometry
     from deepspot.evaluation.holdout import score_table
@@ -173,15 +179,21 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
                                                       "half the cores; 0 = read in the main process)."),
             device: str = typer.Option("cpu", help="Device for the encoder and model (cpu, cuda…)."),
             cache_dir: Optional[Path] = typer.Option(None, help="Keep/reuse the feature store here."),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous result of this slide "
+                                           "in --out (else refused)."),
             progress: bool = typer.Option(True)):
     """Predict every in-tissue spot of a virtual grid over a slide: h5ad + spots CSV + PNG (memory stays flat)."""
     import time
     import warnings
 
-    import deepspot as ds
+    from deepspot.inference.preflight import check_out_dir, check_predict
 
     if not slide.exists():
         raise FileNotFoundError(f"{slide}: file not found")
+    check_out_dir(out)
+    check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes))  # before torch is imported
+
+    import deepspot as ds
     t0 = time.perf_counter()
     m = ds.load_model(model, device=device, encoder_weights=encoder_weights)
     geo = None
@@ -193,7 +205,8 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         warnings.simplefilter("always")
         pred = m.predict_slide(slide, out=out, genes=_split(genes), mpp=mpp, tissue=tissue, min_tissue=min_tissue,
                                fast=fast, layout=layout, spacing=spacing, batch_size=batch_size,
-                               num_workers=num_workers, cache_dir=cache_dir, progress=progress, geometry=geo)
+                               num_workers=num_workers, cache_dir=cache_dir, progress=progress, geometry=geo,
+                               overwrite=overwrite)
     info = pred.uns["deepspot"]
     for msg in [str(w.message) for w in caught] + [f"geometry: {n}" for n in info["geometry_notes"]]:
         typer.echo(f"deepspot: warning: {msg}", err=True)

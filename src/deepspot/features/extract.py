@@ -166,6 +166,8 @@ def encode_spots(slide_path, centers: np.ndarray, tile_px: float, encoder, sink:
                          subspot_rule)
     workers = default_num_workers() if num_workers is None else int(num_workers)
     workers = min(workers, max(1, (n + batch_size - 1) // batch_size))
+    if workers:  # a plain image is decoded here once; forked workers inherit the decode instead of redoing it
+        ds.slide.read_region((0, 0), 0, (1, 1))
     dl = DataLoader(ds, batch_size=None, sampler=BatchSampler(SequentialSampler(range(n)), batch_size, False),
                     num_workers=workers, prefetch_factor=4 if workers else None)
     t_start, done = time.perf_counter(), 0

@@ -13,6 +13,13 @@ were renamed into place. A rerun skips ``done`` slides whose outputs exist, retr
 ones only when asked, and removes temp files a killed run left behind. ``_summary.csv`` lists
 the outcome of every slide after each run. A lock file keeps two runs out of the same folder.
 
+``_run.json`` is the fingerprint of what produces a slide's output (sha256 of the model weights and
+of its config, the encoder weights, the prediction options; each state record adds its slide's
+mpp). A rerun whose fingerprint differs from the one of the slides already done is refused with
+the fields that changed, unless ``new_run`` (write into a new sibling folder ``<out>-2``, ``-3``…)
+or ``overwrite`` (remove the previous outputs and state, then run everything): one folder never
+mixes two runs.
+
 Backends: ``ray`` (one Ray task per slide, local Ray by default or an existing cluster via
 ``address``; a bounded number of tasks in flight; the model and encoder are loaded once per
 worker process and reused for the slides it gets) and ``local`` (an in-process loop, same
@@ -37,6 +44,7 @@ from typing import Callable, Iterable
 log = logging.getLogger(__name__)
 
 STATE_FILE = "_state.jsonl"
+RUN_FILE = "_run.json"
 SUMMARY_FILE = "_summary.csv"
 LOCK_FILE = "_lock"
 _ID_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -177,6 +185,7 @@ class SlideResult:
     seconds: float = 0.0
     path: str = ""
     outputs: list[str] = field(default_factory=list)
+    mpp: float | None = None  # the slide's mpp override (part of its fingerprint; None: the file's)
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # who ran it
 
     @property
@@ -316,10 +325,11 @@ def predict_job(job: SlideJob, out_dir: str | Path, predictor: SlidePredictor) -
                                     progress=False, library_id=job.id, name=job.id)
     except Exception as e:  # noqa: BLE001 - one bad slide must not stop the cohort
         log.debug("slide %s failed", job.id, exc_info=True)
-        return SlideResult(job.id, "failed", _one_line(e), seconds=time.perf_counter() - t0, path=str(job.path))
+        return SlideResult(job.id, "failed", _one_line(e), seconds=time.perf_counter() - t0, path=str(job.path),
+                           mpp=job.mpp)
     made = [p.name for p in (res.h5ad, res.csv, res.png) if p is not None]
     return SlideResult(job.id, "done", n_spots=int(res.n_spots), seconds=time.perf_counter() - t0,
-                       path=str(job.path), outputs=made)
+                       path=str(job.path), outputs=made, mpp=job.mpp)
 
 
 def _ray_predict(job: SlideJob, out_dir: str, opts: PredictOptions, threads: int) -> SlideResult:
@@ -332,6 +342,99 @@ def _ray_predict(job: SlideJob, out_dir: str, opts: PredictOptions, threads: int
     except Exception as e:  # noqa: BLE001 - report, do not crash the worker
         return SlideResult(job.id, "failed", "loading the model: " + _one_line(e), path=str(job.path))
     return predict_job(job, out_dir, predictor)
+
+
+# --------------------------------------------------------------------------------------
+# Fingerprint: what produced the outputs of a folder
+# --------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_fingerprint(opts: PredictOptions) -> dict:
+    """What decides a slide's output, besides its own file and mpp: the model weights and config (sha256),
+    the encoder weights (sha256 of a file; a folder by its path) and the prediction options."""
+    import hashlib
+
+    from deepspot.models.checkpoint import WEIGHTS_FILE, read_config
+
+    model = Path(opts.model)
+    cfg = json.dumps(read_config(model).to_dict(), sort_keys=True)
+    enc = opts.encoder_weights
+    if enc is not None and Path(enc).is_file():
+        enc = "sha256:" + _sha256(Path(enc))
+    return {"model weights": "sha256:" + _sha256(model / WEIGHTS_FILE),
+            "model config": "sha256:" + hashlib.sha256(cfg.encode()).hexdigest(),
+            "encoder weights": enc, "tissue": opts.tissue, "plot_genes": opts.plot_genes, "autocast": opts.autocast}
+
+
+def _short(v) -> str:
+    s = str(v)
+    return s[:7 + 12] if s.startswith("sha256:") else s
+
+
+def fingerprint_changes(out_dir: Path, fp: dict, jobs: list[SlideJob], state: dict[str, dict]) -> list[str]:
+    """How this run differs from the one that produced the slides already done in ``out_dir`` ([] if it
+    does not, or if nothing is done there)."""
+    done = {k: r for k, r in state.items() if r.get("status") == "done"}
+    if not done:
+        return []
+    run_file = out_dir / RUN_FILE
+    try:
+        before = json.loads(run_file.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        before = None
+    if not isinstance(before, dict):
+        return [f"{len(done)} slides done by a run that left no readable {RUN_FILE}"]
+    changes = [f"{k} {_short(before.get(k))} -> {_short(v)}" for k, v in fp.items() if before.get(k) != v]
+    moved = [j.id for j in jobs if j.id in done and "mpp" in done[j.id] and done[j.id]["mpp"] != j.mpp]
+    if moved:
+        more = f" (+{len(moved) - 3} more)" if len(moved) > 3 else ""
+        j0 = next(j for j in jobs if j.id == moved[0])
+        changes.append(f"mpp of {', '.join(moved[:3])}{more} ({moved[0]}: {done[moved[0]]['mpp']} -> {j0.mpp})")
+    return changes
+
+
+def write_run_file(out_dir: Path, fp: dict) -> None:
+    tmp = out_dir / f".{RUN_FILE}.partial"
+    tmp.write_text(json.dumps({"fingerprint": fp, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+    os.replace(tmp, out_dir / RUN_FILE)
+
+
+def new_run_dir(out_dir: Path, fp: dict) -> Path:
+    """The first of ``<out>-2``, ``<out>-3``… that is new or holds a run with this same fingerprint."""
+    for i in range(2, 10_000):
+        cand = out_dir.with_name(f"{out_dir.name}-{i}")
+        if not cand.exists():
+            return cand
+        try:
+            if json.loads((cand / RUN_FILE).read_text()).get("fingerprint") == fp:
+                return cand
+        except (OSError, ValueError, AttributeError):
+            continue
+    raise ValueError(f"{out_dir}: no free folder name for a new run")
+
+
+def clear_previous(out_dir: Path, state: dict[str, dict]) -> int:
+    """--overwrite: remove the outputs of every slide in the state, the state and the run file."""
+    n = 0
+    for sid in state:
+        for p in [*output_paths(out_dir, sid).values(), out_dir / f"{sid}_genes.png"]:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                n += 1
+    for name in (STATE_FILE, SUMMARY_FILE, RUN_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / name).unlink()
+    return n
 
 
 # --------------------------------------------------------------------------------------
@@ -445,10 +548,13 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
                tissue: str = "otsu", batch_size: int = 16, num_workers: int = 0, plot_genes: int = 0,
                device: str = "auto",
                autocast: str | None = None, encoder_weights: str | Path | None = None,
-               cache_dir: str | Path | None = None, progress: bool = True, echo=print) -> CohortSummary:
+               cache_dir: str | Path | None = None, progress: bool = True, echo=print, new_run: bool = False,
+               overwrite: bool = False) -> CohortSummary:
     """Predict every slide of a manifest into ``out_dir`` (see the module doc); resumable.
 
-    Checks the manifest, the output folder, the checkpoint and its encoder before any slide runs.
+    Checks the manifest, the output folder, the checkpoint and its encoder, and that the folder holds no
+    other run's results (``new_run``: use a new sibling folder; ``overwrite``: replace them), before
+    any slide runs.
     """
     from deepspot.features.encoders import get_spec
     from deepspot.models.checkpoint import CheckpointError, WEIGHTS_FILE, read_config
@@ -467,18 +573,38 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
     cfg = read_config(model)  # every field checked
     if not (Path(model) / WEIGHTS_FILE).exists():
         raise CheckpointError(f"{model}: {WEIGHTS_FILE} missing")
-    get_spec(cfg.encoder.name)  # unknown encoder -> EncoderError now, not per slide
-    out = check_output_dir(out_dir)
+    spec = get_spec(cfg.encoder.name)  # unknown encoder -> EncoderError now, not per slide
+    cfg.check_encoder_dim(spec.dim, f"{Path(model) / 'config.json'}: encoder.dim")
+    if new_run and overwrite:
+        raise ValueError("give --new-run or --overwrite, not both")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise NotADirectoryError(f"{out_dir}: --out is an existing file, not a folder")
     opts = PredictOptions(model=str(Path(model).resolve()),
                           encoder_weights=str(Path(encoder_weights).resolve()) if encoder_weights else None,
                           tissue=tissue, batch_size=batch_size, num_workers=num_workers, plot_genes=plot_genes,
                           device=device,
                           autocast=autocast, cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None)
+    fp = run_fingerprint(opts)
+    out = Path(out_dir)
+    if new_run and fingerprint_changes(out, fp, jobs, CohortState(out).load()):
+        out = new_run_dir(out, fp)
+        echo(f"{out_dir} holds another run; writing this one into {out}")
+    out = check_output_dir(out)
     t0 = time.perf_counter()
     with folder_lock(out):
-        removed = remove_partials(out, jobs)
         state = CohortState(out)
         prior = state.load()
+        changes = fingerprint_changes(out, fp, jobs, prior)
+        if overwrite and prior:
+            n = clear_previous(out, prior)
+            echo(f"--overwrite: removed {n} files of the previous run"
+                 + (f" ({'; '.join(changes)})" if changes else ""))
+            prior = {}
+        elif changes:
+            raise ValueError(f"{out}: holds results of another run ({'; '.join(changes)}); pass --new-run "
+                             f"(a new folder) or --overwrite (replace them)")
+        write_run_file(out, fp)
+        removed = remove_partials(out, jobs)
         todo, done, failed = plan(jobs, prior, out, retry_failed=retry_failed)
         echo(f"{len(jobs)} slides: {len(done)} already done, {len(failed)} failed before"
              f"{' (not retried; --retry-failed to retry)' if failed else ''}, {len(todo)} to run"

@@ -119,6 +119,11 @@ def _block_reduce(img: np.ndarray, f: int) -> np.ndarray:
     )
 
 
+#: Most pixels ``get_thumbnail`` scans on one level; a slide whose coarsest suitable level is larger (a
+#: single-level 100k x 100k TIFF) is refused at once with a hint to convert it, instead of a long scan.
+MAX_SCAN_PIXELS = 1_000_000_000
+_MIN_CHUNK_CHECK = 1 << 28  # TIFF tiles/strips up to 256 MB decoded are never refused
+
 # --------------------------------------------------------------------------- interface
 
 
@@ -245,17 +250,32 @@ class Slide(ABC):
         max_size = int(max_size)
         if max_size <= 0:
             raise SlideError(self.path, f"thumbnail size must be positive, got {max_size}")
-        w0, h0 = self.dimensions
-        scale = min(1.0, max_size / max(w0, h0))
-        tw, th = max(1, int(round(w0 * scale))), max(1, int(round(h0 * scale)))
-        level = self.best_level_for_downsample(1.0 / scale)
-        lw, lh = self.level_dimensions[level]
-        f = int(max(1, math.floor(min(lw / tw, lh / th))))
+        level, (tw, th), f = self.thumbnail_plan(max_size)
         if f == 1:
             img = self._read_full_level(level)
         else:
             img = self._reduce_level(level, f)
         return _resize(img, tw, th)
+
+    def thumbnail_plan(self, max_size: int) -> tuple[int, tuple[int, int], int]:
+        """(level read, thumbnail (w, h), block factor) of ``get_thumbnail(max_size)``, without reading.
+
+        Raises :class:`SlideError` when that level has more than :data:`MAX_SCAN_PIXELS` pixels (a huge
+        image without a pyramid: scanning it whole would take many minutes).
+        """
+        w0, h0 = self.dimensions
+        scale = min(1.0, int(max_size) / max(w0, h0))
+        tw, th = max(1, int(round(w0 * scale))), max(1, int(round(h0 * scale)))
+        level = self.best_level_for_downsample(1.0 / scale)
+        lw, lh = self.level_dimensions[level]
+        f = int(max(1, math.floor(min(lw / tw, lh / th))))
+        if f > 1 and lw * lh > MAX_SCAN_PIXELS:
+            raise SlideError(
+                self.path, f"no pyramid level small enough for a thumbnail: the smallest is {lw}x{lh} "
+                           f"({lw * lh / 1e6:,.0f} Mpx{', the only level' if self.level_count == 1 else ''}), too "
+                           f"many to scan; convert it to a pyramidal TIFF first: deepspot convert-slide "
+                           f"{self.path.name} {self.path.stem}-pyramid.tif", fatal=True)
+        return level, (tw, th), f
 
     def _read_full_level(self, level: int) -> np.ndarray:
         lw, lh = self.level_dimensions[level]
@@ -294,13 +314,65 @@ class Slide(ABC):
 
 # --------------------------------------------------------------------------- PIL images
 
-#: Largest plain image (pixels) ImageSlide will decode; beyond this convert to a pyramidal TIFF.
-MAX_IMAGE_PIXELS = 2_000_000_000
+#: Share of the available memory (MemAvailable) one full-resolution image decode may take; beyond it the
+#: image is refused with a hint to convert it. ``DEEPSPOT_DECODE_BUDGET_GB`` sets the budget directly.
+DECODE_FRACTION = 0.125
+#: Longest side of the reduced decode kept for thumbnails of a JPEG (PIL ``draft``: 1/2, 1/4 or 1/8 scale).
+PREVIEW_SIZE = 2000  # the thumbnail predict takes
+#: Images whose decode is at most this many bytes are decoded when opened (a corrupt one fails at open).
+EAGER_DECODE_BYTES = 64 << 20
 _PIL_LOCK = threading.Lock()
+_DECODED: dict[tuple, object] = {}  # the last full decode of this process: key -> ndarray or PIL image
+_DECODED_LOCK = threading.Lock()
+_PREVIEWS: dict[tuple, np.ndarray] = {}  # the last reduced JPEG decode: key -> (h', w', 3)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable; else free pages; else 8 GiB)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def decode_budget() -> int:
+    """Bytes one full-resolution image decode may take (``DEEPSPOT_DECODE_BUDGET_GB``, else an eighth of the available memory)."""
+    env = os.environ.get("DEEPSPOT_DECODE_BUDGET_GB", "").strip()
+    if env:
+        try:
+            return int(float(env) * 1e9)
+        except ValueError:
+            raise SlideError(None, f"DEEPSPOT_DECODE_BUDGET_GB must be a number of GB, got {env!r}") from None
+    return int(DECODE_FRACTION * available_memory())
+
+
+def clear_decode_cache() -> None:
+    """Drop this process's cached full-resolution image decode."""
+    with _DECODED_LOCK:
+        _DECODED.clear()
+        _PREVIEWS.clear()
+
+
+_GRAY_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
 class ImageSlide(Slide):
-    """JPG/PNG/… read whole into memory with PIL: one level, mpp only if given."""
+    """JPG/PNG/… as one level, mpp only if given.
+
+    Opening reads the header only (plus, for a JPEG, a reduced decode for thumbnails, which also
+    proves the data complete); the full-resolution decode happens on the first region read, once per
+    process (the last image decoded is kept and reused by every slide object of the same file) and is
+    refused beforehand when it would need more than :func:`decode_budget`. A PNG decodes band by band
+    (:mod:`deepspot.io.png_stream`) into a (h, w) or (h, w, 3) array, so it costs its pixels once; other
+    formats are held as PIL decodes them. Grayscale stays one channel in memory.
+    """
 
     backend = "pil"
 
@@ -309,7 +381,7 @@ class ImageSlide(Slide):
         p = self.path
         if not p.is_file():
             raise SlideError(p, "file not found")
-        with _PIL_LOCK:  # H&E JPGs (10k×10k) exceed PIL's default bomb limit; use ours instead
+        with _PIL_LOCK:  # H&E JPGs (10k×10k) exceed PIL's default bomb limit; the decode budget stands in for it
             old = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = None
             try:
@@ -319,41 +391,136 @@ class ImageSlide(Slide):
             finally:
                 Image.MAX_IMAGE_PIXELS = old
         try:
-            w, h = im.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise SlideError(
-                    p,
-                    f"{w}x{h} image is too large to decode in memory; convert it to a pyramidal TIFF",
-                )
-            try:
-                im.load()
-            except Exception as e:
-                raise SlideError(p, f"corrupt or truncated image ({type(e).__name__}: {e})") from e
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                arr = _as_rgb(np.asarray(im.convert("RGBA")))
-            elif im.mode == "RGB":
-                arr = np.asarray(im)
-            else:
-                arr = np.asarray(im.convert("RGB"))
-            self.format = im.format
+            self._w, self._h = im.size
+            self._mode, self.format = im.mode, im.format
+            if self._w < 1 or self._h < 1:
+                raise SlideError(p, f"image has no pixels ({self._w}x{self._h})")
+            self._png = None
+            if im.format == "PNG":
+                from deepspot.io.png_stream import PngBands, PngError
+
+                try:
+                    bands = PngBands(p)
+                except PngError as e:
+                    raise SlideError(p, f"corrupt or truncated image ({e})", fatal=True) from None
+                self._png = bands if bands.supported else None
+            st = p.stat()
+            self._key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+            self._full = _DECODED.get(self._key)
+            self._preview = None
+            if self._full is None:
+                need, budget = self.decode_bytes, decode_budget()
+                if need > budget:
+                    raise SlideError(
+                        p, f"{self._w}x{self._h} {im.format or ''} image needs {need / 1e9:.1f} GB to decode, more "
+                           f"than the {budget / 1e9:.1f} GB decode budget (an eighth of the available memory); convert it to "
+                           f"a tiled pyramidal TIFF first: deepspot convert-slide {p.name} {p.stem}.tif --mpp <µm/px>",
+                        fatal=True)
+                if im.format == "JPEG" and max(self._w, self._h) > PREVIEW_SIZE:
+                    self._preview = _PREVIEWS.get(self._key)
+                    if self._preview is None:  # decodes the whole stream (reduced): a broken file fails now
+                        self._preview = self._draft(im)
+                        _PREVIEWS.clear()
+                        _PREVIEWS[self._key] = self._preview
         finally:
             im.close()
-        self._img = np.ascontiguousarray(arr, dtype=np.uint8)
+        if self._full is None and self._preview is None and self.decode_bytes <= EAGER_DECODE_BYTES:
+            self._decode()  # small: decode now, so a corrupt file fails at open
+
+    @property
+    def decode_bytes(self) -> int:
+        """Bytes the full-resolution decode holds (PIL keeps RGB as 4 bytes a pixel; a PNG band decode 3 or 1)."""
+        gray = self._mode in _GRAY_MODES or (self._png is not None and self._png.color_type == 0)
+        if self._png is not None:
+            return self._w * self._h * (1 if gray else 3)
+        per_px = 1 if self._mode in ("1", "L", "P") else 2 if self._mode.startswith("I;16") else 4
+        return self._w * self._h * (per_px + (0 if self._mode in ("L", "RGB") else (1 if gray else 4)))
+
+    def _draft(self, im) -> np.ndarray:
+        """A reduced-size decode (JPEG DCT scaling) with the longer side ≥ PREVIEW_SIZE."""
+        s = PREVIEW_SIZE / max(self._w, self._h)
+        try:
+            im.draft("RGB" if im.mode not in ("L",) else "L", (max(1, int(self._w * s)), max(1, int(self._h * s))))
+            im.load()
+        except Exception as e:
+            raise SlideError(self.path, f"corrupt or truncated image ({type(e).__name__}: {e})", fatal=True) from e
+        return _as_rgb(np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im))
+
+    def _decode(self):
+        """The full-resolution image (decoded now, or this process's earlier decode of the same file)."""
+        if self._full is not None:
+            return self._full
+        with _DECODED_LOCK:
+            full = _DECODED.get(self._key)
+            if full is None:
+                _DECODED.clear()  # one image at a time: free the previous before decoding the next
+                full = self._decode_png() if self._png is not None else self._decode_pil()
+                _DECODED[self._key] = full
+        self._full = full
+        return full
+
+    def _decode_png(self) -> np.ndarray:
+        from deepspot.io.png_stream import PngError, band_to_array
+
+        gray = self._png.color_type == 0
+        out = np.empty((self._h, self._w) if gray else (self._h, self._w, 3), np.uint8)
+        try:
+            for y0, band in self._png.bands(max(1, (64 << 20) // max(self._png.row_bytes, 1))):
+                arr = band_to_array(band)
+                out[y0:y0 + arr.shape[0]] = arr
+        except PngError as e:
+            raise SlideError(self.path, f"corrupt or truncated image ({e})", fatal=True) from None
+        except Exception as e:
+            raise SlideError(self.path, f"corrupt or truncated image ({type(e).__name__}: {e})", fatal=True) from e
+        return out
+
+    def _decode_pil(self):
+        with _PIL_LOCK:
+            old = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                im = Image.open(self.path)
+                im.load()
+            except Exception as e:
+                raise SlideError(self.path, f"corrupt or truncated image ({type(e).__name__}: {e})", fatal=True) from e
+            finally:
+                Image.MAX_IMAGE_PIXELS = old
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            return _as_rgb(np.asarray(im.convert("RGBA")))
+        if im.mode in ("RGB", "L"):
+            return im
+        if im.mode in _GRAY_MODES:
+            return _as_rgb(np.asarray(im))[:, :, 0].copy()
+        return im.convert("RGB")
 
     @property
     def level_dimensions(self) -> list[tuple[int, int]]:
-        return [(self._img.shape[1], self._img.shape[0])]
+        return [(self._w, self._h)]
 
     @property
     def level_downsamples(self) -> list[float]:
         return [1.0]
 
     def _read_level(self, level, x, y, w, h):
-        return self._img[y : y + h, x : x + w].copy()
+        img = self._decode()
+        if isinstance(img, np.ndarray):
+            return _as_rgb(img[y:y + h, x:x + w])
+        return _as_rgb(np.asarray(img.crop((x, y, x + w, y + h))))
+
+    def get_thumbnail(self, max_size: int) -> np.ndarray:
+        """From the reduced JPEG decode when it is large enough and no full decode exists yet."""
+        self._check_open()
+        if self._full is None and self._preview is not None and int(max_size) > 0:
+            ph, pw = self._preview.shape[:2]
+            scale = min(1.0, int(max_size) / max(self._w, self._h))
+            tw, th = max(1, int(round(self._w * scale))), max(1, int(round(self._h * scale)))
+            if tw <= pw and th <= ph:
+                return _resize(self._preview, tw, th)
+        return super().get_thumbnail(max_size)
 
     def close(self):
         super().close()
-        self._img = np.zeros((1, 1, 3), np.uint8)
+        self._full = self._preview = None
 
 
 # --------------------------------------------------------------------------- TIFF metadata helpers
@@ -444,9 +611,17 @@ def _check_tiff_complete(p: Path) -> None:
             for s in tf.series:
                 for lv in s.levels:
                     pages.extend(lv.pages)
+            budget = None
             for page in pages:
                 if page is None or not hasattr(page, "dataoffsets"):
                     continue
+                chunk = int(np.prod(getattr(page, "chunks", ()) or (0,))) * np.dtype(page.dtype or np.uint8).itemsize
+                if chunk > _MIN_CHUNK_CHECK and chunk > (budget := budget or decode_budget()):
+                    kind = "tile" if page.is_tiled else "strip"
+                    raise SlideError(
+                        p, f"one {kind} of this TIFF is {chunk / 1e9:.1f} GB decoded ({page.shape[1]}x{page.shape[0]} "
+                           f"image in {len(page.dataoffsets)} {kind}s), more than the decode budget; re-save it as a "
+                           f"tiled pyramidal TIFF (e.g. vips tiffsave --tile --pyramid)", fatal=True)
                 offs, counts = page.dataoffsets, page.databytecounts
                 if len(offs) and max(o + c for o, c in zip(offs, counts)) > size:
                     raise SlideError(

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from deepspot.config import CheckpointError, ModelConfig
+from deepspot.config import CheckpointError, ModelConfig, read_config_file
 from deepspot.io.outputs import current_umask
 from deepspot.models import registry
 
@@ -47,6 +47,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: ModelConfi
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=1))
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
+        for f in (WEIGHTS_FILE, CONFIG_FILE):  # safetensors writes 0600; every output gets the usual mode
+            os.chmod(tmp / f, 0o666 & ~current_umask())
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -58,17 +60,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: ModelConfi
 
 def read_config(path: str | Path) -> ModelConfig:
     """The checked config of checkpoint folder ``path`` (older schema versions migrated on read)."""
-    path = Path(path)
-    cfg_file = path / CONFIG_FILE
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint folder not found")
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: not a deepspot checkpoint (no {CONFIG_FILE})")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e.msg})") from None
-    return ModelConfig.from_dict(raw, source=str(cfg_file))
+    return read_config_file(path, CONFIG_FILE)
 
 
 def load_checkpoint(path: str | Path, genes: list[str] | None = None, feature_dim: int | None = None):

@@ -1,0 +1,104 @@
+"""Checks made before any compute: the output location, the slide (opened, mpp resolved, readable for a
+thumbnail) and the previous result an output folder may hold. Each failure is one line naming the file
+and the reason; each check costs milliseconds to a few seconds (a header, not the pixels)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from deepspot.config import resolve_mpp
+from deepspot.io.slides import open_slide
+
+__all__ = ["check_gene_list", "check_out_dir", "check_out_file", "check_predict", "check_previous", "check_slide", "needs_um",
+           "prediction_files"]
+
+
+def _nearest_existing(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_out_dir(out: str | os.PathLike, option: str = "--out") -> Path:
+    """``out`` must be a folder (existing or creatable) that this process may write into."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: {option} is an existing file, not a folder")
+    base = _nearest_existing(out)
+    if not base.is_dir():
+        raise NotADirectoryError(f"{out}: {option} cannot be created, {base} is a file")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out}: {option} is not writable ({base} is read-only for this user)")
+    return out
+
+
+def check_out_file(out: str | os.PathLike, option: str = "--out") -> Path:
+    """``out`` is a file to write: not a folder, its folder creatable and writable."""
+    out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(f"{out}: {option} is an existing folder, not a file")
+    check_out_dir(out.parent, option)
+    return out
+
+
+def prediction_files(name: str) -> tuple[str, str, str]:
+    """The files ``predict`` writes for a slide called ``name``."""
+    return f"{name}.h5ad", f"{name}_spots.csv", f"{name}_genes.png"
+
+
+def check_previous(out: str | os.PathLike, names, overwrite: bool = False) -> list[Path]:
+    """Refuse an output folder that holds any of ``names`` (a previous result) unless ``overwrite``;
+    returns the files that will be replaced."""
+    out = Path(out)
+    found = [out / n for n in names if (out / n).exists()]
+    if found and not overwrite:
+        raise FileExistsError(f"{out}: holds a previous result ({', '.join(p.name for p in found)}); pass "
+                              f"--overwrite to replace it or choose another --out")
+    return found
+
+
+def check_slide(path, mpp: float | None = None, needs_um: bool = True, thumbnail_size: int = 2000):
+    """Open the slide, resolve its mpp and plan its thumbnail (nothing decoded beyond a header or a reduced
+    preview): (level-0 (w, h), mpp used or None). Raises the SlideError / MppError a later step would."""
+    with open_slide(path, mpp=mpp) as slide:
+        mpp_used = resolve_mpp(slide, mpp, needs_um=needs_um)
+        slide.thumbnail_plan(thumbnail_size)
+        return tuple(slide.dimensions), mpp_used
+
+
+def check_gene_list(genes, option: str = "--genes") -> None:
+    """A gene list the user gave: no empty and no repeated names."""
+    if not genes:
+        return
+    blank = [i for i, g in enumerate(genes) if not str(g).strip()]
+    if blank:
+        raise ValueError(f"{option}: empty gene name at position {blank[0]}")
+    seen, dups = set(), []
+    for g in genes:
+        if g in seen and g not in dups:
+            dups.append(g)
+        seen.add(g)
+    if dups:
+        raise ValueError(f"{option}: repeated gene names ({', '.join(dups[:3])}{' …' if len(dups) > 3 else ''})")
+
+
+def needs_um(config) -> bool:
+    """Whether a config's geometry is in µm (the slide then needs an mpp)."""
+    geo = config.geometry
+    return (geo.grid.unit if hasattr(geo, "grid") else geo.unit) == "um"
+
+
+def check_predict(slide, model_dir, out, mpp: float | None = None, overwrite: bool = False, genes=None):
+    """Everything ``deepspot predict`` can check in its first second, in order: the output folder, the
+    checkpoint's config (every field), the requested genes, the slide and its mpp, a previous result
+    in the folder. Imports neither torch nor the encoder. Returns the checked config."""
+    from deepspot.config import read_config_file
+
+    check_out_dir(out)
+    check_gene_list(genes)
+    cfg = read_config_file(model_dir)
+    cfg.check_genes(genes, str(model_dir))
+    check_slide(slide, mpp, needs_um=needs_um(cfg))
+    check_previous(out, prediction_files(Path(slide).stem), overwrite)
+    return cfg
