@@ -210,7 +210,7 @@ def test_scaler_and_gene_checks(orig, tmp_path):
         cfg = json.loads((out / "config.json").read_text())
         ys = scaler.transform(y)
         np.testing.assert_allclose(invert_scaler(ys.astype(np.float32), cfg["scaler"]), y, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ConvertError, match="5 genes but the gene list has 2"):
+    with pytest.raises(ConvertError, match="5 genes but the gene list given has 2"):
         convert_deepspot(src, tmp_path / "x", genes=["a", "b"], module_aliases=ALIASES)
     with pytest.raises(ConvertError, match="encoder 'uni' gives 1024-d"):
         convert_deepspot(src, tmp_path / "x", genes=list("abcde"), encoder="uni", module_aliases=ALIASES)
@@ -223,8 +223,15 @@ def test_gene_list_formats(tmp_path):
     (tmp_path / "g.csv").write_text("gene,mean\nA,1\nB,2\n")
     (tmp_path / "g.json").write_text(json.dumps(["A", "B"]))
     (tmp_path / "g.txt").write_text("A\n\nB\n")
-    for f in ("g.csv", "g.json", "g.txt"):
-        assert read_gene_list(tmp_path / f) == ["A", "B"]
+    (tmp_path / "idx.csv").write_text(",gene_name,mean\n0,A,1\n1,B,2\n")  # pandas' index column first
+    (tmp_path / "table.tsv").write_text("gene_name\tisPredicted\nX\tFalse\nA\tTrue\nB\t1\n")  # the original's table
+    (tmp_path / "noext").write_text("gene_name,isPredicted\nB,True\nA,True\n")  # detected from the content
+    for f in ("g.csv", "g.json", "g.txt", "idx.csv", "table.tsv"):
+        assert read_gene_list(tmp_path / f) == ["A", "B"], f
+    assert read_gene_list(tmp_path / "noext") == ["B", "A"]
+    (tmp_path / "bad.csv").write_text("gene_name,isPredicted\nA,maybe\n")
+    with pytest.raises(ConvertError, match="bad.csv: line 2: isPredicted is 'maybe'"):
+        read_gene_list(tmp_path / "bad.csv")
 
 
 # ---------------------------------------------------------------- safety

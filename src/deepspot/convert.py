@@ -876,6 +876,8 @@ def convert_checkpoint(src: str | Path, out_dir: str | Path, genes=None, encoder
     }
     if kind == "deepspot2cell":
         config["spot_grid"] = GridSpec().to_dict()
+    if geometry is not None and kind != "deepspot" and "cell_diameter" not in geometry:
+        raise ConvertError(f"{src}: a spot geometry (--geometry) is for DeepSpot models, this is a {kind}")
     config["geometry"] = geometry if geometry is not None else _default_geometry(kind, info["context"])
     return save_checkpoint(out_dir, model, config)
 
