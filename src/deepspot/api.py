@@ -352,9 +352,10 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     ``samples``: an AnnData of raw counts with obsm['spatial'] (x, y) px of ``image``, a list holding one
     loaded :class:`~deepspot.training.manifest.Sample`, or a manifest path with one row. ``model``:
     'deepspot' (spots; ``cells=True`` pools cells into pseudo-spots on ``geometry.grid``), 'deepcell'
-    (cells with their counts) or 'deepspot2cell' (cells pooled into pseudo-spots on ``grid``; trained on
-    the spot counts only). ``geometry``: :class:`SpotGeometry` (spots, default Visium 55/100 µm) or
-    :class:`CellGeometry` (cells). ``mpp`` overrides the image's µm/px. ``preset`` (spot models):
+    (cells with their counts) or 'deepspot2cell' (the published architecture; cells pooled into
+    pseudo-spots on ``grid``, trained on the spot counts only; 'deepspot2cell-pooled': a DeepCell per cell
+    pooled into the spot by ``aggregate``). ``geometry``: :class:`SpotGeometry` (spots, default Visium
+    55/100 µm) or :class:`CellGeometry` (cells). ``mpp`` overrides the image's µm/px. ``preset`` (spot models):
     'deepspot' (ours, the default) or 'original' (the original DeepSpot's training: batch 1024, 10–15
     epochs, early stop on the training loss, Leiden oversampling, top 5,000 ``seurat_v3`` HVGs…; see
     :mod:`deepspot.training.recipe`); options given here override the preset's.
@@ -420,6 +421,6 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
             res = train_cell_model(image, data, enc, geometry, mpp=mpp, **common)
         else:
             res = train_spot2cell_from_cells(image, data, enc, grid or GridSpec(), geometry=geometry, mpp=mpp,
-                                             aggregate=aggregate, **common)
+                                             aggregate=aggregate, model=model, **common)
     score_holdout(res)
     return _trained(res, enc, out)

@@ -145,6 +145,15 @@ class CellLevel(nn.Module):
         return self.model.cell_forward(cells, spot, neighbors, neighbor_mask, context)
 
 
+def nearest_spot(cell_xy: np.ndarray, spot_xy: np.ndarray) -> np.ndarray:
+    """(N,) index of the spot centre nearest each cell: the spot whose context a cell is predicted with."""
+    from scipy.spatial import cKDTree
+
+    if len(spot_xy) == 0:
+        return np.full(len(cell_xy), -1, np.int64)
+    return cKDTree(np.asarray(spot_xy, np.float64)).query(np.asarray(cell_xy, np.float64), k=1)[1].astype(np.int64)
+
+
 @dataclass
 class SpotContextBags:
     """Cells, the spots they lie in and the spots' neighbour spots, as DeepSpot2Cell batches.
