@@ -228,7 +228,7 @@ _TORCH_NN = {
                               "SmoothL1Loss"},
 }
 # The original package's modules (classes and loss functions defined there become placeholders).
-_ORIGINAL_MODULES = re.compile(r"deepspot(\.(spot|cell|deepspot2cell))?\.(model|loss)|deepspot\.(spot|cell)")
+_ORIGINAL_MODULES = re.compile(r"deepspot(\.(spot|cell|deepspot2cell))?\.(model|loss)|deepspot\.(spot|cell)|deepspot2cell(\.(model|loss))?")
 _ATTRIBUTE_DICTS = {
     "lightning.fabric.utilities.data", "lightning_fabric.utilities.data",
     "pytorch_lightning.utilities.parsing", "lightning.pytorch.utilities.parsing",
