@@ -2,7 +2,7 @@
 
 1. DeepCell trained on true cells (right-most 30 % of cells held out) next to ridge on the same cell-tile
    features.
-2. DeepSpot2Cell trained on pseudo-spots only (cells pooled on a hex grid; right-most 30 % of spots held
+2. DeepSpot2Cell (the published architecture, and the deepspot2cell-pooled variant) trained on pseudo-spots only (cells pooled on a hex grid; right-most 30 % of spots held
    out; the cells' own counts held back), scored per cell against the true cell counts, next to
    "each cell gets its spot's predicted value" (DeepSpot trained on the same pseudo-spots and split) and
    "each cell gets its spot's true value ÷ its cell count".
@@ -29,7 +29,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from deepspot.evaluation.metrics import summarize
+from deepspot.evaluation.metrics import pearson_per_gene, summarize
+from deepspot.features.extract import extract_features
 from deepspot.features.encoders import load_encoder
 from deepspot.geometry.grid import GridSpec
 from deepspot.config import CellGeometry
@@ -76,6 +77,10 @@ def planted_cells(cells: ad.AnnData, feats: np.ndarray, n_genes: int = 20, seed:
     return out
 
 
+def label(kind: str, aggregate: str) -> str:
+    return "DeepSpot2Cell (published)" if kind == "deepspot2cell" else f"DeepSpot2Cell-pooled ({aggregate})"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("cells_eval_out"))
@@ -83,7 +88,9 @@ def main(argv=None):
     ap.add_argument("--encoder", default="efficientnet-lite0")
     ap.add_argument("--spot-px", type=float, default=120.0, help="pseudo-spot diameter = spacing (px)")
     ap.add_argument("--k", type=int, default=45, help="neighbour cells (kNN)")
-    ap.add_argument("--aggregate", default="sum", choices=["sum", "mean"])
+    ap.add_argument("--aggregate", default="sum", choices=["sum", "mean"], help="deepspot2cell-pooled's aggregation")
+    ap.add_argument("--models", nargs="+", default=["deepspot2cell", "deepspot2cell-pooled"],
+                    choices=["deepspot2cell", "deepspot2cell-pooled"], help="DeepSpot2Cell architectures to train")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-epochs", type=int, default=60)
     ap.add_argument("--patience", type=int, default=15)
@@ -116,49 +123,59 @@ def main(argv=None):
     print(f"[1] DeepCell: {dc.fit_summary['epochs']} epochs (best {dc.fit_summary['best_epoch']}), "
           f"{time.perf_counter() - t:.0f} s")
 
-    # 2. DeepSpot2Cell on pseudo-spots; DeepSpot on the same pseudo-spots and split
-    t = time.perf_counter()
+    # 2. DeepSpot2Cell on pseudo-spots (each architecture asked for); DeepSpot on the same pseudo-spots and split
     grid = GridSpec(args.spot_px, args.spot_px, layout="hex", unit="px")
-    s2c = train_spot2cell_from_cells(image, cells, enc, grid, geometry=geo, aggregate=args.aggregate,
-                                     cache_dir=cache, **train_kw)
+    fits = {}
+    for kind in args.models:
+        t = time.perf_counter()
+        fits[kind] = train_spot2cell_from_cells(image, cells, enc, grid, geometry=geo, aggregate=args.aggregate,
+                                                cache_dir=cache, model=kind, **train_kw)
+        print(f"[2] {kind}: {fits[kind].fit_summary['epochs']} epochs, {time.perf_counter() - t:.0f} s")
+    s2c = fits[args.models[0]]
     spots, c2s, test_cells = s2c.spots, s2c.cell_to_spot, s2c.test_cells
     print(f"[2] {spots.n_obs} pseudo-spots ({args.spot_px:g} px) hold {int((c2s >= 0).sum())} cells "
           f"(cells per spot: {np.bincount(np.bincount(c2s[c2s >= 0])).tolist()}); held out: "
-          f"{len(s2c.split[2])} spots, {len(test_cells)} cells; DeepSpot2Cell {s2c.fit_summary['epochs']} epochs, "
-          f"{time.perf_counter() - t:.0f} s")
+          f"{len(s2c.split[2])} spots, {len(test_cells)} cells")
     t = time.perf_counter()
     sgeo = SpotGeometry(grid, n_sub=3, neighbor_radius=1)
     ds = train_spot_model(image, spots, enc, sgeo, genes=s2c.genes, cache_dir=cache, **train_kw)
-    assert all(np.array_equal(a, b) for a, b in zip(ds.split, s2c.split)), "spot splits differ"
+    assert np.array_equal(ds.split[2], s2c.split[2]), "held-out spots differ"  # (validation: its own blocks)
     spot_pred = predict_bags(ds.model, bags_for(spots, ds.features, sgeo.neighbor_radius))
     print(f"[2] DeepSpot baseline: {ds.fit_summary['epochs']} epochs, {time.perf_counter() - t:.0f} s")
     y_s = s2c.truth
     top_s = top_genes(s2c.genes, s2c.spot_targets[np.r_[s2c.split[0], s2c.split[1]]].mean(0))
     sp = c2s[test_cells]
-    rows += [row("2", f"DeepSpot2Cell ({args.aggregate})", "pseudo-spots", s2c.cell_pred[test_cells],
-                 y_s[test_cells], top_s, args.n_perm),
-             row("2", "spot's DeepSpot prediction", "pseudo-spots", spot_pred[sp], y_s[test_cells], top_s, args.n_perm),
+    for kind, res in fits.items():
+        assert res.genes == s2c.genes and np.array_equal(res.test_cells, test_cells)
+        rows.append(row("2", label(kind, args.aggregate), "pseudo-spots", res.cell_pred[test_cells], y_s[test_cells],
+                        top_s, args.n_perm))
+    rows += [row("2", "spot's DeepSpot prediction", "pseudo-spots", spot_pred[sp], y_s[test_cells], top_s, args.n_perm),
              row("2", "spot's true value ÷ n cells", "(test spots' truth)", s2c.spot_targets[sp], y_s[test_cells],
                  top_s, args.n_perm)]
 
     # 3. planted signal: same cells, features, pseudo-spots and split; counts from each cell's own features
     if not args.no_planted:
-        t = time.perf_counter()
         planted = planted_cells(cells, s2c.features)
         member = c2s >= 0
         assign = np.zeros((spots.n_obs, cells.n_obs), np.float32)
         assign[c2s[member], np.flatnonzero(member)] = 1.0
         p_spots = ad.AnnData(assign @ np.asarray(planted.X), var=planted.var.copy())
         p_spots.obsm["spatial"] = np.asarray(spots.obsm["spatial"])
-        pl = train_spot2cell_model(image, p_spots, cells.obsm["spatial"], c2s,
-                                   types.SimpleNamespace(name=enc.name, dim=enc.dim), geo, features=s2c.features,
-                                   aggregate=args.aggregate, cell_counts=planted, **train_kw)
-        top_p = np.arange(len(pl.genes))
-        rows += [row("3 planted", f"DeepSpot2Cell ({args.aggregate})", "pseudo-spots", pl.cell_pred[pl.test_cells],
-                     pl.truth[pl.test_cells], top_p, args.n_perm),
-                 row("3 planted", "spot's true value ÷ n cells", "(test spots' truth)",
-                     pl.spot_targets[c2s[pl.test_cells]], pl.truth[pl.test_cells], top_p, args.n_perm)]
-        print(f"[3] planted signal: {pl.fit_summary['epochs']} epochs, {time.perf_counter() - t:.0f} s")
+        p_spots.obs = spots.obs.copy()
+        spot_feats = extract_features(image, np.asarray(spots.obsm["spatial"]), args.spot_px, enc, n_sub=0,
+                                      cache_dir=cache, progress=False).spot
+        stand_in = types.SimpleNamespace(name=enc.name, dim=enc.dim)
+        for kind in args.models:
+            t = time.perf_counter()
+            pl = train_spot2cell_model(image, p_spots, cells.obsm["spatial"], c2s, stand_in, geo, features=s2c.features,
+                                       spot_features=spot_feats, spot_grid=grid, aggregate=args.aggregate,
+                                       cell_counts=planted, model=kind, **train_kw)
+            top_p = np.arange(len(pl.genes))
+            rows.append(row("3 planted", label(kind, args.aggregate), "pseudo-spots", pl.cell_pred[pl.test_cells],
+                            pl.truth[pl.test_cells], top_p, args.n_perm))
+            print(f"[3] planted signal, {kind}: {pl.fit_summary['epochs']} epochs, {time.perf_counter() - t:.0f} s")
+        rows.append(row("3 planted", "spot's true value ÷ n cells", "(test spots' truth)",
+                        pl.spot_targets[c2s[pl.test_cells]], pl.truth[pl.test_cells], top_p, args.n_perm))
 
     table = pd.DataFrame(rows).set_index(["item", "method"])
     write_csv(table, out / "scores.csv")
@@ -178,7 +195,8 @@ def main(argv=None):
     sp_pred = np.full((n, len(s2c.genes)), np.nan)
     sp_pred[test_cells] = spot_pred[sp]
     panels = {"true (held back)": cells_only(y_s[test_cells], test_cells, s2c.genes),
-              "DeepSpot2Cell": cells_only(s2c.cell_pred[test_cells], test_cells, s2c.genes),
+              **{label(k, args.aggregate): cells_only(r.cell_pred[test_cells], test_cells, s2c.genes)
+                 for k, r in fits.items()},
               "spot's DeepSpot value": sp_pred,
               "DeepCell": cells_only(dc.cell_pred[np.intersect1d(te_c, test_cells)],
                                      np.intersect1d(te_c, test_cells), dc.genes)}

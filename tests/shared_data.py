@@ -80,3 +80,18 @@ def her2st_with_signal(sections=("C2", "C3", "C4", "C5"), n_sub: int = 9, dim: i
         feats[s.sample_id] = Features(spot=(e + 0.3 * rng.normal(size=e.shape)).astype(np.float32),
                                       subspot=(e[:, None] + 0.5 * noise).astype(np.float32))
     return samples, feats
+
+
+def reference_dir(name: str) -> Path:
+    """A folder of the shared reference material (``<checkout>/../shared/reference/<name>``, beside the example
+    data; or under $DEEPSPOT_REFERENCE_DIR). Skips (fails in CI) the running test when it is missing."""
+    roots = [Path(os.environ["DEEPSPOT_REFERENCE_DIR"])] if os.environ.get("DEEPSPOT_REFERENCE_DIR") else []
+    roots += [d.parent / "reference" for d in datasets.search_dirs()]
+    roots.append(Path(__file__).resolve().parents[2] / "shared" / "reference")
+    found = next((r / name for r in roots if (r / name).is_dir()), None)
+    if found is None:
+        msg = f"reference folder not found: {name} (looked in {', '.join(str(r) for r in roots)})"
+        if in_ci():
+            pytest.fail(msg + "; in CI that is a failure, not a skip", pytrace=False)
+        pytest.skip(msg)
+    return found

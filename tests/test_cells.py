@@ -17,7 +17,8 @@ from deepspot.config import CellGeometry
 from deepspot.evaluation.holdout import score_holdout
 from deepspot.inference.cells import predict_cells
 from deepspot.io.spatial import SpatialDataError, read_cell_table
-from deepspot.models.cells import CellBags, DeepCell, DeepSpot2Cell, cell_bags, cell_neighbors, predict_batches
+from deepspot.models.cells import CellBags, DeepCell, cell_bags, cell_neighbors, predict_batches
+from deepspot.models.cells import PooledDeepSpot2Cell as DeepSpot2Cell  # the spot-aggregation variant
 from deepspot.models.checkpoint import load_checkpoint, read_config, save_checkpoint
 from deepspot.training.cells import SpotCellBags, drop_empty_spots, train_cell_model, train_spot2cell_model
 
@@ -161,11 +162,11 @@ def test_neighbour_rule_kept_from_training_to_prediction(tmp_path, monkeypatch):
     assert out.uns["spatial"][lib]["scalefactors"]["spot_diameter_fullres"] == 20.0
 
 
-@pytest.mark.parametrize("kind", ["deepcell", "deepspot2cell"])
+@pytest.mark.parametrize("kind", ["deepcell", "deepspot2cell-pooled"])
 def test_checkpoint_round_trip(tmp_path, kind):
     f, xy, cells = random_cells(d=16)
     model = small(DeepCell if kind == "deepcell" else DeepSpot2Cell, d=16, g=4,
-                  **({"aggregate": "mean"} if kind == "deepspot2cell" else {}))
+                  **({"aggregate": "mean"} if kind != "deepcell" else {}))
     cfg = {"model": kind, "genes": ["a", "b", "c", "d"], "encoder": {"name": "x", "dim": 16},
            "geometry": CellGeometry(12.0, unit="um", k=5).to_dict()}
     save_checkpoint(tmp_path / kind, model, cfg)
@@ -198,7 +199,7 @@ def test_spot2cell_learns_within_spot_variation():
     enc = types.SimpleNamespace(name="planted", dim=d)
     res = train_spot2cell_model(IMAGE, spots, xy, c2s, enc, CellGeometry(neighbors="none"), features=f,
                                 cell_counts=cells, hidden=32, n_ensemble=2, dropout=0.0, lr=3e-3, max_epochs=40,
-                                patience=40, batch_size=32, progress=False)
+                                patience=40, batch_size=32, progress=False, model="deepspot2cell-pooled")
     scores = score_holdout(res)
     ours, oracle = scores["deepspot2cell"]["pearson_mean"], scores["spot truth ÷ n cells"]["pearson_mean"]
     assert ours > oracle + 0.1, (ours, oracle)
@@ -272,7 +273,9 @@ def test_cli_train_predict_cells_end_to_end(tmp_path, capsys):
     code, out, err = run_cli(["train", "--model", "deepspot2cell", "--out", str(tmp_path / "s2c"), "--unit", "px",
                               "--spot-diameter", "160", "--spacing", "160", *common], capsys)
     assert code == 0, err
-    assert "spot truth" in out and read_config(tmp_path / "s2c").model_args["aggregate"] == "sum"
+    s2c = read_config(tmp_path / "s2c")
+    assert "spot truth" in out and s2c.model == "deepspot2cell" and "aggregate" not in s2c.model_args
+    assert s2c.extra["spot_grid"]["spot_diameter"] == 160 and s2c.model_args["hidden"] == 512
 
     table = tmp_path / "table.csv"
     xy = sub.obsm["spatial"]

@@ -11,6 +11,10 @@ import torch
 from deepspot.convert import ConvertError, convert_deepspot, load_restricted, read_gene_list, read_original
 from deepspot.models.checkpoint import load_checkpoint
 
+# The four published context modes are checked against files the original code wrote, in
+# tests/test_original_checkpoints.py. This stand-in covers what those files do not: a malicious payload
+# inside a pickled module, the plain-Sequential layout with ``type_model``, bare state dicts whose shapes
+# leave the context open, MinMax scalers and encoder inference by feature size.
 # A stand-in for the original package, written as real Python modules so that torch.save pickles
 # references to its classes (as the published files do). Converted with the alias "dsorig" -> "deepspot",
 # i.e. the converter sees "deepspot.spot.model.DeepSpot" etc., a module that does not exist here.
@@ -137,31 +141,6 @@ def test_encoder_must_be_named_when_dim_is_ambiguous(orig, tmp_path):
     assert json.loads((out / "config.json").read_text())["encoder"] == {"name": "uni", "dim": 1024}
 
 
-@pytest.mark.parametrize("ctx", ["spot", "spot_subspot", "spot_neighbors", "spot_subspot_neighbors"])
-def test_converted_model_matches_original_forward(orig, tmp_path, ctx):
-    torch.manual_seed(4)
-    d, genes = 768, [f"G{i}" for i in range(6)]  # 768-d: Phikon features
-    m = orig.DeepSpot(d, len(genes), n_ensemble=10, phi2rho_size=32, spot_context=ctx).eval()
-    src = tmp_path / "model.pkl"
-    torch.save(m, src)
-    gfile = tmp_path / "genes.txt"
-    gfile.write_text("\n".join(genes) + "\n")
-    out = convert_deepspot(src, tmp_path / "ckpt", genes=gfile, module_aliases=ALIASES)
-    model, cfg = load_checkpoint(out, genes=genes, feature_dim=d)
-    assert (cfg.encoder.name, cfg.encoder.dim) == ("phikon", 768)
-    assert cfg.genes == genes and cfg.context == ctx
-    assert cfg.model_args["n_ensemble"] == 10 and cfg.model_args["hidden"] == 32
-    assert cfg.extra["converted_from"]["class"] == "deepspot.spot.model.DeepSpot"
-    assert cfg.extra["converted_from"]["hparams"]["spot_context"] == ctx
-    assert set(os.listdir(out)) == {"model.safetensors", "config.json"}
-    spot, sub, nb = _inputs(d)
-    with torch.no_grad():
-        want = original_forward(m, ctx, spot, sub, nb)
-    got = _ours_forward(model, spot, sub, nb)
-    assert got.shape == (5, 6)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
 def test_plain_layout_and_type_model(orig, tmp_path):
     torch.manual_seed(5)
     m = orig.PlainDeepSpot(1536, 4, n_ensemble=3, phi2rho_size=16, type_model="spot_neighbors").eval()
@@ -210,7 +189,7 @@ def test_scaler_and_gene_checks(orig, tmp_path):
         cfg = json.loads((out / "config.json").read_text())
         ys = scaler.transform(y)
         np.testing.assert_allclose(invert_scaler(ys.astype(np.float32), cfg["scaler"]), y, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ConvertError, match="5 genes but the gene list has 2"):
+    with pytest.raises(ConvertError, match="5 genes but the gene list given has 2"):
         convert_deepspot(src, tmp_path / "x", genes=["a", "b"], module_aliases=ALIASES)
     with pytest.raises(ConvertError, match="encoder 'uni' gives 1024-d"):
         convert_deepspot(src, tmp_path / "x", genes=list("abcde"), encoder="uni", module_aliases=ALIASES)
@@ -223,8 +202,15 @@ def test_gene_list_formats(tmp_path):
     (tmp_path / "g.csv").write_text("gene,mean\nA,1\nB,2\n")
     (tmp_path / "g.json").write_text(json.dumps(["A", "B"]))
     (tmp_path / "g.txt").write_text("A\n\nB\n")
-    for f in ("g.csv", "g.json", "g.txt"):
-        assert read_gene_list(tmp_path / f) == ["A", "B"]
+    (tmp_path / "idx.csv").write_text(",gene_name,mean\n0,A,1\n1,B,2\n")  # pandas' index column first
+    (tmp_path / "table.tsv").write_text("gene_name\tisPredicted\nX\tFalse\nA\tTrue\nB\t1\n")  # the original's table
+    (tmp_path / "noext").write_text("gene_name,isPredicted\nB,True\nA,True\n")  # detected from the content
+    for f in ("g.csv", "g.json", "g.txt", "idx.csv", "table.tsv"):
+        assert read_gene_list(tmp_path / f) == ["A", "B"], f
+    assert read_gene_list(tmp_path / "noext") == ["B", "A"]
+    (tmp_path / "bad.csv").write_text("gene_name,isPredicted\nA,maybe\n")
+    with pytest.raises(ConvertError, match="bad.csv: line 2: isPredicted is 'maybe'"):
+        read_gene_list(tmp_path / "bad.csv")
 
 
 # ---------------------------------------------------------------- safety
@@ -290,3 +276,76 @@ def test_cli_refuses_malicious_pickle_with_one_line(orig, tmp_path):
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and "evil.pkl" in r.stderr and "refusing" in r.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- DeepSpot2Cell pickled whole
+
+D2C_MODEL = '''
+from torch import nn
+
+
+def _phi(i, h, p):
+    return nn.Sequential(nn.Linear(i, i), nn.Dropout(p), nn.ReLU(inplace=True), nn.Linear(i, h), nn.Dropout(p),
+                         nn.ReLU(inplace=True))
+
+
+class Phi(nn.Module):
+    def __init__(self, i, h, p):
+        super().__init__()
+        self.model = _phi(i, h, p)
+
+
+class Rho(nn.Module):
+    def __init__(self, i, o, p):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(p), nn.Linear(i, i), nn.ReLU(inplace=True), nn.Linear(i, o),
+                                   nn.ReLU(inplace=True), nn.Dropout(0.1))
+
+
+class DeepSpot2Cell(nn.Module):
+    """The module layout (class path deepspot2cell.model.DeepSpot2Cell) with phi_spot, phi_cell and rho heads."""
+
+    def __init__(self, input_size, output_size, phi2rho_size, n_ensemble_phi, n_ensemble_rho, p_phi, p_rho):
+        super().__init__()
+        self.p_phi, self.p_rho, self.n_ensemble_phi, self.n_ensemble_rho = p_phi, p_rho, n_ensemble_phi, n_ensemble_rho
+        self.phi_spot = nn.ModuleList([Phi(input_size, phi2rho_size, p_phi) for _ in range(n_ensemble_phi)])
+        self.phi_cell = nn.ModuleList([Phi(input_size, phi2rho_size, p_phi) for _ in range(n_ensemble_phi)])
+        self.rho = nn.ModuleList([Rho(3 * phi2rho_size, output_size, p_rho) for _ in range(n_ensemble_rho)])
+'''
+
+
+def test_whole_pickled_deepspot2cell_with_the_reference_weights(tmp_path):
+    """A DeepSpot2Cell saved whole (torch.save(model)) is read like the state dict: the reference file's weights
+    in that layout give the reference outputs; a head with another layout is refused."""
+    import deepspot as ds
+    from shared_data import reference_dir
+
+    ref = reference_dir("original-checkpoints")
+    root = tmp_path / "pkg"
+    (root / "d2corig").mkdir(parents=True)
+    (root / "d2corig" / "__init__.py").write_text("from .model import DeepSpot2Cell\n")
+    (root / "d2corig" / "model.py").write_text(textwrap.dedent(D2C_MODEL))
+    sys.path.insert(0, str(root))
+    try:
+        mod = importlib.import_module("d2corig.model")
+        m = mod.DeepSpot2Cell(32, 8, 16, 3, 3, 0.25, 0.35)
+        m.load_state_dict(read_original(ref / "deepspot2cell_final_model.pt").state)
+        torch.save(m, tmp_path / "whole.pkl")
+        m.rho[0].model[2] = torch.nn.Tanh()  # not the published layout
+        torch.save(m, tmp_path / "other.pkl")
+    finally:
+        sys.path.remove(str(root))
+        for name in [k for k in sys.modules if k.split(".")[0] == "d2corig"]:
+            del sys.modules[name]
+    aliases = {"d2corig": "deepspot2cell"}
+    out = convert_deepspot(tmp_path / "whole.pkl", tmp_path / "ck", genes=ref / "deepspot2cell_genes.txt",
+                           feature_dim=32, module_aliases=aliases)
+    model = ds.load_model(out)
+    assert model.config.extra["converted_from"]["class"] == "deepspot2cell.model.DeepSpot2Cell"
+    assert (model.network.dropout_p, model.network.dropout_rho) == (0.25, 0.35)
+    z = np.load(ref / "deepspot2cell.inputs.npz")
+    got = model.predict_features(z["context"][:, 0], neighbors=z["context"][:, 1:],
+                                 neighbor_mask=~z["context_padded"][:, 1:], cells=z["cells"], cell_mask=z["cell_mask"] > 0)
+    np.testing.assert_allclose(got, np.load(ref / "deepspot2cell.expected.npz")["spot"], atol=1e-5, rtol=0)
+    with pytest.raises(ConvertError, match="rho heads are Dropout-Linear-Tanh-Linear-ReLU-Dropout, not the deepspot2cell layout"):
+        convert_deepspot(tmp_path / "other.pkl", tmp_path / "ck2", feature_dim=32, module_aliases=aliases)

@@ -185,7 +185,7 @@ def test_convert_weights_passes_the_geometry(monkeypatch, tmp_path, capsys):
         seen.update(kw)
         return out
 
-    monkeypatch.setattr(convert, "convert_deepspot", fake)
+    monkeypatch.setattr(convert, "convert_checkpoint", fake)
     src = tmp_path / "m.pkl"
     src.write_bytes(b"x")
     code, _, err = _cli(capsys, "convert-weights", src, "--out", tmp_path / "c", "--geometry", "original",

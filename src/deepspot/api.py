@@ -121,30 +121,66 @@ class Model:
                                       Path(plots) / f"{s.sample_id}_score.png")
         return per_gene, summary
 
-    def predict_features(self, spot, subspots=None, neighbors=None, neighbor_mask=None, raw: bool = False):
-        """Predictions from encoder features: spot (B,d), subspots (B,S,d), neighbors (B,K,d),
-        neighbor_mask (B,K) bool (default all real) -> (B,G) numpy, in target space (the scaler undone)
-        unless ``raw``. For cell models ``spot`` is the cell's tile and ``neighbors`` its neighbours'."""
+    def predict_features(self, spot, subspots=None, neighbors=None, neighbor_mask=None, raw: bool = False,
+                         cells=None, cell_mask=None):
+        """Predictions from encoder features (numpy arrays) -> (B,G) numpy, in target space (the model's scaler
+        undone) unless ``raw``.
+
+        - DeepSpot: ``spot`` (B,d), ``subspots`` (B,S,d), ``neighbors`` (B,K,d), ``neighbor_mask`` (B,K) bool
+          (True = a real neighbour; default all real).
+        - DeepCell (and ``deepspot2cell-pooled``): ``spot`` = the cells' own tile features (B,d), ``neighbors``
+          their neighbour cells' (B,K,d).
+        - DeepSpot2Cell: ``spot`` = the spot tile (B,d), ``neighbors`` its neighbour spot tiles (B,K,d) and
+          ``cells`` either (B,C,d) the cells of each spot with ``cell_mask`` (B,C) (True = a real cell; default
+          all) -> spot predictions, or (B,d) one cell per row, predicted with that row's spot context -> cell
+          predictions.
+        """
         from deepspot.models.cells import cell_predictor
+        from deepspot.models.spot2cell import DeepSpot2Cell
 
-        def t(a):
-            return None if a is None else torch.as_tensor(np.asarray(a), dtype=torch.float32, device=self.device)
+        def t(a, dtype=torch.float32):
+            return None if a is None else torch.as_tensor(np.asarray(a), dtype=dtype, device=self.device)
 
+        d = self.config.encoder.dim
         x = t(spot)
-        if x.ndim != 2 or x.shape[1] != self.config.encoder.dim:
-            raise ValueError(f"spot features must be (B, {self.config.encoder.dim}), got {tuple(x.shape)}")
+        if x is None or x.ndim != 2 or x.shape[1] != d:
+            raise ValueError(f"spot features must be (B, {d}), got {None if x is None else tuple(x.shape)}")
         nb = t(neighbors)
+        if nb is not None and (nb.ndim != 3 or nb.shape[0] != x.shape[0] or nb.shape[2] != d):
+            raise ValueError(f"neighbour features must be ({x.shape[0]}, K, {d}), got {tuple(nb.shape)}")
         mask = None
         if nb is not None:
             mask = (torch.ones(nb.shape[:2], dtype=torch.bool, device=self.device) if neighbor_mask is None
-                    else torch.as_tensor(np.asarray(neighbor_mask), dtype=torch.bool, device=self.device))
-        sub = t(subspots)
-        inputs = {"spot": x, "neighbors": nb, "neighbor_mask": mask}
-        if sub is not None:
-            inputs.update(subspots=sub, subspot_mask=torch.ones(sub.shape[:2], dtype=torch.bool, device=self.device))
-        net = cell_predictor(self.network) if self.config.is_cell_model else self.network
-        with torch.no_grad():
-            out = net.eval().to(self.device)(**inputs).float().cpu().numpy()
+                    else t(neighbor_mask, torch.bool))
+            if tuple(mask.shape) != tuple(nb.shape[:2]):
+                raise ValueError(f"neighbor_mask must be {tuple(nb.shape[:2])}, got {tuple(mask.shape)}")
+        net = self.network.eval().to(self.device)
+        if isinstance(net, DeepSpot2Cell):
+            c = t(cells)
+            if c is None or c.ndim not in (2, 3) or c.shape[0] != x.shape[0] or c.shape[-1] != d:
+                raise ValueError(f"a deepspot2cell model needs cells=({x.shape[0]}, C, {d}) (spot predictions) or "
+                                 f"({x.shape[0]}, {d}) (one cell per row), got "
+                                 f"{None if c is None else tuple(c.shape)}")
+            with torch.no_grad():
+                if c.ndim == 3:
+                    cm = (torch.ones(c.shape[:2], dtype=torch.bool, device=self.device) if cell_mask is None
+                          else t(cell_mask, torch.bool))
+                    out = net(c, cm, x, nb, mask)
+                else:
+                    out = net.cell_forward(c, x, nb, mask)
+        else:
+            if cells is not None:
+                raise ValueError(f"cells= is for deepspot2cell models; this is a {self.config.model}")
+            sub = t(subspots)
+            inputs = {"spot": x, "neighbors": nb, "neighbor_mask": mask}
+            if sub is not None:
+                inputs.update(subspots=sub, subspot_mask=torch.ones(sub.shape[:2], dtype=torch.bool,
+                                                                    device=self.device))
+            if self.config.is_cell_model:
+                net = cell_predictor(net)
+            with torch.no_grad():
+                out = net(**inputs)
+        out = out.float().cpu().numpy()
         return out if raw else invert_scaler(out, self.config.scaler)
 
     def predict_slide(self, slide, out: str | Path | None = None, genes: Sequence[str] | None = None,
@@ -344,9 +380,10 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     ``samples``: an AnnData of raw counts with obsm['spatial'] (x, y) px of ``image``, a list holding one
     loaded :class:`~deepspot.training.manifest.Sample`, or a manifest path with one row. ``model``:
     'deepspot' (spots; ``cells=True`` pools cells into pseudo-spots on ``geometry.grid``), 'deepcell'
-    (cells with their counts) or 'deepspot2cell' (cells pooled into pseudo-spots on ``grid``; trained on
-    the spot counts only). ``geometry``: :class:`SpotGeometry` (spots, default Visium 55/100 µm) or
-    :class:`CellGeometry` (cells). ``mpp`` overrides the image's µm/px. ``preset`` (spot models):
+    (cells with their counts) or 'deepspot2cell' (the published architecture; cells pooled into
+    pseudo-spots on ``grid``, trained on the spot counts only; 'deepspot2cell-pooled': a DeepCell per cell
+    pooled into the spot by ``aggregate``). ``geometry``: :class:`SpotGeometry` (spots, default Visium
+    55/100 µm) or :class:`CellGeometry` (cells). ``mpp`` overrides the image's µm/px. ``preset`` (spot models):
     'deepspot' (ours, the default) or 'original' (the original DeepSpot's training: batch 1024, 10–15
     epochs, early stop on the training loss, Leiden oversampling, top 5,000 ``seurat_v3`` HVGs…; see
     :mod:`deepspot.training.recipe`); options given here override the preset's.
@@ -412,6 +449,6 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
             res = train_cell_model(image, data, enc, geometry, mpp=mpp, **common)
         else:
             res = train_spot2cell_from_cells(image, data, enc, grid or GridSpec(), geometry=geometry, mpp=mpp,
-                                             aggregate=aggregate, **common)
+                                             aggregate=aggregate, model=model, **common)
     score_holdout(res)
     return _trained(res, enc, out)

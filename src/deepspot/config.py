@@ -20,7 +20,8 @@ import numpy as np
 SCHEMA_VERSION = 2
 FEATURE_MODES = ("standard", "fast")
 SPOT_MODELS = ("deepspot",)
-CELL_MODELS = ("deepcell", "deepspot2cell")
+CELL_MODELS = ("deepcell", "deepspot2cell", "deepspot2cell-pooled")
+EXTERNAL_ENCODER = "external"  # features made outside deepspot (a model converted with --feature-dim)
 NEIGHBOR_RULES = ("knn", "radius", "none")
 SCALERS = ("standard", "minmax")
 UNITS = ("um", "px")
@@ -446,7 +447,7 @@ class EncoderRef:
 class ModelConfig:
     """The typed ``config.json`` of a checkpoint.
 
-    model: kind ('deepspot', 'deepcell', 'deepspot2cell'); model_args: the network's constructor
+    model: kind ('deepspot', 'deepcell', 'deepspot2cell', 'deepspot2cell-pooled'); model_args: the network's constructor
     arguments (``in_dim`` = encoder dim, ``n_genes`` = len(genes)); genes: output order; geometry:
     :class:`SpotGeometry` (spot models) or :class:`CellGeometry` (cell models); scaler: undone on
     every prediction; mpp: µm/px used in training (cell models); training: provenance (loss, lr,
@@ -607,6 +608,9 @@ def migrate(d: dict, source: str = "config.json") -> dict:
         raise CheckpointError(f"{source}: schema_version {version} is newer than this deepspot reads "
                               f"({SCHEMA_VERSION}); update deepspot")
     out = {k: v for k, v in d.items() if k != "format_version"}
+    args = out.get("model_args")
+    if out.get("model") == "deepspot2cell" and isinstance(args, dict) and "aggregate" in args:
+        out["model"] = "deepspot2cell-pooled"  # written before 'deepspot2cell' became the published architecture
     if version == 1:
         mode = out.pop("feature_mode", None)
         geo = out.get("geometry")

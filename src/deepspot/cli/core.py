@@ -81,13 +81,14 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
           seed: int = typer.Option(2024), cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder."),
           num_workers: int = typer.Option(0), progress: bool = typer.Option(True),
           model: str = typer.Option("deepspot", help="deepspot (spots), deepcell (cells with their counts) or "
-                                    "deepspot2cell (cells pooled into pseudo-spots; trained on spot counts only)."),
+                                    "deepspot2cell (cells pooled into pseudo-spots; trained on spot counts only; "
+                                    "deepspot2cell-pooled: the per-cell DeepCell variant)."),
           cell_diameter: float = typer.Option(20.0, help="Cell models: tile side per cell, in --cell-unit."),
           cell_unit: str = typer.Option("px", help="Cell models: unit of --cell-diameter and --radius: px or um."),
           neighbors: str = typer.Option("knn", help="Cell models: neighbour rule knn | radius | none."),
           k: int = typer.Option(45, help="Cell models: number of nearest cells (knn)."),
           radius: float = typer.Option(50.0, help="Cell models: neighbour radius (radius rule), in --cell-unit."),
-          aggregate: str = typer.Option("sum", help="deepspot2cell: cells to spot by sum (count space) or mean (log)."),
+          aggregate: str = typer.Option("sum", help="deepspot2cell-pooled: cells to spot by sum (count space) or mean (log)."),
           preset: str = typer.Option("deepspot", help="Spot training preset: deepspot (ours) or original (the "
                                      "original's: batch 1024, 10-15 epochs, early stop on training loss, Leiden "
                                      "oversampling, top 5,000 seurat_v3 HVGs); options given override it.")):
@@ -142,7 +143,7 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
     res = trained.result
     if model == "deepspot" and cells:
         console.print(f"pooled cells into {res.targets.shape[0]} pseudo-spots")
-    if model == "deepspot2cell":
+    if model.startswith("deepspot2cell"):
         console.print(f"pooled {int((res.cell_to_spot >= 0).sum())} cells into {res.spots.n_obs} pseudo-spots; "
                       f"cells of held-out spots scored against their own (held-back) counts")
     console.print(score_table(trained.scores).to_string(float_format=lambda v: f"{v:.4f}"))

@@ -1,4 +1,5 @@
-"""``deepspot convert-weights``: published DeepSpot pickles -> safetensors + config.json, no code run."""
+"""``deepspot convert-weights``: published DeepSpot / DeepCell / DeepSpot2Cell files -> safetensors + config.json,
+no code run."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,22 +12,35 @@ from deepspot.cli import app
 
 @app.command("convert-weights")
 def convert_weights(src: Path = typer.Argument(..., help="Published checkpoint (.pkl/.pt/.ckpt saved with torch.save)."),
-                    out: Path = typer.Option(..., help="Checkpoint folder to write."),
-                    genes: Optional[Path] = typer.Option(None, help="Gene list file (one per line, or csv/json), in model order."),
-                    encoder: Optional[str] = typer.Option(None, help="Encoder the model was trained on (default: inferred from the feature dim)."),
+                    out_arg: Optional[Path] = typer.Argument(None, metavar="[OUT]", help="Checkpoint folder to write."),
+                    out: Optional[Path] = typer.Option(None, "--out", help="Checkpoint folder to write (or give it as OUT)."),
+                    genes: Optional[Path] = typer.Option(None, help="Gene list in model order: one per line, csv/json, or "
+                                                         "the original's gene table (info_highly_variable_genes.csv)."),
+                    encoder: Optional[str] = typer.Option(None, help="Encoder the model was trained on (default: inferred "
+                                                          "from the feature dim)."),
+                    feature_dim: Optional[int] = typer.Option(None, help="For features made outside deepspot: their "
+                                                              "size; the model then predicts from given features only."),
+                    kind: Optional[str] = typer.Option(None, help="deepspot | deepcell | deepspot2cell, where a state "
+                                                       "dict does not say."),
                     context: Optional[str] = typer.Option(None, help="Context mode, if the file does not record it."),
-                    geometry: str = typer.Option("visium", help="Spot geometry stored with the model: visium (55/100 "
-                                                 "µm hex), original (the original's square pixel grid and crops) "
-                                                 "or tcga (160/290 px at 20x, doubled at 40x)."),
+                    geometry: Optional[str] = typer.Option(None, help="DeepSpot: spot geometry stored with the model: "
+                                                           "visium (55/100 µm hex, the default), original (the "
+                                                           "original's square pixel grid and crops) or tcga (160/290 "
+                                                           "px at 20x, doubled at 40x)."),
                     spot_px: Optional[float] = typer.Option(None, help="--geometry original: spot side in px (default 100)."),
                     spacing_px: Optional[float] = typer.Option(None, help="--geometry original: spacing in px (default: the spot side).")):
-    """Read a published DeepSpot checkpoint with a restricted unpickler (only tensors and known module
-    classes as inert placeholders; anything else is refused) and write safetensors + JSON."""
+    """Read a published DeepSpot, DeepCell or DeepSpot2Cell checkpoint with a restricted unpickler (only tensors
+    and known module classes as inert placeholders; anything else is refused) and write safetensors + JSON."""
     from deepspot.config import geometry_preset
-    from deepspot.convert import convert_deepspot
+    from deepspot.convert import convert_checkpoint
 
+    if (out is None) == (out_arg is None):
+        raise ValueError("give the checkpoint folder to write once: as OUT or as --out")
     if not src.exists():
         raise FileNotFoundError(f"{src}: file not found")
-    geo = geometry_preset(geometry, spot_px=spot_px, spacing_px=spacing_px).to_dict()
-    path = convert_deepspot(src, out, genes=genes, encoder=encoder, context=context, geometry=geo)
+    geo = None
+    if geometry is not None or spot_px is not None or spacing_px is not None:
+        geo = geometry_preset(geometry or "visium", spot_px=spot_px, spacing_px=spacing_px).to_dict()
+    path = convert_checkpoint(src, out or out_arg, genes=genes, encoder=encoder, context=context, kind=kind,
+                              feature_dim=feature_dim, geometry=geo)
     typer.echo(f"wrote {path} (model.safetensors + config.json)")

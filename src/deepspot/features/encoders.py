@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepspot.config import EXTERNAL_ENCODER
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,6 +90,11 @@ def list_encoders() -> list[str]:
 
 def get_spec(name: str) -> EncoderSpec:
     key = name.strip().lower()
+    if key == EXTERNAL_ENCODER:
+        raise EncoderError(f"encoder '{EXTERNAL_ENCODER}': this model was converted with --feature-dim for features "
+                           f"made outside deepspot, so deepspot has no image encoder for it and cannot predict from "
+                           f"a slide; compute the features yourself and call Model.predict_features, or convert it "
+                           f"again with --encoder NAME")
     if key not in _REGISTRY:
         raise EncoderError(f"unknown encoder '{name}'; available: {', '.join(list_encoders())}")
     return _REGISTRY[key]

@@ -1,4 +1,6 @@
-"""Cell-level models: DeepCell (trained on cells) and DeepSpot2Cell (cells from spot supervision).
+"""Cell-level models: DeepCell (trained on cells) and PooledDeepSpot2Cell (``deepspot2cell-pooled``: a
+DeepCell trained on spot counts by pooling its per-cell outputs). The published DeepSpot2Cell
+architecture (``deepspot2cell``) is :mod:`deepspot.models.spot2cell`.
 
 Both see a cell as the deep-sets bag the spot model uses: the cell's own tile
 (side = the cell diameter) and the tiles of its neighbouring cells (k nearest or
@@ -16,8 +18,8 @@ phi then runs once per distinct cell (:class:`CellBags` builds these batches). I
 eval mode this gives the same numbers as gathered ``(B,K,d)`` neighbour features;
 in training one dropout mask is shared by every use of a cell within a step.
 
-Target space of DeepSpot2Cell
------------------------------
+Target space of PooledDeepSpot2Cell
+-----------------------------------
 Spot targets are ``log1p(normalize_total(summed counts, 1e4))``. A spot's counts are
 the *sum* of its cells' counts, so the model aggregates where that sum happens:
 
@@ -67,19 +69,21 @@ class DeepCell(DeepSpot):
     """
 
     def __init__(self, in_dim: int, n_genes: int, hidden: int = 1024, n_ensemble: int = 10, dropout: float = 0.2,
-                 context: str = "cell_neighbors", neighbor_pool: str = "max"):
+                 context: str = "cell_neighbors", neighbor_pool: str = "max", n_ensemble_rho: int | None = None,
+                 dropout_rho: float | None = None):
         if context not in CELL_CONTEXTS:
             raise ValueError(f"unknown cell context {context!r}; choose one of {', '.join(CELL_CONTEXTS)}")
         if neighbor_pool not in POOLS:
             raise ValueError(f"unknown neighbour pool {neighbor_pool!r}; choose one of {', '.join(POOLS)}")
         super().__init__(in_dim, n_genes, hidden=hidden, n_ensemble=n_ensemble, dropout=dropout,
                          context="spot_neighbors" if context == "cell_neighbors" else "spot",
-                         neighbor_pool=neighbor_pool)
+                         neighbor_pool=neighbor_pool, n_ensemble_rho=n_ensemble_rho, dropout_rho=dropout_rho)
         self.cell_context = context
 
     def config(self) -> dict:
         return dict(in_dim=self.in_dim, n_genes=self.n_genes, hidden=self.hidden, n_ensemble=self.n_ensemble,
-                    dropout=self.dropout_p, context=self.cell_context, neighbor_pool=self.neighbor_pool)
+                    dropout=self.dropout_p, context=self.cell_context, neighbor_pool=self.neighbor_pool,
+                    **self._rho_config())
 
     def forward(self, spot=None, subspots=None, subspot_mask=None, neighbors=None, neighbor_mask=None,
                 table=None, cell_index=None, neighbor_index=None) -> torch.Tensor:
@@ -155,8 +159,8 @@ def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(~mask.unsqueeze(-1), low).logsumexp(dim=1)
 
 
-class DeepSpot2Cell(nn.Module):
-    """Per-cell DeepCell network trained through spot-level aggregation.
+class PooledDeepSpot2Cell(nn.Module):
+    """Per-cell DeepCell network trained through spot-level aggregation (model kind ``deepspot2cell-pooled``).
 
     forward(cells (B,C,d), cell_mask (B,C), neighbors (B,C,K,d), neighbor_mask (B,C,K)) -> (B,G) spot
     predictions in log1p-normalised space. :meth:`cell_expression` (and :meth:`cell_predictor`, a module
@@ -221,10 +225,10 @@ class DeepSpot2Cell(nn.Module):
 
 
 class CellExpression(nn.Module):
-    """A view of a DeepSpot2Cell with DeepCell's inputs and per-cell expression as output,
+    """A view of a PooledDeepSpot2Cell with DeepCell's inputs and per-cell expression as output,
     so the batched bag predictor serves both cell models."""
 
-    def __init__(self, model: DeepSpot2Cell):
+    def __init__(self, model: PooledDeepSpot2Cell):
         super().__init__()
         self.model = model
         self.n_genes = model.n_genes
@@ -236,7 +240,7 @@ class CellExpression(nn.Module):
 
 def cell_predictor(model: nn.Module) -> nn.Module:
     """The module mapping cell bags to per-cell expression, for either cell model."""
-    return model.cell_predictor() if isinstance(model, DeepSpot2Cell) else model
+    return model.cell_predictor() if hasattr(model, "cell_predictor") else model
 
 
 @torch.no_grad()

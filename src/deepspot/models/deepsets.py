@@ -159,6 +159,8 @@ class DeepSpot(nn.Module):
         subspot_pool: str = "sum",
         neighbor_pool: str = "max",
         input_proj: int | None = None,
+        n_ensemble_rho: int | None = None,
+        dropout_rho: float | None = None,
     ):
         super().__init__()
         if context not in CONTEXTS:
@@ -175,7 +177,10 @@ class DeepSpot(nn.Module):
         self.input_proj = None if input_proj is None else int(input_proj)
         self.proj = None if input_proj is None else InputProjection(in_dim, self.input_proj)
         self.phi = Phi(in_dim if input_proj is None else self.input_proj, hidden, n_ensemble, dropout)
-        self.rho = Rho(hidden * m, n_genes, n_ensemble, dropout)
+        # the original sizes and drops out phi and rho ensembles separately (n_ensemble_phi/_rho, p_phi/_rho)
+        self.n_ensemble_rho = n_ensemble if n_ensemble_rho is None else int(n_ensemble_rho)
+        self.dropout_rho = dropout if dropout_rho is None else float(dropout_rho)
+        self.rho = Rho(hidden * m, n_genes, self.n_ensemble_rho, self.dropout_rho)
 
     def config(self) -> dict:
         return dict(
@@ -183,7 +188,17 @@ class DeepSpot(nn.Module):
             dropout=self.dropout_p, context=self.context, subspot_pool=self.subspot_pool,
             neighbor_pool=self.neighbor_pool,
             **({} if self.input_proj is None else {"input_proj": self.input_proj}),
+            **self._rho_config(),
         )
+
+    def _rho_config(self) -> dict:
+        """rho's ensemble size / dropout, stored only where they differ from phi's."""
+        out = {}
+        if self.n_ensemble_rho != self.n_ensemble:
+            out["n_ensemble_rho"] = self.n_ensemble_rho
+        if self.dropout_rho != self.dropout_p:
+            out["dropout_rho"] = self.dropout_rho
+        return out
 
     def fit_input_projection(self, spot_features) -> "DeepSpot":
         """Fit the input projection on training spot features (N, d); a no-op without ``input_proj``."""

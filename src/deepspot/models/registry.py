@@ -24,8 +24,9 @@ def _register_builtin() -> None:
     from deepspot.models.deepsets import DeepSpot
 
     register_model("deepspot", DeepSpot)
-    from deepspot.models.cells import DeepCell, DeepSpot2Cell
-    _MODELS.update(deepcell=DeepCell, deepspot2cell=DeepSpot2Cell)
+    from deepspot.models.cells import DeepCell, PooledDeepSpot2Cell
+    from deepspot.models.spot2cell import DeepSpot2Cell
+    _MODELS.update({"deepcell": DeepCell, "deepspot2cell": DeepSpot2Cell, "deepspot2cell-pooled": PooledDeepSpot2Cell})
 
 
 _register_builtin()

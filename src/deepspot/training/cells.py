@@ -2,8 +2,8 @@
 
 - :func:`train_cell_model` — DeepCell on cells with their own counts (Xenium-like data).
 - :func:`train_spot2cell_model` — DeepSpot2Cell on spot counts only: each spot is a bag of the
-  cells inside it, the model's per-cell predictions are aggregated to the spot and the loss is on
-  the spot. Cell counts, when known (pseudo-spots pooled from cells), are held back and used only
+  cells inside it (with the spot's own tile and its neighbour spots' tiles for the published
+  architecture, ``deepspot2cell``), aggregated to the spot, and the loss is on the spot. Cell counts, when known (pseudo-spots pooled from cells), are held back and used only
   to score the per-cell predictions on the held-out side of the image.
 
 Held-out cells (or spots) are predicted here and scored in :mod:`deepspot.evaluation.holdout`.
@@ -15,7 +15,7 @@ with their neighbours) and :class:`SpotCellBags` (spots as bags of cells) go thr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anndata as ad
 import lightning as L
@@ -25,9 +25,11 @@ import torch
 from deepspot.config import TARGETS, CellGeometry, EncoderRef, GridSpec, ModelConfig, resolve_mpp
 from deepspot.features.extract import extract_features
 from deepspot.geometry.grid import pool_cells
+from deepspot.geometry.neighbors import array_neighbors
 from deepspot.io.slides import open_slide
 from deepspot.io.spatial import SpatialDataError, inside_image
-from deepspot.models.cells import CellBags, DeepCell, DeepSpot2Cell, cell_bags, predict_batches
+from deepspot.models.cells import CellBags, DeepCell, PooledDeepSpot2Cell, cell_bags, predict_batches
+from deepspot.models.spot2cell import DeepSpot2Cell, SpotContextBags, nearest_spot
 from deepspot.training.fit import fit
 from deepspot.training.spots import spatial_split
 from deepspot.training.targets import log_normalize, select_genes
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SpotCellBags:
-    """Spots as bags of cells, for DeepSpot2Cell.
+    """Spots as bags of cells, for PooledDeepSpot2Cell (``deepspot2cell-pooled``).
 
     cells: :class:`CellBags` over all cells (tile features + neighbour index); members (S,C) int64
     index of each spot's cells into ``cells`` (real cells first), member_mask (S,C) bool.
@@ -197,16 +199,31 @@ def drop_empty_spots(spots: ad.AnnData, cell_to_spot: np.ndarray, source: str = 
     return spots, c2s
 
 
+SPOT2CELL_MODELS = ("deepspot2cell", "deepspot2cell-pooled")
+# per-architecture defaults (the published DeepSpot2Cell: hidden 512, 10 heads, dropout 0.3)
+_SPOT2CELL_DEFAULTS = {"deepspot2cell": dict(hidden=512, n_ensemble=10, dropout=0.3),
+                       "deepspot2cell-pooled": dict(hidden=1024, n_ensemble=10, dropout=0.2)}
+
+
+def spot_context(spots: ad.AnnData, source: str = "spots"):
+    """Each spot's neighbour spots (S,K) + mask (S,K): array row and column within 1 (the spot rule of
+    :class:`~deepspot.config.SpotGeometry`)."""
+    if "array_row" not in spots.obs or "array_col" not in spots.obs:
+        raise SpatialDataError(f"{source}: obs needs array_row/array_col for the neighbour spots of deepspot2cell")
+    return array_neighbors(spots.obs["array_row"].to_numpy(), spots.obs["array_col"].to_numpy(), 1)
+
+
 def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to_spot: np.ndarray, encoder,
                           geometry: CellGeometry = CellGeometry(), mpp: float | None = None, aggregate: str = "sum",
                           genes: list[str] | None = None, n_top_genes: int | None = None,
                           neighbor_pool: str = "max", loss: str = "mse", max_epochs: int = 200, patience: int = 20,
-                          batch_size: int = 16, lr: float = 1e-4, seed: int = 2024, dropout: float = 0.2,
-                          n_ensemble: int = 10, hidden: int = 1024, test_fraction: float = 0.3, cache_dir=None,
-                          batch_size_encoder: int = 16, num_workers: int = 0, progress: bool = True, log_dir=None,
-                          features: np.ndarray | None = None, cell_counts: ad.AnnData | None = None,
-                          spot_grid: GridSpec | None = None) -> CellTrainResult:
-    """Train DeepSpot2Cell on spot counts with a spatial hold-out of spots (right-most ``test_fraction``,
+                          batch_size: int = 16, lr: float = 1e-4, seed: int = 2024, dropout: float | None = None,
+                          n_ensemble: int | None = None, hidden: int | None = None, test_fraction: float = 0.3,
+                          cache_dir=None, batch_size_encoder: int = 16, num_workers: int = 0, progress: bool = True,
+                          log_dir=None, features: np.ndarray | None = None, cell_counts: ad.AnnData | None = None,
+                          spot_grid: GridSpec | None = None, model: str = "deepspot2cell",
+                          spot_features: np.ndarray | None = None) -> CellTrainResult:
+    """Train a DeepSpot2Cell on spot counts with a spatial hold-out of spots (right-most ``test_fraction``,
     the split of :func:`deepspot.training.spots.train_spot_model` on the same spots).
 
     spots: AnnData of raw spot counts with obsm['spatial']; cell_xy (N,2) level-0 px of the cells;
@@ -214,28 +231,55 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
     counts, rows as cell_xy) the cells of held-out spots are scored against their true
     log1p(normalize_total) expression, next to the baseline "each cell gets its spot's true value"
     (the spot's summed counts ÷ its cell count, which normalises to the spot's own profile).
+
+    ``model``: 'deepspot2cell' (the published architecture, :mod:`deepspot.models.spot2cell`: needs the
+    spots' ``spot_grid`` for the spot tile side and obs array_row/array_col for their neighbours; each cell is
+    predicted with the context of the nearest spot) or 'deepspot2cell-pooled' (a DeepCell per cell, pooled
+    into the spot by ``aggregate``). ``features`` (N,d) / ``spot_features`` (S,d): precomputed cell / spot tile
+    features (skip encoding). hidden / n_ensemble / dropout default to the architecture's own.
     """
+    if model not in SPOT2CELL_MODELS:
+        raise ValueError(f"unknown spot-to-cell model {model!r}; choose {' or '.join(SPOT2CELL_MODELS)}")
+    arch = {**_SPOT2CELL_DEFAULTS[model], **{k: v for k, v in dict(hidden=hidden, n_ensemble=n_ensemble,
+                                                                    dropout=dropout).items() if v is not None}}
     w, h, mpp_used = _slide_size(image, mpp)
     cell_xy = np.asarray(cell_xy, dtype=np.float64).reshape(-1, 2)
     if len(cell_to_spot) != len(cell_xy):
         raise ValueError(f"cell_to_spot has {len(cell_to_spot)} entries for {len(cell_xy)} cells")
     inside_image(cell_xy, w, h, f"{image}: cells")
     spots, c2s = drop_empty_spots(spots, cell_to_spot, source=f"{image}: spots")
+    original = model == "deepspot2cell"
+    if original:
+        if spot_grid is None:
+            raise ValueError(f"{image}: a deepspot2cell model needs the spots' grid (spot_grid) for the spot tile side")
+        nidx, nmask = spot_context(spots, f"{image}: spots")
     feats = (_check_features(features, len(cell_xy), encoder) if features is not None else
              encode_cells(image, cell_xy, geometry, encoder, mpp_used, cache_dir, batch_size_encoder, num_workers,
                           progress))
     panel = select_genes(spots, n_top=n_top_genes, genes=genes)
     y = log_normalize(spots, genes=panel)
-    cbags = cell_bags(feats, cell_xy, geometry, mpp_used)
-    sbags = SpotCellBags.from_assignment(cbags, c2s, spots.n_obs)
     train, val, test = spatial_split(spots.obsm["spatial"], test_fraction=test_fraction, seed=seed)
     L.seed_everything(seed, verbose=False)
-    model = DeepSpot2Cell(int(encoder.dim), len(panel), hidden=hidden, n_ensemble=n_ensemble, dropout=dropout,
-                          context=geometry.context, neighbor_pool=neighbor_pool, aggregate=aggregate)
-    summary = fit(model, sbags, y, train, val, loss=loss, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
+    if original:
+        spot_xy = np.asarray(spots.obsm["spatial"], dtype=np.float64)
+        spot_px = spot_grid.in_pixels(mpp_used).spot_diameter
+        sfeats = (_check_features(spot_features, spots.n_obs, encoder) if spot_features is not None else
+                  extract_features(image, spot_xy, spot_px, encoder, n_sub=0, mpp=mpp_used, cache_dir=cache_dir,
+                                   batch_size=batch_size_encoder, num_workers=num_workers, progress=progress).spot)
+        sbags = SpotContextBags.build(feats, sfeats, nidx, nmask, c2s, nearest_spot(cell_xy, spot_xy))
+        net = DeepSpot2Cell(int(encoder.dim), len(panel), **arch)
+        geometry = replace(geometry, neighbors="none")  # a cell's context is its spot's, not other cells'
+        cell_bags_ = sbags.cells_view()
+    else:
+        cbags = cell_bags(feats, cell_xy, geometry, mpp_used)
+        sbags = SpotCellBags.from_assignment(cbags, c2s, spots.n_obs)
+        net = PooledDeepSpot2Cell(int(encoder.dim), len(panel), context=geometry.context, neighbor_pool=neighbor_pool,
+                                  aggregate=aggregate, **arch)
+        cell_bags_ = cbags
+    summary = fit(net, sbags, y, train, val, loss=loss, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
                   patience=patience, seed=seed, progress=progress, log_dir=log_dir)
-    cell_pred = predict_batches(model.cell_predictor(), cbags, batch_size=512)
-    spot_pred = predict_batches(model, sbags, batch_size=64)
+    cell_pred = predict_batches(net.cell_predictor(), cell_bags_, batch_size=512)
+    spot_pred = predict_batches(net, sbags, batch_size=64)
     test_cells = np.flatnonzero(np.isin(c2s, test))
     truth = None
     if cell_counts is not None:
@@ -244,11 +288,13 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
         truth = log_normalize(cell_counts, genes=panel)
     training = {"loss": loss, "lr": lr, "seed": seed, "batch_size": batch_size, "max_epochs": max_epochs,
                 "patience": patience, "n_spots": int(spots.n_obs), "n_cells": int(len(cell_xy)),
-                "n_cells_in_spots": int((c2s >= 0).sum()), "aggregate": aggregate,
+                "n_cells_in_spots": int((c2s >= 0).sum()),
                 "split": "spatial: right-most %.0f%% of spots held out" % (100 * test_fraction), **summary}
+    if not original:
+        training["aggregate"] = aggregate
     extra = {"spot_grid": spot_grid.to_dict()} if spot_grid is not None else {}
-    config = _cell_config("deepspot2cell", model, encoder, panel, geometry, mpp_used, training, **extra)
-    return CellTrainResult(model, config, feats, panel, (train, val, test), test_cells, cell_pred, truth, summary,
+    config = _cell_config(model, net, encoder, panel, geometry, mpp_used, training, **extra)
+    return CellTrainResult(net, config, feats, panel, (train, val, test), test_cells, cell_pred, truth, summary,
                            spots=spots, cell_to_spot=c2s, spot_targets=y, spot_pred=spot_pred)
 
 
