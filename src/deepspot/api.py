@@ -216,7 +216,7 @@ class Model:
         if out is not None:
             preflight.check_out_dir(out)
             preflight.check_previous(out, preflight.prediction_files(Path(slide).stem), overwrite)
-        preflight.check_slide(slide, mpp, needs_um=preflight.needs_um(self.config))
+        preflight.check_slide(slide, mpp, needs_um=preflight.needs_um(self.config, geometry))
         self._check_encoder()
         common = dict(mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue, fast=fast, layout=layout,
                       spacing=spacing, batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,

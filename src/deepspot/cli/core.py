@@ -192,7 +192,8 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
     if not slide.exists():
         raise FileNotFoundError(f"{slide}: file not found")
     check_out_dir(out)
-    check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes))  # before torch is imported
+    # before torch is imported
+    check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes), geometry=geometry)
 
     import deepspot as ds
     t0 = time.perf_counter()

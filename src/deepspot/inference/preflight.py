@@ -83,13 +83,19 @@ def check_gene_list(genes, option: str = "--genes") -> None:
         raise ValueError(f"{option}: repeated gene names ({', '.join(dups[:3])}{' …' if len(dups) > 3 else ''})")
 
 
-def needs_um(config) -> bool:
-    """Whether a config's geometry is in µm (the slide then needs an mpp)."""
-    geo = config.geometry
-    return (geo.grid.unit if hasattr(geo, "grid") else geo.unit) == "um"
+def needs_um(config, geometry=None) -> bool:
+    """Whether the geometry used (``geometry``: a preset name or SpotGeometry overriding the config's) is
+    in µm or picked from the magnification (the slide then needs an mpp); plain pixels need none."""
+    geo = config.geometry if geometry is None else geometry
+    if isinstance(geo, str):
+        from deepspot.config import geometry_preset
+
+        geo = geometry_preset(geo)
+    return (geo.grid.unit if hasattr(geo, "grid") else geo.unit) != "px"
 
 
-def check_predict(slide, model_dir, out, mpp: float | None = None, overwrite: bool = False, genes=None):
+def check_predict(slide, model_dir, out, mpp: float | None = None, overwrite: bool = False, genes=None,
+                  geometry: str | None = None):
     """Everything ``deepspot predict`` can check in its first second, in order: the output folder, the
     checkpoint's config (every field), the requested genes, the slide and its mpp, a previous result
     in the folder. Imports neither torch nor the encoder. Returns the checked config."""
@@ -99,6 +105,6 @@ def check_predict(slide, model_dir, out, mpp: float | None = None, overwrite: bo
     check_gene_list(genes)
     cfg = read_config_file(model_dir)
     cfg.check_genes(genes, str(model_dir))
-    check_slide(slide, mpp, needs_um=needs_um(cfg))
+    check_slide(slide, mpp, needs_um=needs_um(cfg, geometry))
     check_previous(out, prediction_files(Path(slide).stem), overwrite)
     return cfg
