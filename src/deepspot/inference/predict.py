@@ -401,10 +401,13 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
             if len(tmp) == 3:
                 plotting.spatial_columns(skel, pred.array, plot, tmp[2])
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()
+        # a writer thread may still add a file while the tree is removed: retry until it is gone
+        doomed = out_dir if created else work  # a folder this call made holds only what it wrote
+        for _ in range(5):
+            shutil.rmtree(doomed, ignore_errors=True)
+            if not doomed.exists():
+                break
+            time.sleep(0.1)
         raise
     shutil.rmtree(work, ignore_errors=True)
     return PredictResult(paths[0], paths[1], paths[2] if n and plot else None, n, plan.n_grid, plot, stats,
