@@ -173,8 +173,11 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
                                                       "half the cores; 0 = read in the main process)."),
             device: str = typer.Option("cpu", help="Device for the encoder and model (cpu, cuda…)."),
             cache_dir: Optional[Path] = typer.Option(None, help="Keep/reuse the feature store here."),
+            fmt: str = typer.Option("h5ad", "--format", help="h5ad, or spatialdata: <name>.zarr with the slide "
+                                    "image, spot circles and the prediction table (extra [spatialdata])."),
             progress: bool = typer.Option(True)):
-    """Predict every in-tissue spot of a virtual grid over a slide: h5ad + spots CSV + PNG (memory stays flat)."""
+    """Predict every in-tissue spot of a virtual grid over a slide: h5ad (or SpatialData zarr) + spots CSV + PNG
+    (memory stays flat)."""
     import time
     import warnings
 
@@ -182,6 +185,8 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
 
     if not slide.exists():
         raise FileNotFoundError(f"{slide}: file not found")
+    if fmt not in ("h5ad", "spatialdata"):
+        raise ValueError(f"--format {fmt!r}: use h5ad or spatialdata")
     t0 = time.perf_counter()
     m = ds.load_model(model, device=device, encoder_weights=encoder_weights)
     geo = None
@@ -193,7 +198,9 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         warnings.simplefilter("always")
         pred = m.predict_slide(slide, out=out, genes=_split(genes), mpp=mpp, tissue=tissue, min_tissue=min_tissue,
                                fast=fast, layout=layout, spacing=spacing, batch_size=batch_size,
-                               num_workers=num_workers, cache_dir=cache_dir, progress=progress, geometry=geo)
+                               num_workers=num_workers, cache_dir=cache_dir, progress=progress, geometry=geo,
+                               as_spatialdata=fmt == "spatialdata")
+    pred = pred.tables["table"] if fmt == "spatialdata" else pred
     info = pred.uns["deepspot"]
     for msg in [str(w.message) for w in caught] + [f"geometry: {n}" for n in info["geometry_notes"]]:
         typer.echo(f"deepspot: warning: {msg}", err=True)
