@@ -87,6 +87,7 @@ def test_spatialdata_plot_draws_a_gene_over_the_image(setup, tmp_path):
     import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
 
     fig, ax = plt.subplots(figsize=(4, 4))
+    n_axes = len(fig.axes)
     try:
         (setup["sdata"].pl.render_images("he").pl.render_shapes("spots", color=GENES[0])
          .pl.show(coordinate_systems="global", ax=ax))
@@ -95,6 +96,7 @@ def test_spatialdata_plot_draws_a_gene_over_the_image(setup, tmp_path):
         pix = plt.imread(png)
     finally:
         plt.close(fig)
+    assert len(fig.axes) > n_axes  # the gene colour bar
     assert png.stat().st_size > 1000
     assert pix[..., :3].std() > 0.05  # an image with content, not a blank canvas
 
@@ -136,3 +138,23 @@ def test_without_the_extra_one_line_names_it(setup, tmp_path, monkeypatch):
     with pytest.raises(MissingExtra, match=r"pip install 'deepspot\[spatialdata\]'"):
         setup["model"].predict_slide(setup["slide"], out=tmp_path / "o", as_spatialdata=True, progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_predict_cohort_format_spatialdata_writes_and_resumes(setup, tmp_path):
+    import spatialdata as sd
+
+    from deepspot.inference.cohort import run_cohort
+
+    ckpt = save_checkpoint(tmp_path / "model", setup["net"], setup["cfg"])
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"path,id\n{setup['slide']},s1\n")
+    out = tmp_path / "out"
+    s = run_cohort(manifest, ckpt, out, backend="local", device="cpu", progress=False, echo=lambda *_: None,
+                   fmt="spatialdata")
+    assert s.n_done == 1 and not s.failures and s.ran[0].outputs == ["s1.zarr", "s1_spots.csv"]
+    back = sd.read_zarr(out / "s1.zarr")
+    np.testing.assert_allclose(np.asarray(back.tables["table"].X), np.asarray(setup["sdata"].tables["table"].X),
+                               rtol=1e-5, atol=1e-6)
+    again = run_cohort(manifest, ckpt, out, backend="local", device="cpu", progress=False, echo=lambda *_: None,
+                       fmt="spatialdata")
+    assert again.ran == [] and again.skipped_done == ["s1"]  # the zarr counts as the finished output
