@@ -17,20 +17,33 @@ def _split(s: Optional[str]) -> Optional[list[str]]:
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("deepspot_demo"), help="Output folder."),
-         data_dir: Optional[Path] = typer.Option(None, help="Folder with ncbi858/ (else $DEEPSPOT_DATA_DIR, a checkout's shared/data, the user cache; downloaded once if missing)."),
+def demo(out: Optional[Path] = typer.Option(None, help="Output folder (default: deepspot_demo, or deepspot_demo_her2st)."),
+         her2st: bool = typer.Option(False, "--her2st", help="The HER2ST demo: train on sections C2-C4, score C5 next "
+                                     "to ridge, predict all of C5 on a virtual grid (real 100 µm spots)."),
+         context: Optional[str] = typer.Option(None, help="Spot context (default: spot_subspot_neighbors; --her2st: "
+                                               "spot_neighbors, to stay within minutes on 2 cores)."),
+         data_dir: Optional[Path] = typer.Option(None, help="Folder with ncbi858/ or her2st/ (else $DEEPSPOT_DATA_DIR, a checkout's shared/data, the user cache; downloaded once if missing)."),
          encoder: str = typer.Option("efficientnet-lite0", help="Encoder name (see `deepspot encoders`)."),
          encoder_weights: Optional[Path] = typer.Option(None, help="Local weights file/folder for the encoder."),
          spot_px: float = typer.Option(120.0, help="Pseudo-spot diameter in pixels (the image has no mpp)."),
          spacing_px: float = typer.Option(120.0, help="Pseudo-spot centre-to-centre spacing in pixels."),
          max_epochs: Optional[int] = typer.Option(None, help="Default: the training recipe's."), seed: int = typer.Option(2024),
          progress: bool = typer.Option(True, help="Show progress bars.")):
-    """Train on the bundled Xenium lung H&E, score on a held-out side, predict the whole image."""
+    """Train on the bundled Xenium lung H&E, score on a held-out side, predict the whole image (--her2st: on
+    three HER2ST sections, scoring and predicting the fourth)."""
+    echo = lambda msg: console.print(msg, markup=False, highlight=False)  # noqa: E731
+    if her2st:
+        from deepspot.demo import run_her2st_demo
+
+        run_her2st_demo(out or Path("deepspot_demo_her2st"), data_dir=data_dir, encoder_name=encoder,
+                        encoder_weights=encoder_weights, context=context or "spot_neighbors", max_epochs=max_epochs,
+                        seed=seed, progress=progress, echo=echo)
+        return
     from deepspot.demo import run_demo
 
-    run_demo(out, data_dir=data_dir, spot_px=spot_px, spacing_px=spacing_px, encoder_name=encoder,
-             encoder_weights=encoder_weights, max_epochs=max_epochs, seed=seed, progress=progress,
-             echo=lambda msg: console.print(msg, markup=False, highlight=False))
+    run_demo(out or Path("deepspot_demo"), data_dir=data_dir, spot_px=spot_px, spacing_px=spacing_px,
+             encoder_name=encoder, encoder_weights=encoder_weights, context=context or "spot_subspot_neighbors",
+             max_epochs=max_epochs, seed=seed, progress=progress, echo=echo)
 
 
 @app.command()
