@@ -200,6 +200,10 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         raise FileNotFoundError(f"{slide}: file not found")
     if fmt not in ("h5ad", "spatialdata"):
         raise ValueError(f"--format {fmt!r}: use h5ad or spatialdata")
+    if fmt == "spatialdata":
+        from deepspot.extras import require
+
+        require("spatialdata", "spatialdata", "--format spatialdata")
     t0 = time.perf_counter()
     m = ds.load_model(model, device=device, encoder_weights=encoder_weights)
     geo = None
