@@ -84,7 +84,8 @@ def test_spatialdata_plot_draws_a_gene_over_the_image(setup, tmp_path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
+
+    pytest.importorskip("spatialdata_plot")  # registers the .pl accessor (extra [spatialdata])
 
     fig, ax = plt.subplots(figsize=(4, 4))
     n_axes = len(fig.axes)
