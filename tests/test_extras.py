@@ -44,7 +44,7 @@ def test_heavy_packages_are_extras_not_core():
     assert _names(extras["cohort"]) == {"ray"} and _names(extras["hf"]) == {"transformers"}
     assert _names(extras["spatialdata"]) == {"spatialdata", "spatialdata-plot"} and _names(extras["bench"]) == {"psutil"}
     assert {"pytest", "pytest-timeout", "hypothesis", "squidpy"} <= _names(extras["test"])
-    assert "deepspot[cohort,hf]" in extras["test"]
+    assert "deepspot[cohort,hf,spatialdata]" in extras["test"]  # spatialdata-plot: a test plots a SpatialData
 
 
 def test_every_import_in_the_package_is_declared():

@@ -1,7 +1,7 @@
 """The package's layers, lowest first: a module imports only from its own layer's lower rungs or below.
 
 config → io, geometry, plotting → features → models → training, inference, convert → evaluation →
-api, demo → cli. Within a layer no module imports another layer-mate's package (training and inference
+api → demo (it shows the public API) → cli. Within a layer no module imports another layer-mate's package (training and inference
 are independent); plotting imports only config and io.
 """
 import ast
@@ -18,8 +18,9 @@ LAYERS = {
     "models": 3,
     "training": 4, "inference": 4, "convert": 4,
     "evaluation": 5,
-    "api": 6, "demo": 6, "datasets": 6,
-    "cli": 7,
+    "api": 6, "datasets": 6,
+    "demo": 7,
+    "cli": 8,
 }
 ONLY = {"plotting": {"config", "io"}, "io": {"config", "io"}, "geometry": {"config", "geometry"}}
 

@@ -188,7 +188,8 @@ class Model:
                       fast: bool | None = None, layout: str | None = None, spacing: float | None = None,
                       batch_size: int = 16, num_workers: int | None = None, cache_dir=None, progress: bool = True,
                       library_id: str | None = None, n_plot: int = 4,
-                      geometry: SpotGeometry | str | None = None, overwrite: bool = False) -> ad.AnnData:
+                      geometry: SpotGeometry | str | None = None, overwrite: bool = False,
+                      as_spatialdata: bool = False):
         """Predict every in-tissue spot of a virtual grid over ``slide`` (the model's geometry; ``layout``
         and ``spacing`` override its grid, ``mpp`` the slide's µm/px) -> AnnData (spots × genes).
 
@@ -205,6 +206,11 @@ class Model:
 
         Everything that can be checked before compute is, before the encoder is built: the genes, the
         feature mode, the output folder, the slide (opened, its mpp resolved, a thumbnail possible).
+
+        ``as_spatialdata``: return a SpatialData instead (the slide image, the spots as circles of their
+        true radius, the predictions as a table linked to them; extra ``[spatialdata]``); with ``out`` it is
+        ``out/<name>.zarr`` (in place of the h5ad), read back, its table's ``uns['deepspot']['outputs']``
+        listing the files.
         """
         from deepspot.inference import preflight
         from deepspot.inference.predict import predict_image, predict_slide
@@ -221,12 +227,28 @@ class Model:
         common = dict(mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue, fast=fast, layout=layout,
                       spacing=spacing, batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
                       device=self.device, progress=progress, library_id=library_id, geometry=geometry)
+        if as_spatialdata:
+            from deepspot.extras import require
+
+            require("spatialdata", "spatialdata", "predict_slide(as_spatialdata=True)")
         if out is None:
-            return predict_image(slide, self.network, self.config, self.encoder, **common)
+            a = predict_image(slide, self.network, self.config, self.encoder, **common)
+            if not as_spatialdata:
+                return a
+            from deepspot.io.outputs import spatialdata_from_predictions
+
+            return spatialdata_from_predictions(a, slide, mpp=mpp)
         res = predict_slide(slide, self.network, self.config, self.encoder, out, genes=list(genes or []) or None,
-                            n_plot=n_plot, **common)
+                            n_plot=n_plot, fmt="spatialdata" if as_spatialdata else "h5ad", **common)
+        outputs = [str(p) for p in (res.h5ad, res.csv, res.png) if p is not None]
+        if as_spatialdata:
+            import spatialdata
+
+            sdata = spatialdata.read_zarr(res.h5ad)
+            sdata.tables["table"].uns["deepspot"]["outputs"] = outputs
+            return sdata
         a = ad.read_h5ad(res.h5ad, backed="r")
-        a.uns["deepspot"]["outputs"] = [str(p) for p in (res.h5ad, res.csv, res.png) if p is not None]
+        a.uns["deepspot"]["outputs"] = outputs
         return a
 
     def predict_spots(self, adata: ad.AnnData, image, mpp: float | None = None, batch_size: int = 16,

@@ -35,13 +35,42 @@ def _dense(X) -> np.ndarray:
     return np.asarray(X.todense() if hasattr(X, "todense") else X)
 
 
+def nice_length(span: float) -> float:
+    """A round length (1, 2 or 5 × 10^k) of about a fifth of ``span`` (for a scale bar)."""
+    if not span > 0:
+        return 0.0
+    target = span / 5.0
+    k = 10.0 ** np.floor(np.log10(target))
+    return float(max(m * k for m in (1, 2, 5) if m * k <= target))
+
+
+def add_scale_bar(ax, um_per_unit: float, span_units: float) -> float:
+    """A scale bar (lower right) on ``ax`` whose data units are ``um_per_unit`` µm; returns its length (µm)."""
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    um = nice_length(span_units * um_per_unit)
+    if um <= 0:
+        return 0.0
+    label = f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} µm"
+    ax.add_artist(AnchoredSizeBar(ax.transData, um / um_per_unit, label, "lower right", pad=0.4, color="black",
+                                  frameon=True, size_vertical=max(span_units / 150.0, 1.0), fontproperties={"size": 8}))
+    return um
+
+
 def spatial(adata: ad.AnnData, genes: list[str] | None = None, n_genes: int = 4, library_id: str | None = None,
-            layer: str | None = None, title: str = "", axes=None, path: str | Path | None = None) -> list:
-    """One panel per gene: spots coloured by (predicted) expression on the H&E thumbnail.
+            layer: str | None = None, title: str = "", axes=None, path: str | Path | None = None,
+            units: str | None = None, mpp: float | None = None, scale_bar: bool = True, crop: bool = False,
+            titles: dict | None = None, alpha: float = 0.85, ncols: int | None = None) -> list:
+    """One panel per gene: spots coloured by (predicted) expression on the H&E thumbnail, drawn as discs of
+    their true diameter, each panel with its colour bar (labelled ``units``, default the prediction's
+    ``uns['deepspot']['values']``) and, when the µm per pixel is known (``mpp`` or the prediction's), a
+    scale bar.
 
     adata: spots × genes with obsm['spatial'] (x, y) full-resolution px and, optionally,
     uns['spatial'][library_id] (thumbnail 'hires' + scalefactors). Without ``genes``, the ``n_genes``
-    genes with the highest variance are shown. Returns the list of Axes (one per gene).
+    genes with the highest variance are shown. ``crop``: zoom to the spots (plus one spot of margin).
+    ``titles``: gene -> panel title; ``ncols``: panels per row (default: all in one row). Returns the list
+    of Axes (one per gene).
     """
     from matplotlib.collections import EllipseCollection
 
@@ -62,28 +91,40 @@ def spatial(adata: ad.AnnData, genes: list[str] | None = None, n_genes: int = 4,
         diam = float(info["scalefactors"]["spot_diameter_fullres"])
     xy = np.asarray(adata.obsm["spatial"], dtype=float) * scale
     if axes is None:
-        fig, grid = _figure(1, len(genes), (4.2, 4.2), path is not None)
-        axes = list(grid[0])
+        cols = max(1, min(ncols or len(genes), len(genes)))
+        fig, grid = _figure(-(-len(genes) // cols), cols, (4.2, 4.2), path is not None)
+        axes = list(grid.ravel())
+        for ax in axes[len(genes):]:
+            ax.set_axis_off()
     else:
         axes = list(np.ravel(axes))
         if len(axes) < len(genes):
             raise ValueError(f"{len(genes)} genes need {len(genes)} axes, got {len(axes)}")
         fig = axes[0].figure
     d = diam * scale  # spot diameter in thumbnail pixels (data units)
+    info = adata.uns.get("deepspot", {})
+    units = units if units is not None else info.get("values")
+    if mpp is None and float(info.get("mpp", -1) or -1) > 0:
+        mpp = float(info["mpp"])
     for ax, g in zip(axes, genes):
         if img is not None:
             ax.imshow(img)
         coll = EllipseCollection(widths=d, heights=d, angles=0, units="xy", offsets=xy,
-                                 offset_transform=ax.transData, cmap="viridis", alpha=0.85, linewidths=0)
+                                 offset_transform=ax.transData, cmap="viridis", alpha=alpha, linewidths=0)
         coll.set_array(np.asarray(X[:, names.index(g)], dtype=float))
         ax.add_collection(coll)
-        if img is None and len(xy):
+        if (img is None or crop) and len(xy):
             ax.set_xlim(xy[:, 0].min() - d, xy[:, 0].max() + d)
             ax.set_ylim(xy[:, 1].max() + d, xy[:, 1].min() - d)
         ax.set_aspect("equal")
-        ax.set_title(g)
+        ax.set_title((titles or {}).get(g, g), fontsize=10)
         ax.set_axis_off()
-        fig.colorbar(coll, ax=ax, fraction=0.046, pad=0.02)
+        bar = fig.colorbar(coll, ax=ax, fraction=0.046, pad=0.02)
+        if units:
+            bar.set_label(units, fontsize=8)
+        if scale_bar and mpp:
+            x0, x1 = ax.get_xlim()
+            add_scale_bar(ax, mpp / scale, abs(x1 - x0))
     if title:
         fig.suptitle(title)
     if path is not None:
@@ -104,7 +145,8 @@ def spatial_columns(skeleton: ad.AnnData, X, genes: list[str], path, max_side: i
     sf = dict(info["scalefactors"], tissue_hires_scalef=info["scalefactors"]["tissue_hires_scalef"] / k)
     small = ad.AnnData(X=vals.astype(np.float32), obs=skeleton.obs[[]].copy(), var=pd.DataFrame(index=genes),
                        obsm={"spatial": skeleton.obsm["spatial"]},
-                       uns={"spatial": {lib: {"images": {"hires": img[::k, ::k]}, "scalefactors": sf}}})
+                       uns={"spatial": {lib: {"images": {"hires": img[::k, ::k]}, "scalefactors": sf}},
+                            "deepspot": dict(skeleton.uns.get("deepspot", {}))})  # mpp and units for the bars
     return spatial(small, genes=genes, title=title, path=path)
 
 

@@ -40,6 +40,8 @@ def predict_cohort(
                                      "options or mpp): write this run into a new folder <out>-2, -3…"),
         overwrite: bool = typer.Option(False, "--overwrite", help="Remove the results and state already in --out, "
                                        "then run every slide."),
+        fmt: str = typer.Option("h5ad", "--format", help="h5ad, or spatialdata: <id>.zarr (slide image, spot "
+                                "circles, prediction table; extra [spatialdata]) in place of <id>.h5ad."),
         progress: bool = typer.Option(True, help="Show a progress bar over slides.")):
     """Predict a cohort of slides: one task per slide, skips finished slides on rerun, never stops on a bad one.
 
@@ -55,7 +57,7 @@ def predict_cohort(
                    max_in_flight=max_in_flight, retry_failed=retry_failed, mpp=mpp, tissue=tissue,
                    batch_size=batch_size, num_workers=num_workers, plot_genes=plot_genes, device=device,
                    autocast=autocast, encoder_weights=encoder_weights, cache_dir=cache_dir, progress=progress,
-                   echo=console.print, new_run=new_run, overwrite=overwrite)
+                   echo=console.print, new_run=new_run, overwrite=overwrite, fmt=fmt)
     spots = sum(r.n_spots for r in s.ran if r.ok)
     console.print(f"ran {len(s.ran)} slides in {s.seconds:.1f} s ({spots} spots); "
                   f"{s.n_done} done in total, {len(s.failures)} failed → {s.out_dir}")

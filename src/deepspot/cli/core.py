@@ -17,20 +17,33 @@ def _split(s: Optional[str]) -> Optional[list[str]]:
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("deepspot_demo"), help="Output folder."),
-         data_dir: Optional[Path] = typer.Option(None, help="Folder with ncbi858/ (else $DEEPSPOT_DATA_DIR, a checkout's shared/data, the user cache; downloaded once if missing)."),
+def demo(out: Optional[Path] = typer.Option(None, help="Output folder (default: deepspot_demo, or deepspot_demo_her2st)."),
+         her2st: bool = typer.Option(False, "--her2st", help="The HER2ST demo: train on sections C2-C4, score C5 next "
+                                     "to ridge, predict all of C5 on a virtual grid (real 100 µm spots)."),
+         context: Optional[str] = typer.Option(None, help="Spot context (default: spot_subspot_neighbors; --her2st: "
+                                               "spot_neighbors, to stay within minutes on 2 cores)."),
+         data_dir: Optional[Path] = typer.Option(None, help="Folder with ncbi858/ or her2st/ (else $DEEPSPOT_DATA_DIR, a checkout's shared/data, the user cache; downloaded once if missing)."),
          encoder: str = typer.Option("efficientnet-lite0", help="Encoder name (see `deepspot encoders`)."),
          encoder_weights: Optional[Path] = typer.Option(None, help="Local weights file/folder for the encoder."),
          spot_px: float = typer.Option(120.0, help="Pseudo-spot diameter in pixels (the image has no mpp)."),
          spacing_px: float = typer.Option(120.0, help="Pseudo-spot centre-to-centre spacing in pixels."),
          max_epochs: Optional[int] = typer.Option(None, help="Default: the training recipe's."), seed: int = typer.Option(2024),
          progress: bool = typer.Option(True, help="Show progress bars.")):
-    """Train on the bundled Xenium lung H&E, score on a held-out side, predict the whole image."""
+    """Train on the bundled Xenium lung H&E, score on a held-out side, predict the whole image (--her2st: on
+    three HER2ST sections, scoring and predicting the fourth)."""
+    echo = lambda msg: console.print(msg, markup=False, highlight=False)  # noqa: E731
+    if her2st:
+        from deepspot.demo import run_her2st_demo
+
+        run_her2st_demo(out or Path("deepspot_demo_her2st"), data_dir=data_dir, encoder_name=encoder,
+                        encoder_weights=encoder_weights, context=context or "spot_neighbors", max_epochs=max_epochs,
+                        seed=seed, progress=progress, echo=echo)
+        return
     from deepspot.demo import run_demo
 
-    run_demo(out, data_dir=data_dir, spot_px=spot_px, spacing_px=spacing_px, encoder_name=encoder,
-             encoder_weights=encoder_weights, max_epochs=max_epochs, seed=seed, progress=progress,
-             echo=lambda msg: console.print(msg, markup=False, highlight=False))
+    run_demo(out or Path("deepspot_demo"), data_dir=data_dir, spot_px=spot_px, spacing_px=spacing_px,
+             encoder_name=encoder, encoder_weights=encoder_weights, context=context or "spot_subspot_neighbors",
+             max_epochs=max_epochs, seed=seed, progress=progress, echo=echo)
 
 
 @app.command()
@@ -182,8 +195,11 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
             cache_dir: Optional[Path] = typer.Option(None, help="Keep/reuse the feature store here."),
             overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous result of this slide "
                                            "in --out (else refused)."),
+            fmt: str = typer.Option("h5ad", "--format", help="h5ad, or spatialdata: <name>.zarr with the slide "
+                                    "image, spot circles and the prediction table (extra [spatialdata])."),
             progress: bool = typer.Option(True)):
-    """Predict every in-tissue spot of a virtual grid over a slide: h5ad + spots CSV + PNG (memory stays flat)."""
+    """Predict every in-tissue spot of a virtual grid over a slide: h5ad (or SpatialData zarr) + spots CSV + PNG
+    (memory stays flat)."""
     import time
     import warnings
 
@@ -191,6 +207,12 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
 
     if not slide.exists():
         raise FileNotFoundError(f"{slide}: file not found")
+    if fmt not in ("h5ad", "spatialdata"):
+        raise ValueError(f"--format {fmt!r}: use h5ad or spatialdata")
+    if fmt == "spatialdata":
+        from deepspot.extras import require
+
+        require("spatialdata", "spatialdata", "--format spatialdata")
     check_out_dir(out)
     # before torch is imported
     check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes), geometry=geometry)
@@ -208,7 +230,8 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         pred = m.predict_slide(slide, out=out, genes=_split(genes), mpp=mpp, tissue=tissue, min_tissue=min_tissue,
                                fast=fast, layout=layout, spacing=spacing, batch_size=batch_size,
                                num_workers=num_workers, cache_dir=cache_dir, progress=progress, geometry=geo,
-                               overwrite=overwrite)
+                               overwrite=overwrite, as_spatialdata=fmt == "spatialdata")
+    pred = pred.tables["table"] if fmt == "spatialdata" else pred
     info = pred.uns["deepspot"]
     for msg in [str(w.message) for w in caught] + [f"geometry: {n}" for n in info["geometry_notes"]]:
         typer.echo(f"deepspot: warning: {msg}", err=True)

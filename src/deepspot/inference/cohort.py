@@ -130,9 +130,12 @@ def check_output_dir(out: str | Path) -> Path:
     return out
 
 
-def output_paths(out_dir: str | Path, slide_id: str) -> dict[str, Path]:
-    """The files a finished slide has (the gene plot, ``<id>_genes.png``, is optional)."""
+def output_paths(out_dir: str | Path, slide_id: str, fmt: str = "h5ad") -> dict[str, Path]:
+    """The files a finished slide has (the gene plot, ``<id>_genes.png``, is optional); ``fmt``
+    'spatialdata' has ``<id>.zarr`` in place of ``<id>.h5ad``."""
     out_dir = Path(out_dir)
+    if fmt == "spatialdata":
+        return {"zarr": out_dir / f"{slide_id}.zarr", "csv": out_dir / f"{slide_id}_spots.csv"}
     return {"h5ad": out_dir / f"{slide_id}.h5ad", "csv": out_dir / f"{slide_id}_spots.csv"}
 
 
@@ -141,7 +144,7 @@ def remove_partials(out_dir: str | Path, jobs: Iterable[SlideJob]) -> list[Path]
     see io/outputs.atomic_path) and per-slide work folders (``.<id>.work-*``). Returns what was removed."""
     out_dir, removed = Path(out_dir), []
     for job in jobs:
-        outs = [*output_paths(out_dir, job.id).values(), out_dir / f"{job.id}_genes.png"]
+        outs = [*output_paths(out_dir, job.id).values(), out_dir / f"{job.id}.zarr", out_dir / f"{job.id}_genes.png"]
         patterns = [f".{p.name}.*.partial{p.suffix}" for p in outs]
         for tmp in (t for pat in patterns + [f".{job.id}.work-*"] for t in out_dir.glob(pat)):
             if tmp.is_dir():
@@ -231,12 +234,13 @@ class CohortState:
             os.fsync(fh.fileno())
 
 
-def plan(jobs: list[SlideJob], state: dict[str, dict], out_dir: Path, retry_failed: bool = False):
+def plan(jobs: list[SlideJob], state: dict[str, dict], out_dir: Path, retry_failed: bool = False,
+         fmt: str = "h5ad"):
     """Split jobs into (to run, already done, failed and not retried)."""
     todo, done, failed = [], [], []
     for job in jobs:
         rec = state.get(job.id)
-        complete = all(p.exists() for p in output_paths(out_dir, job.id).values())
+        complete = all(p.exists() for p in output_paths(out_dir, job.id, fmt).values())
         if rec is not None and rec["status"] == "done" and complete:
             done.append(job)
         elif rec is not None and rec["status"] == "failed" and not retry_failed:
@@ -264,6 +268,7 @@ class PredictOptions:
     device: str = "auto"
     autocast: str | None = None
     cache_dir: str | None = None
+    fmt: str = "h5ad"  # or "spatialdata" (<id>.zarr)
 
 
 def resolve_device(device: str) -> str:
@@ -322,7 +327,7 @@ def predict_job(job: SlideJob, out_dir: str | Path, predictor: SlidePredictor) -
                                     n_plot=opts.plot_genes, mpp=job.mpp, tissue=opts.tissue,
                                     batch_size=opts.batch_size, num_workers=opts.num_workers,
                                     cache_dir=opts.cache_dir, device=predictor.device, autocast_dtype=opts.autocast,
-                                    progress=False, library_id=job.id, name=job.id)
+                                    progress=False, library_id=job.id, name=job.id, fmt=opts.fmt)
     except Exception as e:  # noqa: BLE001 - one bad slide must not stop the cohort
         log.debug("slide %s failed", job.id, exc_info=True)
         return SlideResult(job.id, "failed", _one_line(e), seconds=time.perf_counter() - t0, path=str(job.path),
@@ -431,6 +436,9 @@ def clear_previous(out_dir: Path, state: dict[str, dict]) -> int:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 n += 1
+        if (out_dir / f"{sid}.zarr").is_dir():  # --format spatialdata
+            shutil.rmtree(out_dir / f"{sid}.zarr")
+            n += 1
     for name in (STATE_FILE, SUMMARY_FILE, RUN_FILE):
         with contextlib.suppress(FileNotFoundError):
             (out_dir / name).unlink()
@@ -549,7 +557,7 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
                device: str = "auto",
                autocast: str | None = None, encoder_weights: str | Path | None = None,
                cache_dir: str | Path | None = None, progress: bool = True, echo=print, new_run: bool = False,
-               overwrite: bool = False) -> CohortSummary:
+               overwrite: bool = False, fmt: str = "h5ad") -> CohortSummary:
     """Predict every slide of a manifest into ``out_dir`` (see the module doc); resumable.
 
     Checks the manifest, the output folder, the checkpoint and its encoder, and that the folder holds no
@@ -565,6 +573,12 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
         from deepspot.extras import require
 
         require("ray", "cohort", "predict-cohort --backend ray", " (or use --backend local)")
+    if fmt not in ("h5ad", "spatialdata"):
+        raise ValueError(f"unknown output format {fmt!r}; use h5ad or spatialdata")
+    if fmt == "spatialdata":
+        from deepspot.extras import require
+
+        require("spatialdata", "spatialdata", "predict-cohort --format spatialdata")
     if num_cpus < 0 or num_gpus < 0:
         raise ValueError("num_cpus and num_gpus must be ≥ 0")
     if tissue not in ("otsu", "mean_rgb", "none"):
@@ -583,7 +597,8 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
                           encoder_weights=str(Path(encoder_weights).resolve()) if encoder_weights else None,
                           tissue=tissue, batch_size=batch_size, num_workers=num_workers, plot_genes=plot_genes,
                           device=device,
-                          autocast=autocast, cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None)
+                          autocast=autocast, cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None,
+                          fmt=fmt)
     fp = run_fingerprint(opts)
     out = Path(out_dir)
     if new_run and fingerprint_changes(out, fp, jobs, CohortState(out).load()):
@@ -605,7 +620,7 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
                              f"(a new folder) or --overwrite (replace them)")
         write_run_file(out, fp)
         removed = remove_partials(out, jobs)
-        todo, done, failed = plan(jobs, prior, out, retry_failed=retry_failed)
+        todo, done, failed = plan(jobs, prior, out, retry_failed=retry_failed, fmt=fmt)
         echo(f"{len(jobs)} slides: {len(done)} already done, {len(failed)} failed before"
              f"{' (not retried; --retry-failed to retry)' if failed else ''}, {len(todo)} to run"
              f" ({backend} backend)" + (f"; removed {len(removed)} leftovers of a killed run" if removed else ""))

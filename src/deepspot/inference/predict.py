@@ -40,9 +40,11 @@ from deepspot.geometry.grid import make_grid
 from deepspot.geometry.neighbors import array_neighbors
 from deepspot.features.tiles import spot_boxes
 from deepspot.geometry.tissue import BACKGROUND_MEAN_RGB, tile_mean_rgb, tissue_spots
-from deepspot.io.outputs import add_spatial_image, atomic_path, write_h5ad_chunked
+from deepspot.io.outputs import add_spatial_image, atomic_dir, atomic_path, write_h5ad_chunked
 from deepspot.io.slides import open_slide
 from deepspot.models.bags import iter_predictions
+
+FORMATS = ("h5ad", "spatialdata")
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +310,7 @@ def spot_table(adata: ad.AnnData) -> pd.DataFrame:
 
 @dataclass
 class PredictResult:
-    h5ad: Path
+    h5ad: Path  # the predictions: <name>.h5ad, or <name>.zarr (SpatialData) for fmt='spatialdata'
     csv: Path
     png: Path | None
     n_spots: int
@@ -343,9 +345,12 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
                   autocast_dtype=None, progress: bool = True, library_id: str | None = None,
                   thumbnail_size: int = 2000, predict_batch: int = 512, name: str | None = None,
                   meta: dict | None = None, stats: ExtractStats | None = None,
-                  max_spots: int | None = None, geometry: SpotGeometry | str | None = None) -> PredictResult:
+                  max_spots: int | None = None, geometry: SpotGeometry | str | None = None,
+                  fmt: str = "h5ad") -> PredictResult:
     """Predict a whole slide with flat memory and write ``<name>.h5ad``, ``<name>_spots.csv`` and
-    ``<name>_genes.png`` (``genes`` or the ``n_plot`` most variable) into ``out_dir``.
+    ``<name>_genes.png`` (``genes`` or the ``n_plot`` most variable) into ``out_dir``. ``fmt='spatialdata'``
+    writes ``<name>.zarr`` (SpatialData: slide image, spot circles, prediction table; see
+    :func:`deepspot.io.outputs.spatialdata_from_predictions`) instead of the h5ad.
 
     Features go to ``cache_dir`` (kept, reused next time) or to a work folder inside ``out_dir`` (removed);
     predictions stream into a zarr array there and are copied into the h5ad in chunks. The three outputs
@@ -364,6 +369,12 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
     mode = _mode(config, fast)
     all_genes = list(config.genes)
     config.check_genes(genes)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown output format {fmt!r}; use {' or '.join(FORMATS)}")
+    if fmt == "spatialdata":
+        from deepspot.extras import require
+
+        require("spatialdata", "spatialdata", "--format spatialdata")  # before any compute
     plan = plan_slide(slide_path, config.geometry, mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue_fraction,
                       thumbnail_size=thumbnail_size, layout=layout, spacing=spacing, meta=meta)
     if max_spots is not None and len(plan.grid) > max_spots:
@@ -374,7 +385,8 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.work-", dir=out_dir))
-    paths = (out_dir / f"{name}.h5ad", out_dir / f"{name}_spots.csv", out_dir / f"{name}_genes.png")
+    main = out_dir / (f"{name}.zarr" if fmt == "spatialdata" else f"{name}.h5ad")
+    paths = (main, out_dir / f"{name}_spots.csv", out_dir / f"{name}_genes.png")
     try:
         skel = _skeleton(plan, config, library_id, mode)
         n, g = skel.shape
@@ -395,8 +407,15 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
         pred.flush()
         plot = list(genes) if genes else [all_genes[i] for i in moments.top(n_plot)] if n else []
         with contextlib.ExitStack() as stack:
-            tmp = [stack.enter_context(atomic_path(p)) for p in paths[:2 if not (n and plot) else 3]]
-            write_h5ad_chunked(skel, pred.array, tmp[0])
+            tmp = [stack.enter_context(atomic_dir(p) if p.suffix == ".zarr" else atomic_path(p))
+                   for p in paths[:2 if not (n and plot) else 3]]
+            if fmt == "spatialdata":
+                from deepspot.io.outputs import spatialdata_from_predictions, write_spatialdata
+
+                write_spatialdata(spatialdata_from_predictions(skel, slide_path, X=pred.array, mpp=plan.mpp), tmp[0],
+                                  atomic=False)
+            else:
+                write_h5ad_chunked(skel, pred.array, tmp[0])
             spot_table(skel).to_csv(tmp[1], index=True)
             if len(tmp) == 3:
                 plotting.spatial_columns(skel, pred.array, plot, tmp[2])

@@ -5,6 +5,8 @@ the ``shared/data`` folder next to the project when run from a source checkout (
 file's location, never from the working directory), and the user cache (``pooch.os_cache("deepspot")``),
 which is filled by download on first use; cached files are used only when their sha256 matches. Local names: ``ncbi858/NCBI858.{h5ad,jpg,json}``
 and ``her2st/{S}_counts.tsv.gz``, ``her2st/{S}_spots.tsv``, ``her2st/{S}_HE.jpg`` for S in C2-C5.
+
+``tcga`` (:mod:`deepspot.io.tcga`): the original's published TCGA predictions, a Hugging Face dataset.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import NamedTuple
 import anndata as ad
 
 __all__ = ["DataError", "REGISTRY", "HER2ST_SECTIONS", "Source", "cache_dir", "checkout_data_dir", "fetch",
-           "her2st", "her2st_adata", "locate", "ncbi858", "ncbi858_files", "search_dirs"]
+           "her2st", "her2st_adata", "locate", "ncbi858", "ncbi858_files", "search_dirs", "tcga"]
 
 ENV_VAR = "DEEPSPOT_DATA_DIR"
 _RAW = "https://github.com/{repo}/raw/{commit}/{path}"
@@ -202,3 +204,6 @@ def her2st_adata(section: str, data_dir: str | Path | None = None) -> ad.AnnData
     from deepspot.io.spatial import read_her2st
 
     return read_her2st(f["counts"], spots=f["spots"], image=f["image"], sample=section)
+
+
+from deepspot.io import tcga  # noqa: E402  (ds.datasets.tcga: the published TCGA predictions, Hugging Face)

@@ -1,4 +1,4 @@
-"""Outputs written atomically (temp name in the same folder, then rename): h5ad, CSV, PNG."""
+"""Outputs written atomically (temp name in the same folder, then rename): h5ad, CSV, PNG, SpatialData zarr."""
 from __future__ import annotations
 
 import contextlib
@@ -77,3 +77,139 @@ def add_spatial_image(adata: ad.AnnData, library_id: str, thumbnail: np.ndarray,
         "scalefactors": {"tissue_hires_scalef": float(scale), "spot_diameter_fullres": float(spot_diameter_px)},
         "metadata": {k: str(v) for k, v in metadata.items()},
     }}
+
+
+# --------------------------------------------------------------------------- SpatialData
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a (not yet existing) temp path beside folder ``path`` (``.<name>.<random>.partial<suffix>``);
+    on success it replaces ``path`` (an old ``path`` is moved aside first, then deleted), on error it is
+    removed."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial" + path.suffix, dir=path.parent))
+    tmp.rmdir()  # writers (zarr, spatialdata) want to create the folder themselves
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class SlideArray:
+    """Level 0 of a slide as a lazy (3, H, W) uint8 array (c, y, x) for ``dask.array.from_array``: each
+    block is one ``read_region``; the slide is opened on first read and reopened after pickling."""
+
+    def __init__(self, slide_path: str | Path, mpp: float | None = None):
+        from deepspot.io.slides import open_slide
+
+        self.path, self.mpp = Path(slide_path), mpp
+        with open_slide(self.path, mpp=mpp) as s:
+            w, h = s.dimensions
+        self.shape, self.dtype, self.ndim = (3, int(h), int(w)), np.dtype(np.uint8), 3
+        self._slide = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_slide": None}
+
+    def __getitem__(self, key):
+        from deepspot.io.slides import open_slide
+
+        c, ys, xs = (tuple(key) + (slice(None),) * 3)[:3]
+        y0, y1, _ = ys.indices(self.shape[1])
+        x0, x1, _ = xs.indices(self.shape[2])
+        if y1 <= y0 or x1 <= x0:
+            return np.zeros((3, max(y1 - y0, 0), max(x1 - x0, 0)), np.uint8)[c]
+        if self._slide is None:
+            self._slide = open_slide(self.path, mpp=self.mpp)
+        block = self._slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0))  # (h, w, 3)
+        return np.ascontiguousarray(np.moveaxis(block, -1, 0))[c]
+
+
+def spatialdata_from_predictions(adata: ad.AnnData, slide_path: str | Path, X=None, mpp: float | None = None,
+                                 image_key: str = "he", shapes_key: str = "spots", table_key: str = "table",
+                                 chunk: int = 2048, smallest: int = 1024):
+    """A SpatialData of a prediction: ``images[image_key]``, the slide (level 0 read lazily, a x2 pyramid
+    down to ``smallest`` px), ``shapes[shapes_key]``, the spots as circles of their true radius, and
+    ``tables[table_key]``, the predictions (spots × genes) linked to the circles (``region`` =
+    ``shapes_key``, ``instance_key`` = 'spot_id', the circle's index). Coordinates: 'global' is the
+    slide's level-0 pixels (identity for all three); with an mpp (``mpp`` or the prediction's), 'um' is
+    microns.
+
+    adata: the prediction AnnData (obsm['spatial'] (x, y) level-0 px, uns['deepspot']['spot_diameter_px']
+    or uns['spatial'] scalefactors); X: its (N, G) values when adata has none (zarr / h5py / numpy, read
+    lazily through dask). Needs the extra ``[spatialdata]`` (callers check it with ``deepspot.extras``)."""
+    import dask.array as da
+    import pandas as pd
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    info = dict(adata.uns.get("deepspot", {}))
+    diam = info.get("spot_diameter_px")
+    if diam is None:
+        lib = next(iter(adata.uns.get("spatial", {}).values()), {})
+        diam = lib.get("scalefactors", {}).get("spot_diameter_fullres")
+    if diam is None:
+        raise ValueError(f"{slide_path}: the prediction does not record its spot diameter in pixels")
+    mpp = mpp if mpp is not None else (info.get("mpp") if (info.get("mpp") or -1) > 0 else None)
+
+    def transforms():
+        t = {"global": Identity()}
+        if mpp:
+            t["um"] = Scale([float(mpp), float(mpp)], axes=("y", "x"))
+        return t
+
+    arr = SlideArray(slide_path, mpp=mpp)
+    h, w = arr.shape[1:]
+    n_scales = max(0, int(np.ceil(np.log2(max(h, w) / smallest)))) if max(h, w) > smallest else 0
+    image = Image2DModel.parse(da.from_array(arr, chunks=(3, chunk, chunk)), dims=("c", "y", "x"),
+                               c_coords=["r", "g", "b"], scale_factors=[2] * n_scales or None,
+                               transformations=transforms())
+    n = adata.n_obs
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64).reshape(n, 2)
+    circles = ShapesModel.parse(xy, geometry=0, radius=np.full(n, float(diam) / 2.0), index=pd.RangeIndex(n),
+                                transformations=transforms())
+    values = X if X is not None else adata.X
+    if values is None:
+        raise ValueError(f"{slide_path}: the prediction has no values (X)")
+    if tuple(values.shape) != (n, adata.n_vars):
+        raise ValueError(f"{slide_path}: X has shape {tuple(values.shape)}, the prediction is {n} x {adata.n_vars}")
+    obs = adata.obs.copy()
+    obs["region"] = pd.Categorical([shapes_key] * n)
+    obs["spot_id"] = np.arange(n)
+    rows = max(1, min(n, 4096))
+    table = ad.AnnData(X=da.from_array(values, chunks=(rows, max(adata.n_vars, 1))).astype(np.float32) if n
+                       else np.zeros((0, adata.n_vars), np.float32),
+                       obs=obs, var=adata.var.copy(), obsm={"spatial": xy},
+                       uns={k: v for k, v in adata.uns.items() if k != "spatial"})
+    table = TableModel.parse(table, region=shapes_key, region_key="region", instance_key="spot_id")
+    return sd.SpatialData(images={image_key: image}, shapes={shapes_key: circles}, tables={table_key: table})
+
+
+def write_spatialdata(sdata, path: str | Path, atomic: bool = True) -> Path:
+    """Write a SpatialData zarr (``atomic``: into a temp folder beside ``path``, renamed when complete)."""
+    import warnings
+
+    import dask
+
+    path = Path(path)
+    if not atomic:
+        with warnings.catch_warnings(), dask.config.set(scheduler="synchronous"):
+            warnings.filterwarnings("ignore", message=".*autosharding.*")  # zarr's notice, not ours to act on
+            sdata.write(path)
+        return path
+    with atomic_dir(path) as tmp:
+        write_spatialdata(sdata, tmp, atomic=False)
+    return path
