@@ -27,7 +27,8 @@ def predict_cohort(
         retry_failed: bool = typer.Option(False, help="Run slides that failed before again."),
         mpp: Optional[float] = typer.Option(None, help="µm per pixel for slides whose manifest row has none "
                                                        "(overrides the file's)."),
-        tissue: str = typer.Option("otsu", help="Tissue filter: otsu, mean_rgb or none."),
+        tissue: Optional[str] = typer.Option(None, help="Tissue filter: otsu, mean_rgb, tile_mean_rgb or none "
+                                             "(default: the model geometry's, otsu for ours)."),
         batch_size: int = typer.Option(16, help="Spots per encoder batch."),
         num_workers: int = typer.Option(0, help="DataLoader workers per slide (crop reading)."),
         plot_genes: int = typer.Option(0, help="Also write <id>_genes.png with the N most variable genes."),

@@ -261,7 +261,7 @@ class PredictOptions:
 
     model: str
     encoder_weights: str | None = None
-    tissue: str = "otsu"
+    tissue: str | None = None  # None: the model geometry's filter
     batch_size: int = 16
     num_workers: int = 0
     plot_genes: int = 0
@@ -553,7 +553,7 @@ def write_summary(out_dir: Path, jobs: list[SlideJob], state: dict[str, dict]) -
 def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, backend: str = "ray",
                address: str | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
                max_in_flight: int | None = None, retry_failed: bool = False, mpp: float | None = None,
-               tissue: str = "otsu", batch_size: int = 16, num_workers: int = 0, plot_genes: int = 0,
+               tissue: str | None = None, batch_size: int = 16, num_workers: int = 0, plot_genes: int = 0,
                device: str = "auto",
                autocast: str | None = None, encoder_weights: str | Path | None = None,
                cache_dir: str | Path | None = None, progress: bool = True, echo=print, new_run: bool = False,
@@ -581,8 +581,8 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
         require("spatialdata", "spatialdata", "predict-cohort --format spatialdata")
     if num_cpus < 0 or num_gpus < 0:
         raise ValueError("num_cpus and num_gpus must be ≥ 0")
-    if tissue not in ("otsu", "mean_rgb", "none"):
-        raise ValueError(f"unknown tissue filter {tissue!r}; use otsu, mean_rgb or none")
+    if tissue not in (None, "otsu", "mean_rgb", "tile_mean_rgb", "none"):
+        raise ValueError(f"unknown tissue filter {tissue!r}; use otsu, mean_rgb, tile_mean_rgb or none")
     jobs = read_cohort(manifest, default_mpp=mpp)
     cfg = read_config(model)  # every field checked
     if not (Path(model) / WEIGHTS_FILE).exists():
