@@ -244,12 +244,12 @@ def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
          genes: Optional[str] = typer.Option(None, help="Comma-separated genes (default: the most variable)."),
          out: Optional[Path] = typer.Option(None, help="PNG path (default: beside the h5ad).")):
     """Plot predicted genes over the H&E thumbnail."""
+    if not h5ad.exists():
+        raise FileNotFoundError(f"{h5ad}: file not found")
     import anndata as ad
 
     import deepspot as ds
 
-    if not h5ad.exists():
-        raise FileNotFoundError(f"{h5ad}: file not found")
     path = out or h5ad.with_suffix(".png")
     ds.pl.spatial(ad.read_h5ad(h5ad), genes=_split(genes), path=path)
     console.print(f"wrote {path}")

@@ -31,16 +31,14 @@ oversampling of the training spots, and a panel of the top 5,000 HVGs by scanpy'
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import lightning as L
-import numpy as np
+if TYPE_CHECKING:  # numpy, torch and Lightning are imported on use: the CLI reads the defaults without them
+    import numpy as np
 
-from deepspot.config import Scaler
-from deepspot.models.bags import Bags
-from deepspot.models.deepsets import CONTEXTS, POOLS, DeepSpot
-from deepspot.models.losses import LOSSES
-from deepspot.training.fit import MONITORS, fit
+    from deepspot.config import Scaler
+    from deepspot.models.bags import Bags
+    from deepspot.models.deepsets import DeepSpot
 
 HVG_FLAVORS = ("seurat", "seurat_v3")
 
@@ -71,6 +69,10 @@ class SpotRecipe:
     preset: str = "deepspot"  # the preset these settings started from (recorded in the checkpoint)
 
     def __post_init__(self):
+        from deepspot.models.deepsets import CONTEXTS, POOLS
+        from deepspot.models.losses import LOSSES
+        from deepspot.training.fit import MONITORS
+
         checks = [(self.context in CONTEXTS, f"context {self.context!r}: choose one of {', '.join(CONTEXTS)}"),
                   (self.subspot_pool in POOLS, f"subspot_pool {self.subspot_pool!r}: choose {', '.join(POOLS)}"),
                   (self.neighbor_pool in POOLS, f"neighbor_pool {self.neighbor_pool!r}: choose {', '.join(POOLS)}"),
@@ -143,6 +145,8 @@ def block_validation(rows: Sequence[np.ndarray], array_rows: Sequence[np.ndarray
     are rarely validation spots). ``rows[i]``: the sample's row numbers in the stacked data,
     ``array_rows[i]``: their array_row. A sample with fewer than ``min_spots`` spots trains only.
     Returns sorted (train, val) row numbers."""
+    import numpy as np
+
     tr, va = [], []
     for r, a in zip(rows, array_rows):
         r, a = np.asarray(r), np.asarray(a, dtype=np.float64)
@@ -164,6 +168,10 @@ def build_spot_model(recipe: SpotRecipe, in_dim: int, n_genes: int, train_spot_f
                      context: str | None = None) -> DeepSpot:
     """A seeded DeepSpot of the recipe, its input projection fitted on the training spots' features (N, d).
     The projection keeps at most min(input_proj, N - 1, d) axes."""
+    import lightning as L
+
+    from deepspot.models.deepsets import DeepSpot
+
     L.seed_everything(recipe.seed, verbose=False)  # model init is part of the seeded run
     k = recipe.input_proj
     if k is not None:
@@ -186,6 +194,11 @@ def fit_spot_model(recipe: SpotRecipe, bags: Bags, targets: np.ndarray, train_id
     validation spots too (they are only logged). ``recipe.oversample``: the training spots are
     resampled so that every Leiden cluster of their targets is as large as the largest.
     Returns (model in eval mode with its best weights, scaler or None, fit summary)."""
+    import numpy as np
+
+    from deepspot.config import Scaler
+    from deepspot.training.fit import fit
+
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     if len(val_idx) == 0:
         raise ValueError("no validation spots for early stopping")
