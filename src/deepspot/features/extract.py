@@ -33,6 +33,9 @@ from deepspot.features.tiles import make_crops, pool_regions, read_size, spot_bo
 
 log = logging.getLogger(__name__)
 
+# Standard mode: at most this many crops per encoder forward pass (activations, not weights, set the peak
+# memory). Chosen by the batch-size sweep of benchmarks/fair_predict.py (docs/scaling.md).
+FORWARD_BATCH = 64
 
 
 def check_mode(mode: str) -> str:
@@ -124,9 +127,8 @@ def encode_batch(encoder, crops: torch.Tensor, n_sub: int, mode: str = "standard
     """
     b, c = crops.shape[:2]
     if mode == "standard" or n_sub == 0:
-        # at most 64 crops per forward pass: activations, not weights, set the peak memory
         f = encoder.encode(crops.reshape(b * c, *crops.shape[2:]), device=device, autocast_dtype=autocast_dtype,
-                           batch_size=64)
+                           batch_size=FORWARD_BATCH)
         f = f.reshape(b, c, -1).numpy()
         return f[:, 0], (f[:, 1:] if n_sub else None)
     if device is not None and torch.device(device) != encoder.device:
