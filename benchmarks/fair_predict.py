@@ -63,6 +63,40 @@ def crop_slide(workdir: Path, side: int, data_dir=None) -> Path:
     return out
 
 
+def synthetic_slide(workdir: Path, side: int, mpp: float, data_dir=None) -> Path:
+    """A side × side pyramidal JPEG TIFF at ``mpp`` grown from the bundled NCBI858 H&E (built once)."""
+    from deepspot.io.datasets import ncbi858_files
+    from deepspot.io.synthetic import write_pyramidal_tiff
+
+    out = workdir / f"he_{side}px_{mpp}mpp.tif"
+    if not out.exists():
+        t = time.perf_counter()
+        write_pyramidal_tiff(out, ncbi858_files(data_dir)["image"], side, side, mpp=mpp)
+        print(f"  built {out.name} in {time.perf_counter() - t:.0f} s", flush=True)
+    return out
+
+
+def full_slide(slide: Path, enc, models, args, out: list):
+    """predict_slide (plan, encode, predict, write h5ad + CSV, no PNG) on the first ``--full-slide`` in-tissue
+    spots of the whole slide, standard and fast; the whole slide's time extrapolated from spots/s."""
+    from deepspot.features.extract import ExtractStats
+    from deepspot.inference.predict import predict_slide
+
+    out.append(f"\n[3] predict_slide on {slide.name}, first {args.full_slide} in-tissue spots, batch {args.batch}")
+    out.append(f"{'mode':<10} {'spots':>6} {'of':>7} {'wall s':>8} {'spots/s':>9} {'encoder share':>13} "
+               f"{'whole slide (extrapolated)':>27}")
+    for m in ("standard", "fast"):
+        model, cfg = models[m]
+        st = ExtractStats()
+        res = predict_slide(slide, model, cfg, enc, args.workdir / f"out-{m}", n_plot=0, batch_size=args.batch,
+                            num_workers=args.workers, device=args.device, autocast_dtype=args.autocast,
+                            progress=False, stats=st, max_spots=args.full_slide or None)
+        total = int(next((n.split(" of ")[1].split()[0] for n in res.notes if n.startswith("capped")), res.n_spots))
+        rate = res.n_spots / res.seconds
+        out.append(f"{m:<10} {res.n_spots:>6} {total:>7} {res.seconds:>8.1f} {rate:>9.1f} "
+                   f"{100 * st.seconds_encoder / res.seconds:>12.0f}% {total / rate / 60:>23.1f} min")
+
+
 def make_model(dim: int, n_genes: int, mode: str, spot_px: float, spacing_px: float, seed: int = 0):
     from deepspot.config import GridSpec, ModelConfig, SpotGeometry
     from deepspot.models.deepsets import DeepSpot
@@ -88,7 +122,7 @@ def compact_cluster(plan, m: int):
 # --------------------------------------------------------------------------- the two sides
 
 @torch.no_grad()
-def reference(plan, model, encoder, device="cpu", n_sub: int = 3) -> tuple[np.ndarray, dict]:
+def reference(plan, model, encoder, device="cpu", autocast=None, n_sub: int = 3) -> tuple[np.ndarray, dict]:
     """The original's algorithm and batching: per spot, encoder calls at batch 1 (spot), 9 (sub-spots) and
     K (neighbour crops, read and encoded again), then the model on the one bag."""
     from deepspot.features.tiles import make_crops, read_size, spot_boxes
@@ -104,7 +138,7 @@ def reference(plan, model, encoder, device="cpu", n_sub: int = 3) -> tuple[np.nd
 
     def enc(crops):
         t = time.perf_counter()
-        f = encoder.encode(crops, device=device, batch_size=len(crops))
+        f = encoder.encode(crops, device=device, autocast_dtype=autocast, batch_size=len(crops))
         st["encoder_s"] += time.perf_counter() - t
         st["calls"] += 1
         st["crops"] += len(crops)
@@ -130,14 +164,14 @@ def reference(plan, model, encoder, device="cpu", n_sub: int = 3) -> tuple[np.nd
     return np.stack(preds), st
 
 
-def ours(plan, model, cfg, encoder, mode: str, batch: int, workers, device="cpu") -> tuple[np.ndarray, dict]:
+def ours(plan, model, cfg, encoder, mode: str, batch: int, workers, device="cpu", autocast=None):
     from deepspot.features.extract import ExtractStats
     from deepspot.inference.predict import predict_plan
 
     st = ExtractStats()
     t0 = time.perf_counter()
     X = predict_plan(plan, model, cfg, encoder, mode=mode, batch_size=batch, num_workers=workers, progress=False,
-                     stats=st, device=device)
+                     stats=st, device=device, autocast_dtype=autocast)
     wall = time.perf_counter() - t0
     return X, {"wall": wall, "calls": None, "crops": st.n_forward, "encoder_s": st.seconds_encoder,
                "wait_s": st.seconds_waiting}
@@ -156,9 +190,9 @@ def spread(xs, f="{:.1f}"):
 def compare(plan, enc, models, args, out: list):
     (model, cfg), (fmodel, fcfg) = models["standard"], models["fast"]
     sides = {
-        "reference": lambda: reference(plan, model, enc, args.device),
-        "standard": lambda: ours(plan, model, cfg, enc, "standard", args.batch, args.workers, args.device),
-        "fast": lambda: ours(plan, fmodel, fcfg, enc, "fast", args.batch, args.workers, args.device),
+        "reference": lambda: reference(plan, model, enc, args.device, args.autocast),
+        "standard": lambda: ours(plan, model, cfg, enc, "standard", args.batch, args.workers, args.device, args.autocast),
+        "fast": lambda: ours(plan, fmodel, fcfg, enc, "fast", args.batch, args.workers, args.device, args.autocast),
     }
     runs = {k: [] for k in sides}
     preds = {}
@@ -186,7 +220,8 @@ def compare(plan, enc, models, args, out: list):
         sp = "1" if k == "reference" else spread(ratio[k], "{:.2f}") + "x"
         out.append(f"{label:<34} {spread(w):>26} {n / med(w):>8.2f} {runs[k][0]['crops'] / n:>10.1f} "
                    f"{('-' if calls is None else str(calls)):>13} {100 * med(share):>12.0f}% {sp:>18}")
-    out.append(f"max |reference - standard| = {diff:.2e} (must be <= 1e-4: {'yes' if diff <= 1e-4 else 'NO'})")
+    out.append(f"max |reference - standard| = {diff:.2e} (must be <= 1e-4: {'yes' if diff <= 1e-4 else 'NO'}"
+               + (f"; under {args.autocast} autocast batch composition changes the rounding)" if args.autocast else ")"))
     return diff
 
 
@@ -207,12 +242,12 @@ def sweep(plan, enc, models, args, out: list):
                 extract.FORWARD_BATCH = b
                 for m in ("standard", "fast"):
                     model, cfg = models[m]
-                    _, st = ours(plan, model, cfg, enc, m, b, args.workers, args.device)
+                    _, st = ours(plan, model, cfg, enc, m, b, args.workers, args.device, args.autocast)
                     res[(b, m)].append(st)
                 reps = max(1, -(-args.raw_crops // b))  # equal work: about raw_crops crops per batch size
                 t = time.perf_counter()
                 for _ in range(reps):
-                    enc.encode(tiles[:b], device=args.device, batch_size=b)
+                    enc.encode(tiles[:b], device=args.device, autocast_dtype=args.autocast, batch_size=b)
                 raw[b].append(reps * b / (time.perf_counter() - t))
                 print(f"  sweep round {r + 1} b={b:<4} standard {res[(b, 'standard')][-1]['wall']:6.1f} s, "
                       f"fast {res[(b, 'fast')][-1]['wall']:5.1f} s, raw {raw[b][-1]:6.1f} crops/s", flush=True)
@@ -260,6 +295,10 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--autocast", default=None, help="bf16 / fp16 on a GPU")
     ap.add_argument("--skip-compare", action="store_true")
+    ap.add_argument("--synthetic", type=int, default=0, help="use a generated SIDE² pyramidal TIFF at --mpp instead")
+    ap.add_argument("--mpp", type=float, default=0.5, help="µm/px of --synthetic")
+    ap.add_argument("--full-slide", type=int, default=-1, help="[3] predict_slide on the first N spots (0: all; "
+                    "-1: skip)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     from deepspot.config import GridSpec, SpotGeometry
@@ -268,14 +307,13 @@ def main():
 
     t_all = time.perf_counter()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    slide = args.slide or crop_slide(args.workdir, args.crop, args.data_dir)
+    if args.synthetic:
+        slide = synthetic_slide(args.workdir, args.synthetic, args.mpp, args.data_dir)
+    else:
+        slide = args.slide or crop_slide(args.workdir, args.crop, args.data_dir)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cores {os.cpu_count()}, load average "
           f"{os.getloadavg()[0]:.1f}; slide {slide.name}", flush=True)
     enc = load_encoder(args.encoder, random_init=args.random_init, device=args.device)
-    if args.autocast:
-        enc_encode = enc.encode
-        enc.encode = lambda tiles, device=None, autocast_dtype=None, batch_size=None: enc_encode(
-            tiles, device=device, autocast_dtype=args.autocast, batch_size=batch_size)
     models = {m: make_model(enc.dim, args.genes, m, args.spot_px, args.spacing_px) for m in ("standard", "fast")}
     for m, _ in models.values():
         m.to(args.device)
@@ -291,6 +329,9 @@ def main():
     if args.sweep:
         print("[2] encoder batch-size sweep", flush=True)
         sweep(compact_cluster(plan, args.sweep_spots), enc, models, args, out)
+    if args.full_slide >= 0:
+        print("[3] predict_slide", flush=True)
+        full_slide(slide, enc, models, args, out)
     print("\n".join(out))
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s; load average now {os.getloadavg()[0]:.1f}")
 
