@@ -88,3 +88,19 @@ def test_training_forward_unchanged_and_parameter_names_kept():
     assert torch.allclose(got, ref, rtol=0, atol=1e-6)
     got.sum().backward()
     assert model.phi.linear.weight.grad is not None and model.phi.linear.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("e", list(range(1, 13)))
+def test_lower_median_network_equals_torch_median(e):
+    from deepspot.models.deepsets import lower_median
+
+    g = torch.Generator().manual_seed(e)
+    z = torch.randint(0, 4, (70, e, 5), generator=g).float()  # many ties
+    assert torch.equal(lower_median(z), z.median(dim=-2).values)
+    z = torch.randn(3, 70, e, 5, generator=g)
+    assert torch.equal(lower_median(z, rows=16), z.median(dim=-2).values)
+    assert torch.equal(lower_median(z, rows=None), z.median(dim=-2).values)
+    z[1, 3, e - 1, 2] = float("nan")  # NaN propagates, as in torch.median
+    got = lower_median(z)
+    assert torch.isnan(got[1, 3, 2]) and torch.isnan(z.median(dim=-2).values[1, 3, 2])
+    assert not torch.isnan(got[0]).any()
