@@ -111,22 +111,34 @@ PRESET_PANELS = {  # gene-panel defaults of each preset, used where the caller d
     "original": {"n_top_genes": 5000, "min_fraction": 0.0},
 }
 
-PRESETS = {
-    "deepspot": SpotRecipe(),
-    "original": SpotRecipe(hidden=512, n_ensemble=10, dropout=0.3, subspot_pool="sum", neighbor_pool="max",
-                           scaler="standard", loss="mse", lr=1e-4, weight_decay=1e-6, batch_size=1024,
-                           min_epochs=10, max_epochs=15, patience=3, monitor="train_loss", oversample=True,
-                           hvg_flavor="seurat_v3", preset="original"),
+_PRESET_SETTINGS = {
+    "deepspot": {},
+    "original": dict(hidden=512, n_ensemble=10, dropout=0.3, subspot_pool="sum", neighbor_pool="max",
+                     scaler="standard", loss="mse", lr=1e-4, weight_decay=1e-6, batch_size=1024,
+                     min_epochs=10, max_epochs=15, patience=3, monitor="train_loss", oversample=True,
+                     hvg_flavor="seurat_v3", preset="original"),
 }
+_PRESETS: dict[str, SpotRecipe] = {}
+
+
+def __getattr__(name: str):
+    """``PRESETS`` (name -> SpotRecipe) is built on first use: building a recipe checks its names against
+    the model code, which imports torch, and importing this module must not (the CLI's --help reads it)."""
+    if name == "PRESETS":
+        if not _PRESETS:
+            _PRESETS.update({k: SpotRecipe(**v) for k, v in _PRESET_SETTINGS.items()})
+        return _PRESETS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def spot_preset(name: str | None = None, **changes) -> SpotRecipe:
     """The recipe of preset ``name`` ('deepspot', the default, or 'original') with ``changes`` (None values
     ignored, as :meth:`SpotRecipe.replace`)."""
     name = name or "deepspot"
-    if name not in PRESETS:
-        raise ValueError(f"unknown training preset {name!r}; choose {' or '.join(PRESETS)}")
-    return PRESETS[name].replace(**changes)
+    presets = __getattr__("PRESETS")
+    if name not in presets:
+        raise ValueError(f"unknown training preset {name!r}; choose {' or '.join(presets)}")
+    return presets[name].replace(**changes)
 
 
 def preset_panel(name: str | None, n_top_genes: int | None = None, min_fraction: float | None = None,
