@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import typer
 from rich.console import Console
 
 from deepspot.cli import app
-from types import SimpleNamespace
-
 from deepspot.training.recipe import SpotRecipe
 
 # the recipe's defaults, read without building one (its checks import torch; --help must not)
