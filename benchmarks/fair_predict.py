@@ -235,11 +235,11 @@ def sweep(plan, enc, models, args, out: list):
     g = torch.Generator().manual_seed(0)
     n_raw = max(args.sweep)
     tiles = torch.randint(0, 256, (n_raw, size, size, 3), dtype=torch.uint8, generator=g)
-    keep = extract.FORWARD_BATCH
+    keep = dict(extract.FORWARD_BATCH)
     try:
         for r in range(args.sweep_reps):
             for b in (args.sweep if r % 2 == 0 else args.sweep[::-1]):
-                extract.FORWARD_BATCH = b
+                extract.FORWARD_BATCH = {k: b for k in keep}
                 for m in ("standard", "fast"):
                     model, cfg = models[m]
                     _, st = ours(plan, model, cfg, enc, m, b, args.workers, args.device, args.autocast)
