@@ -2,7 +2,7 @@
 # GPU figures in one script (about 8 minutes on one GPU; the tables go into docs/scaling.md):
 #
 #   bash benchmarks/gpu.sh                 # PYTHON=... picks the interpreter (default: python)
-#   WORKDIR=/tmp/x bash benchmarks/gpu.sh  # where the generated 40k x 40k slide is kept (built once, ~1-2 min)
+#   WORKDIR=bench-slides bash benchmarks/gpu.sh   # where the generated 40k x 40k slide is kept (built once, ~1-2 min)
 #
 # 1. encoder crops/s: a UNI-sized ViT-L/16 (timm, random weights: same cost), fp32 / bf16 / fp16,
 #    batch 64-512, eager and channels_last, torch.compile at bf16 batch 256;
