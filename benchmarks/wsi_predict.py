@@ -13,10 +13,11 @@ What it does (all numbers printed in one table at the end, each row saying what 
 2. Ours vs reference on the SAME spots, in this process, with the same encoder and model: a compact
    cluster of ``--spots`` in-tissue spots of the 20k² slide (``--uni-spots`` for the UNI-sized ViT, which
    runs at a few images/s on CPU). The cluster is treated as the whole slide by both (neighbours inside it),
-   so both compute exactly the same predictions. The reference loop (written below) is the original's way:
-   one spot at a time, batch 1, the spot and each sub-spot crop encoded separately and every neighbour crop
-   read and encoded again for every spot. Full-slide times are EXTRAPOLATED from per-spot times (the
-   reference per spot scaled from the cluster's mean neighbour count to the full slide's).
+   so both compute exactly the same predictions. The reference is the original's algorithm with its own
+   batching (benchmarks/fair_predict.py: 3 encoder calls per spot, neighbours read and encoded again for
+   every spot). Runs here are NOT interleaved: for speed-ups use benchmarks/fair_predict.py. Full-slide
+   times are EXTRAPOLATED from per-spot times (the reference per spot scaled from the cluster's mean
+   neighbour count to the full slide's).
 3. Fast mode (sub-spots from the spot's patch tokens, one encoder pass per spot) timed on the same cluster.
 4. Model-only prediction from cached features (published model size: 10 heads, hidden 512, UNI's 1024-d).
 5. Peak RSS of full-slide runs (every in-tissue spot of each slide encoded, predicted and written), each in
@@ -111,44 +112,16 @@ def mean_neighbours(plan) -> float:
 
 # --------------------------------------------------------------------------- the reference loop
 
-@torch.no_grad()
 def reference_loop(plan, model, encoder, n_sub: int = 3, radius: int = 1) -> tuple[np.ndarray, dict]:
-    """Per spot, batch 1: read the spot box, encode the spot crop and each sub-spot crop one by one, then read
-    and encode every neighbour's spot crop again, then run the model on that one bag."""
-    from deepspot.features.tiles import make_crops, read_size, spot_boxes
-    from deepspot.io.slides import open_slide
+    """The original's algorithm with its own batching (3 encoder calls per spot: the spot at batch 1, its
+    sub-spots at batch 9, its K neighbours re-read and re-encoded at batch K): benchmarks/fair_predict.py,
+    which also runs the sides interleaved; use that one for speed-ups."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fair_predict import reference
 
-    tile = plan.spec.spot_diameter
-    px = read_size(tile, encoder.input_size, n_sub)
-    boxes = spot_boxes(plan.grid[["x", "y"]].to_numpy(), tile)
-    row, col = plan.grid["array_row"].to_numpy(), plan.grid["array_col"].to_numpy()
-    n_fwd, t_enc = 0, 0.0
-    preds = []
-    t0 = time.perf_counter()
-    with open_slide(plan.slide_path) as slide:
-        def region(k):
-            x, y, w, h = (int(v) for v in boxes[k])
-            return slide.read_scaled((x, y), (w, h), px)
-
-        def one(crop):
-            nonlocal n_fwd, t_enc
-            t = time.perf_counter()
-            f = encoder.encode(crop[None])[0]
-            t_enc += time.perf_counter() - t
-            n_fwd += 1
-            return f
-
-        for i in range(len(boxes)):
-            crops = make_crops(region(i), encoder.input_size, n_sub)
-            feats = [one(crops[c]) for c in range(len(crops))]
-            near = [j for j in range(len(boxes))
-                    if j != i and abs(row[j] - row[i]) <= radius and abs(col[j] - col[i]) <= radius]
-            nbr = [one(make_crops(region(j), encoder.input_size, 0)[0]) for j in near]
-            nb = torch.stack(nbr)[None] if nbr else torch.zeros(1, 1, encoder.dim)  # no neighbour: one masked
-            nmask = torch.full(nb.shape[:2], bool(nbr))
-            preds.append(model(feats[0][None], torch.stack(feats[1:])[None], None, nb, nmask)[0].numpy())
-    wall = time.perf_counter() - t0
-    return np.stack(preds), {"wall": wall, "forwards": n_fwd, "encoder_s": t_enc}
+    del radius  # the plan's own neighbour rule, as ours uses
+    R, st = reference(plan, model, encoder, n_sub=n_sub)
+    return R, {"wall": st["wall"], "forwards": st["crops"], "encoder_s": st["encoder_s"]}
 
 
 # --------------------------------------------------------------------------- ours
@@ -159,7 +132,10 @@ def ours(plan, model, cfg, encoder, mode: str, workers) -> tuple[np.ndarray, dic
 
     st = ExtractStats()
     t0 = time.perf_counter()
-    X = predict_plan(plan, model, cfg, encoder, mode=mode, num_workers=workers, progress=False, stats=st)
+    from deepspot.config import ModelConfig
+
+    X = predict_plan(plan, model, ModelConfig.coerce(cfg), encoder, mode=mode, num_workers=workers, progress=False,
+                     stats=st)
     wall = time.perf_counter() - t0
     return X, {"wall": wall, "forwards": st.n_forward, "encoder_s": st.seconds_encoder, "wait_s": st.seconds_waiting}
 

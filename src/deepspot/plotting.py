@@ -132,7 +132,7 @@ def spatial(adata: ad.AnnData, genes: list[str] | None = None, n_genes: int = 4,
     return axes[:len(genes)]
 
 
-def spatial_columns(skeleton: ad.AnnData, X, genes: list[str], path, max_side: int = 1000,
+def spatial_columns(skeleton: ad.AnnData, X, genes: list[str], path, max_side: int = 600,
                     title: str = "DeepSpot predictions (log1p normalised expression)") -> list:
     """PNG of ``genes`` over the thumbnail of ``skeleton`` (an AnnData without X), reading only those
     columns of ``X`` (N, G; zarr, h5py or numpy) and a thumbnail of at most ``max_side`` px."""
@@ -141,7 +141,8 @@ def spatial_columns(skeleton: ad.AnnData, X, genes: list[str], path, max_side: i
     vals = np.concatenate([np.asarray(X[a:a + 8192])[:, cols] for a in range(0, skeleton.n_obs, 8192)])
     lib, info = next(iter(skeleton.uns["spatial"].items()))
     img = info["images"]["hires"]
-    k = max(1, int(np.ceil(max(img.shape[:2]) / max_side)))  # panels need no more than ~max_side px
+    # a panel is 4.2 in at 120 dpi (~500 px): a larger thumbnail is only resampled down again, twice per save
+    k = max(1, int(np.ceil(max(img.shape[:2]) / max_side)))
     sf = dict(info["scalefactors"], tissue_hires_scalef=info["scalefactors"]["tissue_hires_scalef"] / k)
     small = ad.AnnData(X=vals.astype(np.float32), obs=skeleton.obs[[]].copy(), var=pd.DataFrame(index=genes),
                        obsm={"spatial": skeleton.obsm["spatial"]},

@@ -41,18 +41,22 @@ def _interrupted() -> None:
     sys.exit(130)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is meant for the user (one line, no traceback)."""
-    from deepspot.convert import ConvertError
-    from deepspot.extras import MissingExtra
-    from deepspot.features.encoders import EncoderError
-    from deepspot.io.datasets import DataError
-    from deepspot.io.slides import SlideError
-    from deepspot.io.spatial import SpatialDataError
-    from deepspot.models.checkpoint import CheckpointError
+# (defining module, name) of the package's exceptions meant for the user
+_USER_ERRORS = (("deepspot.io.slides", "SlideError"), ("deepspot.features.encoders", "EncoderError"),
+                ("deepspot.convert", "ConvertError"), ("deepspot.config", "CheckpointError"),
+                ("deepspot.io.spatial", "SpatialDataError"), ("deepspot.io.datasets", "DataError"),
+                ("deepspot.extras", "MissingExtra"))
 
-    return (SlideError, EncoderError, ConvertError, CheckpointError, SpatialDataError, DataError, MissingExtra,
-            FileNotFoundError, FileExistsError, ValueError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is meant for the user (one line, no traceback).
+
+    Only classes of modules already imported are looked up: an exception raised before a module was
+    imported cannot be an instance of its classes, and importing them (torch behind some) would make a
+    quick error path slow."""
+    own = tuple(getattr(sys.modules[m], name) for m, name in _USER_ERRORS if m in sys.modules)
+    return own + (FileNotFoundError, FileExistsError, ValueError, PermissionError, IsADirectoryError,
+                  NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> None:

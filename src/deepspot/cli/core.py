@@ -187,6 +187,7 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
             spacing: Optional[float] = typer.Option(None, help="Centre-to-centre spacing in the model's grid unit "
                                                     "(µm); default: the model's."),
             genes: Optional[str] = typer.Option(None, help="Genes to plot (comma-separated)."),
+            plot_genes: int = typer.Option(4, help="Without --genes: plot this many most variable genes (0: no PNG)."),
             encoder_weights: Optional[Path] = typer.Option(None, help="Local weights for the model's encoder."),
             batch_size: int = typer.Option(16, help="Spots per encoder batch."),
             num_workers: Optional[int] = typer.Option(None, help="Slide-reading worker processes (default: about "
@@ -230,7 +231,7 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         pred = m.predict_slide(slide, out=out, genes=_split(genes), mpp=mpp, tissue=tissue, min_tissue=min_tissue,
                                fast=fast, layout=layout, spacing=spacing, batch_size=batch_size,
                                num_workers=num_workers, cache_dir=cache_dir, progress=progress, geometry=geo,
-                               overwrite=overwrite, as_spatialdata=fmt == "spatialdata")
+                               overwrite=overwrite, as_spatialdata=fmt == "spatialdata", n_plot=plot_genes)
     pred = pred.tables["table"] if fmt == "spatialdata" else pred
     info = pred.uns["deepspot"]
     for msg in [str(w.message) for w in caught] + [f"geometry: {n}" for n in info["geometry_notes"]]:
@@ -244,12 +245,12 @@ def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
          genes: Optional[str] = typer.Option(None, help="Comma-separated genes (default: the most variable)."),
          out: Optional[Path] = typer.Option(None, help="PNG path (default: beside the h5ad).")):
     """Plot predicted genes over the H&E thumbnail."""
+    if not h5ad.exists():
+        raise FileNotFoundError(f"{h5ad}: file not found")
     import anndata as ad
 
     import deepspot as ds
 
-    if not h5ad.exists():
-        raise FileNotFoundError(f"{h5ad}: file not found")
     path = out or h5ad.with_suffix(".png")
     ds.pl.spatial(ad.read_h5ad(h5ad), genes=_split(genes), path=path)
     console.print(f"wrote {path}")

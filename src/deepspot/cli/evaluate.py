@@ -1,7 +1,9 @@
 """``deepspot evaluate``: patient-level cross-validation of DeepSpot next to PCA-256 + ridge."""
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import typer
@@ -10,7 +12,8 @@ from rich.console import Console
 from deepspot.cli import app
 from deepspot.training.recipe import SpotRecipe
 
-_R = SpotRecipe()
+# the recipe's defaults, read without building one (its checks import torch; --help must not)
+_R = SimpleNamespace(**{f.name: f.default for f in fields(SpotRecipe)})
 
 console = Console(stderr=False, soft_wrap=True)  # tables are not re-wrapped at 80 columns in logs
 

@@ -33,6 +33,17 @@ from deepspot.features.tiles import make_crops, pool_regions, read_size, spot_bo
 
 log = logging.getLogger(__name__)
 
+# Standard mode: at most this many crops per encoder forward pass, by device type. On a CPU small batches
+# keep a convnet's activations in cache: the batch-size sweep of benchmarks/fair_predict.py
+# (docs/scaling.md) measured 9 fastest, 2.3x the crops/s of 64; on a GPU larger batches fill the device
+# (activations, not weights, set the peak memory). Other device types take the "cuda" value.
+FORWARD_BATCH = {"cpu": 9, "cuda": 64}
+
+
+def forward_batch(device) -> int:
+    """Crops per encoder forward pass on ``device`` (:data:`FORWARD_BATCH`)."""
+    kind = torch.device(device).type
+    return int(FORWARD_BATCH.get(kind, FORWARD_BATCH["cuda"]))
 
 
 def check_mode(mode: str) -> str:
@@ -124,9 +135,8 @@ def encode_batch(encoder, crops: torch.Tensor, n_sub: int, mode: str = "standard
     """
     b, c = crops.shape[:2]
     if mode == "standard" or n_sub == 0:
-        # at most 64 crops per forward pass: activations, not weights, set the peak memory
         f = encoder.encode(crops.reshape(b * c, *crops.shape[2:]), device=device, autocast_dtype=autocast_dtype,
-                           batch_size=64)
+                           batch_size=forward_batch(device if device is not None else encoder.device))
         f = f.reshape(b, c, -1).numpy()
         return f[:, 0], (f[:, 1:] if n_sub else None)
     if device is not None and torch.device(device) != encoder.device:
@@ -280,5 +290,5 @@ def extract_features(slide_path, centers: np.ndarray, tile_px: float, encoder, n
     return Features(spot=spot_out, subspot=sub_out)
 
 
-__all__ = ["FEATURE_MODES", "ExtractStats", "SpotCropDataset", "default_num_workers", "encode_batch", "encode_spots",
-           "extract_features", "extract_to_store", "store_path_for"]
+__all__ = ["FEATURE_MODES", "FORWARD_BATCH", "ExtractStats", "SpotCropDataset", "default_num_workers", "encode_batch",
+           "encode_spots", "extract_features", "extract_to_store", "forward_batch", "store_path_for"]

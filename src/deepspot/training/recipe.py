@@ -31,16 +31,14 @@ oversampling of the training spots, and a panel of the top 5,000 HVGs by scanpy'
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import lightning as L
-import numpy as np
+if TYPE_CHECKING:  # numpy, torch and Lightning are imported on use: the CLI reads the defaults without them
+    import numpy as np
 
-from deepspot.config import Scaler
-from deepspot.models.bags import Bags
-from deepspot.models.deepsets import CONTEXTS, POOLS, DeepSpot
-from deepspot.models.losses import LOSSES
-from deepspot.training.fit import MONITORS, fit
+    from deepspot.config import Scaler
+    from deepspot.models.bags import Bags
+    from deepspot.models.deepsets import DeepSpot
 
 HVG_FLAVORS = ("seurat", "seurat_v3")
 
@@ -71,6 +69,10 @@ class SpotRecipe:
     preset: str = "deepspot"  # the preset these settings started from (recorded in the checkpoint)
 
     def __post_init__(self):
+        from deepspot.models.deepsets import CONTEXTS, POOLS
+        from deepspot.models.losses import LOSSES
+        from deepspot.training.fit import MONITORS
+
         checks = [(self.context in CONTEXTS, f"context {self.context!r}: choose one of {', '.join(CONTEXTS)}"),
                   (self.subspot_pool in POOLS, f"subspot_pool {self.subspot_pool!r}: choose {', '.join(POOLS)}"),
                   (self.neighbor_pool in POOLS, f"neighbor_pool {self.neighbor_pool!r}: choose {', '.join(POOLS)}"),
@@ -109,22 +111,34 @@ PRESET_PANELS = {  # gene-panel defaults of each preset, used where the caller d
     "original": {"n_top_genes": 5000, "min_fraction": 0.0},
 }
 
-PRESETS = {
-    "deepspot": SpotRecipe(),
-    "original": SpotRecipe(hidden=512, n_ensemble=10, dropout=0.3, subspot_pool="sum", neighbor_pool="max",
-                           scaler="standard", loss="mse", lr=1e-4, weight_decay=1e-6, batch_size=1024,
-                           min_epochs=10, max_epochs=15, patience=3, monitor="train_loss", oversample=True,
-                           hvg_flavor="seurat_v3", preset="original"),
+_PRESET_SETTINGS = {
+    "deepspot": {},
+    "original": dict(hidden=512, n_ensemble=10, dropout=0.3, subspot_pool="sum", neighbor_pool="max",
+                     scaler="standard", loss="mse", lr=1e-4, weight_decay=1e-6, batch_size=1024,
+                     min_epochs=10, max_epochs=15, patience=3, monitor="train_loss", oversample=True,
+                     hvg_flavor="seurat_v3", preset="original"),
 }
+_PRESETS: dict[str, SpotRecipe] = {}
+
+
+def __getattr__(name: str):
+    """``PRESETS`` (name -> SpotRecipe) is built on first use: building a recipe checks its names against
+    the model code, which imports torch, and importing this module must not (the CLI's --help reads it)."""
+    if name == "PRESETS":
+        if not _PRESETS:
+            _PRESETS.update({k: SpotRecipe(**v) for k, v in _PRESET_SETTINGS.items()})
+        return _PRESETS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def spot_preset(name: str | None = None, **changes) -> SpotRecipe:
     """The recipe of preset ``name`` ('deepspot', the default, or 'original') with ``changes`` (None values
     ignored, as :meth:`SpotRecipe.replace`)."""
     name = name or "deepspot"
-    if name not in PRESETS:
-        raise ValueError(f"unknown training preset {name!r}; choose {' or '.join(PRESETS)}")
-    return PRESETS[name].replace(**changes)
+    presets = __getattr__("PRESETS")
+    if name not in presets:
+        raise ValueError(f"unknown training preset {name!r}; choose {' or '.join(presets)}")
+    return presets[name].replace(**changes)
 
 
 def preset_panel(name: str | None, n_top_genes: int | None = None, min_fraction: float | None = None,
@@ -143,6 +157,8 @@ def block_validation(rows: Sequence[np.ndarray], array_rows: Sequence[np.ndarray
     are rarely validation spots). ``rows[i]``: the sample's row numbers in the stacked data,
     ``array_rows[i]``: their array_row. A sample with fewer than ``min_spots`` spots trains only.
     Returns sorted (train, val) row numbers."""
+    import numpy as np
+
     tr, va = [], []
     for r, a in zip(rows, array_rows):
         r, a = np.asarray(r), np.asarray(a, dtype=np.float64)
@@ -164,6 +180,10 @@ def build_spot_model(recipe: SpotRecipe, in_dim: int, n_genes: int, train_spot_f
                      context: str | None = None) -> DeepSpot:
     """A seeded DeepSpot of the recipe, its input projection fitted on the training spots' features (N, d).
     The projection keeps at most min(input_proj, N - 1, d) axes."""
+    import lightning as L
+
+    from deepspot.models.deepsets import DeepSpot
+
     L.seed_everything(recipe.seed, verbose=False)  # model init is part of the seeded run
     k = recipe.input_proj
     if k is not None:
@@ -186,6 +206,11 @@ def fit_spot_model(recipe: SpotRecipe, bags: Bags, targets: np.ndarray, train_id
     validation spots too (they are only logged). ``recipe.oversample``: the training spots are
     resampled so that every Leiden cluster of their targets is as large as the largest.
     Returns (model in eval mode with its best weights, scaler or None, fit summary)."""
+    import numpy as np
+
+    from deepspot.config import Scaler
+    from deepspot.training.fit import fit
+
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     if len(val_idx) == 0:
         raise ValueError("no validation spots for early stopping")
