@@ -243,3 +243,20 @@ def test_unknown_backend_and_pickle(pyramid):
         s2 = pickle.loads(pickle.dumps(s))
         assert type(s2) is type(s) and s2.mpp == 0.3 and s2.level_count == 3
         s2.close()
+
+
+def test_large_jpeg_thumbnail_is_the_same_on_every_open(tmp_path):
+    """A JPEG above the preview size: the thumbnail comes from one reduced decode, before and after the
+    full image is decoded, and on a second open of the file (the same tissue spots on every run)."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (45, 60, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((2400, 1800), Image.NEAREST).save(tmp_path / "big.jpg", quality=90)
+    with open_slide(tmp_path / "big.jpg", mpp=0.5) as s:
+        first = s.get_thumbnail(512)
+        s.read_region((100, 100), 0, (64, 64))  # decodes the full image
+        after = s.get_thumbnail(512)
+    with open_slide(tmp_path / "big.jpg", mpp=0.5) as s:  # full image still decoded in this process
+        again = s.get_thumbnail(512)
+    assert first.shape == (384, 512, 3)
+    np.testing.assert_array_equal(first, after)
+    np.testing.assert_array_equal(first, again)

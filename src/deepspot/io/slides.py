@@ -407,7 +407,7 @@ class ImageSlide(Slide):
             st = p.stat()
             self._key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
             self._full = _DECODED.get(self._key)
-            self._preview = None
+            self._preview = _PREVIEWS.get(self._key)
             if self._full is None:
                 need, budget = self.decode_bytes, decode_budget()
                 if need > budget:
@@ -416,12 +416,12 @@ class ImageSlide(Slide):
                            f"than the {budget / 1e9:.1f} GB decode budget (an eighth of the available memory); convert it to "
                            f"a tiled pyramidal TIFF first: deepspot convert-slide {p.name} {p.stem}.tif --mpp <µm/px>",
                         fatal=True)
-                if im.format == "JPEG" and max(self._w, self._h) > PREVIEW_SIZE:
-                    self._preview = _PREVIEWS.get(self._key)
-                    if self._preview is None:  # decodes the whole stream (reduced): a broken file fails now
-                        self._preview = self._draft(im)
-                        _PREVIEWS.clear()
-                        _PREVIEWS[self._key] = self._preview
+            # the thumbnail always comes from this reduced decode (made once per process), so every open of
+            # the file gives the same tissue spots, whether or not the full image is decoded already
+            if im.format == "JPEG" and max(self._w, self._h) > PREVIEW_SIZE and self._preview is None:
+                self._preview = self._draft(im)  # decodes the whole stream (reduced): a broken file fails now
+                _PREVIEWS.clear()
+                _PREVIEWS[self._key] = self._preview
         finally:
             im.close()
         if self._full is None and self._preview is None and self.decode_bytes <= EAGER_DECODE_BYTES:
@@ -508,9 +508,10 @@ class ImageSlide(Slide):
         return _as_rgb(np.asarray(img.crop((x, y, x + w, y + h))))
 
     def get_thumbnail(self, max_size: int) -> np.ndarray:
-        """From the reduced JPEG decode when it is large enough and no full decode exists yet."""
+        """From the reduced JPEG decode when it is large enough (also once the full image is decoded: the
+        same thumbnail, hence the same tissue spots, on every call, and no full-resolution scan)."""
         self._check_open()
-        if self._full is None and self._preview is not None and int(max_size) > 0:
+        if self._preview is not None and int(max_size) > 0:
             ph, pw = self._preview.shape[:2]
             scale = min(1.0, int(max_size) / max(self._w, self._h))
             tw, th = max(1, int(round(self._w * scale))), max(1, int(round(self._h * scale)))
