@@ -21,6 +21,7 @@ from deepspot.features.tiles import make_crops
 from deepspot.geometry.grid import make_grid
 from deepspot.models.checkpoint import save_checkpoint
 from deepspot.models.deepsets import DeepSpot
+from fixtures_cli import run_cli
 
 PROBE = "test-pixel-probe"
 S = 4  # encoder input side = the sub-spot side below
@@ -74,16 +75,7 @@ def original_rules(img: np.ndarray, d: int, spacing: int, n: int):
     return spots
 
 
-def _cli(capsys, *args):
-    from deepspot.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_cli = run_cli
 
 
 def test_predict_geometry_original_reproduces_the_original(slide, checkpoint, tmp_path, capsys):

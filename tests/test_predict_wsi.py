@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from deepspot.features.encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, load_encoder, register_encoder
+from deepspot.features.encoders import load_encoder
 from deepspot.features.extract import extract_features
 from deepspot.features.tiles import make_crops, read_size, spot_boxes
 from deepspot.geometry.grid import GridSpec, make_grid
@@ -28,6 +28,7 @@ from deepspot.models.checkpoint import CheckpointError, save_checkpoint
 from deepspot.models.deepsets import DeepSpot
 
 from shared_data import HE, ZEN38, needs_data  # noqa: E402
+from fixtures_cli import register_tiny_vit, run_cli  # noqa: E402
 
 pytestmark = needs_data("ncbi858/NCBI858.jpg")
 
@@ -35,17 +36,7 @@ TINY = "test-vit-tiny"
 GENES = [f"G{i}" for i in range(6)]
 
 
-def _tiny_vit():
-    import timm
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                                 depth=1, num_heads=2, num_classes=0, dynamic_img_size=True)
-
-
-register_encoder(EncoderSpec(TINY, 32, 32, IMAGENET_MEAN, IMAGENET_STD, lambda _path: _tiny_vit(),
-                             "fixed random weights (tests)", False, arch=_tiny_vit), overwrite=True)
+register_tiny_vit(TINY)
 
 
 def _model_and_config(mode="standard", layout="hex"):
@@ -304,16 +295,7 @@ def checkpoint(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("ck") / "model", model, cfg)
 
 
-def _cli(capsys, *args):
-    from deepspot.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+_cli = run_cli
 
 
 def _one_line(err: str, *needles):

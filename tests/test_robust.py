@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from deepspot.config import GridSpec, SpotGeometry
-from deepspot.features.encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, register_encoder
 from deepspot.io import slides as slides_mod
 from deepspot.io.png_stream import PngBands, band_to_array
 from deepspot.io.pyramid import convert_slide
@@ -29,23 +28,12 @@ from deepspot.io.slides import SlideError, open_slide
 from deepspot.models.checkpoint import save_checkpoint
 from deepspot.models.deepsets import DeepSpot
 
+from fixtures_cli import register_tiny_vit, run_cli
 from shared_data import HE, needs_data
 
 TINY = "test-vit-tiny-robust"
 GENES = [f"G{i}" for i in range(6)]
-
-
-def _tiny_vit():
-    import timm
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                                 depth=1, num_heads=2, num_classes=0, dynamic_img_size=True)
-
-
-register_encoder(EncoderSpec(TINY, 32, 32, IMAGENET_MEAN, IMAGENET_STD, lambda _path: _tiny_vit(),
-                             "fixed random weights (tests)", False, arch=_tiny_vit), overwrite=True)
+register_tiny_vit(TINY)
 
 
 def _checkpoint(path: Path, seed: int = 1, encoder: str = TINY, dim: int = 32) -> Path:
@@ -71,16 +59,7 @@ def _tissue(h: int, w: int, seed: int = 0) -> np.ndarray:
     return (base + rng.normal(0, 25, (h, w, 3))).clip(0, 255).astype(np.uint8)
 
 
-def _cli(capsys, *args):
-    from deepspot.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+_cli = run_cli
 
 
 def _one_line(err: str, *needles) -> str:
