@@ -283,9 +283,9 @@ class Model:
             ids, xy = None, np.asarray(cells, dtype=np.float64)
         if not Path(image).exists():
             raise FileNotFoundError(f"{image}: file not found")
-        from deepspot.inference.preflight import check_slide
+        from deepspot.inference import preflight
 
-        check_slide(image, mpp, needs_um=getattr(self.config.geometry, "unit", "px") == "um")  # cell geometry
+        preflight.check_slide(image, mpp, needs_um=preflight.needs_um(self.config))
         self._check_encoder()
         return predict_cells(image, xy, self.network, self.config, self.encoder, cell_ids=ids, mpp=mpp,
                              batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir, device=self.device,

@@ -204,7 +204,7 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
     import time
     import warnings
 
-    from deepspot.inference.preflight import check_out_dir, check_predict
+    from deepspot.inference.preflight import check_predict
 
     if not slide.exists():
         raise FileNotFoundError(f"{slide}: file not found")
@@ -214,8 +214,7 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         from deepspot.extras import require
 
         require("spatialdata", "spatialdata", "--format spatialdata")
-    check_out_dir(out)
-    # before torch is imported
+    # before torch is imported: the output folder first, then the checkpoint, genes, slide, previous result
     check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes), geometry=geometry)
 
     import deepspot as ds
