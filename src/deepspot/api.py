@@ -221,7 +221,10 @@ class Model:
             self.config.check_feature_mode("fast" if fast else "standard", self.source)
         if out is not None:
             preflight.check_out_dir(out)
-            preflight.check_previous(out, preflight.prediction_files(Path(slide).stem), overwrite)
+            preflight.prediction_folder(out).check()
+            preflight.check_previous(out, preflight.prediction_files(Path(slide).stem,
+                                                                     "spatialdata" if as_spatialdata else "h5ad"),
+                                     overwrite)
         preflight.check_slide(slide, mpp, needs_um=preflight.needs_um(self.config, geometry))
         self._check_encoder()
         common = dict(mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue, fast=fast, layout=layout,

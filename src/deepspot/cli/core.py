@@ -215,7 +215,7 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
 
         require("spatialdata", "spatialdata", "--format spatialdata")
     # before torch is imported: the output folder first, then the checkpoint, genes, slide, previous result
-    check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes), geometry=geometry)
+    check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes), geometry=geometry, fmt=fmt)
 
     import deepspot as ds
     t0 = time.perf_counter()

@@ -327,7 +327,8 @@ def predict_job(job: SlideJob, out_dir: str | Path, predictor: SlidePredictor) -
                                     n_plot=opts.plot_genes, mpp=job.mpp, tissue=opts.tissue,
                                     batch_size=opts.batch_size, num_workers=opts.num_workers,
                                     cache_dir=opts.cache_dir, device=predictor.device, autocast_dtype=opts.autocast,
-                                    progress=False, library_id=job.id, name=job.id, fmt=opts.fmt)
+                                    progress=False, library_id=job.id, name=job.id, fmt=opts.fmt,
+                                    command="predict-cohort")
     except Exception as e:  # noqa: BLE001 - one bad slide must not stop the cohort
         log.debug("slide %s failed", job.id, exc_info=True)
         return SlideResult(job.id, "failed", _one_line(e), seconds=time.perf_counter() - t0, path=str(job.path),
@@ -428,21 +429,36 @@ def new_run_dir(out_dir: Path, fp: dict) -> Path:
     raise ValueError(f"{out_dir}: no free folder name for a new run")
 
 
-def clear_previous(out_dir: Path, state: dict[str, dict]) -> int:
-    """--overwrite: remove the outputs of every slide in the state, the state and the run file."""
-    n = 0
-    for sid in state:
-        for p in [*output_paths(out_dir, sid).values(), out_dir / f"{sid}_genes.png"]:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-                n += 1
-        if (out_dir / f"{sid}.zarr").is_dir():  # --format spatialdata
-            shutil.rmtree(out_dir / f"{sid}.zarr")
-            n += 1
-    for name in (STATE_FILE, SUMMARY_FILE, RUN_FILE):
-        with contextlib.suppress(FileNotFoundError):
-            (out_dir / name).unlink()
-    return n
+def cohort_folder(out_dir: Path):
+    """The :class:`~deepspot.io.owner.OutputFolder` of a cohort run (a folder from before run records
+    holds only the state files and prediction outputs)."""
+    from deepspot.inference.preflight import is_prediction_file
+    from deepspot.io.owner import OutputFolder
+
+    own = {STATE_FILE, RUN_FILE, SUMMARY_FILE, LOCK_FILE}
+    return OutputFolder(out_dir, "predict-cohort", legacy=lambda n: n in own or is_prediction_file(n))
+
+
+def adopt_legacy(owner, state: dict[str, dict]) -> None:
+    """A folder written before run records: its previous result is the state files and the outputs its
+    state lists (names checked; anything else in the folder is not ours)."""
+    from deepspot.io.owner import RECORD_FILE, UnsafeNameError, safe_name
+
+    if (owner.out / RECORD_FILE).exists():
+        return
+    names = {STATE_FILE, RUN_FILE, SUMMARY_FILE}
+    for rec in state.values():
+        for n in rec.get("outputs") or []:
+            try:
+                names.add(safe_name(str(n)))
+            except UnsafeNameError:
+                continue
+    owner.previous = {n for n in owner.previous if n in names}
+
+
+def clear_previous(owner) -> int:
+    """--overwrite: remove exactly the files the previous run recorded (outputs, state, run file)."""
+    return len(owner.remove_previous())
 
 
 # --------------------------------------------------------------------------------------
@@ -604,14 +620,17 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
     if new_run and fingerprint_changes(out, fp, jobs, CohortState(out).load()):
         out = new_run_dir(out, fp)
         echo(f"{out_dir} holds another run; writing this one into {out}")
+    owner = cohort_folder(out).check()
     out = check_output_dir(out)
+    owner.open()
     t0 = time.perf_counter()
     with folder_lock(out):
         state = CohortState(out)
         prior = state.load()
+        adopt_legacy(owner, prior)
         changes = fingerprint_changes(out, fp, jobs, prior)
         if overwrite and prior:
-            n = clear_previous(out, prior)
+            n = clear_previous(owner)
             echo(f"--overwrite: removed {n} files of the previous run"
                  + (f" ({'; '.join(changes)})" if changes else ""))
             prior = {}
@@ -619,6 +638,7 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
             raise ValueError(f"{out}: holds results of another run ({'; '.join(changes)}); pass --new-run "
                              f"(a new folder) or --overwrite (replace them)")
         write_run_file(out, fp)
+        owner.record(RUN_FILE)
         removed = remove_partials(out, jobs)
         todo, done, failed = plan(jobs, prior, out, retry_failed=retry_failed, fmt=fmt)
         echo(f"{len(jobs)} slides: {len(done)} already done, {len(failed)} failed before"
@@ -643,5 +663,6 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
                     _run_ray(todo, out, opts, on_result, address, num_cpus, num_gpus, max_in_flight)
         final = state.load()
         write_summary(out, jobs, final)
+        owner.record(*(n for n in (STATE_FILE, SUMMARY_FILE) if (out / n).exists()))
     skipped_failed = [{"id": j.id, "path": str(j.path), "error": prior[j.id].get("error", "")} for j in failed]
     return CohortSummary(out, ran, [j.id for j in done], skipped_failed, time.perf_counter() - t0, len(removed))

@@ -20,6 +20,7 @@ Peak memory depends on the chunk sizes, not on the number of spots (beyond O(N) 
 from __future__ import annotations
 
 import contextlib
+import os
 import logging
 import shutil
 import tempfile
@@ -337,6 +338,68 @@ class _GeneMoments:
         return np.argsort(-var, kind="stable")[:k]
 
 
+def _ident(p: Path):
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _remove_path(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _hold(work: Path):
+    """An exclusive lock on ``work/.lock`` for this run's life (released by the OS if it dies)."""
+    import fcntl
+
+    fh = open(work / ".lock", "w")
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fh
+
+
+def remove_stale_work(out_dir: Path, name: str) -> list[Path]:
+    """Remove what a killed run of slide ``name`` left in ``out_dir``: its work folders no live run holds,
+    and, when no run of ``name`` is alive, its temp outputs (``.<file>.<random>.partial<ext>``)."""
+    import fcntl
+
+    removed, alive = [], False
+    for w in out_dir.glob(f".{glob_escape(name)}.work-*"):
+        try:
+            fh = open(w / ".lock", "a")
+        except OSError:
+            fh = None
+        try:
+            if fh is not None:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            alive = True
+            continue
+        finally:
+            if fh is not None:
+                fh.close()
+        shutil.rmtree(w, ignore_errors=True)
+        removed.append(w)
+    if not alive:
+        for f in (f"{name}.h5ad", f"{name}.zarr", f"{name}_spots.csv", f"{name}_genes.png"):
+            suffix = Path(f).suffix
+            for t in out_dir.glob(f".{glob_escape(f)}.*.partial{suffix}"):
+                _remove_path(t)
+                removed.append(t)
+    return removed
+
+
+def glob_escape(s: str) -> str:
+    import glob
+
+    return glob.escape(s)
+
+
 def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_dir, genes: list[str] | None = None,
                   n_plot: int = 4, mpp: float | None = None, tissue: str | None = None,
                   min_tissue_fraction: float = 0.1,
@@ -346,7 +409,7 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
                   thumbnail_size: int = 2000, predict_batch: int = 512, name: str | None = None,
                   meta: dict | None = None, stats: ExtractStats | None = None,
                   max_spots: int | None = None, geometry: SpotGeometry | str | None = None,
-                  fmt: str = "h5ad") -> PredictResult:
+                  fmt: str = "h5ad", command: str = "predict") -> PredictResult:
     """Predict a whole slide with flat memory and write ``<name>.h5ad``, ``<name>_spots.csv`` and
     ``<name>_genes.png`` (``genes`` or the ``n_plot`` most variable) into ``out_dir``. ``fmt='spatialdata'``
     writes ``<name>.zarr`` (SpatialData: slide image, spot circles, prediction table; see
@@ -380,13 +443,17 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
     if max_spots is not None and len(plan.grid) > max_spots:
         plan.notes.append(f"capped at the first {max_spots} of {len(plan.grid)} in-tissue spots")
         plan = replace(plan, grid=plan.grid.iloc[:max_spots].reset_index(drop=True))
+    from deepspot.inference.preflight import prediction_files, prediction_folder
+    from deepspot.io.owner import new_temp_dir, safe_name
+
     out_dir = Path(out_dir)
-    name = name or Path(slide_path).stem
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.work-", dir=out_dir))
-    main = out_dir / (f"{name}.zarr" if fmt == "spatialdata" else f"{name}.h5ad")
-    paths = (main, out_dir / f"{name}_spots.csv", out_dir / f"{name}_genes.png")
+    name = safe_name(name or Path(slide_path).stem, "slide name", slide_path)
+    owner = prediction_folder(out_dir, command).open()
+    remove_stale_work(out_dir, name)
+    work = new_temp_dir(out_dir, f".{name}.work-")
+    lock = _hold(work)  # a later run sees this work folder is alive
+    names = prediction_files(name, fmt)
+    paths = tuple(out_dir / n for n in names)
     try:
         skel = _skeleton(plan, config, library_id, mode)
         n, g = skel.shape
@@ -406,9 +473,10 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
                          autocast_dtype=autocast_dtype, progress=progress, stats=stats, predict_batch=predict_batch)
         pred.flush()
         plot = list(genes) if genes else [all_genes[i] for i in moments.top(n_plot)] if n else []
+        targets = paths[:2 if not (n and plot) else 3]
+        before = {p: _ident(p) for p in targets}
         with contextlib.ExitStack() as stack:
-            tmp = [stack.enter_context(atomic_dir(p) if p.suffix == ".zarr" else atomic_path(p))
-                   for p in paths[:2 if not (n and plot) else 3]]
+            tmp = [stack.enter_context(atomic_dir(p) if p.suffix == ".zarr" else atomic_path(p)) for p in targets]
             if fmt == "spatialdata":
                 from deepspot.io.outputs import spatialdata_from_predictions, write_spatialdata
 
@@ -419,15 +487,22 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
             spot_table(skel).to_csv(tmp[1], index=True)
             if len(tmp) == 3:
                 plotting.spatial_columns(skel, pred.array, plot, tmp[2])
+        owner.record(*(p.name for p in targets))
     except BaseException:
-        # a writer thread may still add a file while the tree is removed: retry until it is gone
-        doomed = out_dir if created else work  # a folder this call made holds only what it wrote
+        # this run's own outputs (renamed before the error) go; the folder only if this run made it and
+        # nothing else is in it; a writer thread may still add a file while the work folder is removed
+        for p in locals().get("targets", ()):
+            if p.exists() and _ident(p) != before.get(p):
+                _remove_path(p)
+        lock.close()
         for _ in range(5):
-            shutil.rmtree(doomed, ignore_errors=True)
-            if not doomed.exists():
+            shutil.rmtree(work, ignore_errors=True)
+            if not work.exists():
                 break
             time.sleep(0.1)
+        owner.abort()
         raise
+    lock.close()
     shutil.rmtree(work, ignore_errors=True)
     return PredictResult(paths[0], paths[1], paths[2] if n and plot else None, n, plan.n_grid, plot, stats,
                          time.perf_counter() - t0, list(plan.notes))

@@ -9,8 +9,8 @@ from pathlib import Path
 from deepspot.config import resolve_mpp
 from deepspot.io.slides import open_slide
 
-__all__ = ["check_gene_list", "check_out_dir", "check_out_file", "check_predict", "check_previous", "check_slide", "needs_um",
-           "prediction_files"]
+__all__ = ["check_gene_list", "check_out_dir", "check_out_file", "check_predict", "check_previous", "check_slide", "is_prediction_file",
+           "needs_um", "prediction_files", "prediction_folder"]
 
 
 def _nearest_existing(p: Path) -> Path:
@@ -42,9 +42,21 @@ def check_out_file(out: str | os.PathLike, option: str = "--out") -> Path:
     return out
 
 
-def prediction_files(name: str) -> tuple[str, str, str]:
-    """The files ``predict`` writes for a slide called ``name``."""
-    return f"{name}.h5ad", f"{name}_spots.csv", f"{name}_genes.png"
+def prediction_files(name: str, fmt: str = "h5ad") -> tuple[str, str, str]:
+    """The files ``predict`` writes for a slide called ``name`` (``fmt`` 'spatialdata': ``<name>.zarr``)."""
+    return f"{name}.zarr" if fmt == "spatialdata" else f"{name}.h5ad", f"{name}_spots.csv", f"{name}_genes.png"
+
+
+def is_prediction_file(name: str) -> bool:
+    """A name ``predict`` writes (a folder of such names, made before run records, is a previous result)."""
+    return name.endswith((".h5ad", "_spots.csv", "_genes.png", ".zarr"))
+
+
+def prediction_folder(out, command: str = "predict"):
+    """The :class:`~deepspot.io.owner.OutputFolder` of a prediction run into ``out``."""
+    from deepspot.io.owner import OutputFolder
+
+    return OutputFolder(out, command, legacy=is_prediction_file)
 
 
 def check_previous(out: str | os.PathLike, names, overwrite: bool = False) -> list[Path]:
@@ -95,16 +107,17 @@ def needs_um(config, geometry=None) -> bool:
 
 
 def check_predict(slide, model_dir, out, mpp: float | None = None, overwrite: bool = False, genes=None,
-                  geometry: str | None = None):
+                  geometry: str | None = None, fmt: str = "h5ad"):
     """Everything ``deepspot predict`` can check in its first second, in order: the output folder, the
     checkpoint's config (every field), the requested genes, the slide and its mpp, a previous result
     in the folder. Imports neither torch nor the encoder. Returns the checked config."""
     from deepspot.config import read_config_file
 
     check_out_dir(out)
+    prediction_folder(out).check()
     check_gene_list(genes)
     cfg = read_config_file(model_dir)
     cfg.check_genes(genes, str(model_dir))
     check_slide(slide, mpp, needs_um=needs_um(cfg, geometry))
-    check_previous(out, prediction_files(Path(slide).stem), overwrite)
+    check_previous(out, prediction_files(Path(slide).stem, fmt), overwrite)
     return cfg
