@@ -327,7 +327,8 @@ def _feature_cache(cache_dir, out):
     """Where training caches features: ``cache_dir``, else a hidden folder beside ``out`` (None: no cache)."""
     if cache_dir is not None or out is None:
         return cache_dir
-    return Path(out).parent / f".{Path(out).name}-features"
+    out = Path(out).resolve()
+    return out.parent / f".{out.name}-features"
 
 
 def _trained(res, enc, out) -> "Model":
@@ -419,6 +420,10 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     from deepspot.io.slides import open_slide
     from deepspot.io.spatial import SpatialDataError, check_inside
 
+    if out is not None:
+        from deepspot.models.checkpoint import checkpoint_folder
+
+        checkpoint_folder(out).check()  # refused before any data is read, never emptied
     manifest = str(Path(samples).resolve()) if isinstance(samples, (str, Path)) else None
     samples = _read_samples(samples, cells=cells, progress=progress)
     many = _many_samples(samples)

@@ -108,7 +108,10 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
     """Train DeepSpot (spots), DeepCell or DeepSpot2Cell (cells) on one image; prints held-out scores."""
     from deepspot.inference.preflight import check_gene_list, check_out_dir, check_slide
 
+    from deepspot.models.checkpoint import checkpoint_folder
+
     check_out_dir(out)  # a file, or a folder that cannot be written: refused before any data is read
+    checkpoint_folder(out).check()  # a folder holding anything but a previous checkpoint: refused, never emptied
     check_gene_list(_split(genes), "--genes")
     if image is not None and manifest is None:  # the slide opened and its mpp resolved before the counts are read
         check_slide(image, mpp, needs_um=(unit if model == "deepspot" else cell_unit) == "um")
@@ -255,6 +258,9 @@ def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
     console.print(f"wrote {path}")
 
 
+_SCORE_FILES = ("per_gene.csv", "summary.csv", "features")
+
+
 @app.command()
 def score(model: Path = typer.Option(..., help="Checkpoint folder written by `deepspot train`."),
           manifest: Path = typer.Option(..., help="CSV of annotated samples to score on (as `evaluate` reads)."),
@@ -269,8 +275,10 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
 
     import deepspot as ds
     from deepspot.io.outputs import write_csv
+    from deepspot.io.owner import OutputFolder
 
     t0 = time.perf_counter()
+    owner = OutputFolder(out, "score", legacy=lambda n: n in _SCORE_FILES or n.endswith("_score.png")).check()
     m = ds.load_model(model, encoder_weights=encoder_weights)
     ridge_train = None
     if baseline is not None:
@@ -281,10 +289,18 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
                 raise ValueError(f"{model}: --baseline ridge needs the training manifest, which this checkpoint "
                                  f"does not record{f' ({src} is gone)' if src else ''}; give its path instead")
             ridge_train = Path(src)
-    per_gene, summary = m.score(manifest, cache_dir=cache_dir or out / "features", progress=progress, plots=out,
-                                ridge_train=ridge_train)
-    write_csv(per_gene.set_index(["sample_id", "gene"]), out / "per_gene.csv")
-    write_csv(summary.set_index("sample_id"), out / "summary.csv")
+    owner.open()
+    mine = lambda: [p.name for p in out.iterdir() if p.name in _SCORE_FILES or p.name.endswith("_score.png")]  # noqa: E731
+    try:
+        per_gene, summary = m.score(manifest, cache_dir=cache_dir or out / "features", progress=progress, plots=out,
+                                    ridge_train=ridge_train)
+        write_csv(per_gene.set_index(["sample_id", "gene"]), out / "per_gene.csv")
+        write_csv(summary.set_index("sample_id"), out / "summary.csv")
+    except BaseException:
+        owner.written = [n for n in mine() if n not in owner.previous]
+        owner.abort()
+        raise
+    owner.record(*mine())
     console.print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), soft_wrap=True)
     console.print(f"wrote {out / 'per_gene.csv'}, {out / 'summary.csv'} and a PNG per sample "
                   f"({out / '<sample_id>_score.png'}) in {time.perf_counter() - t0:.0f} s", soft_wrap=True)

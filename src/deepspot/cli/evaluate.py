@@ -12,6 +12,8 @@ from rich.console import Console
 from deepspot.cli import app
 from deepspot.training.recipe import SpotRecipe
 
+EVAL_FILES = ("scores.csv", "summary.csv", "per_gene.csv", "evaluation.json", "evaluation.png", "logs", "features")
+
 # the recipe's defaults, read without building one (its checks import torch; --help must not)
 _R = SimpleNamespace(**{f.name: f.default for f in fields(SpotRecipe)})
 
@@ -79,8 +81,11 @@ def evaluate(
     from deepspot.models.deepsets import CONTEXTS
     from deepspot.training.manifest import her2st_manifest, read_manifest
 
+    from deepspot.io.owner import OutputFolder
+
     if (manifest is None) == (not her2st):
         raise ValueError("give either --manifest FILE or --her2st")
+    owner = OutputFolder(out, "evaluate", legacy=lambda n: n in EVAL_FILES).check()
     specs = her2st_manifest(data_dir) if her2st else read_manifest(manifest)
     note = HER2ST_NOTE if her2st else ""
     if note:
@@ -101,9 +106,16 @@ def evaluate(
     console.print(f"{len(samples)} samples, {len({s.patient_id for s in samples})} patients, "
                   f"{sum(s.adata.n_obs for s in samples)} spots")
     enc = load_encoder(encoder, weights=encoder_weights)
-    res = run_eval(samples, enc, cfg, cache_dir=cache_dir or out / "features", out_dir=out, progress=progress,
-                   echo=lambda m: console.print(m, soft_wrap=True), num_workers=num_workers, note=note,
-                   loggers=None if loggers.strip().lower() == "none" else _csv(loggers))
+    owner.open()
+    try:
+        res = run_eval(samples, enc, cfg, cache_dir=cache_dir or out / "features", out_dir=out, progress=progress,
+                       echo=lambda m: console.print(m, soft_wrap=True), num_workers=num_workers, note=note,
+                       loggers=None if loggers.strip().lower() == "none" else _csv(loggers))
+    except BaseException:
+        owner.written = [n for n in EVAL_FILES if n not in owner.previous and (out / n).exists()]
+        owner.abort()
+        raise
+    owner.record(*(n for n in EVAL_FILES if (out / n).exists()))
     console.print(res.summary.to_string(float_format=lambda v: f"{v:.4f}"), soft_wrap=True)
     console.print("\nper held-out sample: mean per-gene Pearson over the top-50 HVGs of the training split",
                   soft_wrap=True)

@@ -48,13 +48,22 @@ def download(sample: str = typer.Argument(..., help="sample_id, or a prefix of i
     """Download one slide's predictions (into the Hugging Face cache), write it as <out>/<sample_id>.h5ad and
     say what it holds."""
     from deepspot.io import tcga
+    from deepspot.io.owner import OutputFolder, safe_name
 
     repo = repo_id or tcga.REPO_ID
+    owner = OutputFolder(out, "tcga download", shared=True, legacy=lambda n: False).check()
     meta = tcga.metadata(repo, filename=metadata, local_dir=source)
     row = tcga.find(meta, sample)
+    name = safe_name(f"{row['sample_id']}.h5ad", "sample_id", meta.attrs.get("source"))
+    target = owner.check_target(name)
     gz = tcga.download(str(row["sample_id"]), repo_id=repo, local_dir=source, meta=meta)
-    target = out / f"{row['sample_id']}.h5ad"
-    a = tcga.read(gz, out=target)
+    owner.open()
+    try:
+        a = tcga.read(gz, out=target)
+    except BaseException:
+        owner.abort()
+        raise
+    owner.record(name)
     console.print(f"{row['dataset']} {row['slide_type']} {row['sample_id']}: {a.n_obs} spots × {a.n_vars} genes; "
                   f"obs: {', '.join(map(str, a.obs.columns[:8])) or '-'}; obsm: {', '.join(a.obsm.keys()) or '-'}",
                   markup=False, highlight=False)

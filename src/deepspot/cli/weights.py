@@ -38,6 +38,9 @@ def convert_weights(src: Path = typer.Argument(..., help="Published checkpoint (
         raise ValueError("give the checkpoint folder to write once: as OUT or as --out")
     if not src.exists():
         raise FileNotFoundError(f"{src}: file not found")
+    from deepspot.models.checkpoint import checkpoint_folder
+
+    checkpoint_folder(out or out_arg).check()
     geo = None
     if geometry is not None or spot_px is not None or spacing_px is not None:
         geo = geometry_preset(geometry or "visium", spot_px=spot_px, spacing_px=spacing_px).to_dict()

@@ -400,6 +400,20 @@ def glob_escape(s: str) -> str:
     return glob.escape(s)
 
 
+def _check_space(plan, config, encoder, cache_dir, out_dir: Path, target: Path, thumbnail_size: int) -> None:
+    """The outputs' size (predictions twice: the work array and the h5ad; features when not cached
+    elsewhere; the thumbnail) against the disk's free space, before any compute."""
+    from deepspot.io.outputs import check_space
+
+    n, g = len(plan.grid), len(config.genes)
+    n_sub = getattr(config.geometry, "n_sub", 0) or 0
+    feat = 0 if cache_dir is not None else n * (1 + n_sub) * int(getattr(encoder, "dim", 0) or 0) * 4
+    base = out_dir.absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    check_space(base, 2 * 4 * n * g + feat + 3 * thumbnail_size ** 2 + 256 * n, str(target))
+
+
 def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_dir, genes: list[str] | None = None,
                   n_plot: int = 4, mpp: float | None = None, tissue: str | None = None,
                   min_tissue_fraction: float = 0.1,
@@ -448,7 +462,9 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
 
     out_dir = Path(out_dir)
     name = safe_name(name or Path(slide_path).stem, "slide name", slide_path)
-    owner = prediction_folder(out_dir, command).open()
+    owner = prediction_folder(out_dir, command).check()
+    _check_space(plan, config, encoder, cache_dir, out_dir, out_dir / prediction_files(name, fmt)[0], thumbnail_size)
+    owner.open()
     remove_stale_work(out_dir, name)
     work = new_temp_dir(out_dir, f".{name}.work-")
     lock = _hold(work)  # a later run sees this work folder is alive
@@ -483,7 +499,7 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
                 write_spatialdata(spatialdata_from_predictions(skel, slide_path, X=pred.array, mpp=plan.mpp), tmp[0],
                                   atomic=False)
             else:
-                write_h5ad_chunked(skel, pred.array, tmp[0])
+                write_h5ad_chunked(skel, pred.array, tmp[0], target=paths[0])
             spot_table(skel).to_csv(tmp[1], index=True)
             if len(tmp) == 3:
                 plotting.spatial_columns(skel, pred.array, plot, tmp[2])

@@ -33,16 +33,49 @@ def atomic_path(path: str | Path):
         raise
 
 
+def check_space(folder: str | Path, nbytes: float, what: str) -> None:
+    """Refuse, before any compute, to write about ``nbytes`` into ``folder`` when the disk's free space or
+    this process's file-size limit is smaller: HDF5 crashes the interpreter on a write that fails half-way."""
+    import resource
+    import shutil
+
+    need = int(nbytes * 1.1) + (1 << 20)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise OSError(28, f"{what}: needs about {need / 1e9:.2f} GB, {folder} has {free / 1e9:.2f} GB free; "
+                          f"free space or choose another --out")
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and nbytes > soft:
+        raise OSError(27, f"{what}: needs about {nbytes / 1e9:.2f} GB, over this process's file-size limit "
+                          f"({soft / 1e9:.3f} GB, ulimit -f)")
+
+
+@contextlib.contextmanager
+def h5_writing(path: str | Path, target: str | Path | None = None):
+    """Around an h5ad writer: a full disk (or a file-size limit) becomes one line naming ``target``."""
+    import errno
+
+    try:
+        yield
+    except BaseException as e:
+        full = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+        if isinstance(e, OSError) and (e.errno in full or any(f"errno = {n}," in str(e) for n in full)):
+            raise OSError(errno.ENOSPC, f"{target or path}: cannot write it, the disk is full (or over a size "
+                                        f"limit); nothing was kept") from None
+        raise
+
+
 def write_h5ad(adata: ad.AnnData, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, h5_writing(tmp, path):
         adata.write_h5ad(tmp, compression="gzip")
     return Path(path)
 
 
-def write_h5ad_chunked(skeleton: ad.AnnData, X, path: str | Path, rows: int = 4096) -> Path:
+def write_h5ad_chunked(skeleton: ad.AnnData, X, path: str | Path, rows: int = 4096, target=None) -> Path:
     """Write ``skeleton`` (an AnnData without X) with ``X`` (N, G) taken from any sliceable array (zarr, h5py,
     numpy) ``rows`` at a time, through anndata's own writer (X as a dask array), so the full matrix is
-    never in memory. Writes ``path`` as it is: callers that need it atomic pass a path of :func:`atomic_path`."""
+    never in memory. Writes ``path`` as it is: callers that need it atomic pass a path of :func:`atomic_path`
+    (``target``: the final name, for the error message)."""
     import dask
     import dask.array as da
 
@@ -51,7 +84,7 @@ def write_h5ad_chunked(skeleton: ad.AnnData, X, path: str | Path, rows: int = 40
         raise ValueError(f"{path}: X has shape {tuple(X.shape)}, the AnnData is {n} x {g}")
     a = ad.AnnData(X=da.from_array(X, chunks=(max(1, min(rows, n)), max(g, 1))).astype(np.float32),
                    obs=skeleton.obs, var=skeleton.var, obsm=dict(skeleton.obsm), uns=dict(skeleton.uns))
-    with dask.config.set(scheduler="synchronous"):
+    with dask.config.set(scheduler="synchronous"), h5_writing(path, target):
         a.write_h5ad(path, compression="gzip")
     return Path(path)
 

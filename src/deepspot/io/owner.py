@@ -111,10 +111,12 @@ class OutputFolder:
     """The output folder of one run of ``command`` (see the module doc).
 
     ``legacy``: names a folder written before run records may hold (adopted as the previous result).
+    ``shared``: a folder of other files is accepted (``tcga download`` into ``.``); none of them is ever
+    replaced or removed (:meth:`check_target`).
     """
 
-    def __init__(self, out, command: str, option: str = "--out", legacy=None):
-        self.out, self.command, self.option = Path(out), command, option
+    def __init__(self, out, command: str, option: str = "--out", legacy=None, shared: bool = False):
+        self.out, self.command, self.option, self.shared = Path(out), command, option, shared
         self.legacy = legacy or (lambda name: False)
         self.created: list[Path] = []
         self.written: list[str] = []
@@ -154,6 +156,9 @@ class OutputFolder:
             self.previous = {n for n in self.previous if self._safe(n)}
             return self
         foreign = [n for n in names if not self.legacy(n)]
+        if foreign and self.shared:
+            self.previous = set(names) - set(foreign)
+            return self
         if foreign:
             more = f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""
             raise FileExistsError(f"{out}: {self.option} holds files deepspot did not write "
@@ -180,6 +185,14 @@ class OutputFolder:
             return True
         except UnsafeNameError:
             return False
+
+    def check_target(self, name: str, overwrite: bool = True) -> Path:
+        """``out/name`` for writing: a safe name, and not a file this command did not write."""
+        p = self.path(name, "output name")
+        if self.exists(name) and (name not in self.previous or not overwrite):
+            why = "a previous result (pass --overwrite)" if name in self.previous else "not written by deepspot"
+            raise FileExistsError(f"{p}: already exists, {why}; choose another {self.option}")
+        return p
 
     # ------------------------------------------------------------------ names and writes
     def path(self, name, field: str = "name", source=None) -> Path:

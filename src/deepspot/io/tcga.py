@@ -77,8 +77,13 @@ def _hub_file(repo_id: str, filename: str, token=None, cache_dir=None, local_onl
                         f"copy of the dataset with --source DIR") from None
 
 
-def _local_file(local_dir: str | Path, filename: str) -> Path:
-    p = Path(local_dir) / filename
+def _local_file(local_dir: str | Path, filename: str, source=None) -> Path:
+    from deepspot.io.owner import UnsafeNameError, inside
+
+    try:  # a name from the dataset's metadata: read only inside --source
+        p = inside(local_dir, filename, "file_path", source or f"--source {local_dir}")
+    except UnsafeNameError as e:
+        raise DataError(str(e)) from None
     if not p.is_file():
         raise DataError(f"{p}: not found in the local copy of the TCGA dataset (--source {local_dir})")
     return p
@@ -156,7 +161,9 @@ def download(sample: str, repo_id: str = REPO_ID, local_dir: str | Path | None =
     """The gzipped h5ad of one slide: from ``local_dir``, else downloaded once into the Hugging Face cache."""
     meta = meta if meta is not None else metadata(repo_id, local_dir=local_dir, token=token, cache_dir=cache_dir)
     rel = str(find(meta, sample)["file_path"])
-    return _local_file(local_dir, rel) if local_dir is not None else _hub_file(repo_id, rel, token, cache_dir)
+    if local_dir is not None:
+        return _local_file(local_dir, rel, meta.attrs.get("source"))
+    return _hub_file(repo_id, rel, token, cache_dir)
 
 
 def read(sample_or_path: str | Path, out: str | Path | None = None, **kw) -> ad.AnnData:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,8 +20,8 @@ from deepspot.models import registry
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "CheckpointError", "build_model", "load_checkpoint", "read_config",
-           "save_checkpoint"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "CheckpointError", "build_model", "checkpoint_folder", "load_checkpoint",
+           "read_config", "save_checkpoint"]
 
 
 def build_model(kind: str, model_args: dict) -> torch.nn.Module:
@@ -39,23 +37,26 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: ModelConfi
         config = ModelConfig.from_dict(config, source=f"{path / CONFIG_FILE}")
     elif hasattr(model, "config"):
         config = config.replace(model_args=model.config())
-    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = config.to_dict()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    owner = checkpoint_folder(path).open()
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=1))
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
-        for f in (WEIGHTS_FILE, CONFIG_FILE):  # safetensors writes 0600; every output gets the usual mode
-            os.chmod(tmp / f, 0o666 & ~current_umask())
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with owner.atomic(WEIGHTS_FILE) as tw, owner.atomic(CONFIG_FILE) as tc:  # both written, then renamed
+            save_file(state, str(tw), metadata={"format": "pt"})
+            os.chmod(tw, 0o666 & ~current_umask())  # safetensors writes 0600; every output gets the usual mode
+            tc.write_text(json.dumps(cfg, indent=1))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        owner.abort()
         raise
     return path
+
+
+def checkpoint_folder(path):
+    """The :class:`~deepspot.io.owner.OutputFolder` of a checkpoint: new, empty, or a previous checkpoint
+    (its two files); a folder holding anything else is refused, never emptied."""
+    from deepspot.io.owner import OutputFolder
+
+    return OutputFolder(path, "checkpoint", legacy=lambda n: n in (WEIGHTS_FILE, CONFIG_FILE))
 
 
 def read_config(path: str | Path) -> ModelConfig:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from deepspot.io import spatial as S
+from deepspot.io.owner import UnsafeNameError, safe_name
 from deepspot.io.spatial import SpatialDataError
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,11 @@ def read_manifest(path: str | Path) -> list[SampleSpec]:
         sid = str(row["sample_id"]).strip()
         if not sid or not str(row["patient_id"]).strip():
             raise SpatialDataError(f"{path}: a row has an empty sample_id or patient_id")
+        try:  # both name files (plots, caches, training logs): never a path
+            safe_name(sid, "sample_id", path)
+            safe_name(str(row["patient_id"]).strip(), "patient_id", path)
+        except UnsafeNameError as e:
+            raise SpatialDataError(str(e)) from None
         res = lambda v: None if v is None else (Path(v) if Path(v).is_absolute() else base / v)  # noqa: E731
         image, expr = res(str(row["image"]).strip()), res(str(row["expression"]).strip())
         for what, p in (("image", image), ("expression", expr)):
