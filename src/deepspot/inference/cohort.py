@@ -444,9 +444,10 @@ def adopt_legacy(owner, state: dict[str, dict]) -> None:
     state lists (names checked; anything else in the folder is not ours)."""
     from deepspot.io.owner import RECORD_FILE, UnsafeNameError, safe_name
 
-    if (owner.out / RECORD_FILE).exists():
-        return
     names = {STATE_FILE, RUN_FILE, SUMMARY_FILE}
+    if (owner.out / RECORD_FILE).exists():  # the driver rewrites these on every slide: always this command's
+        owner.previous |= {n for n in names if owner.exists(n)}
+        return
     for rec in state.values():
         for n in rec.get("outputs") or []:
             try:

@@ -114,7 +114,9 @@ def check_predict(slide, model_dir, out, mpp: float | None = None, overwrite: bo
     from deepspot.config import read_config_file
 
     check_out_dir(out)
-    prediction_folder(out).check()
+    owner = prediction_folder(out).check()
+    for name in prediction_files(Path(slide).stem, fmt):
+        owner.check_target(name, overwrite=True)  # a file of that name deepspot did not write: never replaced
     check_gene_list(genes)
     cfg = read_config_file(model_dir)
     cfg.check_genes(genes, str(model_dir))

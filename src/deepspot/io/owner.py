@@ -152,8 +152,10 @@ class OutputFolder:
             if rec.get("command") != self.command and (names or rec.get("files")):
                 raise FileExistsError(f"{out}: {self.option} holds a deepspot {rec.get('command')} result; "
                                       f"choose another folder for {self.command}")
+            stamps = rec.get("stamps") if isinstance(rec.get("stamps"), dict) else {}
             self.previous = {str(n) for n in rec.get("files", []) if isinstance(n, str)}
-            self.previous = {n for n in self.previous if self._safe(n)}
+            # a recorded name whose file changed since (replaced by the user) is no longer ours
+            self.previous = {n for n in self.previous if self._safe(n) and self._same(n, stamps.get(n))}
             return self
         foreign = [n for n in names if not self.legacy(n)]
         if foreign and self.shared:
@@ -177,6 +179,16 @@ class OutputFolder:
         self.created = missing  # innermost first
         self.opened = True
         return self
+
+    def _stamp(self, name: str):
+        try:
+            st = os.lstat(self.out / name)
+        except OSError:
+            return None
+        return [st.st_ino] if os.path.isdir(self.out / name) else [st.st_ino, st.st_size, st.st_mtime_ns]
+
+    def _same(self, name: str, stamp) -> bool:
+        return stamp is None or not self.exists(name) or self._stamp(name) == list(stamp)
 
     @staticmethod
     def _safe(name: str) -> bool:
@@ -216,8 +228,11 @@ class OutputFolder:
             files = [f for f in rec.get("files", []) if isinstance(f, str)]
             files += [n for n in sorted(self.previous | set(self.written)) if n not in files]
             files = [f for f in files if self.exists(f)]
+            old = rec.get("stamps") if isinstance(rec.get("stamps"), dict) else {}
+            stamps = {f: (self._stamp(f) if f in self.written or f not in old else old[f]) for f in files}
             tmp = self.out / f".{RECORD_FILE}.{os.getpid()}.partial"
-            tmp.write_text(json.dumps({"command": self.command, "files": files}, indent=1), encoding="utf-8")
+            tmp.write_text(json.dumps({"command": self.command, "files": files, "stamps": stamps}, indent=1),
+                           encoding="utf-8")
             os.replace(tmp, self.out / RECORD_FILE)
 
     @contextlib.contextmanager
