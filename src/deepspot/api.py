@@ -106,6 +106,8 @@ class Model:
         ``ridge_train``: a manifest path or samples to fit the PCA-256 + ridge baseline on, scored beside."""
         from deepspot.evaluation.score import score_samples
 
+        self._require(cells=False)  # a cell model: refused before any sample is read or encoded
+
         samples = list(_read_samples(samples, progress=progress))
         ridge_train = None if ridge_train is None else list(_read_samples(ridge_train, progress=progress))
         per_gene, summary, preds = score_samples(self.network, self.config, self.encoder, samples,

@@ -426,6 +426,9 @@ class Scaler:
                 f.fail(key, "must be a list of numbers")
             if n_genes is not None and len(arr) != n_genes:
                 f.fail(key, f"has {len(arr)} values for {n_genes} genes")
+            if not np.all(np.isfinite(arr)):
+                bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+                f.fail(key, f"has a NaN or infinite value (first at position {bad}); the gene would be all NaN")
             arrays.append(arr)
         if not np.all(arrays[1] != 0):
             f.fail("b", "has zeros (division by zero)")
@@ -539,6 +542,11 @@ class ModelConfig:
             args.fail("in_dim", f"is {in_dim} but encoder.dim is {encoder.dim}")
         if n_genes != len(genes):
             args.fail("n_genes", f"is {n_genes} but genes lists {len(genes)}")
+        for key, v in args.d.items():  # sizes checked before a network of them is allocated
+            bound = MAX_GENES if key == "n_genes" else MAX_MODEL_SIZE
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and key not in ("dropout", "lr") \
+                    and (not math.isfinite(v) or abs(v) > bound):
+                args.fail(key, f"is {v!r}, over the bound {bound} (the network would not fit in memory)")
         geo = f.get("geometry", types=dict, name="an object")
         try:
             geometry = (CellGeometry.from_dict(geo, source, "geometry.") if kind in CELL_MODELS
@@ -562,6 +570,10 @@ class ModelConfig:
         return config if isinstance(config, cls) else cls.from_dict(config, source)
 
 
+MAX_MODEL_SIZE = 65536  # any size in model_args (hidden, heads, in_dim…)
+MAX_GENES = 1_000_000
+
+
 def read_config_file(folder, name: str = "config.json") -> "ModelConfig":
     """The checked :class:`ModelConfig` of checkpoint folder ``folder`` (its ``name`` file), without
     importing torch: every problem is one CheckpointError naming the file."""
@@ -580,6 +592,8 @@ def read_config_file(folder, name: str = "config.json") -> "ModelConfig":
         raise CheckpointError(f"{cfg_file}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise CheckpointError(f"{cfg_file}: JSON nested too deeply to be a deepspot config") from None
     except OSError as e:
         raise CheckpointError(f"{cfg_file}: cannot read ({e.strerror or type(e).__name__})") from None
     return ModelConfig.from_dict(raw, source=str(cfg_file))

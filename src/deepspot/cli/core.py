@@ -209,6 +209,10 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
 
     from deepspot.inference.preflight import check_predict
 
+    from deepspot.inference.preflight import check_options
+
+    check_options(spacing=spacing, min_tissue=min_tissue, batch_size=batch_size, spot_px=spot_px,
+                  spacing_px=spacing_px, num_workers=num_workers)
     if not slide.exists():
         raise FileNotFoundError(f"{slide}: file not found")
     if fmt not in ("h5ad", "spatialdata"):
@@ -280,6 +284,7 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
     t0 = time.perf_counter()
     owner = OutputFolder(out, "score", legacy=lambda n: n in _SCORE_FILES or n.endswith("_score.png")).check()
     m = ds.load_model(model, encoder_weights=encoder_weights)
+    m._require(cells=False)  # a cell model is refused before any sample is read or encoded
     ridge_train = None
     if baseline is not None:
         ridge_train = Path(baseline)

@@ -596,12 +596,18 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
         from deepspot.extras import require
 
         require("spatialdata", "spatialdata", "predict-cohort --format spatialdata")
-    if num_cpus < 0 or num_gpus < 0:
+    if not (math.isfinite(num_cpus) and math.isfinite(num_gpus)) or num_cpus < 0 or num_gpus < 0:
         raise ValueError("num_cpus and num_gpus must be ≥ 0")
+    if backend == "ray" and num_cpus == 0 and num_gpus == 0:  # nothing would bound the slides run at once
+        raise ValueError("--num-cpus 0 without --num-gpus would run every slide at once; give each slide task "
+                         "at least one CPU or GPU share (e.g. --num-cpus 1)")
     if tissue not in (None, "otsu", "mean_rgb", "tile_mean_rgb", "none"):
         raise ValueError(f"unknown tissue filter {tissue!r}; use otsu, mean_rgb, tile_mean_rgb or none")
     jobs = read_cohort(manifest, default_mpp=mpp)
     cfg = read_config(model)  # every field checked
+    if cfg.is_cell_model:
+        raise CheckpointError(f"{model}: a {cfg.model} model predicts cells, not a spot grid; predict-cohort "
+                              f"needs a spot model (deepspot)")
     if not (Path(model) / WEIGHTS_FILE).exists():
         raise CheckpointError(f"{model}: {WEIGHTS_FILE} missing")
     spec = get_spec(cfg.encoder.name)  # unknown encoder -> EncoderError now, not per slide

@@ -107,6 +107,9 @@ class SlidePlan:
                                self.geometry.neighbor_radius)
 
 
+MAX_GRID_SPOTS = 5e7  # a whole-slide Visium grid is ~1e5; beyond this the grid alone would not fit in memory
+
+
 def plan_slide(slide_path, geometry: SpotGeometry, mpp: float | None = None, tissue: str | None = None,
                min_tissue_fraction: float = 0.1, thumbnail_size: int = 2000, layout: str | None = None,
                spacing: float | None = None, meta: dict | None = None) -> SlidePlan:
@@ -114,12 +117,16 @@ def plan_slide(slide_path, geometry: SpotGeometry, mpp: float | None = None, tis
     override the checkpoint's grid; the spot diameter (crop size) always stays the model's. ``tissue``:
     None = the geometry's rule (``tile_mean_rgb`` for the original's presets), else 'otsu'.
     Raises SlideError (corrupt/unsupported file, no mpp for a µm model: pass ``mpp``)."""
+    from deepspot.inference.preflight import check_options
+
     tissue = tissue or geometry.tissue or "otsu"
     if tissue not in TISSUE_RULES:
         raise ValueError(f"unknown tissue method {tissue!r}; use {', '.join(TISSUE_RULES)}")
+    check_options(spacing=spacing, min_tissue=min_tissue_fraction)
     grid_spec = geometry.grid
     if layout is not None or spacing is not None:
-        grid_spec = replace(grid_spec, layout=layout or grid_spec.layout, spacing=spacing or grid_spec.spacing)
+        grid_spec = replace(grid_spec, layout=layout or grid_spec.layout,
+                            spacing=spacing if spacing is not None else grid_spec.spacing)
     geometry = replace(geometry, grid=grid_spec)
     with open_slide(slide_path, mpp=mpp) as slide:
         mpp_used = resolve_mpp(slide, mpp, needs_um=grid_spec.needs_mpp)
@@ -132,7 +139,15 @@ def plan_slide(slide_path, geometry: SpotGeometry, mpp: float | None = None, tis
         if spec.spot_diameter < 8:
             raise ValueError(f"{slide_path}: a spot is {spec.spot_diameter:.1f} px at {mpp_used} µm/px; is the mpp right?")
         w, h = slide.dimensions
+        at = f" at {mpp_used:g} µm/px" if mpp_used else ""
+        n_est = (w / max(spec.spacing, 1e-9) + 1) * (h / max(spec.spacing, 1e-9) + 1)
+        if n_est > MAX_GRID_SPOTS:
+            raise ValueError(f"{slide_path}: a grid of about {n_est:.3g} spots (spacing {spec.spacing:.3g} px{at}) "
+                             f"is over {MAX_GRID_SPOTS:.0e}; check --spacing and the mpp")
         grid = make_grid(w, h, spec)
+        if len(grid) == 0:
+            raise ValueError(f"{slide_path}: the grid is empty: the image ({w}×{h} px) is smaller than one spot "
+                             f"({spec.spot_diameter:.0f} px{at}); is the mpp right?")
         thumb = slide.get_thumbnail(thumbnail_size)
         if tissue == "tile_mean_rgb":  # the original's filter: each full-resolution tile's mean RGB
             boxes = spot_boxes(grid[["x", "y"]].to_numpy(), spec.spot_diameter)
@@ -440,7 +455,10 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
 
     from deepspot.features.store import RowWriter
 
+    from deepspot.inference.preflight import check_options
+
     t0 = time.perf_counter()
+    check_options(batch_size=batch_size, num_workers=num_workers)
     stats = stats if stats is not None else ExtractStats()
     config = with_geometry(ModelConfig.coerce(config), geometry)
     mode = _mode(config, fast)

@@ -9,7 +9,7 @@ from pathlib import Path
 from deepspot.config import resolve_mpp
 from deepspot.io.slides import open_slide
 
-__all__ = ["check_gene_list", "check_out_dir", "check_out_file", "check_predict", "check_previous", "check_slide", "is_prediction_file",
+__all__ = ["check_gene_list", "check_options", "check_out_dir", "check_out_file", "check_predict", "check_previous", "check_slide", "is_prediction_file",
            "needs_um", "prediction_files", "prediction_folder"]
 
 
@@ -93,6 +93,33 @@ def check_gene_list(genes, option: str = "--genes") -> None:
         seen.add(g)
     if dups:
         raise ValueError(f"{option}: repeated gene names ({', '.join(dups[:3])}{' …' if len(dups) > 3 else ''})")
+
+
+def check_options(spacing=None, min_tissue=None, batch_size=None, spot_px=None, spacing_px=None,
+                  num_workers=None) -> None:
+    """Numeric prediction options, each a one-line error naming the option: sizes positive and finite,
+    a fraction in [0, 1], counts at least 1."""
+    import math
+
+    def number(v, option, lo=0.0, hi=math.inf, closed=False):
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            x = math.nan
+        ok = math.isfinite(x) and (lo <= x <= hi if closed else lo < x <= hi)
+        if not ok:
+            rng = f"between {lo:g} and {hi:g}" if closed else f"a positive number{f' up to {hi:g}' if hi < math.inf else ''}"
+            raise ValueError(f"{option} must be {rng}, got {v!r}")
+
+    for v, option in ((spacing, "--spacing"), (spot_px, "--spot-px"), (spacing_px, "--spacing-px")):
+        if v is not None:
+            number(v, option, hi=1e6)
+    if min_tissue is not None:
+        number(min_tissue, "--min-tissue", 0.0, 1.0, closed=True)
+    if batch_size is not None and (not float(batch_size).is_integer() or batch_size < 1):
+        raise ValueError(f"--batch-size must be a whole number of at least 1, got {batch_size!r}")
+    if num_workers is not None and num_workers < 0:
+        raise ValueError(f"--num-workers must be 0 or more, got {num_workers!r}")
 
 
 def needs_um(config, geometry=None) -> bool:

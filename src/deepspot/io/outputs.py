@@ -241,6 +241,7 @@ def write_spatialdata(sdata, path: str | Path, atomic: bool = True) -> Path:
     if not atomic:
         with warnings.catch_warnings(), dask.config.set(scheduler="synchronous"):
             warnings.filterwarnings("ignore", message=".*autosharding.*")  # zarr's notice, not ours to act on
+            warnings.filterwarnings("ignore", message=".*deprecated class Scaler.*", category=DeprecationWarning)
             sdata.write(path)
         return path
     with atomic_dir(path) as tmp:

@@ -347,9 +347,13 @@ def decode_budget() -> int:
     env = os.environ.get("DEEPSPOT_DECODE_BUDGET_GB", "").strip()
     if env:
         try:
-            return int(float(env) * 1e9)
+            gb = float(env)
         except ValueError:
-            raise SlideError(None, f"DEEPSPOT_DECODE_BUDGET_GB must be a number of GB, got {env!r}") from None
+            gb = float("nan")
+        if not (math.isfinite(gb) and gb > 0):  # a setting, not the slide: fatal, no other backend tried
+            raise SlideError(None, f"DEEPSPOT_DECODE_BUDGET_GB must be a positive number of GB, got {env!r}",
+                             fatal=True)
+        return int(gb * 1e9)
     return int(DECODE_FRACTION * available_memory())
 
 
