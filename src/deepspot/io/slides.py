@@ -585,6 +585,46 @@ def _tifffile_mpp(tf) -> float | None:
     return None
 
 
+def _check_isotropic(p: Path, mx, my) -> None:
+    """Refuse a resolution that differs between x and y (the grid needs square pixels): one line, --mpp wins."""
+    mx, my = _plausible_mpp(mx), _plausible_mpp(my)
+    if mx and my and abs(mx - my) > 0.01 * min(mx, my):
+        raise SlideError(p, f"anisotropic resolution (x {mx:g}, y {my:g} µm/px): the spot grid needs square "
+                            f"pixels; resample the image or pass --mpp to use one value", fatal=True)
+
+
+def _tiff_colour(p: Path) -> dict:
+    """How the first page of a TIFF stores colour: photometric name, sample dtype, palette (3, n) or None, and
+    the x / y resolution in µm/px (None when absent)."""
+    import tifffile
+
+    with tifffile.TiffFile(p) as tf:
+        page = tf.pages.first if hasattr(tf.pages, "first") else tf.pages[0]
+        photo = getattr(page.photometric, "name", str(page.photometric))
+        cmap = page.colormap if photo == "PALETTE" else None
+        tags = page.tags
+        res = [None, None]
+        unit = tags.get("ResolutionUnit")
+        for i, key in enumerate(("XResolution", "YResolution")):
+            t = tags.get(key)
+            if t is not None and unit is not None and int(unit.value) in (2, 3):
+                num, den = t.value if isinstance(t.value, tuple) else (t.value, 1)
+                if num and den:
+                    res[i] = (1e4 if int(unit.value) == 3 else 25400.0) / (num / den)
+        smax = tags.get("SMaxSampleValue")
+        return {"photometric": photo, "dtype": np.dtype(page.dtype) if page.dtype is not None else None,
+                "colormap": None if cmap is None else np.asarray(cmap), "mpp_xy": tuple(res),
+                "smax": None if smax is None else np.max(np.asarray(smax.value, dtype=np.float64))}
+
+
+def _special_colour(c: dict) -> str | None:
+    if c["photometric"] in ("SEPARATED", "PALETTE"):
+        return {"SEPARATED": "CMYK", "PALETTE": "palette"}[c["photometric"]] + " colour"
+    if c["dtype"] is not None and c["dtype"].kind == "f":
+        return "floating-point samples"
+    return None
+
+
 def _check_tiff_complete(p: Path) -> None:
     """SlideError if any tile/strip of any page points past the end of the file (truncated download)."""
     if not _is_tiff(p):
@@ -753,6 +793,16 @@ class TiffSlideSlide(_OpenSlideAPISlide):
             raise SlideError(p, "not a TIFF file")
         _check_tiff_complete(p)
         try:
+            colour = _tiff_colour(p)
+        except Exception as e:  # noqa: BLE001 - tiffslide says why below
+            colour = None
+        if colour is not None:
+            if mpp is None:
+                _check_isotropic(p, *colour["mpp_xy"])
+            why = _special_colour(colour)
+            if why:  # tiffslide reads these as white / grey: tifffile's backend converts them
+                raise SlideError(p, f"{why}: read through tifffile")
+        try:
             self._ts = tiffslide.TiffSlide(str(p))
             self._take_levels(self._ts)
             props = self._ts.properties
@@ -810,7 +860,11 @@ class TifffileSlide(Slide):
                 shape = dict(zip(series.axes, lv.shape))
                 dims.append((int(shape["X"]), int(shape["Y"])))
             self._dims = dims
+            self._colour = _tiff_colour(p)
+            self._float_scale = self._float_range() if (self._colour["dtype"] is not None
+                                                        and self._colour["dtype"].kind == "f") else 1.0
             if self.mpp is None:
+                _check_isotropic(p, *self._colour["mpp_xy"])
                 self.mpp = _tifffile_mpp(self._tf)
         except SlideError:
             self._tf.close()
@@ -862,7 +916,30 @@ class TifffileSlide(Slide):
                 idx.append(0)
         arr = np.asarray(z[tuple(idx)])
         order = [keep.index("Y"), keep.index("X")] + [i for i, a in enumerate(keep) if a not in "YX"]
-        return _as_rgb(np.transpose(arr, order))
+        return self._to_rgb(np.transpose(arr, order))
+
+    def _float_range(self) -> float:
+        """Float samples in [0, 1] (scale 1) or 0–255 (scale 1/255): SMaxSampleValue, else the smallest level."""
+        top = self._colour["smax"]
+        if top is None:
+            z = self._levels[-1]
+            top = float(np.nanmax(np.asarray(z[tuple(slice(0, 1024) for _ in z.shape)]))) if z.size else 1.0
+        return 1.0 / 255.0 if top > 1.5 else 1.0
+
+    def _to_rgb(self, arr: np.ndarray) -> np.ndarray:
+        c = self._colour
+        if c["photometric"] == "PALETTE" and c["colormap"] is not None and arr.ndim == 2:
+            cmap = c["colormap"]
+            lut = (cmap / 257.0 if cmap.max() > 255 else cmap).round().clip(0, 255).astype(np.uint8).T  # (n, 3)
+            return lut[np.clip(arr.astype(np.int64), 0, len(lut) - 1)]
+        if c["photometric"] == "SEPARATED" and arr.ndim == 3 and arr.shape[2] >= 4:
+            v = arr[..., :4].astype(np.float64)
+            v = v / (np.iinfo(arr.dtype).max / 255.0) if np.issubdtype(arr.dtype, np.integer) else v * 255.0
+            rgb = 255.0 - np.minimum(255.0, v[..., :3] + v[..., 3:4])  # as PIL converts CMYK
+            return rgb.round().clip(0, 255).astype(np.uint8)
+        if self._float_scale != 1.0:
+            arr = arr.astype(np.float64) * self._float_scale
+        return _as_rgb(arr)
 
     def close(self):
         if not self._closed:
