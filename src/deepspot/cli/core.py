@@ -258,7 +258,12 @@ def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
     import deepspot as ds
 
     path = out or h5ad.with_suffix(".png")
-    ds.pl.spatial(ad.read_h5ad(h5ad), genes=_split(genes), path=path)
+    try:
+        adata = ad.read_h5ad(h5ad)
+    except Exception as e:  # noqa: BLE001 - h5py / anndata name the codec, not the file
+        raise ValueError(f"{h5ad}: not a readable h5ad ({type(e).__name__}); plot takes the .h5ad that "
+                         f"predict wrote") from None
+    ds.pl.spatial(adata, genes=_split(genes), path=path)
     console.print(f"wrote {path}")
 
 

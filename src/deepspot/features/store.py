@@ -8,6 +8,8 @@ only the rows a prediction chunk needs (:class:`StoredFeatures`).
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -127,10 +129,14 @@ class FeatureWriter:
     """
 
     def __init__(self, path: str | Path, n: int, dim: int, n_sub: int, attrs: dict):
+        from deepspot.io.owner import hold, remove_stale
+
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(self.path.parent, glob.escape(self.path.name) + ".partial-*")  # a killed run's store
         self.tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".partial-", dir=self.path.parent))
         os.chmod(self.tmp, 0o755)  # mkdtemp's 0700 would make the finished cache private
+        self._lock = hold(self.tmp)
         self.group = zarr.open_group(str(self.tmp), mode="w")
         self.group.attrs.update(attrs)
         self.centers = RowWriter(self.group, "centers", (n, 2), "float64")
@@ -154,6 +160,7 @@ class FeatureWriter:
         if self.spot.written != self.n:
             raise ValueError(f"{self.path}: {self.spot.written} of {self.n} feature rows written")
         self.group.attrs["complete"] = True
+        self._release()
         if self.path.exists():  # an older store (now extended) or one another job finished meanwhile
             old = self.path.with_name(f"{self.tmp.name}.old")
             try:
@@ -170,7 +177,16 @@ class FeatureWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return self.path
 
+    def _release(self) -> None:
+        from deepspot.io.owner import LOCK_NAME
+
+        if not self._lock.closed:
+            self._lock.close()
+            with contextlib.suppress(FileNotFoundError):
+                (self.tmp / LOCK_NAME).unlink()
+
     def abort(self) -> None:
+        self._release()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -198,8 +214,18 @@ class StoredFeatures:
     def __len__(self) -> int:
         return int(self._spot.shape[0] if self.rows is None else len(self.rows))
 
+    def _take(self, arr, rows: np.ndarray) -> np.ndarray:
+        try:
+            return self._take_rows(arr, rows)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a damaged chunk (decompression, truncated file): name the cache, not the codec
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ValueError(f"{self.path}: feature cache is damaged ({type(e).__name__}{': ' + msg if msg else ''}); "
+                             f"delete that folder and it is rebuilt") from None
+
     @staticmethod
-    def _take(arr, rows: np.ndarray) -> np.ndarray:
+    def _take_rows(arr, rows: np.ndarray) -> np.ndarray:
         if len(rows) == 0:
             return np.zeros((0, *arr.shape[1:]), dtype=np.float32)
         uniq, inv = np.unique(rows, return_inverse=True)

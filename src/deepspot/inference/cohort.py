@@ -75,12 +75,20 @@ def read_cohort(path: str | Path, default_mpp: float | None = None) -> list[Slid
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "path" not in cols:
-            raise ValueError(f"{path}: manifest needs a 'path' column (found: {', '.join(cols) or 'no header'})")
-        rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in reader]
+    from deepspot.io.owner import check_manifest_size
+
+    check_manifest_size(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+            if "path" not in cols:
+                raise ValueError(f"{path}: manifest needs a 'path' column (found: {', '.join(cols) or 'no header'})")
+            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in reader]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: manifest is not UTF-8 text (byte {e.start} of a line); save it as UTF-8 CSV") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: manifest is not a readable CSV ({e})") from None
     if not rows:
         raise ValueError(f"{path}: manifest lists no slides")
     jobs, problems, seen = [], [], {}

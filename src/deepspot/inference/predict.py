@@ -369,41 +369,15 @@ def _remove_path(p: Path) -> None:
             p.unlink()
 
 
-def _hold(work: Path):
-    """An exclusive lock on ``work/.lock`` for this run's life (released by the OS if it dies)."""
-    import fcntl
-
-    fh = open(work / ".lock", "w")
-    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return fh
-
-
 def remove_stale_work(out_dir: Path, name: str) -> list[Path]:
     """Remove what a killed run of slide ``name`` left in ``out_dir``: its work folders no live run holds,
     and, when no run of ``name`` is alive, its temp outputs (``.<file>.<random>.partial<ext>``)."""
-    import fcntl
+    from deepspot.io.owner import is_alive, remove_stale
 
-    removed, alive = [], False
-    for w in out_dir.glob(f".{glob_escape(name)}.work-*"):
-        try:
-            fh = open(w / ".lock", "a")
-        except OSError:
-            fh = None
-        try:
-            if fh is not None:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            alive = True
-            continue
-        finally:
-            if fh is not None:
-                fh.close()
-        shutil.rmtree(w, ignore_errors=True)
-        removed.append(w)
-    if not alive:
+    removed = remove_stale(out_dir, f".{glob_escape(name)}.work-*")
+    if not any(is_alive(w) for w in out_dir.glob(f".{glob_escape(name)}.work-*")):
         for f in (f"{name}.h5ad", f"{name}.zarr", f"{name}_spots.csv", f"{name}_genes.png"):
-            suffix = Path(f).suffix
-            for t in out_dir.glob(f".{glob_escape(f)}.*.partial{suffix}"):
+            for t in out_dir.glob(f".{glob_escape(f)}.*.partial{Path(f).suffix}"):
                 _remove_path(t)
                 removed.append(t)
     return removed
@@ -476,7 +450,7 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
         plan.notes.append(f"capped at the first {max_spots} of {len(plan.grid)} in-tissue spots")
         plan = replace(plan, grid=plan.grid.iloc[:max_spots].reset_index(drop=True))
     from deepspot.inference.preflight import prediction_files, prediction_folder
-    from deepspot.io.owner import new_temp_dir, safe_name
+    from deepspot.io.owner import hold, new_temp_dir, safe_name
 
     out_dir = Path(out_dir)
     name = safe_name(name or Path(slide_path).stem, "slide name", slide_path)
@@ -485,7 +459,7 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
     owner.open()
     remove_stale_work(out_dir, name)
     work = new_temp_dir(out_dir, f".{name}.work-")
-    lock = _hold(work)  # a later run sees this work folder is alive
+    lock = hold(work)  # a later run sees this work folder is alive
     names = prediction_files(name, fmt)
     paths = tuple(out_dir / n for n in names)
     try:

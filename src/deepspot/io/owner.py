@@ -21,7 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["RECORD_FILE", "OutputFolder", "UnsafeNameError", "inside", "is_leftover", "safe_name"]
+__all__ = ["RECORD_FILE", "OutputFolder", "UnsafeNameError", "check_manifest_size", "inside", "is_leftover",
+           "safe_name"]
 
 RECORD_FILE = ".deepspot-run.json"
 _LEFTOVER = re.compile(r"^\..+(\.partial(\.[A-Za-z0-9]+)?|\.work-[A-Za-z0-9_]+|\.old|\.probe-\d+)$")
@@ -74,6 +75,17 @@ def inside(root, rel, field: str = "path", source=None) -> Path:
     if base != p.resolve() and base not in p.resolve().parents:
         raise UnsafeNameError(f"{where}{field} {rel_s[:60]!r} resolves outside {root} (a link?)")
     return p
+
+
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists slides / samples, one line each: 64 MB is ~500k lines
+
+
+def check_manifest_size(path, what: str = "manifest") -> None:
+    """Refuse a manifest too large to be one (before it is parsed into memory)."""
+    size = os.path.getsize(path)
+    if size > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{path}: {what} is {size / 1e6:.0f} MB; a manifest lists one slide or sample a line "
+                         f"and is at most {MAX_MANIFEST_BYTES >> 20} MB")
 
 
 def is_leftover(name: str) -> bool:
@@ -271,6 +283,42 @@ class OutputFolder:
                     d.rmdir()
             except OSError:
                 break
+
+
+LOCK_NAME = ".lock"
+
+
+def hold(work: Path):
+    """An exclusive lock on ``work/.lock`` for as long as the returned handle is open (the OS releases it
+    when the process dies): a later run sees the temp folder is alive."""
+    fh = open(Path(work) / LOCK_NAME, "w")
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fh
+
+
+def is_alive(work: Path) -> bool:
+    """Whether a live process holds ``work``'s lock (see :func:`hold`)."""
+    try:
+        fh = open(Path(work) / LOCK_NAME, "a")
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        fh.close()
+
+
+def remove_stale(folder: Path, pattern: str) -> list[Path]:
+    """Remove the temp folders matching ``pattern`` in ``folder`` that no live run holds."""
+    removed = []
+    for w in Path(folder).glob(pattern):
+        if w.is_dir() and not w.is_symlink() and not is_alive(w):
+            shutil.rmtree(w, ignore_errors=True)
+            removed.append(w)
+    return removed
 
 
 def new_temp_dir(folder: Path, prefix: str) -> Path:

@@ -143,7 +143,11 @@ def convert_slide(src: str | os.PathLike, out: str | os.PathLike, mpp: float | N
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
     if out.resolve() == src.resolve():
         raise ValueError(f"{out}: the output would replace its source")
-    (w, h), src_mpp, bands = _source_bands(src, mpp, tile)
+    try:
+        (w, h), src_mpp, bands = _source_bands(src, mpp, tile)
+    except MemoryError:
+        raise SlideError(src, "too large to read in this machine's memory (check the image size in its header)",
+                         fatal=True) from None
     if src_mpp is None:
         raise SlideError(src, "no mpp in the file; pass --mpp (µm per pixel) so the pyramid records it")
     sizes = level_sizes(w, h, tile)
@@ -193,6 +197,8 @@ def convert_slide(src: str | os.PathLike, out: str | os.PathLike, mpp: float | N
                     os.remove(work / f"level{k}.raw")
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
+    except MemoryError:
+        raise SlideError(src, f"{w}×{h} px: out of memory while converting it", fatal=True) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ConvertedSlide(out, sizes, float(src_mpp))

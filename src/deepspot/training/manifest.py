@@ -105,6 +105,12 @@ def read_manifest(path: str | Path) -> list[SampleSpec]:
     path = Path(path)
     if not path.exists():
         raise SpatialDataError(f"{path}: manifest not found")
+    from deepspot.io.owner import check_manifest_size
+
+    try:
+        check_manifest_size(path)
+    except ValueError as e:
+        raise SpatialDataError(str(e)) from None
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as e:
@@ -187,6 +193,10 @@ def load_sample(spec: SampleSpec, check_image: bool = True, cells: bool = False)
         a = S.read_her2st(spec.expression, spots=spec.positions, image=img, sample=sid, mpp=spec.mpp)
     else:
         raise SpatialDataError(f"{sid}: unknown format {fmt!r}")
+    total = a.X.sum() if a.n_obs and a.n_vars else 0
+    if not np.isfinite(total) or total <= 0:
+        raise SpatialDataError(f"{spec.expression}: sample {sid} has {'no finite' if not np.isfinite(total) else 'all-zero'} "
+                               f"counts ({a.n_obs} spots × {a.n_vars} genes); nothing to train or score on")
     if not cells and fmt != "xenium" and not {"array_row", "array_col"} <= set(a.obs.columns):
         a = _on_lattice(a, spec)
     src = a.uns.get("source", {})
