@@ -164,3 +164,77 @@ def test_decode_budget_setting_is_checked_as_a_setting(tmp_path, monkeypatch, va
     with pytest.raises(SlideError, match="DEEPSPOT_DECODE_BUDGET_GB must be a positive number") as e:
         slides_mod.decode_budget()
     assert "corrupt" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- D13 / D17 manifests, caches, files
+
+
+def test_huge_or_non_utf8_manifests_are_refused_before_parsing(tmp_path, monkeypatch):
+    import deepspot.io.owner as owner
+    from deepspot.inference.cohort import read_cohort
+    from deepspot.io.spatial import SpatialDataError
+    from deepspot.training.manifest import read_manifest
+
+    big = tmp_path / "big.csv"
+    big.write_text("path,id\n" + "x.png,a\n" * 2000)
+    monkeypatch.setattr(owner, "MAX_MANIFEST_BYTES", 1000)
+    with pytest.raises(ValueError, match=r"big.csv: manifest is .* MB; .* at most"):
+        read_cohort(big)
+    with pytest.raises(SpatialDataError, match=r"big.csv: manifest is"):
+        read_manifest(big)
+    monkeypatch.undo()
+    bad = tmp_path / "latin.csv"
+    bad.write_bytes("path,id\nsl\xefde.png,a\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.csv: manifest is not UTF-8"):
+        read_cohort(bad)
+
+
+def test_a_damaged_feature_cache_chunk_names_the_cache(tmp_path):
+    from deepspot.features.store import FeatureWriter, StoredFeatures
+
+    w = FeatureWriter(tmp_path / "store", 40, 8, 0, {})
+    w.write(0, np.zeros((40, 2)), np.ones((40, 8), np.float32), None)
+    path = w.close()
+    chunks = [p for p in (path / "spot").rglob("*") if p.is_file() and not p.name.startswith(("zarr", "."))]
+    assert chunks
+    for c in chunks:
+        c.write_bytes(b"\x28\xb5\x2f\xfd garbage" * 3)
+    with pytest.raises(ValueError, match=r"store: feature cache is damaged .* delete that folder"):
+        StoredFeatures(path).spot_rows(np.arange(5))
+
+
+def test_a_killed_runs_feature_store_partial_is_removed_by_the_next(tmp_path):
+    from deepspot.features.store import FeatureWriter
+
+    stale = tmp_path / "store.partial-abc"
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    live = FeatureWriter(tmp_path / "store", 2, 4, 0, {})  # alive: its lock is held
+    w = FeatureWriter(tmp_path / "store", 2, 4, 0, {})
+    assert not stale.exists() and live.tmp.exists()
+    w.abort()
+    live.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_all_zero_counts_name_the_file(tmp_path):
+    import anndata as ad
+    import pandas as pd
+
+    from deepspot.io.spatial import SpatialDataError
+    from deepspot.training.manifest import SampleSpec, load_sample
+
+    a = ad.AnnData(np.zeros((4, 3), np.float32), obs=pd.DataFrame(index=[f"s{i}" for i in range(4)]))
+    a.obsm["spatial"] = np.array([[10, 10], [20, 10], [10, 20], [20, 20]], float)
+    a.obs["array_row"], a.obs["array_col"] = [0, 0, 1, 1], [0, 2, 1, 3]
+    a.write_h5ad(tmp_path / "zero.h5ad")
+    Image.fromarray(_rgb()).save(tmp_path / "he.png")
+    spec = SampleSpec("s", "p", tmp_path / "he.png", tmp_path / "zero.h5ad", "h5ad", 1.0)
+    with pytest.raises(SpatialDataError, match=r"zero.h5ad: sample s has all-zero counts"):
+        load_sample(spec)
+
+
+def test_plot_of_a_non_h5ad_is_one_line(tmp_path, capsys):
+    (tmp_path / "x.h5ad").write_text("not hdf5")
+    code, _, err = run_cli(capsys, "plot", tmp_path / "x.h5ad")
+    assert code == 1 and "x.h5ad: not a readable h5ad" in err and "Traceback" not in err, err

@@ -8,7 +8,6 @@ only the rows a prediction chunk needs (:class:`StoredFeatures`).
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -136,8 +135,8 @@ class FeatureWriter:
         remove_stale(self.path.parent, glob.escape(self.path.name) + ".partial-*")  # a killed run's store
         self.tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".partial-", dir=self.path.parent))
         os.chmod(self.tmp, 0o755)  # mkdtemp's 0700 would make the finished cache private
+        self.group = zarr.open_group(str(self.tmp), mode="w")  # (may recreate the folder: lock it after)
         self._lock = hold(self.tmp)
-        self.group = zarr.open_group(str(self.tmp), mode="w")
         self.group.attrs.update(attrs)
         self.centers = RowWriter(self.group, "centers", (n, 2), "float64")
         self.spot = RowWriter(self.group, "spot", (n, dim))
@@ -178,12 +177,7 @@ class FeatureWriter:
         return self.path
 
     def _release(self) -> None:
-        from deepspot.io.owner import LOCK_NAME
-
-        if not self._lock.closed:
-            self._lock.close()
-            with contextlib.suppress(FileNotFoundError):
-                (self.tmp / LOCK_NAME).unlink()
+        self._lock.close()
 
     def abort(self) -> None:
         self._release()

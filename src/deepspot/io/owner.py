@@ -285,30 +285,39 @@ class OutputFolder:
                 break
 
 
-LOCK_NAME = ".lock"
+class _DirLock:
+    """An exclusive flock on a folder's own descriptor (no file inside it that a writer could clear)."""
+
+    def __init__(self, folder: Path):
+        self.fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+            self.closed = True
 
 
-def hold(work: Path):
-    """An exclusive lock on ``work/.lock`` for as long as the returned handle is open (the OS releases it
-    when the process dies): a later run sees the temp folder is alive."""
-    fh = open(Path(work) / LOCK_NAME, "w")
-    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return fh
+def hold(work: Path) -> _DirLock:
+    """Lock temp folder ``work`` for as long as the returned handle is open (the OS releases it when the
+    process dies): a later run sees the folder is alive."""
+    return _DirLock(Path(work))
 
 
 def is_alive(work: Path) -> bool:
     """Whether a live process holds ``work``'s lock (see :func:`hold`)."""
     try:
-        fh = open(Path(work) / LOCK_NAME, "a")
-    except OSError:
+        _DirLock(Path(work)).close()
         return False
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except FileNotFoundError:
         return False
     except OSError:
         return True
-    finally:
-        fh.close()
 
 
 def remove_stale(folder: Path, pattern: str) -> list[Path]:
