@@ -238,3 +238,17 @@ def test_plot_of_a_non_h5ad_is_one_line(tmp_path, capsys):
     (tmp_path / "x.h5ad").write_text("not hdf5")
     code, _, err = run_cli(capsys, "plot", tmp_path / "x.h5ad")
     assert code == 1 and "x.h5ad: not a readable h5ad" in err and "Traceback" not in err, err
+
+
+def test_score_refuses_a_cell_model_before_reading_samples(ck, tmp_path, capsys, monkeypatch):
+    import deepspot.api
+
+    def boom(*a, **k):
+        raise AssertionError("samples read before the model kind was checked")
+
+    monkeypatch.setattr(deepspot.api.Model, "score", boom)
+    cell = _edit(ck, tmp_path, lambda c: c.update(model="deepcell", geometry=CellGeometry(10.0).to_dict()))
+    (tmp_path / "m.csv").write_text("sample_id,patient_id,image,expression\n")
+    code, _, err = run_cli(capsys, "score", "--model", cell, "--manifest", tmp_path / "m.csv", "--out",
+                           tmp_path / "o", "--no-progress")
+    assert code == 1 and "predicts cells" in err, err
