@@ -246,9 +246,30 @@ def test_score_refuses_a_cell_model_before_reading_samples(ck, tmp_path, capsys,
     def boom(*a, **k):
         raise AssertionError("samples read before the model kind was checked")
 
+    from deepspot.models.cells import DeepCell
+
     monkeypatch.setattr(deepspot.api.Model, "score", boom)
-    cell = _edit(ck, tmp_path, lambda c: c.update(model="deepcell", geometry=CellGeometry(10.0).to_dict()))
+    cell = save_checkpoint(tmp_path / "cell", DeepCell(32, len(GENES), hidden=8, n_ensemble=2),
+                           {"model": "deepcell", "encoder": {"name": TINY, "dim": 32}, "genes": GENES,
+                            "geometry": CellGeometry(10.0).to_dict(), "scaler": None})
     (tmp_path / "m.csv").write_text("sample_id,patient_id,image,expression\n")
     code, _, err = run_cli(capsys, "score", "--model", cell, "--manifest", tmp_path / "m.csv", "--out",
                            tmp_path / "o", "--no-progress")
     assert code == 1 and "predicts cells" in err, err
+
+
+def test_predicting_a_tiff_leaves_no_unclosed_file(ck, tmp_path):
+    import gc
+    import warnings
+
+    import deepspot as ds
+
+    tifffile.imwrite(tmp_path / "he.tif", _rgb(300, 300), photometric="rgb")
+    m = ds.load_model(ck)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.predict_slide(tmp_path / "he.tif", out=tmp_path / "o", mpp=1.0, tissue="none", num_workers=0,
+                        progress=False, n_plot=0)
+        gc.collect()
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, leaks

@@ -15,6 +15,8 @@ Modes
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 import time
@@ -104,6 +106,12 @@ class SpotCropDataset(Dataset):
         state["_slide"] = None
         return state
 
+    def close(self) -> None:
+        """Close this process's slide handle (workers close theirs when they exit)."""
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
 
 @dataclass
 class ExtractStats:
@@ -181,7 +189,7 @@ def encode_spots(slide_path, centers: np.ndarray, tile_px: float, encoder, sink:
     dl = DataLoader(ds, batch_size=None, sampler=BatchSampler(SequentialSampler(range(n)), batch_size, False),
                     num_workers=workers, prefetch_factor=4 if workers else None)
     t_start, done = time.perf_counter(), 0
-    with _progress(progress) as bar:
+    with contextlib.closing(ds), _progress(progress) as bar:
         task = bar.add_task(f"encode {Path(slide_path).name}", total=n, rate="")
         it = iter(dl)
         while done < n:
