@@ -39,7 +39,12 @@ def predict_cells_cmd(
     """Predict the expression of every cell of a centroid table: cells h5ad (+ PNG of a few genes)."""
     from deepspot.inference.preflight import check_out_dir
 
+    from deepspot.io.owner import OutputFolder, safe_name
+
     check_out_dir(out)
+    owner = OutputFolder(out, "predict-cells", legacy=lambda n: n.endswith(("_cells.h5ad", "_cells_genes.png")))
+    owner.check()
+    names = [safe_name(f"{image.stem}_cells.h5ad", "image name"), safe_name(f"{image.stem}_cells_genes.png")]
     import deepspot as ds
     from deepspot.io.outputs import write_h5ad
 
@@ -48,9 +53,16 @@ def predict_cells_cmd(
     m.config.check_genes(gene_list, str(model))
     adata = m.predict_cells(cells, image, x_col=x_col, y_col=y_col, id_col=id_col, mpp=mpp, drop_outside=drop_outside,
                             batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir, progress=progress)
-    h5 = write_h5ad(adata, out / f"{image.stem}_cells.h5ad")
-    ds.pl.spatial(adata, genes=gene_list, path=out / f"{image.stem}_cells_genes.png",
-                  title=f"{m.config.model} predictions per cell (log1p normalised)")
+    owner.open()
+    try:
+        h5 = write_h5ad(adata, out / names[0])
+        owner.record(names[0])
+        ds.pl.spatial(adata, genes=gene_list, path=out / names[1],
+                      title=f"{m.config.model} predictions per cell (log1p normalised)")
+    except BaseException:
+        owner.abort()
+        raise
+    owner.record(*(n for n in names if (out / n).exists()))
     dropped = adata.uns["deepspot"]["n_dropped_outside"]
     note = f" ({dropped} outside the image dropped)" if dropped else ""
     console.print(f"{adata.n_obs} cells × {adata.n_vars} genes{note} → {h5}")
