@@ -273,3 +273,4 @@ def test_predicting_a_tiff_leaves_no_unclosed_file(ck, tmp_path):
         gc.collect()
     leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert not leaks, leaks
+

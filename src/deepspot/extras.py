@@ -11,7 +11,11 @@ class MissingExtra(Exception):
 
 def require(module: str, extra: str, what: str, hint: str = "") -> ModuleType:
     """Import ``module`` or raise MissingExtra: "<what> needs <module>: pip install 'deepspot[<extra>]'"."""
+    import warnings
+
     try:
-        return importlib.import_module(module)
+        with warnings.catch_warnings():  # a library's own deprecation notices at import are not the user's to act on
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return importlib.import_module(module)
     except ImportError:
         raise MissingExtra(f"{what} needs {module}: pip install 'deepspot[{extra}]'{hint}") from None

@@ -183,11 +183,16 @@ def spatialdata_from_predictions(adata: ad.AnnData, slide_path: str | Path, X=No
     adata: the prediction AnnData (obsm['spatial'] (x, y) level-0 px, uns['deepspot']['spot_diameter_px']
     or uns['spatial'] scalefactors); X: its (N, G) values when adata has none (zarr / h5py / numpy, read
     lazily through dask). Needs the extra ``[spatialdata]`` (callers check it with ``deepspot.extras``)."""
+    import warnings
+
     import dask.array as da
     import pandas as pd
-    import spatialdata as sd
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
-    from spatialdata.transformations import Identity, Scale
+
+    with warnings.catch_warnings():  # ome-zarr warns at import about its own default argument, not our call
+        warnings.filterwarnings("ignore", message=".*deprecated class Scaler.*", category=DeprecationWarning)
+        import spatialdata as sd
+        from spatialdata.models import Image2DModel, ShapesModel, TableModel
+        from spatialdata.transformations import Identity, Scale
 
     info = dict(adata.uns.get("deepspot", {}))
     diam = info.get("spot_diameter_px")
