@@ -63,14 +63,39 @@ def stack_bags(samples: Sequence[Sample], feats: dict[str, Features], radius: in
     return bags, np.concatenate(owner)
 
 
+def array_pitch_px(array_row, array_col, xy, layout: str) -> float | None:
+    """Centre-to-centre spot distance in px from a least-squares fit of the positions on the array
+    coordinates (one step vector per array axis; rotation-proof), or None when the spots do not span both
+    axes. Square arrays: the mean length of the two step vectors. Hex (Visium's convention, ``array_col``
+    steps 2 along a row): a column step is half a pitch, a row step √3/2 of one.
+
+    Unlike the median nearest-neighbour distance, this is not pulled down by jitter in the positions (the
+    nearest of four noisy neighbours is nearer than the pitch: on HER2ST 272 px against 291 px per 200 µm
+    array step, which made the prediction grid 7 % denser than the array the model was trained on)."""
+    A = np.c_[np.asarray(array_row, np.float64), np.asarray(array_col, np.float64), np.ones(len(xy))]
+    if len(xy) < 3 or np.linalg.matrix_rank(A) < 3:
+        return None
+    coef, *_ = np.linalg.lstsq(A, np.asarray(xy, np.float64), rcond=None)
+    r, c = np.linalg.norm(coef[0]), np.linalg.norm(coef[1])
+    pitch = (r + c) / 2.0 if layout == "square" else (2.0 * c + 2.0 * r / np.sqrt(3.0)) / 2.0
+    return float(pitch) if pitch > 0 else None
+
+
 def sample_pitch_um(sample: Sample) -> float:
-    """Centre-to-centre spot distance of a sample in µm: the median nearest-neighbour distance of its
-    spot positions (px) times its mpp."""
+    """Centre-to-centre spot distance of a sample in µm: :func:`array_pitch_px` (the fit of positions on
+    array coordinates) times its mpp; the median nearest-neighbour distance where the spots have no array
+    coordinates or do not span both array axes."""
     xy = np.asarray(sample.adata.obsm["spatial"], dtype=np.float64)
     if len(xy) < 2 or not sample.mpp:
         raise SpatialDataError(f"{sample.sample_id}: cannot measure the spot pitch (needs >= 2 spots and an mpp)")
-    d, _ = cKDTree(xy).query(xy, k=2)
-    return float(np.median(d[:, 1]) * sample.mpp)
+    obs = sample.adata.obs
+    px = None
+    if {"array_row", "array_col"} <= set(obs.columns):
+        px = array_pitch_px(obs["array_row"], obs["array_col"], xy, array_layout(sample))
+    if px is None:
+        d, _ = cKDTree(xy).query(xy, k=2)
+        px = float(np.median(d[:, 1]))
+    return float(px * sample.mpp)
 
 
 def array_layout(sample: Sample) -> str:
@@ -168,4 +193,4 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
     return SpotTrainResult(model, config, feats, y, panel, (tr, va, np.zeros(0, np.int64)), pred, summary)
 
 
-__all__ = ["sample_features", "stack_bags", "samples_geometry", "sample_pitch_um", "train_samples"]
+__all__ = ["sample_features", "stack_bags", "samples_geometry", "sample_pitch_um", "array_pitch_px", "train_samples"]
