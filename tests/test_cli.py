@@ -195,3 +195,18 @@ def test_api_equals_cli_predict_at_the_same_spots(demo_out, tmp_path):
     grid = m.predict_slide(IMAGE, cache_dir=tmp_path / "cache", progress=False)
     assert list(grid.obs_names) == list(cli.obs_names)
     np.testing.assert_allclose(grid.X, cli.X, atol=1e-5)
+
+
+def test_help_shows_extras_and_the_real_loss_default(capsys, monkeypatch):
+    """Rich reads ``[spatialdata]`` as markup unless escaped (the help printed "(extra )"); the loss default
+    in `train --help` is the one a checkpoint records (the spot recipe's)."""
+    from deepspot.training.recipe import SpotRecipe
+    from fixtures_cli import run_cli
+
+    monkeypatch.setenv("COLUMNS", "250")
+    for cmd in ("predict", "predict-cohort"):
+        code, out, _ = run_cli(capsys, cmd, "--help")
+        assert code == 0 and "extra [spatialdata]" in out, cmd
+    code, out, _ = run_cli(capsys, "train", "--help")
+    line = next(ln for ln in out.splitlines() if "--loss" in ln)
+    assert code == 0 and f"spots: {SpotRecipe().loss}" in line

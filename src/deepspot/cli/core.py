@@ -88,7 +88,8 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                                     "(one encoder pass per spot); the model must then be used with predict --fast."),
           genes: Optional[str] = typer.Option(None, help="Comma-separated gene panel."),
           n_top_genes: Optional[int] = typer.Option(None, help="Top-N highly variable genes."),
-          loss: Optional[str] = typer.Option(None, help="Default: mse."),
+          loss: Optional[str] = typer.Option(None, help="Default: the training recipe's (spots: mse_pearson, "
+                                            "MSE + 1 - Pearson; --preset original: mse)."),
           max_epochs: Optional[int] = typer.Option(None, help="Default: the training recipe's (spots: 40)."),
           patience: Optional[int] = typer.Option(None, help="Default: the training recipe's (spots: 8)."),
           seed: int = typer.Option(2024), cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder."),
@@ -197,7 +198,7 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
             overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous result of this slide "
                                            "in --out (else refused)."),
             fmt: str = typer.Option("h5ad", "--format", help="h5ad, or spatialdata: <name>.zarr with the slide "
-                                    "image, spot circles and the prediction table (extra [spatialdata])."),
+                                    "image, spot circles and the prediction table (extra \\[spatialdata])."),
             progress: bool = typer.Option(True)):
     """Predict every in-tissue spot of a virtual grid over a slide: h5ad (or SpatialData zarr) + spots CSV + PNG
     (memory stays flat)."""
