@@ -81,13 +81,18 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
           y_col: Optional[str] = typer.Option(None, help="obs column with y (vertical) position."),
           encoder: str = typer.Option("efficientnet-lite0"), encoder_weights: Optional[Path] = typer.Option(None),
           mpp: Optional[float] = typer.Option(None, help="µm per pixel (overrides the slide's)."),
-          spot_diameter: float = typer.Option(55.0), spacing: float = typer.Option(100.0),
+          spot_diameter: Optional[float] = typer.Option(None, help="Spot diameter (default: the one the h5ad's "
+                                                        "reader recorded, e.g. 100 µm for ST; else Visium's 55 µm)."),
+          spacing: Optional[float] = typer.Option(None, help="Spot pitch (default: measured from the data's array "
+                                                  "coordinates where its reader recorded a spot diameter; else 100 µm)."),
           unit: str = typer.Option("um", help="Unit of spot diameter/spacing: um or px."),
           context: str = typer.Option("spot_subspot_neighbors"), n_sub: int = typer.Option(3),
           fast: bool = typer.Option(False, "--fast", help="Fast features: sub-spots from the spot's patch tokens "
                                     "(one encoder pass per spot); the model must then be used with predict --fast."),
           genes: Optional[str] = typer.Option(None, help="Comma-separated gene panel."),
-          n_top_genes: Optional[int] = typer.Option(None, help="Top-N highly variable genes."),
+          n_top_genes: Optional[int] = typer.Option(None, help="Top-N highly variable genes (default 250)."),
+          add_genes: Optional[str] = typer.Option(None, help="Comma-separated genes (markers) added to the HVG "
+                                                  "panel, e.g. ERBB2,EPCAM: the top HVGs often miss them."),
           loss: Optional[str] = typer.Option(None, help="Default: the training recipe's (spots: mse_pearson, "
                                             "MSE + 1 - Pearson; --preset original: mse)."),
           max_epochs: Optional[int] = typer.Option(None, help="Default: the training recipe's (spots: 40)."),
@@ -111,8 +116,11 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
 
     check_out_dir(out)  # a file, or a folder that cannot be written: refused before any data is read
     check_gene_list(_split(genes), "--genes")
+    check_gene_list(_split(add_genes), "--add-genes")
+    grid_given = spot_diameter is not None or spacing is not None or unit != "um"
     if image is not None and manifest is None:  # the slide opened and its mpp resolved before the counts are read
-        check_slide(image, mpp, needs_um=(unit if model == "deepspot" else cell_unit) == "um")
+        # (a spot grid left to the data may take the mpp its reader recorded: checked once the counts are read)
+        check_slide(image, mpp, needs_um=(unit == "um" and grid_given) if model == "deepspot" else cell_unit == "um")
     import deepspot as ds
     from deepspot.config import CellGeometry, GridSpec, SpotGeometry
     from deepspot.evaluation.holdout import score_table
@@ -126,6 +134,7 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
         trained = ds.train(manifest, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
                            context=context, genes=_split(genes), n_top_genes=n_top_genes, loss=loss,
                            max_epochs=max_epochs, patience=patience, seed=seed, cache_dir=cache_dir, progress=progress,
+                           add_genes=_split(add_genes),
                            val_samples=_split(val_samples), val_patients=_split(val_patients),
                            on_missing=on_missing, precision=precision,
                            accelerator=device, cells=cells, preset=preset)
@@ -143,16 +152,25 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
     if image is None or adata is None:
         raise ValueError("give --image and --adata (one sample) or --manifest (several)")
     data = ds.read.counts(adata, image=image, x_col=x_col, y_col=y_col, mpp=mpp)
-    grid = GridSpec(spot_diameter, spacing, unit=unit)
+    grid = GridSpec(55.0 if spot_diameter is None else spot_diameter, 100.0 if spacing is None else spacing, unit=unit)
     if model == "deepspot":
-        geometry = SpotGeometry(grid, n_sub=n_sub, feature_mode="fast" if fast else "standard")
+        from deepspot.training.samples import recorded_geometry
+
+        mode = "fast" if fast else "standard"
+        geometry = None if grid_given or cells else recorded_geometry(data, mpp, n_sub=n_sub, feature_mode=mode)
+        if geometry is not None:
+            g = geometry.grid
+            console.print(f"geometry from {adata.name}: {g.layout} array, spot {g.spot_diameter:g} µm, pitch "
+                          f"{g.spacing:g} µm (as --manifest reads it; --spot-diameter/--spacing override it)",
+                          soft_wrap=True)
+        geometry = geometry or SpotGeometry(grid, n_sub=n_sub, feature_mode=mode)
     else:
         geometry = CellGeometry(cell_diameter, unit=cell_unit, neighbors=neighbors, k=k, radius=radius)
         console.print(f"{model}: {data.n_obs} cells; {geometry.describe()}")
     trained = ds.train(data, image=image, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
                        mpp=mpp, geometry=geometry, grid=grid, cells=cells, context=context, genes=_split(genes),
                        n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs, patience=patience, seed=seed,
-                       aggregate=aggregate, cache_dir=cache_dir, num_workers=num_workers, progress=progress,
+                       aggregate=aggregate, add_genes=_split(add_genes), cache_dir=cache_dir, num_workers=num_workers, progress=progress,
                        preset=None if model != "deepspot" and preset == "deepspot" else preset)
     res = trained.result
     if model == "deepspot" and cells:

@@ -129,12 +129,34 @@ def samples_geometry(samples: Sequence[Sample], n_sub: int = 3, neighbor_radius:
     return SpotGeometry(GridSpec(diam, round(pitch, 2), ref[3], "um"), n_sub=n_sub, neighbor_radius=neighbor_radius)
 
 
+def recorded_geometry(adata, mpp: float | None = None, n_sub: int = 3, neighbor_radius: int = 1,
+                      feature_mode: str = "standard") -> SpotGeometry | None:
+    """The spot geometry of one AnnData as the ``--manifest`` form decides it (:func:`samples_geometry`): the
+    spot diameter its reader recorded (``uns['source']['spot_diameter_um']``, e.g. 100 µm for legacy ST), the
+    pitch and layout measured from its array coordinates and positions with ``mpp`` (else the mpp the reader
+    recorded). None where no spot diameter or mpp is known, or the data has no array coordinates."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from deepspot.training.manifest import SampleSpec
+
+    src = adata.uns.get("source", {}) or {}
+    diam = src.get("spot_diameter_um")
+    mpp = mpp if mpp is not None else src.get("mpp")
+    if diam is None or not mpp or not {"array_row", "array_col"} <= set(adata.obs.columns):
+        return None
+    where = Path(str(src.get("path", "")))
+    spec = SampleSpec(str(src.get("sample", where.stem or "sample")), "", where, where, str(src.get("format", "h5ad")))
+    geometry = samples_geometry([Sample(spec, adata, float(mpp), float(diam))], n_sub, neighbor_radius)
+    return replace(geometry, feature_mode=feature_mode)
+
+
 def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None = None,
                   genes: list[str] | None = None, n_top_genes: int | None = 250, on_missing: str = "error",
                   min_fraction: float = 0.1, n_sub: int = 3, neighbor_radius: int = 1, cache_dir=None,
                   features: dict[str, Features] | None = None, progress: bool = True, log_dir=None,
                   val_samples: Sequence[str] | None = None, val_patients: Sequence[str] | None = None,
-                  precision: str = "32", accelerator: str = "cpu",
+                  precision: str = "32", accelerator: str = "cpu", add_genes: Sequence[str] | None = None,
                   **recipe_options) -> SpotTrainResult:
     """One DeepSpot over all ``samples`` (every spot trains except each sample's validation block: the
     top ``recipe.val_fraction`` of its array rows). Panel: ``genes`` or the top-``n_top_genes`` HVGs across
@@ -149,7 +171,8 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
         raise ValueError(f"duplicated sample ids {sorted({i for i in ids if ids.count(i) > 1})}")
     geometry = samples_geometry(samples, n_sub, neighbor_radius)
     panel = select_panel({s.sample_id: s.adata for s in samples}, n_top=n_top_genes, genes=genes,
-                         on_missing=on_missing, min_fraction=min_fraction, flavor=recipe.hvg_flavor)
+                         on_missing=on_missing, min_fraction=min_fraction, flavor=recipe.hvg_flavor,
+                         add=None if add_genes is None else list(add_genes))
     t0 = time.perf_counter()
     if features is None:
         features = sample_features(samples, encoder, n_sub if "subspot" in recipe.context else 0,
@@ -193,4 +216,5 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
     return SpotTrainResult(model, config, feats, y, panel, (tr, va, np.zeros(0, np.int64)), pred, summary)
 
 
-__all__ = ["sample_features", "stack_bags", "samples_geometry", "sample_pitch_um", "array_pitch_px", "train_samples"]
+__all__ = ["sample_features", "stack_bags", "samples_geometry", "sample_pitch_um", "array_pitch_px", "recorded_geometry",
+           "train_samples"]
