@@ -50,7 +50,7 @@ def predict_cells_cmd(
                             batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir, progress=progress)
     h5 = write_h5ad(adata, out / f"{image.stem}_cells.h5ad")
     ds.pl.spatial(adata, genes=gene_list, path=out / f"{image.stem}_cells_genes.png",
-                  title=f"{m.config.model} predictions per cell (log1p normalised)")
+                  title=f"{m.config.model} predictions per cell on {image.name}", alpha=0.7, crop=True)
     dropped = adata.uns["deepspot"]["n_dropped_outside"]
     note = f" ({dropped} outside the image dropped)" if dropped else ""
     console.print(f"{adata.n_obs} cells × {adata.n_vars} genes{note} → {h5}")

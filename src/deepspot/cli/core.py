@@ -270,7 +270,11 @@ def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
     import deepspot as ds
 
     path = out or h5ad.with_suffix(".png")
-    ds.pl.spatial(ad.read_h5ad(h5ad), genes=_split(genes), path=path)
+    a = ad.read_h5ad(h5ad)
+    cell = "cell" in str(a.uns.get("deepspot", {}).get("values", ""))
+    ds.pl.spatial(a, genes=_split(genes), path=path, crop=True,
+                  units="predicted log1p(counts per 10k)" + (" per cell" if cell else ""),
+                  title=f"{h5ad.stem}: DeepSpot predictions, {a.n_obs} {'cells' if cell else 'spots'}")
     console.print(f"wrote {path}")
 
 

@@ -110,6 +110,6 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
         "model": config.model, "encoder": config.encoder.name, "cell_tile_px": float(tile),
         "neighbors": context_note, "mpp": float(mpp_used) if mpp_used else -1.0,
         "n_dropped_outside": int((~keep).sum()),
-        "values": "log1p(normalize_total 1e4) expression per cell",
+        "values": "predicted log1p(counts per 10k) per cell",
     }
     return adata
