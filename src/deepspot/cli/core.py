@@ -122,6 +122,10 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
     check_gene_list(_split(genes), "--genes")
     check_gene_list(_split(add_genes), "--add-genes")
     grid_given = spot_diameter is not None or spacing is not None or unit != "um"
+    if manifest is not None:  # a bad CSV is reported before torch is imported (tens of seconds)
+        from deepspot.training.manifest import read_manifest
+
+        read_manifest(manifest)
     if image is not None and manifest is None:  # the slide opened and its mpp resolved before the counts are read
         # (a spot grid left to the data may take the mpp its reader recorded: checked once the counts are read)
         check_slide(image, mpp, needs_um=(unit == "um" and grid_given) if model == "deepspot" else cell_unit == "um")
@@ -294,6 +298,9 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
     """Predict at the annotated spots of each sample and score per gene against its counts."""
     import time
 
+    from deepspot.training.manifest import read_manifest
+
+    read_manifest(manifest)  # a bad CSV is reported before torch and the model are loaded
     import deepspot as ds
     from deepspot.io.outputs import write_csv
 
