@@ -376,7 +376,10 @@ def plot_evaluation(res: EvalResult, path, reference: str | None = None) -> Path
                  else "noise band: 95 % of shuffled predictions")
         ax.axhline(float(res.summary.loc[m, "pearson_mean"]), lw=1.2, label=f"{label}: "
                    f"{res.summary.loc[m, 'pearson_mean']:.3f}", **style)
-    if refs:
+    if refs:  # room above the highest bar, dot or line for the legend
+        top = np.nanmax(np.r_[res.scores.loc[res.scores["method"].isin(methods), "pearson_mean"].to_numpy(),
+                              res.summary["pearson_mean"].to_numpy(), 0.0])
+        ax.set_ylim(top=top * 1.3 if top > 0 else None)
         ax.legend(fontsize=7, loc="upper left", frameon=False)
     ax.set_xticks(x, [m.replace("deepspot ", "DeepSpot ").replace("_", " ") for m in methods], fontsize=8,
                   rotation=30, ha="right", rotation_mode="anchor")
