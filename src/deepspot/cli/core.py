@@ -178,7 +178,8 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
     trained = ds.train(data, image=image, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
                        mpp=mpp, geometry=geometry, grid=grid, cells=cells, context=context, genes=_split(genes),
                        n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs, patience=patience, seed=seed,
-                       aggregate=aggregate, add_genes=_split(add_genes), cache_dir=cache_dir, num_workers=num_workers, progress=progress,
+                       aggregate=aggregate, add_genes=_split(add_genes), cache_dir=cache_dir, num_workers=num_workers,
+                       progress=progress,
                        preset=None if model != "deepspot" and preset == "deepspot" else preset)
     res = trained.result
     if model == "deepspot" and cells:
