@@ -283,7 +283,8 @@ def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
     cell = "cell" in str(a.uns.get("deepspot", {}).get("values", ""))
     ds.pl.spatial(a, genes=_split(genes), path=path, crop=True,
                   units="predicted log1p(counts per 10k)" + (" per cell" if cell else ""),
-                  title=f"{h5ad.stem}: DeepSpot predictions, {a.n_obs} {'cells' if cell else 'spots'}")
+                  title=f"DeepSpot predictions on {next(iter(a.uns.get('spatial', {})), h5ad.stem)}: "
+                        f"{a.n_obs} {'cells' if cell else 'spots'}")
     console.print(f"wrote {path}")
 
 
