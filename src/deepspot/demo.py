@@ -91,7 +91,7 @@ def _run(out, t0, cells, image, meta, encoder, spot_px, spacing_px, context, max
     band = noise_band(res.pred[test], res.targets[test], np.arange(res.targets.shape[1]))
     echo(f"[demo] noise band: DeepSpot's own held-out predictions with the spots shuffled score up to {band:.4f} "
          f"(95th percentile of 100 shuffles); on {len(test)} held-out spots a difference smaller than that is "
-         f"noise. This demo is a pipeline check (200 cells), not a benchmark: `deepspot demo --her2st` is the "
+         f"noise. This demo is a pipeline check (200 cells), not a benchmark: `deepspot demo` (HER2ST) is the "
          f"one on real spots.")
     adata = predict_image(image, res.model, res.config, encoder, tissue=tissue, cache_dir=cache,
                           progress=progress, library_id=meta.get("sample", "NCBI858"))
