@@ -95,3 +95,28 @@ def reference_dir(name: str) -> Path:
             pytest.fail(msg + "; in CI that is a failure, not a skip", pytrace=False)
         pytest.skip(msg)
     return found
+
+
+def stand_in_he(height: int = 600, width: int = 800, seed: int = 3):
+    """An H&E-like uint8 RGB image for tests whose example image is missing: a pink, smoothly
+    textured tissue ellipse with purple nuclei-like blobs (about 40 % of the area) on near-white
+    glass. Unlike white noise it survives JPEG compression and has a tissue/background split, which
+    is what the tests that fall back to it measure."""
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    inside = ((yy - height / 2) / (0.42 * height)) ** 2 + ((xx - width / 2) / (0.36 * width)) ** 2 < 1
+    texture = gaussian_filter(rng.normal(size=(height, width)), 6)
+    texture /= np.abs(texture).max() + 1e-9
+    nuclei = gaussian_filter((rng.random((height, width)) < 0.004).astype(float), 3)
+    nuclei = np.clip(nuclei / (nuclei.max() + 1e-9) * 3, 0, 1)
+    img = np.empty((height, width, 3), np.float32)
+    img[:] = (240, 238, 242)  # glass
+    pink = np.array([225, 150, 190], np.float32) + 25 * texture[..., None]
+    purple = np.array([110, 60, 150], np.float32)
+    tissue = pink * (1 - nuclei[..., None]) + purple * nuclei[..., None]
+    img[inside] = tissue[inside]
+    img += rng.normal(0, 2, img.shape)  # sensor noise, small enough for JPEG
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)

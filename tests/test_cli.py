@@ -48,7 +48,7 @@ def demo_out(tmp_path_factory):
     work.mkdir()
     for name in NCBI858:
         shutil.copy(IMAGE.parent / Path(name).name, cache / "deepspot" / name)
-    r = run_as_user("demo", "--out", "demo", "--spot-px", 200, "--spacing-px", 200, "--max-epochs", 8,
+    r = run_as_user("demo", "--quick", "--out", "demo", "--spot-px", 200, "--spacing-px", 200, "--max-epochs", 8,
                     "--no-progress", cwd=work, cache=cache)
     assert r.returncode == 0, r.stderr[-3000:]
     return work / "demo", r.stdout
@@ -57,7 +57,7 @@ def demo_out(tmp_path_factory):
 def test_demo_offline_without_data_is_one_line_and_leaves_no_folder(tmp_path):
     work, cache = tmp_path / "work", tmp_path / "cache"
     work.mkdir()
-    r = run_as_user("demo", "--out", "out/demo", cwd=work, cache=cache)
+    r = run_as_user("demo", "--quick", "--out", "out/demo", cwd=work, cache=cache)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
@@ -161,7 +161,7 @@ def test_bad_input_feature_dim_mismatch(demo_out, tmp_path):
 
 
 def test_bad_input_unknown_encoder(tmp_path):
-    r = run("demo", "--out", tmp_path / "d", "--data-dir", IMAGE.parents[1], "--encoder", "nonexistent-net")
+    r = run("demo", "--quick", "--out", tmp_path / "d", "--data-dir", IMAGE.parents[1], "--encoder", "nonexistent-net")
     _one_line_error(r, "nonexistent-net")
     assert not (tmp_path / "d").exists()
 
@@ -195,3 +195,18 @@ def test_api_equals_cli_predict_at_the_same_spots(demo_out, tmp_path):
     grid = m.predict_slide(IMAGE, cache_dir=tmp_path / "cache", progress=False)
     assert list(grid.obs_names) == list(cli.obs_names)
     np.testing.assert_allclose(grid.X, cli.X, atol=1e-5)
+
+
+def test_help_shows_extras_and_the_real_loss_default(capsys, monkeypatch):
+    """Rich reads ``[spatialdata]`` as markup unless escaped (the help printed "(extra )"); the loss default
+    in `train --help` is the one a checkpoint records (the spot recipe's)."""
+    from deepspot.training.recipe import SpotRecipe
+    from fixtures_cli import run_cli
+
+    monkeypatch.setenv("COLUMNS", "250")
+    for cmd in ("predict", "predict-cohort"):
+        code, out, _ = run_cli(capsys, cmd, "--help")
+        assert code == 0 and "extra [spatialdata]" in out, cmd
+    code, out, _ = run_cli(capsys, "train", "--help")
+    line = next(ln for ln in out.splitlines() if "--loss" in ln)
+    assert code == 0 and f"spots: {SpotRecipe().loss}" in line

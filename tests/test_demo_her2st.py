@@ -6,7 +6,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from deepspot.demo import run_her2st_demo
+from deepspot.demo import HER2ST_MARKERS, run_her2st_demo
 
 from shared_data import HER2ST, needs_data
 from test_predict_wsi import TINY, one_thread  # noqa: F401  (registers the tiny encoder)
@@ -33,12 +33,13 @@ def test_her2st_demo_trains_scores_predicts_and_writes(demo):
     t = res["scores"]
     assert list(t.index) == ["C5", "C2", "C3", "C4"]
     assert t.loc["C5", "role"] == "held out" and t.loc["C2", "role"].startswith("trained on")
-    assert np.isfinite(t[["deepspot_r", "ridge_r"]].to_numpy()).all()
+    assert np.isfinite(t[["deepspot_r", "ridge_r", "noise95"]].to_numpy()).all()
     assert (t["spots"] > 150).all()
     # the whole held-out section on the model's virtual grid (100 µm spots at the ST pitch)
     a = ad.read_h5ad(out / "predictions.h5ad")
     g = a.uns["deepspot"]
-    assert a.n_vars == 20 and a.n_obs > 150 and g["grid_spots"] > a.n_obs
+    assert a.n_vars == 20 + len(HER2ST_MARKERS) and set(HER2ST_MARKERS) <= set(a.var_names)  # HVGs + markers
+    assert a.n_obs > 150 and g["grid_spots"] > a.n_obs
     assert g["spot_diameter_px"] == pytest.approx(100 / 0.686, rel=0.03)
     assert a.uns["deepspot"]["context"] == "spot_neighbors"
     assert np.isfinite(a.X).all() and float(np.std(a.X)) > 0

@@ -1,5 +1,6 @@
 """Training one model over several samples, geometry from the data, scoring on held-out samples."""
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,3 +186,66 @@ def test_h5ad_of_spot_positions_only_stays_spots(her2st, tmp_path, caplog):
     a.write_h5ad(tmp_path / "C3.h5ad")
     with pytest.raises(SpatialDataError, match=r"C3: C3.h5ad has no array_row/array_col .*pass --cells"):
         load_sample(spec, check_image=False)
+
+
+def _lattice_sample(layout: str, pitch_px: float, jitter_px: float, seed: int = 0):
+    """A Sample whose spots lie on a square or (Visium-convention) hex array of ``pitch_px``, rotated by
+    7 degrees, each position jittered by N(0, jitter_px) as spot detection does; mpp 0.5."""
+    import anndata as ad
+    import pandas as pd
+
+    from deepspot.training.manifest import Sample, SampleSpec
+
+    rng = np.random.default_rng(seed)
+    rows, cols = np.meshgrid(np.arange(14), np.arange(16), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    if layout == "hex":
+        keep = (rows % 2) == (cols % 2)
+        rows, cols = rows[keep], cols[keep]
+        x, y = cols * pitch_px / 2, rows * pitch_px * np.sqrt(3) / 2
+    else:
+        x, y = cols * pitch_px, rows * pitch_px
+    t = np.radians(7.0)
+    xy = np.c_[x * np.cos(t) - y * np.sin(t), x * np.sin(t) + y * np.cos(t)] + 500 + rng.normal(0, jitter_px, (len(x), 2))
+    a = ad.AnnData(np.ones((len(x), 3), np.float32), obs=pd.DataFrame({"array_row": rows, "array_col": cols},
+                                                                       index=[f"s{i}" for i in range(len(x))]))
+    a.obsm["spatial"] = xy
+    spec = SampleSpec("L", "p", Path("none.jpg"), Path("none.h5ad"), "h5ad")
+    return Sample(spec, a, 0.5, 55.0)
+
+
+@pytest.mark.parametrize("layout", ["square", "hex"])
+def test_pitch_is_the_array_step_not_the_jittered_nearest_neighbour(layout):
+    """Positions jittered by 7 % of the pitch: the nearest of a spot's neighbours is nearer than the pitch
+    (the bias that made the HER2ST prediction grid 7 % denser than its array); the fit on the array
+    coordinates gives the array's pitch, and the geometry (the prediction grid) takes it."""
+    from scipy.spatial import cKDTree
+
+    from deepspot.training.samples import sample_pitch_um
+
+    s = _lattice_sample(layout, 290.0, 20.0)
+    d, _ = cKDTree(s.adata.obsm["spatial"]).query(s.adata.obsm["spatial"], k=2)
+    assert np.median(d[:, 1]) < 0.97 * 290.0  # the biased estimate this replaces
+    assert sample_pitch_um(s) == pytest.approx(145.0, rel=0.01)  # 290 px × 0.5 µm/px
+    g = samples_geometry([s])
+    assert g.grid.layout == layout and g.grid.spacing == pytest.approx(145.0, rel=0.01)
+
+
+def test_her2st_training_and_prediction_grids_have_the_same_pitch():
+    """On the bundled HER2ST sections the model's grid (what `predict` lays over a slide) has the pitch of
+    the array the model trained on: 200 µm (the ST design), the px per array step of the spot table."""
+    from deepspot.geometry.grid import make_grid
+    from deepspot.io.spatial import st_pitch_px
+    from deepspot.training.manifest import her2st_manifest, load_sample
+    from shared_data import require_data
+
+    require_data(*HER2ST_FILES)
+    samples = [load_sample(s, check_image=False) for s in her2st_manifest()]
+    g = samples_geometry(samples)
+    assert g.grid.spacing == pytest.approx(200.0, rel=0.005)
+    for s in samples:
+        obs = s.adata.obs
+        array_step = st_pitch_px(obs[["array_col", "array_row"]].to_numpy(float), s.adata.obsm["spatial"])
+        grid = make_grid(3000, 3000, g.grid.in_pixels(s.mpp))
+        step = np.diff(np.sort(grid["x"].unique())).mean()
+        assert step == pytest.approx(array_step, rel=0.005), s.sample_id

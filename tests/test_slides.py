@@ -11,7 +11,7 @@ from PIL import Image
 from deepspot.config import MppError, resolve_mpp
 from deepspot.io.slides import SlideError, open_slide
 
-from shared_data import HE as DATA, needs_data  # noqa: E402
+from shared_data import HE as DATA, needs_data, stand_in_he  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +120,7 @@ W, H = 4096, 3072
 def _source() -> np.ndarray:
     if DATA.is_file():
         return make_unit(DATA, multiple=4)
-    rng = np.random.default_rng(3)  # fall back to texture if the sample data is absent
-    return rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)
+    return stand_in_he(600, 800)  # H&E-like, so JPEG keeps it close (white noise would not survive JPEG)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from deepspot.geometry.tissue import (
 )
 from deepspot.io.slides import open_slide
 
-from shared_data import HE as DATA, needs_data as _needs  # noqa: E402
+from shared_data import HE as DATA, needs_data as _needs, stand_in_he  # noqa: E402
 
 needs_data = _needs("ncbi858/NCBI858.jpg")
 
@@ -128,7 +128,7 @@ def test_tile_is_background_mean_rgb():
 def test_mask_on_pyramid_reads_a_coarse_level(tmp_path):
     from deepspot.io.synthetic import write_pyramidal_tiff
 
-    src = DATA if DATA.is_file() else np.full((256, 256, 3), (170, 80, 150), np.uint8)
+    src = DATA if DATA.is_file() else stand_in_he(512, 512)  # tissue on glass, as the real H&E
     p = write_pyramidal_tiff(tmp_path / "p.tif", src, 4096, 4096, mpp=0.5, levels=3, compression="jpeg")
     with open_slide(p) as s:
         used = []

@@ -401,7 +401,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
           patience: int | None = None, seed: int = 2024, hidden: int | None = None, n_ensemble: int | None = None,
           aggregate: str = "sum",
           cache_dir=None, num_workers: int = 0, progress: bool = True, log_dir=None, preset: str | None = None,
-          **many_options) -> Model:
+          add_genes: list[str] | None = None, **many_options) -> Model:
     """Train a model on one sample and score it on a held-out side of the image; returns the :class:`Model`
     (held-out scores in ``Model.scores``; written to ``out`` when given).
 
@@ -415,6 +415,12 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     'deepspot' (ours, the default) or 'original' (the original DeepSpot's training: batch 1024, 10–15
     epochs, early stop on the training loss, Leiden oversampling, top 5,000 ``seurat_v3`` HVGs…; see
     :mod:`deepspot.training.recipe`); options given here override the preset's.
+
+    Spot models read what the data records, as with a manifest: without ``geometry``, an AnnData whose reader
+    recorded a spot diameter (``uns['source']``, e.g. ``ds.read.her2st``: 100 µm ST spots) trains on that
+    diameter and the pitch and layout of its array (else Visium's 55/100 µm hex); ``mpp`` defaults to the
+    one it recorded. The panel is ``genes``, else the top ``n_top_genes`` HVGs (default 250, as for
+    several samples), plus ``add_genes`` (markers the HVGs may miss, e.g. ERBB2).
     """
     from deepspot.config import CELL_MODELS, resolve_mpp
     from deepspot.evaluation.holdout import score_holdout
@@ -433,12 +439,18 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
         raise ValueError(f"options {sorted(many_options)} apply to training on several samples (a manifest)")
     if preset not in (None, "deepspot") and model != "deepspot":
         raise ValueError(f"training presets are for spot models (deepspot), not {model}")
+    if add_genes and model != "deepspot":
+        raise ValueError(f"add_genes is for spot models (deepspot), not {model}")
     if many is not None:
+        if add_genes:
+            many_options["add_genes"] = list(add_genes)
         return _train_many(many, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss,
                            max_epochs, patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir,
                            manifest=manifest, preset=preset, **many_options)
     data, image, sample_mpp = _one_sample(samples, image)
     mpp = mpp if mpp is not None else sample_mpp
+    if mpp is None and model == "deepspot" and not cells:  # the mpp the reader recorded (a manifest uses it too)
+        mpp = (data.uns.get("source", {}) or {}).get("mpp")
     if model not in ("deepspot",) + CELL_MODELS:
         raise ValueError(f"unknown model {model!r}; choose deepspot, {' or '.join(CELL_MODELS)}")
     if not Path(image).exists():
@@ -458,6 +470,10 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     if model == "deepspot":
         from deepspot.training.spots import train_spot_model
 
+        if geometry is None and not cells:  # what the reader recorded, as --manifest reads it
+            from deepspot.training.samples import recorded_geometry
+
+            geometry = recorded_geometry(data, slide_mpp)
         geometry = geometry or SpotGeometry()
         if not isinstance(geometry, SpotGeometry):
             raise ValueError("a deepspot model needs a SpotGeometry")
@@ -468,9 +484,9 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
                                    f"(or pool cells into spots: cells=True)")
         from deepspot.training.recipe import preset_panel, spot_preset
 
-        common["n_top_genes"] = preset_panel(preset, n_top_genes)[0]
+        common["n_top_genes"] = preset_panel(preset, n_top_genes, fallback_n_top=250)[0]  # as for several samples
         res = train_spot_model(image, data, enc, geometry, mpp=slide_mpp, context=context,
-                               recipe=spot_preset(preset), **common)
+                               recipe=spot_preset(preset), add_genes=add_genes, **common)
     else:
         from deepspot.training.cells import train_cell_model, train_spot2cell_from_cells
 

@@ -497,8 +497,12 @@ class ModelConfig:
         """Every requested gene must be one the model predicts."""
         missing = [g for g in (genes or ()) if g not in set(self.genes)]
         if missing:
+            lower = {str(g).lower(): g for g in self.genes}
+            case = [f"{g} -> {lower[str(g).lower()]}" for g in missing if str(g).lower() in lower]
             raise CheckpointError(f"{source}: {len(missing)} requested genes are not predicted by this model "
-                                  f"(e.g. {', '.join(map(str, missing[:3]))})")
+                                  f"(e.g. {', '.join(map(str, missing[:3]))})"
+                                  + (f"; did you mean {', '.join(case[:3])}?" if case else
+                                     "; its panel is fixed at training: `deepspot train --add-genes` adds markers"))
 
     def check_encoder_dim(self, dim: int, source: str = "model") -> None:
         if int(dim) != self.encoder.dim:

@@ -31,6 +31,27 @@ def _figure(n_rows: int, n_cols: int, size: tuple[float, float], to_file: bool):
     return fig, axes
 
 
+def missing_genes_message(missing: list[str], names: list[str]) -> str:
+    """'genes not in the predictions' with, per gene, the panel gene it may be (other case, close spelling)
+    and what to do when it is not in the model's panel at all."""
+    import difflib
+
+    lower = {n.lower(): n for n in names}
+    hints = []
+    for g in missing:
+        near = [lower[g.lower()]] if g.lower() in lower else difflib.get_close_matches(g, names, n=2, cutoff=0.8)
+        if near:
+            hints.append(f"{g}: did you mean {' or '.join(near)}?")
+    msg = f"genes not in the predictions: {', '.join(missing)}"
+    if hints:
+        msg += " (" + "; ".join(hints) + ")"
+    if len(hints) < len(missing):
+        msg += (f". The model predicts its training panel ({len(names)} genes: the top HVGs unless chosen); to "
+                f"predict a marker, train with `deepspot train --add-genes GENE,...` (added to the HVGs) or "
+                f"`--genes` (the whole panel)")
+    return msg
+
+
 def _dense(X) -> np.ndarray:
     return np.asarray(X.todense() if hasattr(X, "todense") else X)
 
@@ -81,7 +102,7 @@ def spatial(adata: ad.AnnData, genes: list[str] | None = None, n_genes: int = 4,
         genes = [names[i] for i in np.argsort(-var, kind="stable")[:n_genes]]
     missing = [g for g in genes if g not in names]
     if missing:
-        raise ValueError(f"genes not in the predictions: {missing}")
+        raise ValueError(missing_genes_message(missing, names))
     lib = library_id or (next(iter(adata.uns.get("spatial", {})), None))
     img, scale, diam = None, 1.0, 10.0
     if lib is not None:
@@ -133,7 +154,7 @@ def spatial(adata: ad.AnnData, genes: list[str] | None = None, n_genes: int = 4,
 
 
 def spatial_columns(skeleton: ad.AnnData, X, genes: list[str], path, max_side: int = 600,
-                    title: str = "DeepSpot predictions (log1p normalised expression)") -> list:
+                    title: str | None = None) -> list:
     """PNG of ``genes`` over the thumbnail of ``skeleton`` (an AnnData without X), reading only those
     columns of ``X`` (N, G; zarr, h5py or numpy) and a thumbnail of at most ``max_side`` px."""
     names = list(skeleton.var_names)
@@ -148,7 +169,9 @@ def spatial_columns(skeleton: ad.AnnData, X, genes: list[str], path, max_side: i
                        obsm={"spatial": skeleton.obsm["spatial"]},
                        uns={"spatial": {lib: {"images": {"hires": img[::k, ::k]}, "scalefactors": sf}},
                             "deepspot": dict(skeleton.uns.get("deepspot", {}))})  # mpp and units for the bars
-    return spatial(small, genes=genes, title=title, path=path)
+    if title is None:
+        title = f"DeepSpot predictions on {lib}: {skeleton.n_obs} in-tissue spots"
+    return spatial(small, genes=genes, title=title, path=path, crop=True)
 
 
 def cell_predictions(xy: np.ndarray, values: dict, genes: list[str], var_names: list[str],
@@ -168,7 +191,7 @@ def cell_predictions(xy: np.ndarray, values: dict, genes: list[str], var_names: 
     names = list(map(str, var_names))
     missing = [g for g in genes if g not in names]
     if missing:
-        raise ValueError(f"genes not in the predictions: {missing}")
+        raise ValueError(missing_genes_message(missing, names))
     cols = [names.index(g) for g in genes]
     rows = list(values)
     ref = np.asarray(values[rows[0]], dtype=float)[:, cols]
@@ -191,7 +214,7 @@ def cell_predictions(xy: np.ndarray, values: dict, genes: list[str], var_names: 
             ax.add_collection(rings)
             discs = EllipseCollection(widths=d, heights=d, angles=0, units="xy", offsets=pts[ok],
                                       offset_transform=ax.transData, cmap="viridis", edgecolors="white",
-                                      linewidths=0.3)
+                                      linewidths=0.3, alpha=0.7 if image is not None else 1.0)  # H&E shows
             discs.set_array(v[ok, j])
             ax.add_collection(discs)
             fig.colorbar(discs, ax=ax, fraction=0.046, pad=0.02)
@@ -218,7 +241,8 @@ def cell_predictions(xy: np.ndarray, values: dict, genes: list[str], var_names: 
 def score_panels(xy: np.ndarray, pred: np.ndarray, truth: np.ndarray, genes: list[str], pearson: np.ndarray,
                  title: str, path) -> Path:
     """One held-out sample's scores as a PNG: the histogram of per-gene Pearson, then the best-predicted
-    gene's truth and prediction at the spots. xy (N,2) px, pred/truth (N,G), pearson (G,)."""
+    gene's truth and prediction at the spots on ONE colour scale (so the compressed range of the
+    predictions shows; the panel titles give both ranges). xy (N,2) px, pred/truth (N,G), pearson (G,)."""
     fig, axes = _figure(1, 3, (4.2, 4.0), to_file=True)
     ax = axes[0, 0]
     ok = np.isfinite(pearson)
@@ -230,14 +254,16 @@ def score_panels(xy: np.ndarray, pred: np.ndarray, truth: np.ndarray, genes: lis
                  fontsize=9)
     if ok.any():
         j = int(np.nanargmax(np.where(ok, pearson, -np.inf)))
-        lo, hi = float(np.min(truth[:, j])), float(np.max(truth[:, j]))
+        lo = float(min(np.min(truth[:, j]), np.min(pred[:, j])))
+        hi = float(max(np.max(truth[:, j]), np.max(pred[:, j])))
         for ax, values, name in ((axes[0, 1], truth[:, j], "measured"), (axes[0, 2], pred[:, j], "predicted")):
-            sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=12, cmap="viridis",
-                            **({"vmin": lo, "vmax": hi} if name == "measured" else {}))
+            sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=12, cmap="viridis", vmin=lo, vmax=hi)
             ax.invert_yaxis()
             ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{genes[j]} {name} (r = {pearson[j]:.2f})", fontsize=9)
-            fig.colorbar(sc, ax=ax, shrink=0.7, label="log1p normalised")
+            ax.set_title(f"{genes[j]} {name}: {np.min(values):.1f}–{np.max(values):.1f}"
+                         + (f" (r = {pearson[j]:.2f})" if name == "predicted" else ""), fontsize=9)
+            fig.colorbar(sc, ax=ax, shrink=0.7, label="log1p(counts per 10k)")
+        fig.suptitle("best gene, measured and predicted on one colour scale", fontsize=9)
     return write_figure(fig, path)

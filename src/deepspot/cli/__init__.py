@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         if debug:
             raise
-        known = isinstance(e, user_errors())
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        known = isinstance(e, user_errors()) or callable(getattr(e, "format_message", None))  # click usage errors
+        text = e.format_message() if callable(getattr(e, "format_message", None)) else str(e)  # click: + "Did you mean"
+        msg = " ".join(text.strip().splitlines()) if text.strip() else type(e).__name__
         prefix = "error" if known else f"error ({type(e).__name__})"
         print(f"deepspot: {prefix}: {msg}", file=sys.stderr)
         if not known:

@@ -58,7 +58,7 @@ def predict_cells_cmd(
         h5 = write_h5ad(adata, out / names[0])
         owner.record(names[0])
         ds.pl.spatial(adata, genes=gene_list, path=out / names[1],
-                      title=f"{m.config.model} predictions per cell (log1p normalised)")
+                      title=f"{m.config.model} predictions per cell on {image.name}", alpha=0.7, crop=True)
     except BaseException:
         owner.abort()
         raise

@@ -42,7 +42,7 @@ def predict_cohort(
         overwrite: bool = typer.Option(False, "--overwrite", help="Remove the results and state already in --out, "
                                        "then run every slide."),
         fmt: str = typer.Option("h5ad", "--format", help="h5ad, or spatialdata: <id>.zarr (slide image, spot "
-                                "circles, prediction table; extra [spatialdata]) in place of <id>.h5ad."),
+                                "circles, prediction table; extra \\[spatialdata]) in place of <id>.h5ad."),
         progress: bool = typer.Option(True, help="Show a progress bar over slides.")):
     """Predict a cohort of slides: one task per slide, skips finished slides on rerun, never stops on a bad one.
 

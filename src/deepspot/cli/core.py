@@ -17,20 +17,24 @@ def _split(s: Optional[str]) -> Optional[list[str]]:
 
 
 @app.command()
-def demo(out: Optional[Path] = typer.Option(None, help="Output folder (default: deepspot_demo, or deepspot_demo_her2st)."),
-         her2st: bool = typer.Option(False, "--her2st", help="The HER2ST demo: train on sections C2-C4, score C5 next "
-                                     "to ridge, predict all of C5 on a virtual grid (real 100 µm spots)."),
-         context: Optional[str] = typer.Option(None, help="Spot context (default: spot_subspot_neighbors; --her2st: "
-                                               "spot_neighbors, to stay within minutes on 2 cores)."),
+def demo(out: Optional[Path] = typer.Option(None, help="Output folder (default: deepspot_demo_her2st, or "
+                                             "deepspot_demo with --quick)."),
+         her2st: bool = typer.Option(True, "--her2st/--quick", help="--her2st (default): train on HER2ST sections "
+                                     "C2-C4, score C5 next to ridge, predict all of C5 on a virtual grid (real 100 µm "
+                                     "spots; a few minutes on 2 cores). --quick: the bundled Xenium lung H&E (200 "
+                                     "cells pooled into pseudo-spots, about a minute): a pipeline check, not a "
+                                     "benchmark."),
+         context: Optional[str] = typer.Option(None, help="Spot context (default: spot_neighbors, to stay within "
+                                               "minutes on 2 cores; --quick: spot_subspot_neighbors)."),
          data_dir: Optional[Path] = typer.Option(None, help="Folder with ncbi858/ or her2st/ (else $DEEPSPOT_DATA_DIR, a checkout's shared/data, the user cache; downloaded once if missing)."),
          encoder: str = typer.Option("efficientnet-lite0", help="Encoder name (see `deepspot encoders`)."),
          encoder_weights: Optional[Path] = typer.Option(None, help="Local weights file/folder for the encoder."),
-         spot_px: float = typer.Option(120.0, help="Pseudo-spot diameter in pixels (the image has no mpp)."),
-         spacing_px: float = typer.Option(120.0, help="Pseudo-spot centre-to-centre spacing in pixels."),
+         spot_px: float = typer.Option(120.0, help="--quick: pseudo-spot diameter in pixels (the image has no mpp)."),
+         spacing_px: float = typer.Option(120.0, help="--quick: pseudo-spot centre-to-centre spacing in pixels."),
          max_epochs: Optional[int] = typer.Option(None, help="Default: the training recipe's."), seed: int = typer.Option(2024),
          progress: bool = typer.Option(True, help="Show progress bars.")):
-    """Train on the bundled Xenium lung H&E, score on a held-out side, predict the whole image (--her2st: on
-    three HER2ST sections, scoring and predicting the fourth)."""
+    """Train on three HER2ST sections, score the fourth next to ridge and the noise band, predict it whole
+    (--quick: on the bundled Xenium lung H&E, a held-out side of the image)."""
     echo = lambda msg: console.print(msg, markup=False, highlight=False)  # noqa: E731
     if her2st:
         from deepspot.demo import run_her2st_demo
@@ -81,14 +85,20 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
           y_col: Optional[str] = typer.Option(None, help="obs column with y (vertical) position."),
           encoder: str = typer.Option("efficientnet-lite0"), encoder_weights: Optional[Path] = typer.Option(None),
           mpp: Optional[float] = typer.Option(None, help="µm per pixel (overrides the slide's)."),
-          spot_diameter: float = typer.Option(55.0), spacing: float = typer.Option(100.0),
+          spot_diameter: Optional[float] = typer.Option(None, help="Spot diameter (default: the one the h5ad's "
+                                                        "reader recorded, e.g. 100 µm for ST; else Visium's 55 µm)."),
+          spacing: Optional[float] = typer.Option(None, help="Spot pitch (default: measured from the data's array "
+                                                  "coordinates where its reader recorded a spot diameter; else 100 µm)."),
           unit: str = typer.Option("um", help="Unit of spot diameter/spacing: um or px."),
           context: str = typer.Option("spot_subspot_neighbors"), n_sub: int = typer.Option(3),
           fast: bool = typer.Option(False, "--fast", help="Fast features: sub-spots from the spot's patch tokens "
                                     "(one encoder pass per spot); the model must then be used with predict --fast."),
           genes: Optional[str] = typer.Option(None, help="Comma-separated gene panel."),
-          n_top_genes: Optional[int] = typer.Option(None, help="Top-N highly variable genes."),
-          loss: Optional[str] = typer.Option(None, help="Default: mse."),
+          n_top_genes: Optional[int] = typer.Option(None, help="Top-N highly variable genes (default 250)."),
+          add_genes: Optional[str] = typer.Option(None, help="Comma-separated genes (markers) added to the HVG "
+                                                  "panel, e.g. ERBB2,EPCAM: the top HVGs often miss them."),
+          loss: Optional[str] = typer.Option(None, help="Default: the training recipe's (spots: mse_pearson, "
+                                            "MSE + 1 - Pearson; --preset original: mse)."),
           max_epochs: Optional[int] = typer.Option(None, help="Default: the training recipe's (spots: 40)."),
           patience: Optional[int] = typer.Option(None, help="Default: the training recipe's (spots: 8)."),
           seed: int = typer.Option(2024), cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder."),
@@ -113,8 +123,15 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
     check_out_dir(out)  # a file, or a folder that cannot be written: refused before any data is read
     checkpoint_folder(out).check()  # a folder holding anything but a previous checkpoint: refused, never emptied
     check_gene_list(_split(genes), "--genes")
+    check_gene_list(_split(add_genes), "--add-genes")
+    grid_given = spot_diameter is not None or spacing is not None or unit != "um"
+    if manifest is not None:  # a bad CSV is reported before torch is imported (tens of seconds)
+        from deepspot.training.manifest import read_manifest
+
+        read_manifest(manifest)
     if image is not None and manifest is None:  # the slide opened and its mpp resolved before the counts are read
-        check_slide(image, mpp, needs_um=(unit if model == "deepspot" else cell_unit) == "um")
+        # (a spot grid left to the data may take the mpp its reader recorded: checked once the counts are read)
+        check_slide(image, mpp, needs_um=(unit == "um" and grid_given) if model == "deepspot" else cell_unit == "um")
     import deepspot as ds
     from deepspot.config import CellGeometry, GridSpec, SpotGeometry
     from deepspot.evaluation.holdout import score_table
@@ -128,6 +145,7 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
         trained = ds.train(manifest, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
                            context=context, genes=_split(genes), n_top_genes=n_top_genes, loss=loss,
                            max_epochs=max_epochs, patience=patience, seed=seed, cache_dir=cache_dir, progress=progress,
+                           add_genes=_split(add_genes),
                            val_samples=_split(val_samples), val_patients=_split(val_patients),
                            on_missing=on_missing, precision=precision,
                            accelerator=device, cells=cells, preset=preset)
@@ -145,16 +163,26 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
     if image is None or adata is None:
         raise ValueError("give --image and --adata (one sample) or --manifest (several)")
     data = ds.read.counts(adata, image=image, x_col=x_col, y_col=y_col, mpp=mpp)
-    grid = GridSpec(spot_diameter, spacing, unit=unit)
+    grid = GridSpec(55.0 if spot_diameter is None else spot_diameter, 100.0 if spacing is None else spacing, unit=unit)
     if model == "deepspot":
-        geometry = SpotGeometry(grid, n_sub=n_sub, feature_mode="fast" if fast else "standard")
+        from deepspot.training.samples import recorded_geometry
+
+        mode = "fast" if fast else "standard"
+        geometry = None if grid_given or cells else recorded_geometry(data, mpp, n_sub=n_sub, feature_mode=mode)
+        if geometry is not None:
+            g = geometry.grid
+            console.print(f"geometry from {adata.name}: {g.layout} array, spot {g.spot_diameter:g} µm, pitch "
+                          f"{g.spacing:g} µm (as --manifest reads it; --spot-diameter/--spacing override it)",
+                          soft_wrap=True)
+        geometry = geometry or SpotGeometry(grid, n_sub=n_sub, feature_mode=mode)
     else:
         geometry = CellGeometry(cell_diameter, unit=cell_unit, neighbors=neighbors, k=k, radius=radius)
         console.print(f"{model}: {data.n_obs} cells; {geometry.describe()}")
     trained = ds.train(data, image=image, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
                        mpp=mpp, geometry=geometry, grid=grid, cells=cells, context=context, genes=_split(genes),
                        n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs, patience=patience, seed=seed,
-                       aggregate=aggregate, cache_dir=cache_dir, num_workers=num_workers, progress=progress,
+                       aggregate=aggregate, add_genes=_split(add_genes), cache_dir=cache_dir, num_workers=num_workers,
+                       progress=progress,
                        preset=None if model != "deepspot" and preset == "deepspot" else preset)
     res = trained.result
     if model == "deepspot" and cells:
@@ -200,7 +228,7 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
             overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous result of this slide "
                                            "in --out (else refused)."),
             fmt: str = typer.Option("h5ad", "--format", help="h5ad, or spatialdata: <name>.zarr with the slide "
-                                    "image, spot circles and the prediction table (extra [spatialdata])."),
+                                    "image, spot circles and the prediction table (extra \\[spatialdata])."),
             progress: bool = typer.Option(True)):
     """Predict every in-tissue spot of a virtual grid over a slide: h5ad (or SpatialData zarr) + spots CSV + PNG
     (memory stays flat)."""
@@ -259,11 +287,15 @@ def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
 
     path = out or h5ad.with_suffix(".png")
     try:
-        adata = ad.read_h5ad(h5ad)
+        a = ad.read_h5ad(h5ad)
     except Exception as e:  # noqa: BLE001 - h5py / anndata name the codec, not the file
         raise ValueError(f"{h5ad}: not a readable h5ad ({type(e).__name__}); plot takes the .h5ad that "
                          f"predict wrote") from None
-    ds.pl.spatial(adata, genes=_split(genes), path=path)
+    cell = "cell" in str(a.uns.get("deepspot", {}).get("values", ""))
+    ds.pl.spatial(a, genes=_split(genes), path=path, crop=True,
+                  units="predicted log1p(counts per 10k)" + (" per cell" if cell else ""),
+                  title=f"DeepSpot predictions on {next(iter(a.uns.get('spatial', {})), h5ad.stem)}: "
+                        f"{a.n_obs} {'cells' if cell else 'spots'}")
     console.print(f"wrote {path}")
 
 
@@ -282,6 +314,9 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
     """Predict at the annotated spots of each sample and score per gene against its counts."""
     import time
 
+    from deepspot.training.manifest import read_manifest
+
+    read_manifest(manifest)  # a bad CSV is reported before torch and the model are loaded
     import deepspot as ds
     from deepspot.io.outputs import write_csv
     from deepspot.io.owner import OutputFolder

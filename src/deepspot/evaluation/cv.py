@@ -357,20 +357,34 @@ def plot_evaluation(res: EvalResult, path, reference: str | None = None) -> Path
 
     from deepspot.io.outputs import write_figure
 
-    methods = list(res.summary.index)
+    # the oracle (uses the held-out counts) and the noise band are references, drawn as lines, not as methods
+    refs = [m for m in (ORACLE, NOISE) if m in res.summary.index]
+    methods = [m for m in res.summary.index if m not in refs]
     ds = [m for m in methods if m.startswith("deepspot")]
     if reference is None and ds:
         reference = max(ds, key=lambda m: np.nan_to_num(res.summary.loc[m, "pearson_mean"], nan=-np.inf))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.3, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.4, 1]})
     ax = axes[0]
     x = np.arange(len(methods))
-    ax.bar(x, res.summary["pearson_mean"], color=["#999999" if m == RIDGE else "#3b75af" for m in methods])
+    ax.bar(x, res.summary.loc[methods, "pearson_mean"],
+           color=["#999999" if m == RIDGE else "#3b75af" for m in methods])
     for j, m in enumerate(methods):
         v = res.scores.loc[res.scores["method"] == m, "pearson_mean"].to_numpy()
         ax.scatter(np.full(len(v), j) + np.linspace(-0.15, 0.15, len(v)), v, s=14, color="black", zorder=3)
-    ax.set_xticks(x, [m.replace("deepspot ", "DeepSpot\n").replace("_", " ") for m in methods], fontsize=8)
+    for m, style in zip(refs, ({"color": "#c0504d", "ls": "--"}, {"color": "#7f7f7f", "ls": ":"})):
+        label = ("oracle: log library size (uses the held-out counts; a reference, not a method)" if m == ORACLE
+                 else "noise band: 95 % of shuffled predictions")
+        ax.axhline(float(res.summary.loc[m, "pearson_mean"]), lw=1.2, label=f"{label}: "
+                   f"{res.summary.loc[m, 'pearson_mean']:.3f}", **style)
+    if refs:  # room above the highest bar, dot or line for the legend
+        top = np.nanmax(np.r_[res.scores.loc[res.scores["method"].isin(methods), "pearson_mean"].to_numpy(),
+                              res.summary["pearson_mean"].to_numpy(), 0.0])
+        ax.set_ylim(top=top * 1.3 if top > 0 else None)
+        ax.legend(fontsize=7, loc="upper left", frameon=False)
+    ax.set_xticks(x, [m.replace("deepspot ", "DeepSpot ").replace("_", " ") for m in methods], fontsize=8,
+                  rotation=30, ha="right", rotation_mode="anchor")
     ax.set_ylabel("per-gene Pearson (mean over genes)")
-    ax.set_title("held-out samples (dots) and their mean (bars)")
+    ax.set_title("methods: held-out samples (dots) and their mean (bars)", fontsize=10)
     ax.axhline(0, color="black", lw=0.5)
     ax = axes[1]
     if reference is not None and RIDGE in res.per_gene:

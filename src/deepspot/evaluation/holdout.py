@@ -31,6 +31,9 @@ def score_holdout(res: SpotTrainResult | CellTrainResult) -> dict:
         seen = np.concatenate([train, val])
         y, x = res.truth, res.features
         ridge = ridge_baseline(x[seen], y[seen], x[test], seed=seed)
+        # clipped to each gene's training range, as DeepCell's own predictions are (unclipped, a few cells
+        # far outside it gave ridge an MSE of 20 against DeepCell's 2)
+        ridge = np.clip(ridge, y[seen].min(axis=0), y[seen].max(axis=0))
         scores = {"deepcell": summarize(res.cell_pred[test], y[test]), "ridge": summarize(ridge, y[test])}
     else:
         y, cells = res.spot_targets, res.test_cells
@@ -44,8 +47,13 @@ def score_holdout(res: SpotTrainResult | CellTrainResult) -> dict:
 
 
 def score_table(scores: dict) -> pd.DataFrame:
-    """One row per scored model: mean Pearson and Spearman over genes, MSE, genes and spots scored."""
+    """One row per scored model: mean Pearson and Spearman over genes, MSE, genes and spots (or cells:
+    DeepCell, DeepSpot2Cell's cell rows) scored."""
+    cell_rows = {"deepcell", "deepspot2cell", "spot truth ÷ n cells"}
+    kinds = {"cells" if name in cell_rows or (name == "ridge" and "deepcell" in scores) else "spots"
+             for name in scores}
+    unit = kinds.pop() if len(kinds) == 1 else "spots or cells"  # DeepSpot2Cell: a spot row and cell rows
     rows = {name: {"pearson (mean over genes)": s["pearson_mean"], "spearman": s["spearman_mean"],
-                   "mse": s["mse"], "genes scored": s["n_genes_scored"], "held-out spots": s["n_spots"]}
+                   "mse": s["mse"], "genes scored": s["n_genes_scored"], f"held-out {unit}": s["n_spots"]}
             for name, s in scores.items()}
     return pd.DataFrame.from_dict(rows, orient="index")

@@ -25,7 +25,9 @@ def score_samples(network, config: ModelConfig, encoder, samples: Sequence[Sampl
     Pearson over the model's genes and over the top-``n_top`` HVGs of that sample's truth;
     predictions by sample id, (N, G) in the sample's spot order). ``ridge_train``: samples to fit the
     field's baseline on (PCA-256 + ridge on the same spot features, the model's genes); its per-gene
-    Pearson and means are added as ``ridge_*`` columns."""
+    Pearson and means are added as ``ridge_*`` columns. ``noise_band_model_genes``: the 95th percentile of
+    the mean per-gene Pearson of the predictions with the spots shuffled (what no spot-to-spot signal
+    scores by chance on that sample)."""
     genes = list(config.genes)
     check_panel(genes, {s.sample_id: s.adata for s in samples})  # a missing panel gene: one clear error
     n_sub = config.geometry.n_sub if "subspot" in config.context else 0
@@ -45,6 +47,8 @@ def score_samples(network, config: ModelConfig, encoder, samples: Sequence[Sampl
     per_gene, summary, preds = [], [], {}
     pos = {g: j for j, g in enumerate(genes)}
     from rich.progress import track
+
+    from deepspot.evaluation.cv import noise_band
 
     for s in track(samples, description="scoring", disable=not progress or len(samples) < 2):
         bags, _ = stack_bags([s], feats, config.geometry.neighbor_radius)
@@ -66,6 +70,7 @@ def score_samples(network, config: ModelConfig, encoder, samples: Sequence[Sampl
                         "pearson_mean_model_genes": float(np.nanmean(r)) if np.isfinite(r).any() else np.nan,
                         f"pearson_mean_top{n_top}_hvg": float(np.nanmean(rt)) if np.isfinite(rt).any() else np.nan,
                         "n_genes": len(genes), "n_genes_undefined": int((~np.isfinite(r)).sum()),
+                        "noise_band_model_genes": noise_band(pred, truth, np.arange(len(genes))),
                         **({} if rr is None else {"ridge_pearson_mean_model_genes": float(np.nanmean(rr)),
                                                   f"ridge_pearson_mean_top{n_top}_hvg": float(np.nanmean(rr[ti]))})})
     return pd.DataFrame(per_gene), pd.DataFrame(summary), preds

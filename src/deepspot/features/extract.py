@@ -164,11 +164,12 @@ def encode_batch(encoder, crops: torch.Tensor, n_sub: int, mode: str = "standard
 def encode_spots(slide_path, centers: np.ndarray, tile_px: float, encoder, sink: Callable, n_sub: int = 3,
                  mode: str = "standard", mpp: float | None = None, batch_size: int = 16,
                  num_workers: int | None = None, device="cpu", autocast_dtype=None, progress: bool = True,
-                 stats: ExtractStats | None = None, subspot_rule: str = "split") -> ExtractStats:
+                 stats: ExtractStats | None = None, subspot_rule: str = "split", what: str = "spots") -> ExtractStats:
     """Encode spots in order, calling ``sink(start, centers, spot (B,d), subspot (B,S,d)|None)`` per batch.
 
     centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px; subspot_rule: how sub-spots are
-    cut (:func:`~deepspot.features.tiles.subspot_bounds`). Reading runs in
+    cut (:func:`~deepspot.features.tiles.subspot_bounds`); ``what`` names the items in the progress rate
+    ('spots', 'cells'). Reading runs in
     ``num_workers`` DataLoader processes (None: :func:`default_num_workers`; 0: in this process).
     """
     from deepspot.io.slides import SlideError
@@ -205,7 +206,7 @@ def encode_spots(slide_path, centers: np.ndarray, tile_px: float, encoder, sink:
             stats.seconds_encoder += time.perf_counter() - t1
             sink(done, centers[done:done + b], spot, sub)
             done += b
-            bar.update(task, advance=b, rate=f"{done / max(time.perf_counter() - t_start, 1e-9):.1f} spots/s")
+            bar.update(task, advance=b, rate=f"{done / max(time.perf_counter() - t_start, 1e-9):.1f} {what}/s")
     stats.n_spots += n
     stats.n_crops += n * (1 + s)
     stats.n_forward += n * n_crop
@@ -224,7 +225,8 @@ def store_path_for(cache_dir, slide_path, encoder, tile_px: float, n_sub: int, m
 def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, store_path, n_sub: int = 3,
                      mode: str = "standard", mpp: float | None = None, batch_size: int = 16,
                      num_workers: int | None = None, device="cpu", autocast_dtype=None, progress: bool = True,
-                     stats: ExtractStats | None = None, subspot_rule: str = "split") -> StoredFeatures:
+                     stats: ExtractStats | None = None, subspot_rule: str = "split",
+                     what: str = "spots") -> StoredFeatures:
     """Encode what ``store_path`` lacks and return the features of ``centers`` read lazily from it.
 
     Centres already in a finished store are reused; only new ones are encoded, appended behind the old
@@ -257,7 +259,8 @@ def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, s
         encode_spots(slide_path, new_centers, tile_px, encoder,
                      lambda start, c, f, sf: writer.write(len(old) + start, c, f, sf), n_sub=n_sub, mode=mode,
                      mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
-                     autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=subspot_rule)
+                     autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=subspot_rule,
+                     what=what)
         writer.close()
     except BaseException:
         writer.abort()
@@ -269,7 +272,7 @@ def extract_features(slide_path, centers: np.ndarray, tile_px: float, encoder, n
                      mpp: float | None = None, cache_dir: str | Path | None = None, batch_size: int = 16,
                      num_workers: int | None = 0, device: str | torch.device = "cpu", autocast_dtype=None,
                      progress: bool = True, stats: ExtractStats | None = None, mode: str = "standard",
-                     subspot_rule: str = "split") -> Features:
+                     subspot_rule: str = "split", what: str = "spots") -> Features:
     """Encode the spot crop and n×n sub-spot crops of every centre once; features in memory.
 
     centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px.
@@ -281,7 +284,7 @@ def extract_features(slide_path, centers: np.ndarray, tile_px: float, encoder, n
     stats = stats if stats is not None else ExtractStats()
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
     common = dict(n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
-                  autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=subspot_rule)
+                  autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=subspot_rule, what=what)
     if cache_dir is not None:
         path = store_path_for(cache_dir, slide_path, encoder, tile_px, n_sub, mode, subspot_rule)
         return extract_to_store(slide_path, centers, tile_px, encoder, path, **common).load()

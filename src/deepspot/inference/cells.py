@@ -89,7 +89,7 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
     tile = geom.tile_px(mpp_used)
     feats = extract_features(slide_path, xy, tile, encoder, n_sub=0, mpp=mpp, cache_dir=cache_dir,
                              batch_size=batch_size, num_workers=num_workers, device=device,
-                             autocast_dtype=autocast_dtype, progress=progress, stats=stats)
+                             autocast_dtype=autocast_dtype, progress=progress, stats=stats, what="cells")
     if config.model == "deepspot2cell":
         bags, spot_px = spot_context_bags(slide_path, feats.spot, xy, config, encoder, w, h, mpp_used,
                                           batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
@@ -110,6 +110,6 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
         "model": config.model, "encoder": config.encoder.name, "cell_tile_px": float(tile),
         "neighbors": context_note, "mpp": float(mpp_used) if mpp_used else -1.0,
         "n_dropped_outside": int((~keep).sum()),
-        "values": "log1p(normalize_total 1e4) expression per cell",
+        "values": "predicted log1p(counts per 10k) per cell",
     }
     return adata

@@ -181,8 +181,7 @@ def _skeleton(plan: SlidePlan, config: ModelConfig, library_id: str | None, mode
         "geometry_preset": g.preset or "", "subspot_rule": g.subspot_rule,
         "tissue_method": plan.tissue, "grid_spots": int(plan.n_grid), "in_tissue_spots": int(len(plan.grid)),
         "geometry_notes": list(plan.notes),
-        "values": ("log1p(normalize_total 1e4) expression" if config.scaler is None
-                   else "log1p expression (scaler inverted)"),
+        "values": "predicted log1p(counts per 10k)",  # the scaler, if any, is undone: one wording everywhere
     }
     return a
 

@@ -432,10 +432,15 @@ def read_hest(h5ad: str | Path, image: str | Path | None = None, metadata: str |
 
 def read_spatial_h5ad(h5ad: str | Path, image: str | Path | None = None, sample: str | None = None,
                       mpp: float | None = None, spot_diameter_um: float | None = None) -> ad.AnnData:
-    """Any h5ad with raw counts and ``obsm['spatial']`` (x, y) px of ``image``."""
+    """Any h5ad with raw counts and ``obsm['spatial']`` (x, y) px of ``image``. ``mpp`` and
+    ``spot_diameter_um`` default to those the h5ad's own reader recorded in ``uns['source']`` (an h5ad
+    written from ``ds.read.her2st`` keeps its 100 µm spots)."""
     h5ad = Path(h5ad)
     sample = sample or h5ad.stem
     a = read_cells_h5ad(h5ad)
+    recorded = a.uns.get("source", {}) or {}
+    mpp = mpp if mpp is not None else recorded.get("mpp")
+    spot_diameter_um = spot_diameter_um if spot_diameter_um is not None else recorded.get("spot_diameter_um")
     if image is not None:
         check_image(a, image, sample, mpp)
     _source(a, "h5ad", sample, mpp, spot_diameter_um)

@@ -116,7 +116,7 @@ def encode_cells(image, xy: np.ndarray, geometry: CellGeometry, encoder, mpp: fl
                  batch_size: int = 16, num_workers: int = 0, progress: bool = True) -> np.ndarray:
     """Tile features (N,d) of the cells at level-0 (x, y) px: one tile of side cell_diameter each."""
     return extract_features(image, xy, geometry.tile_px(mpp), encoder, n_sub=0, mpp=mpp, cache_dir=cache_dir,
-                            batch_size=batch_size, num_workers=num_workers, progress=progress).spot
+                            batch_size=batch_size, num_workers=num_workers, progress=progress, what="cells").spot
 
 
 def _cell_config(kind: str, model, encoder, genes, geometry: CellGeometry, mpp, training: dict,

@@ -62,7 +62,7 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
                      recipe: SpotRecipe | None = None, genes: list[str] | None = None,
                      n_top_genes: int | None = None, test_fraction: float = 0.3, cache_dir=None,
                      batch_size_encoder: int = 16, num_workers: int = 0, progress: bool = True,
-                     log_dir=None, **recipe_options) -> SpotTrainResult:
+                     log_dir=None, add_genes: list[str] | None = None, **recipe_options) -> SpotTrainResult:
     """Train on the spots of one image with a spatial hold-out (the right-most ``test_fraction`` of the
     spots are neither trained nor validated on; early stopping watches the top 20 % of the array rows of
     the rest); predicts every spot. ``recipe`` (default :class:`SpotRecipe`) with ``recipe_options``
@@ -77,7 +77,7 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
                              n_sub=geometry.n_sub if "subspot" in context else 0, mpp=mpp, cache_dir=cache_dir,
                              batch_size=batch_size_encoder, num_workers=num_workers, progress=progress,
                              mode=geometry.feature_mode, subspot_rule=geometry.subspot_rule)
-    panel = select_genes(spots, n_top=n_top_genes, genes=genes, flavor=recipe.hvg_flavor)
+    panel = select_genes(spots, n_top=n_top_genes, genes=genes, flavor=recipe.hvg_flavor, add=add_genes)
     y = log_normalize(spots, genes=panel)
     bags = bags_for(spots, feats, geometry.neighbor_radius)
     _, _, test = spatial_split(spots.obsm["spatial"], test_fraction=test_fraction, seed=recipe.seed)

@@ -36,9 +36,13 @@ def log_normalize(adata: ad.AnnData, target_sum: float = 1e4, genes: list[str] |
 
 
 def select_genes(adata: ad.AnnData, n_top: int | None = None, genes: list[str] | None = None,
-                 flavor: str = "seurat") -> list[str]:
+                 flavor: str = "seurat", add: list[str] | None = None) -> list[str]:
     """A gene panel: a given list (checked), or the top-n highly variable genes (scanpy ``flavor``: seurat
-    on log data, seurat_v3 on counts), or all genes expressed in at least one spot."""
+    on log data, seurat_v3 on counts), or all genes expressed in at least one spot. ``add``: genes (markers)
+    appended to that panel where it lacks them (checked as ``genes``)."""
+    if add:
+        panel = select_genes(adata, n_top, genes, flavor)
+        return panel + select_genes(adata, genes=[g for g in dict.fromkeys(add) if g not in set(panel)])
     names = list(map(str, adata.var_names))
     if genes is not None:
         missing = [g for g in genes if g not in set(names)]
@@ -132,8 +136,9 @@ def check_panel(panel: list[str], samples: dict[str, ad.AnnData], on_missing: st
 
 def select_panel(train: dict[str, ad.AnnData], n_top: int | None = None, genes: list[str] | None = None,
                  others: dict[str, ad.AnnData] | None = None, on_missing: str = "error",
-                 min_fraction: float = 0.1, flavor: str = "seurat") -> list[str]:
-    """The gene panel of a training run, decided on the training samples only.
+                 min_fraction: float = 0.1, flavor: str = "seurat", add: list[str] | None = None) -> list[str]:
+    """The gene panel of a training run, decided on the training samples only. ``add``: genes (markers)
+    appended to the panel where it lacks them.
 
     ``genes`` given: that list (order kept). Else the top-``n_top`` HVGs across the training samples
     (:func:`rank_hvgs`, among genes detected in at least ``min_fraction`` of the training spots — the
@@ -150,6 +155,7 @@ def select_panel(train: dict[str, ad.AnnData], n_top: int | None = None, genes: 
             genes = [g for g, t in zip(g0, tot) if t > 0]
         else:
             genes = rank_hvgs(pool, n_top, flavor=flavor, min_fraction=min_fraction)
+    genes = list(genes) + [g for g in dict.fromkeys(add or ()) if g not in set(genes)]
     return check_panel(list(genes), everything, on_missing)
 
 
