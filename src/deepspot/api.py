@@ -395,7 +395,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
           patience: int | None = None, seed: int = 2024, hidden: int | None = None, n_ensemble: int | None = None,
           aggregate: str = "sum",
           cache_dir=None, num_workers: int = 0, progress: bool = True, log_dir=None, preset: str | None = None,
-          **many_options) -> Model:
+          init_from: str | Path | None = None, freeze: str = "none", **many_options) -> Model:
     """Train a model on one sample and score it on a held-out side of the image; returns the :class:`Model`
     (held-out scores in ``Model.scores``; written to ``out`` when given).
 
@@ -409,6 +409,11 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     'deepspot' (ours, the default) or 'original' (the original DeepSpot's training: batch 1024, 10–15
     epochs, early stop on the training loss, Leiden oversampling, top 5,000 ``seurat_v3`` HVGs…; see
     :mod:`deepspot.training.recipe`); options given here override the preset's.
+
+    ``init_from`` (spot models): a checkpoint folder to start from (:mod:`deepspot.training.warmstart`):
+    same genes continue the whole network, other genes keep phi under a new gene head; without ``genes``
+    / ``n_top_genes`` the panel is the checkpoint's. ``freeze``: 'none' or 'phi' (train the head only).
+    The encoder must be the checkpoint's.
     """
     from deepspot.config import CELL_MODELS, resolve_mpp
     from deepspot.evaluation.holdout import score_holdout
@@ -419,11 +424,23 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     manifest = str(Path(samples).resolve()) if isinstance(samples, (str, Path)) else None
     samples = _read_samples(samples, cells=cells, progress=progress)
     many = _many_samples(samples)
+    init = None
     if many_options and many is None:
         raise ValueError(f"options {sorted(many_options)} apply to training on several samples (a manifest)")
     if preset not in (None, "deepspot") and model != "deepspot":
         raise ValueError(f"training presets are for spot models (deepspot), not {model}")
+    if init_from is not None:
+        from deepspot.features.encoders import get_spec
+        from deepspot.training.warmstart import read_init
+
+        if model != "deepspot":
+            raise ValueError(f"init_from is for spot models (deepspot), not {model}")
+        init = read_init(init_from, encoder, get_spec(encoder).dim, freeze=freeze)
+        if genes is None and n_top_genes is None:
+            genes = list(init.config.genes)
     if many is not None:
+        if init is not None:
+            many_options["init"] = init
         return _train_many(many, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss,
                            max_epochs, patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir,
                            manifest=manifest, preset=preset, **many_options)
@@ -460,7 +477,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
 
         common["n_top_genes"] = preset_panel(preset, n_top_genes)[0]
         res = train_spot_model(image, data, enc, geometry, mpp=slide_mpp, context=context,
-                               recipe=spot_preset(preset), **common)
+                               recipe=spot_preset(preset), init=init, **common)
     else:
         from deepspot.training.cells import train_cell_model, train_spot2cell_from_cells
 

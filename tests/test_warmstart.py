@@ -1,0 +1,91 @@
+"""Training from a checkpoint (--init-from): what is kept, what is refused, what --freeze phi holds still."""
+import numpy as np
+import pytest
+import torch
+
+from deepspot.config import CheckpointError, EncoderRef, ModelConfig, Scaler, SpotGeometry
+from deepspot.geometry.neighbors import array_neighbors
+from deepspot.models.bags import Bags, predict_bags
+from deepspot.models.checkpoint import save_checkpoint
+from deepspot.training.recipe import SpotRecipe, build_spot_model, fit_spot_model
+from deepspot.training.warmstart import read_init
+
+GENES = ["a", "b", "c", "d"]
+
+
+def _bags(n=120, d=10, g=4, seed=0):
+    rng = np.random.default_rng(seed)
+    spot = rng.normal(size=(n, d)).astype(np.float32)
+    r, c = np.divmod(np.arange(n), 12)
+    idx, m = array_neighbors(r, c, 1)
+    y = (spot @ rng.normal(size=(d, g)) / 3 + 2).astype(np.float32)
+    return Bags.from_numpy(spot, None, idx, m), y
+
+
+def _checkpoint(path, encoder="enc-a", dim=10):
+    bags, y = _bags()
+    recipe = SpotRecipe(hidden=8, n_ensemble=2, context="spot_neighbors", max_epochs=3, patience=3)
+    model, scaler, _ = fit_spot_model(recipe, bags, y, np.arange(90), np.arange(90, 120), progress=False)
+    cfg = ModelConfig("deepspot", model.config(), EncoderRef(encoder, dim), GENES, SpotGeometry(), scaler,
+                      training={"recipe": recipe.to_dict()})
+    save_checkpoint(path, model, cfg)
+    return model, scaler, bags, y
+
+
+def test_same_genes_continue_whole_network_in_new_order(tmp_path):
+    model, scaler, bags, _ = _checkpoint(tmp_path / "m")
+    init = read_init(tmp_path / "m", "ENC-A", 10)
+    order = ["c", "a", "d", "b"]
+    assert init.continues(order)
+    warm = init.build(order).eval()
+    before = predict_bags(model, bags)[:, [GENES.index(g) for g in order]]
+    np.testing.assert_allclose(predict_bags(warm, bags), before, rtol=1e-5, atol=1e-5)
+    s = init.scaler(order, fitted=None)  # the checkpoint's scaler, rows in the new order
+    np.testing.assert_array_equal(s.a, scaler.a[[2, 0, 3, 1]])
+    # the recipe takes the checkpoint's architecture, whatever was asked
+    r = init.recipe(SpotRecipe(hidden=256, n_ensemble=5, context="spot_subspot_neighbors"))
+    assert (r.hidden, r.n_ensemble, r.context) == (8, 2, "spot_neighbors")
+
+
+def test_other_genes_keep_phi_and_start_a_new_head(tmp_path):
+    model, _, _, _ = _checkpoint(tmp_path / "m")
+    init = read_init(tmp_path / "m", "enc-a", 10)
+    for genes in (["a", "b", "x"], ["a", "b"]):  # a new gene; fewer genes
+        assert not init.continues(genes)
+        net = init.build(genes)
+        assert torch.equal(net.phi.linear.weight, model.phi.linear.weight)
+        assert net.rho.linear.weight.shape[-1] == len(genes)
+        fitted = Scaler.fit(np.ones((3, len(genes))), "standard")
+        assert init.scaler(genes, fitted) is fitted  # a new head: the scaler of the new data
+
+
+def test_encoder_must_match_and_names_both(tmp_path):
+    _checkpoint(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="trained on encoder 'enc-a' \\(10-d\\), this run uses 'uni' "
+                                              "\\(1024-d\\)"):
+        read_init(tmp_path / "m", "uni", 1024)
+    with pytest.raises(CheckpointError, match="'enc-a' \\(10-d\\), this run uses 'enc-a' \\(12-d\\)"):
+        read_init(tmp_path / "m", "enc-a", 12)
+    with pytest.raises(ValueError, match="--freeze 'rho'"):
+        read_init(tmp_path / "m", "enc-a", 10, freeze="rho")
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        read_init(tmp_path / "nothing", "enc-a", 10)
+
+
+def test_freeze_phi_trains_only_the_head_and_is_recorded(tmp_path):
+    model, _, bags, y = _checkpoint(tmp_path / "m")
+    bags2, y2 = _bags(seed=1)  # other data, other genes
+    recipe = SpotRecipe(max_epochs=3, patience=3)
+    for freeze in ("phi", "none"):
+        init = read_init(tmp_path / "m", "enc-a", 10, freeze=freeze)
+        genes = ["p", "q", "r", "s"]
+        net, _, summary = fit_spot_model(init.recipe(recipe), bags2, y2, np.arange(90), np.arange(90, 120),
+                                         progress=False, init=init, genes=genes)
+        same_phi = torch.equal(net.phi.linear.weight, model.phi.linear.weight)
+        assert same_phi == (freeze == "phi")
+        assert summary["init_from"]["kept"] == "phi" and summary["init_from"]["freeze"] == freeze
+
+
+def test_build_spot_model_is_untouched_without_init():
+    m = build_spot_model(SpotRecipe(hidden=8, n_ensemble=2), 10, 3, np.zeros((20, 10), np.float32))
+    assert all(p.requires_grad for p in m.parameters())
