@@ -333,6 +333,9 @@ def _trained(res, enc, out) -> "Model":
     trained.result = res
     if out is not None:
         trained.save(out)
+        from deepspot.training.curves import write_curves  # training_curves.png beside the weights
+
+        write_curves(out, res.config.training or {}, len(res.config.genes))
     return trained
 
 

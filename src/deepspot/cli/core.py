@@ -104,7 +104,15 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
           aggregate: str = typer.Option("sum", help="deepspot2cell-pooled: cells to spot by sum (count space) or mean (log)."),
           preset: str = typer.Option("deepspot", help="Spot training preset: deepspot (ours) or original (the "
                                      "original's: batch 1024, 10-15 epochs, early stop on training loss, Leiden "
-                                     "oversampling, top 5,000 seurat_v3 HVGs); options given override it.")):
+                                     "oversampling, top 5,000 seurat_v3 HVGs); options given override it."),
+          init_from: Optional[Path] = typer.Option(None, help="Start from this checkpoint (deepspot train or convert; "
+                                                   "same --encoder): same genes continue it, other genes keep phi "
+                                                   "with a new gene head; its architecture is used. Without "
+                                                   "--genes/--n-top-genes: its genes."),
+          freeze: str = typer.Option("none", help="--init-from: none (train all) or phi (train the gene head only)."),
+          features_h5: Optional[Path] = typer.Option(None, help="One-sample form: spot features from a TRIDENT/HEST "
+                                                     "patch-feature .h5 (coords + features) instead of the encoder; "
+                                                     "patches matched to spots by position.")):
     """Train DeepSpot (spots), DeepCell or DeepSpot2Cell (cells) on one image; prints held-out scores."""
     from deepspot.inference.preflight import check_gene_list, check_out_dir, check_slide
 
@@ -127,7 +135,7 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                            max_epochs=max_epochs, patience=patience, seed=seed, cache_dir=cache_dir, progress=progress,
                            val_samples=_split(val_samples), val_patients=_split(val_patients),
                            on_missing=on_missing, precision=precision,
-                           accelerator=device, cells=cells, preset=preset)
+                           accelerator=device, cells=cells, preset=preset, init_from=init_from, freeze=freeze)
         t = trained.config.training
         g = trained.config.geometry.grid
         console.print(f"trained on {t['n_train_spots']} spots of {len(t['samples'])} samples "
@@ -152,7 +160,9 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                        mpp=mpp, geometry=geometry, grid=grid, cells=cells, context=context, genes=_split(genes),
                        n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs, patience=patience, seed=seed,
                        aggregate=aggregate, cache_dir=cache_dir, num_workers=num_workers, progress=progress,
-                       preset=None if model != "deepspot" and preset == "deepspot" else preset)
+                       preset=None if model != "deepspot" and preset == "deepspot" else preset,
+                       init_from=init_from, freeze=freeze, **({} if features_h5 is None else
+                                                              {"features_h5": features_h5}))
     res = trained.result
     if model == "deepspot" and cells:
         console.print(f"pooled cells into {res.targets.shape[0]} pseudo-spots")
