@@ -374,6 +374,27 @@ def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n
     return _trained(res, enc, out)
 
 
+class _NamedEncoder:
+    """The encoder that made features read from a file: a name and a dim (it never runs here)."""
+
+    def __init__(self, name: str, dim: int):
+        self.name, self.dim = name, int(dim)
+
+
+def _named_encoder(name: str, dim: int, source) -> "_NamedEncoder":
+    """The encoder ``name`` of features made elsewhere; a registered encoder of another dim is refused."""
+    from deepspot.features.encoders import EncoderError, get_spec
+
+    try:
+        known = get_spec(name).dim
+    except EncoderError:
+        known = None
+    if known is not None and int(known) != int(dim):
+        raise CheckpointError(f"{source}: {int(dim)}-d features, but encoder '{name}' makes {known}-d ones; pass "
+                              f"--encoder with the name of the encoder that made the file")
+    return _NamedEncoder(name, dim)
+
+
 def _one_sample(samples, image):
     """(counts AnnData, image path, mpp or None) of the one sample to train on."""
     from deepspot.training.manifest import Sample
@@ -398,7 +419,8 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
           patience: int | None = None, seed: int = 2024, hidden: int | None = None, n_ensemble: int | None = None,
           aggregate: str = "sum",
           cache_dir=None, num_workers: int = 0, progress: bool = True, log_dir=None, preset: str | None = None,
-          init_from: str | Path | None = None, freeze: str = "none", **many_options) -> Model:
+          init_from: str | Path | None = None, freeze: str = "none", features_h5: str | Path | None = None,
+          **many_options) -> Model:
     """Train a model on one sample and score it on a held-out side of the image; returns the :class:`Model`
     (held-out scores in ``Model.scores``; written to ``out`` when given).
 
@@ -417,6 +439,10 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     same genes continue the whole network, other genes keep phi under a new gene head; without ``genes``
     / ``n_top_genes`` the panel is the checkpoint's. ``freeze``: 'none' or 'phi' (train the head only).
     The encoder must be the checkpoint's.
+
+    ``features_h5`` (one sample, spot models): the spot features from a TRIDENT / HEST patch-feature file
+    (:mod:`deepspot.features.external`) instead of running ``encoder``, which then only names the encoder
+    that made them (recorded in the checkpoint; its dim is the file's). No sub-spots: a context without them.
     """
     from deepspot.config import CELL_MODELS, resolve_mpp
     from deepspot.evaluation.holdout import score_holdout
@@ -438,9 +464,17 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
 
         if model != "deepspot":
             raise ValueError(f"init_from is for spot models (deepspot), not {model}")
-        init = read_init(init_from, encoder, get_spec(encoder).dim, freeze=freeze)
+        if features_h5 is not None:
+            from deepspot.features.external import read_patch_features
+
+            dim = read_patch_features(features_h5).dim
+        else:
+            dim = get_spec(encoder).dim
+        init = read_init(init_from, encoder, dim, freeze=freeze)
         if genes is None and n_top_genes is None:
             genes = list(init.config.genes)
+    if many is not None and features_h5 is not None:
+        raise ValueError("features_h5 is one sample's file; train a manifest with the encoder (or one sample at a time)")
     if many is not None:
         if init is not None:
             many_options["init"] = init
@@ -458,7 +492,16 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
         unit = geometry.unit if isinstance(geometry, CellGeometry) else (geometry or SpotGeometry()).grid.unit
         slide_mpp = resolve_mpp(slide, mpp, needs_um=unit == "um")
     check_inside(data.obsm["spatial"], w, h, str(data.uns.get("source", {}).get("path", f"{image}: positions")))
-    enc = load_encoder(encoder, weights=encoder_weights)
+    external = None
+    if features_h5 is not None:
+        from deepspot.features.external import read_patch_features
+
+        if model != "deepspot":
+            raise ValueError(f"features_h5 is for spot models (deepspot), not {model}")
+        external = read_patch_features(features_h5)
+        enc = _named_encoder(encoder, external.dim, features_h5)
+    else:
+        enc = load_encoder(encoder, weights=encoder_weights)
     cache_dir = _feature_cache(cache_dir, out)
     # training options left as None take each model's own defaults (for spots: training.recipe.SpotRecipe)
     chosen = {k: v for k, v in dict(loss=loss, max_epochs=max_epochs, patience=patience, hidden=hidden,
@@ -479,8 +522,15 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
         from deepspot.training.recipe import preset_panel, spot_preset
 
         common["n_top_genes"] = preset_panel(preset, n_top_genes)[0]
+        feats = None
+        if external is not None:
+            from deepspot.features.external import spot_features
+
+            use_sub = "subspot" in (init.context if init is not None else context)
+            feats = spot_features(external, data.obsm["spatial"], geometry.grid.in_pixels(slide_mpp).spot_diameter,
+                                  n_sub=geometry.n_sub if use_sub else 0, mpp=slide_mpp)
         res = train_spot_model(image, data, enc, geometry, mpp=slide_mpp, context=context,
-                               recipe=spot_preset(preset), init=init, **common)
+                               recipe=spot_preset(preset), init=init, features=feats, **common)
     else:
         from deepspot.training.cells import train_cell_model, train_spot2cell_from_cells
 

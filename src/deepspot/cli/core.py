@@ -110,6 +110,9 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                                                    "with a new gene head; its architecture is used. Without "
                                                    "--genes/--n-top-genes: its genes."),
           freeze: str = typer.Option("none", help="--init-from: none (train all) or phi (train the gene head only)."),
+          hd_bin: Optional[int] = typer.Option(None, help="Visium HD: --adata is a Space Ranger HD outs folder; train "
+                                               "on its square bins of this size (16 or 8 µm; geometry in µm: "
+                                               "square crops of one bin, 8 µm sub-spots, neighbours within 32 µm)."),
           features_h5: Optional[Path] = typer.Option(None, help="One-sample form: spot features from a TRIDENT/HEST "
                                                      "patch-feature .h5 (coords + features) instead of the encoder; "
                                                      "patches matched to spots by position.")):
@@ -118,7 +121,8 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
 
     check_out_dir(out)  # a file, or a folder that cannot be written: refused before any data is read
     check_gene_list(_split(genes), "--genes")
-    if image is not None and manifest is None:  # the slide opened and its mpp resolved before the counts are read
+    if image is not None and manifest is None and hd_bin is None:  # slide and mpp checked before counts are read
+        # (Visium HD: the mpp comes from the bins' scalefactors, read first)
         check_slide(image, mpp, needs_um=(unit if model == "deepspot" else cell_unit) == "um")
     import deepspot as ds
     from deepspot.config import CellGeometry, GridSpec, SpotGeometry
@@ -149,11 +153,22 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
         return
     if image is None or adata is None:
         raise ValueError("give --image and --adata (one sample) or --manifest (several)")
-    data = ds.read.counts(adata, image=image, x_col=x_col, y_col=y_col, mpp=mpp)
     grid = GridSpec(spot_diameter, spacing, unit=unit)
-    if model == "deepspot":
+    if hd_bin is not None:
+        from deepspot.io.visium_hd import visium_hd_geometry
+
+        if model != "deepspot":
+            raise ValueError("--hd-bin trains a spot model (--model deepspot)")
+        data = ds.read.visium_hd(adata, hd_bin, image=image, mpp=mpp)
+        mpp = mpp if mpp is not None else data.uns["source"]["mpp"]
+        geometry = visium_hd_geometry(hd_bin, feature_mode="fast" if fast else "standard")
+        console.print(f"Visium HD: {data.n_obs} in-tissue bins of {hd_bin} µm; {geometry.n_sub}x{geometry.n_sub} "
+                      f"sub-spots, neighbours within {geometry.neighbor_radius} bins")
+    elif model == "deepspot":
+        data = ds.read.counts(adata, image=image, x_col=x_col, y_col=y_col, mpp=mpp)
         geometry = SpotGeometry(grid, n_sub=n_sub, feature_mode="fast" if fast else "standard")
     else:
+        data = ds.read.counts(adata, image=image, x_col=x_col, y_col=y_col, mpp=mpp)
         geometry = CellGeometry(cell_diameter, unit=cell_unit, neighbors=neighbors, k=k, radius=radius)
         console.print(f"{model}: {data.n_obs} cells; {geometry.describe()}")
     trained = ds.train(data, image=image, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
@@ -208,7 +223,10 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
                                            "in --out (else refused)."),
             fmt: str = typer.Option("h5ad", "--format", help="h5ad, or spatialdata: <name>.zarr with the slide "
                                     "image, spot circles and the prediction table (extra [spatialdata])."),
-            progress: bool = typer.Option(True)):
+            progress: bool = typer.Option(True),
+            features_h5: Optional[Path] = typer.Option(None, help="Predict at the patches of a TRIDENT/HEST "
+                                                       "patch-feature .h5 (coords + features of the model's "
+                                                       "encoder) instead of encoding a grid: <name>.h5ad.")):
     """Predict every in-tissue spot of a virtual grid over a slide: h5ad (or SpatialData zarr) + spots CSV + PNG
     (memory stays flat)."""
     import time
@@ -224,6 +242,9 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         from deepspot.extras import require
 
         require("spatialdata", "spatialdata", "--format spatialdata")
+    if features_h5 is not None:
+        _predict_features_h5(slide, model, out, features_h5, mpp, overwrite, encoder_weights)
+        return
     # before torch is imported: the output folder first, then the checkpoint, genes, slide, previous result
     check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes), geometry=geometry)
 
@@ -247,6 +268,31 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         typer.echo(f"deepspot: warning: {msg}", err=True)
     console.print(f"{pred.n_obs} of {info['grid_spots']} grid spots on tissue × {pred.n_vars} genes → "
                   f"{info['outputs'][0]} ({time.perf_counter() - t0:.0f} s)")
+
+
+def _predict_features_h5(slide: Path, model: Path, out: Path, features_h5: Path, mpp, overwrite: bool,
+                         encoder_weights) -> None:
+    """`predict --features-h5`: every patch of the file predicted, no encoder run (deepspot.inference.external)."""
+    import time
+
+    from deepspot.inference import preflight
+
+    t0 = time.perf_counter()
+    preflight.check_out_dir(out)
+    name = f"{slide.stem}.h5ad"
+    preflight.check_previous(out, [name], overwrite)
+    if not features_h5.is_file():
+        raise FileNotFoundError(f"{features_h5}: file not found")
+    import deepspot as ds
+    from deepspot.inference.external import predict_patch_file
+    from deepspot.io.outputs import write_h5ad
+
+    m = ds.load_model(model, encoder_weights=encoder_weights)
+    _, mpp_used = preflight.check_slide(slide, mpp, needs_um=preflight.needs_um(m.config))
+    pred = predict_patch_file(m, features_h5, mpp=mpp_used)
+    path = write_h5ad(pred, Path(out) / name)
+    console.print(f"{pred.n_obs} patches of {features_h5.name} ({pred.uns['deepspot']['patch_px']:g} px) × "
+                  f"{pred.n_vars} genes → {path} ({time.perf_counter() - t0:.0f} s)")
 
 
 @app.command()

@@ -62,7 +62,8 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
                      recipe: SpotRecipe | None = None, genes: list[str] | None = None,
                      n_top_genes: int | None = None, test_fraction: float = 0.3, cache_dir=None,
                      batch_size_encoder: int = 16, num_workers: int = 0, progress: bool = True,
-                     log_dir=None, init=None, **recipe_options) -> SpotTrainResult:
+                     log_dir=None, init=None, features: Features | None = None,
+                     **recipe_options) -> SpotTrainResult:
     """Train on the spots of one image with a spatial hold-out (the right-most ``test_fraction`` of the
     spots are neither trained nor validated on; early stopping watches the top 20 % of the array rows of
     the rest); predicts every spot. ``recipe`` (default :class:`SpotRecipe`) with ``recipe_options``
@@ -75,10 +76,11 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
         recipe = init.recipe(recipe)
     context = recipe.context
     spec = geometry.grid.in_pixels(mpp)
-    feats = extract_features(image, spots.obsm["spatial"], spec.spot_diameter, encoder,
-                             n_sub=geometry.n_sub if "subspot" in context else 0, mpp=mpp, cache_dir=cache_dir,
-                             batch_size=batch_size_encoder, num_workers=num_workers, progress=progress,
-                             mode=geometry.feature_mode, subspot_rule=geometry.subspot_rule)
+    feats = features if features is not None else extract_features(  # features given: made elsewhere
+        image, spots.obsm["spatial"], spec.spot_diameter, encoder,
+        n_sub=geometry.n_sub if "subspot" in context else 0, mpp=mpp, cache_dir=cache_dir,
+        batch_size=batch_size_encoder, num_workers=num_workers, progress=progress,
+        mode=geometry.feature_mode, subspot_rule=geometry.subspot_rule)
     panel = select_genes(spots, n_top=n_top_genes, genes=genes, flavor=recipe.hvg_flavor)
     y = log_normalize(spots, genes=panel)
     bags = bags_for(spots, feats, geometry.neighbor_radius)
