@@ -108,7 +108,7 @@ def main():
     df = pd.DataFrame(rows)
     df.to_csv(out / "finetune.csv", index=False)
     g = df.groupby("run", sort=False)
-    table = pd.DataFrame({"seeds": g["seed"].count(),
+    table = pd.DataFrame({"runs": g.size(),
                           "pearson_panel": g["pearson_panel"].mean(), "panel_min": g["pearson_panel"].min(),
                           "panel_max": g["pearson_panel"].max(), "pearson_top50": g["pearson_top50"].mean(),
                           "top50_min": g["pearson_top50"].min(), "top50_max": g["pearson_top50"].max(),
