@@ -187,20 +187,28 @@ def patch_spots(pf: PatchFeatures):
     positions over the step between neighbouring distinct rows / columns, so a square patch grid gives
     square array coordinates and a Visium-like hex layout Visium's) and the centre-to-centre step (px)."""
     import pandas as pd
-    from scipy.spatial import cKDTree
 
     c = pf.centers
-    step = float(pf.patch_px)
+    row, col, step = lattice_coordinates(c, default_step=float(pf.patch_px))
+    return pd.DataFrame({"x": c[:, 0], "y": c[:, 1], "array_row": row, "array_col": col}), step
+
+
+def lattice_coordinates(centers: np.ndarray, default_step: float = 1.0) -> tuple[np.ndarray, np.ndarray, float]:
+    """(array_row, array_col, centre-to-centre step) of positions (N, 2) x, y on a square or hex lattice."""
+    from scipy.spatial import cKDTree
+
+    c = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+    step = float(default_step)
     if len(c) > 1:
         d, _ = cKDTree(c).query(c, k=2)
         step = float(np.median(d[:, 1]))
     tol = 0.25 * step
     sx, sy = _axis_step(c[:, 0], tol) or step, _axis_step(c[:, 1], tol) or step
-    origin = c.min(axis=0)
+    origin = c.min(axis=0) if len(c) else np.zeros(2)
     col = np.rint((c[:, 0] - origin[0]) / sx).astype(int)
     row = np.rint((c[:, 1] - origin[1]) / sy).astype(int)
-    return pd.DataFrame({"x": c[:, 0], "y": c[:, 1], "array_row": row, "array_col": col}), step
+    return row, col, step
 
 
 __all__ = ["ExternalFeatureError", "PatchFeatures", "check_patch_size", "match_spots", "patch_side_level0",
-           "patch_spots", "read_patch_features", "spot_features"]
+           "lattice_coordinates", "patch_spots", "read_patch_features", "spot_features"]
