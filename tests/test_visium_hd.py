@@ -77,3 +77,20 @@ def test_train_and_predict_on_bins(hd, tmp_path, bin_um):
     n = int(320 // side)
     assert pred.n_obs == n * n  # one prediction per bin of the virtual square grid
     assert np.isfinite(np.asarray(pred.X)).all() and pred.n_vars == len(info["genes"])
+
+
+def test_train_cli_reads_hd_bins(hd, tmp_path, capsys):
+    from fixtures_cli import run_cli
+
+    outs, image, info = hd
+    enc = register_tiny_vit("tiny-vit-hd")
+    code, out, err = run_cli(capsys, "train", "--image", image, "--adata", outs, "--hd-bin", 16, "--encoder", enc,
+                             "--context", "spot_neighbors", "--max-epochs", 2, "--out", tmp_path / "m",
+                             "--no-progress")
+    assert code == 0, err
+    n = len(info["counts"][16]["X"])
+    assert f"Visium HD: {n} in-tissue bins of 16 µm; 2x2 sub-spots, neighbours within 2 bins" in out
+    import deepspot as ds
+
+    g = ds.load_model(tmp_path / "m").config.geometry
+    assert (g.grid.spot_diameter, g.grid.layout, g.n_sub, g.neighbor_radius) == (16, "square", 2, 2)

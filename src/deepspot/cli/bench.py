@@ -53,6 +53,8 @@ def hest(root: Path = typer.Option(..., help="A HEST-Bench task folder (e.g. ben
     console.print("  leaderboard (HEST README 08.30.24, ridge): " +
                   (f"{lb:.4f}" if lb is not None else f"no published figure for {s['encoder']} on {s['task']}"),
                   markup=False, highlight=False)
+    if s.get("leaderboard_note") and lb is not None:
+        console.print(f"  note: {s['leaderboard_note']}", markup=False, highlight=False)
     if out is not None:
         from deepspot.io.outputs import write_csv
 

@@ -41,6 +41,9 @@ LEADERBOARD = {
     "Hoptimus0": (0.5982, 0.385, 0.4932, 0.6432, 0.2991, 0.2292, 0.2654, 0.5582, 0.2595),
 }
 LEADERBOARD_NAMES = {"resnet50": "Resnet50", "phikon": "Phikon", "uni": "UNI", "hoptimus0": "Hoptimus0"}
+#: where our registered encoder is not exactly the network the leaderboard ran
+LEADERBOARD_NOTES = {"resnet50": "HEST-Bench's ResNet50 stops after the third block (1024-d features, ImageNet "
+                                 "tv_in1k); ours is the whole network (2048-d): not the same features"}
 
 
 class BenchError(ValueError):
@@ -81,6 +84,7 @@ class BenchResult:
         if "deepspot" in f:
             out.update(deepspot=float(f["deepspot"].mean()), deepspot_std=float(f["deepspot"].std(ddof=0)))
         out["leaderboard"] = leaderboard_figure(self.task, self.encoder)
+        out["leaderboard_note"] = LEADERBOARD_NOTES.get(self.encoder.strip().lower())
         return out
 
 
