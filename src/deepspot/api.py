@@ -402,7 +402,9 @@ def _one_sample(samples, image):
     if isinstance(samples, ad.AnnData):
         if image is None:
             raise ValueError("train(adata, image=...): the H&E image the positions refer to is needed")
-        return samples, Path(image), None
+        src = samples.uns.get("source", {}) if isinstance(samples.uns.get("source"), dict) else {}
+        # Visium HD bins carry the image's µm/px from Space Ranger's scalefactors (io/visium_hd.py)
+        return samples, Path(image), (src.get("mpp") if src.get("format") == "visium_hd" else None)
     samples = list(samples)
     if len(samples) != 1 or not isinstance(samples[0], Sample):
         raise ValueError(f"training takes one sample for now, got {len(samples)}; train on one image "
