@@ -113,3 +113,21 @@ def test_train_and_predict_from_a_trident_file(tmp_path, capsys):
         predict_patch_file(ds.load_model(tmp_path / "m"), other, mpp=1.0)
     with pytest.raises(ExternalFeatureError, match="patches of 110 px"):
         predict_patch_file(ds.load_model(tmp_path / "m"), big, mpp=1.0)
+    # score: the manifest's sample scored with its file (named by sample id) instead of the encoder
+    import shutil
+
+    import pandas as pd
+
+    from deepspot.evaluation.metrics import pearson_per_gene
+    from deepspot.training.targets import log_normalize
+
+    (tmp_path / "feats").mkdir()
+    shutil.copy(h5, tmp_path / "feats" / "S1.h5")
+    pd.DataFrame([{"sample_id": "S1", "patient_id": "p1", "image": image, "expression": outs, "mpp": 1.0,
+                   "format": "spaceranger"}]).to_csv(tmp_path / "man.csv", index=False)
+    code, out, err = run_cli(capsys, "score", "--model", tmp_path / "m", "--manifest", tmp_path / "man.csv",
+                             "--out", tmp_path / "score", "--features-h5", tmp_path / "feats", "--no-progress")
+    assert code == 0, err
+    got = pd.read_csv(tmp_path / "score" / "per_gene.csv").set_index("gene")["pearson"]
+    want = pearson_per_gene(m.result.pred, log_normalize(a, genes=m.genes))
+    np.testing.assert_allclose(got.loc[m.genes].to_numpy(), want, rtol=1e-4, atol=1e-5)

@@ -99,17 +99,25 @@ class Model:
                                   f"--model {self.source}`)")
 
     @torch.no_grad()
-    def score(self, samples, cache_dir=None, progress: bool = True, plots=None, ridge_train=None):
+    def score(self, samples, cache_dir=None, progress: bool = True, plots=None, ridge_train=None, features_h5=None):
         """Score on annotated samples (a manifest path or loaded Samples): (per_gene, summary) DataFrames,
         see :func:`deepspot.evaluation.score.score_samples`. ``plots``: a folder for one
         ``<sample_id>_score.png`` per sample (per-gene Pearson histogram, best gene measured / predicted).
-        ``ridge_train``: a manifest path or samples to fit the PCA-256 + ridge baseline on, scored beside."""
+        ``ridge_train``: a manifest path or samples to fit the PCA-256 + ridge baseline on, scored beside.
+        ``features_h5``: a folder of TRIDENT / HEST patch-feature files, ``<sample_id>.h5`` (or
+        ``<image stem>.h5``) per sample, used instead of the encoder (:mod:`deepspot.inference.external`)."""
         from deepspot.evaluation.score import score_samples
 
         samples = list(_read_samples(samples, progress=progress))
         ridge_train = None if ridge_train is None else list(_read_samples(ridge_train, progress=progress))
-        per_gene, summary, preds = score_samples(self.network, self.config, self.encoder, samples,
-                                                 cache_dir=cache_dir, progress=progress, ridge_train=ridge_train)
+        feats = None
+        if features_h5 is not None:
+            from deepspot.inference.external import sample_file_features
+
+            feats = {s.sample_id: sample_file_features(self, s, features_h5) for s in samples}
+        enc = self.encoder if feats is None or ridge_train is not None else None
+        per_gene, summary, preds = score_samples(self.network, self.config, enc, samples, cache_dir=cache_dir,
+                                                 progress=progress, ridge_train=ridge_train, features=feats)
         if plots is not None:
             from deepspot import plotting
             from deepspot.training.targets import log_normalize

@@ -319,7 +319,10 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
           baseline: Optional[str] = typer.Option(None, help="'ridge' (PCA-256 + ridge fitted on the spot features "
                                                  "of the manifest the model was trained from) or a training "
                                                  "manifest to fit it on; scored beside the model."),
-          progress: bool = typer.Option(True)):
+          progress: bool = typer.Option(True),
+          features_h5: Optional[Path] = typer.Option(None, help="Folder of TRIDENT/HEST patch-feature files, "
+                                                     "<sample_id>.h5 (or <image stem>.h5) per sample, used instead "
+                                                     "of the encoder.")):
     """Predict at the annotated spots of each sample and score per gene against its counts."""
     import time
 
@@ -338,7 +341,7 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
                                  f"does not record{f' ({src} is gone)' if src else ''}; give its path instead")
             ridge_train = Path(src)
     per_gene, summary = m.score(manifest, cache_dir=cache_dir or out / "features", progress=progress, plots=out,
-                                ridge_train=ridge_train)
+                                ridge_train=ridge_train, features_h5=features_h5)
     write_csv(per_gene.set_index(["sample_id", "gene"]), out / "per_gene.csv")
     write_csv(summary.set_index("sample_id"), out / "summary.csv")
     console.print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), soft_wrap=True)

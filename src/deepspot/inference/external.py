@@ -70,4 +70,24 @@ def predict_patch_file(model, path, mpp: float | None = None, patch_px: float | 
     return out
 
 
-__all__ = ["check_file_encoder", "predict_patch_file"]
+def sample_file_features(model, sample, folder):
+    """The spot features of an annotated sample (:class:`deepspot.training.manifest.Sample`) from its file in
+    ``folder`` (``<sample_id>.h5``, else ``<image stem>.h5``), checked against the model."""
+    from deepspot.features.external import read_patch_features, spot_features
+
+    folder = Path(folder)
+    cands = [folder / f"{sample.sample_id}.h5", folder / f"{Path(sample.image).stem}.h5"]
+    path = next((p for p in cands if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"{folder}: no {cands[0].name} or {cands[1].name} for sample {sample.sample_id}")
+    config = model.config
+    if "subspot" in config.context:
+        raise ExternalFeatureError(f"{model.source}: context {config.context!r} needs sub-spot features, which a "
+                                   f"patch-feature file does not hold")
+    pf = read_patch_features(path)
+    check_file_encoder(pf, config, model.source)
+    spot_px = config.geometry.grid.in_pixels(sample.mpp).spot_diameter
+    return spot_features(pf, sample.adata.obsm["spatial"], spot_px, mpp=sample.mpp)
+
+
+__all__ = ["check_file_encoder", "predict_patch_file", "sample_file_features"]
