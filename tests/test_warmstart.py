@@ -89,3 +89,32 @@ def test_freeze_phi_trains_only_the_head_and_is_recorded(tmp_path):
 def test_build_spot_model_is_untouched_without_init():
     m = build_spot_model(SpotRecipe(hidden=8, n_ensemble=2), 10, 3, np.zeros((20, 10), np.float32))
     assert all(p.requires_grad for p in m.parameters())
+
+
+def test_cli_init_from_freeze_phi_and_encoder_refusal(tmp_path, capsys):
+    from fixtures_cli import register_tiny_vit, run_cli
+    from spatial_fakes import spaceranger_folder
+
+    import deepspot as ds
+    from deepspot.io.outputs import write_h5ad
+
+    outs, image, info = spaceranger_folder(tmp_path, mpp=1.0)
+    write_h5ad(ds.read.visium(outs, image=image), tmp_path / "s1.h5ad")
+    enc = register_tiny_vit("tiny-vit-warm")
+    common = ["--image", image, "--adata", tmp_path / "s1.h5ad", "--mpp", 1, "--context", "spot_neighbors",
+              "--max-epochs", 2, "--no-progress"]
+    code, _, err = run_cli(capsys, "train", *common, "--encoder", enc, "--genes", ",".join(info["genes"][:6]),
+                           "--out", tmp_path / "base")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", *common, "--encoder", enc, "--genes", ",".join(info["genes"][3:9]),
+                           "--init-from", tmp_path / "base", "--freeze", "phi", "--out", tmp_path / "tuned")
+    assert code == 0, err
+    base, tuned = ds.load_model(tmp_path / "base"), ds.load_model(tmp_path / "tuned")
+    assert torch.equal(base.network.phi.linear.weight, tuned.network.phi.linear.weight)
+    assert tuned.genes == info["genes"][3:9]
+    assert tuned.config.training["init_from"] == {"path": str(tmp_path / "base"), "encoder": enc, "kept": "phi",
+                                                  "freeze": "phi", "genes_before": 6, "genes_after": 6}
+    code, _, err = run_cli(capsys, "train", *common, "--encoder", "efficientnet-lite0", "--init-from",
+                           tmp_path / "base", "--out", tmp_path / "other")
+    assert code == 1 and f"trained on encoder '{enc}' (32-d), this run uses 'efficientnet-lite0' (1280-d)" in err
+    assert not (tmp_path / "other").exists()
