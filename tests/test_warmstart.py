@@ -118,3 +118,29 @@ def test_cli_init_from_freeze_phi_and_encoder_refusal(tmp_path, capsys):
                            tmp_path / "base", "--out", tmp_path / "other")
     assert code == 1 and f"trained on encoder '{enc}' (32-d), this run uses 'efficientnet-lite0' (1280-d)" in err
     assert not (tmp_path / "other").exists()
+
+
+def test_converted_published_checkpoint_is_a_starting_point(tmp_path):
+    """A checkpoint converted from the original code's pickle starts a run: its encoder name ('external' for a
+    pickle that does not name one) must be given; same genes keep its outputs, other genes keep its phi."""
+    from shared_data import reference_dir
+
+    from deepspot.convert import convert_checkpoint
+
+    ref = reference_dir("original-checkpoints")
+    out = convert_checkpoint(ref / "deepspot_spot_neighbors.pkl", tmp_path / "conv", genes=ref / "genes.txt",
+                             feature_dim=32)
+    with pytest.raises(CheckpointError, match="trained on encoder 'external' \\(32-d\\)"):
+        read_init(out, "efficientnet-lite0", 1280)
+    init = read_init(out, "external", 32)
+    genes = list(init.config.genes)
+    inputs = dict(np.load(ref / "inputs.npz"))
+    nb = inputs["spot"][inputs["neighbor_index"]]
+    kw = dict(neighbors=torch.as_tensor(nb), neighbor_mask=torch.as_tensor(inputs["neighbor_mask"]))
+    same = init.build(genes[::-1]).eval()
+    with torch.no_grad():
+        a = init.network.eval()(torch.as_tensor(inputs["spot"]), **kw).numpy()
+        b = same(torch.as_tensor(inputs["spot"]), **kw).numpy()
+    np.testing.assert_allclose(b, a[:, ::-1], atol=1e-5)
+    other = init.build(genes[:3] + ["NEW"])
+    assert torch.equal(other.phi.linear.weight, init.network.phi.linear.weight) and other.n_genes == 4
