@@ -99,19 +99,27 @@ class Model:
                                   f"--model {self.source}`)")
 
     @torch.no_grad()
-    def score(self, samples, cache_dir=None, progress: bool = True, plots=None, ridge_train=None):
+    def score(self, samples, cache_dir=None, progress: bool = True, plots=None, ridge_train=None, features_h5=None):
         """Score on annotated samples (a manifest path or loaded Samples): (per_gene, summary) DataFrames,
         see :func:`deepspot.evaluation.score.score_samples`. ``plots``: a folder for one
         ``<sample_id>_score.png`` per sample (per-gene Pearson histogram, best gene measured / predicted).
-        ``ridge_train``: a manifest path or samples to fit the PCA-256 + ridge baseline on, scored beside."""
+        ``ridge_train``: a manifest path or samples to fit the PCA-256 + ridge baseline on, scored beside.
+        ``features_h5``: a folder of TRIDENT / HEST patch-feature files, ``<sample_id>.h5`` (or
+        ``<image stem>.h5``) per sample, used instead of the encoder (:mod:`deepspot.inference.external`)."""
         from deepspot.evaluation.score import score_samples
 
         self._require(cells=False)  # a cell model: refused before any sample is read or encoded
 
         samples = list(_read_samples(samples, progress=progress))
         ridge_train = None if ridge_train is None else list(_read_samples(ridge_train, progress=progress))
-        per_gene, summary, preds = score_samples(self.network, self.config, self.encoder, samples,
-                                                 cache_dir=cache_dir, progress=progress, ridge_train=ridge_train)
+        feats = None
+        if features_h5 is not None:
+            from deepspot.inference.external import sample_file_features
+
+            feats = {s.sample_id: sample_file_features(self, s, features_h5) for s in samples}
+        enc = self.encoder if feats is None or ridge_train is not None else None
+        per_gene, summary, preds = score_samples(self.network, self.config, enc, samples, cache_dir=cache_dir,
+                                                 progress=progress, ridge_train=ridge_train, features=feats)
         if plots is not None:
             from deepspot import plotting
             from deepspot.training.targets import log_normalize
@@ -339,6 +347,9 @@ def _trained(res, enc, out) -> "Model":
     trained.result = res
     if out is not None:
         trained.save(out)
+        from deepspot.training.curves import write_curves  # training_curves.png beside the weights
+
+        write_curves(out, res.config.training or {}, len(res.config.genes))
     return trained
 
 
@@ -377,6 +388,27 @@ def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n
     return _trained(res, enc, out)
 
 
+class _NamedEncoder:
+    """The encoder that made features read from a file: a name and a dim (it never runs here)."""
+
+    def __init__(self, name: str, dim: int):
+        self.name, self.dim = name, int(dim)
+
+
+def _named_encoder(name: str, dim: int, source) -> "_NamedEncoder":
+    """The encoder ``name`` of features made elsewhere; a registered encoder of another dim is refused."""
+    from deepspot.features.encoders import EncoderError, get_spec
+
+    try:
+        known = get_spec(name).dim
+    except EncoderError:
+        known = None
+    if known is not None and int(known) != int(dim):
+        raise CheckpointError(f"{source}: {int(dim)}-d features, but encoder '{name}' makes {known}-d ones; pass "
+                              f"--encoder with the name of the encoder that made the file")
+    return _NamedEncoder(name, dim)
+
+
 def _one_sample(samples, image):
     """(counts AnnData, image path, mpp or None) of the one sample to train on."""
     from deepspot.training.manifest import Sample
@@ -384,7 +416,9 @@ def _one_sample(samples, image):
     if isinstance(samples, ad.AnnData):
         if image is None:
             raise ValueError("train(adata, image=...): the H&E image the positions refer to is needed")
-        return samples, Path(image), None
+        src = samples.uns.get("source", {}) if isinstance(samples.uns.get("source"), dict) else {}
+        # Visium HD bins carry the image's µm/px from Space Ranger's scalefactors (io/visium_hd.py)
+        return samples, Path(image), (src.get("mpp") if src.get("format") == "visium_hd" else None)
     samples = list(samples)
     if len(samples) != 1 or not isinstance(samples[0], Sample):
         raise ValueError(f"training takes one sample for now, got {len(samples)}; train on one image "
@@ -401,7 +435,8 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
           patience: int | None = None, seed: int = 2024, hidden: int | None = None, n_ensemble: int | None = None,
           aggregate: str = "sum",
           cache_dir=None, num_workers: int = 0, progress: bool = True, log_dir=None, preset: str | None = None,
-          add_genes: list[str] | None = None, **many_options) -> Model:
+          add_genes: list[str] | None = None, init_from: str | Path | None = None, freeze: str = "none",
+          features_h5: str | Path | None = None, **many_options) -> Model:
     """Train a model on one sample and score it on a held-out side of the image; returns the :class:`Model`
     (held-out scores in ``Model.scores``; written to ``out`` when given).
 
@@ -421,6 +456,15 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     diameter and the pitch and layout of its array (else Visium's 55/100 µm hex); ``mpp`` defaults to the
     one it recorded. The panel is ``genes``, else the top ``n_top_genes`` HVGs (default 250, as for
     several samples), plus ``add_genes`` (markers the HVGs may miss, e.g. ERBB2).
+
+    ``init_from`` (spot models): a checkpoint folder to start from (:mod:`deepspot.training.warmstart`):
+    same genes continue the whole network, other genes keep phi under a new gene head; without ``genes``
+    / ``n_top_genes`` the panel is the checkpoint's. ``freeze``: 'none' or 'phi' (train the head only).
+    The encoder must be the checkpoint's.
+
+    ``features_h5`` (one sample, spot models): the spot features from a TRIDENT / HEST patch-feature file
+    (:mod:`deepspot.features.external`) instead of running ``encoder``, which then only names the encoder
+    that made them (recorded in the checkpoint; its dim is the file's). No sub-spots: a context without them.
     """
     from deepspot.config import CELL_MODELS, resolve_mpp
     from deepspot.evaluation.holdout import score_holdout
@@ -435,13 +479,33 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     manifest = str(Path(samples).resolve()) if isinstance(samples, (str, Path)) else None
     samples = _read_samples(samples, cells=cells, progress=progress)
     many = _many_samples(samples)
+    init = None
     if many_options and many is None:
         raise ValueError(f"options {sorted(many_options)} apply to training on several samples (a manifest)")
     if preset not in (None, "deepspot") and model != "deepspot":
         raise ValueError(f"training presets are for spot models (deepspot), not {model}")
     if add_genes and model != "deepspot":
         raise ValueError(f"add_genes is for spot models (deepspot), not {model}")
+    if init_from is not None:
+        from deepspot.features.encoders import get_spec
+        from deepspot.training.warmstart import read_init
+
+        if model != "deepspot":
+            raise ValueError(f"init_from is for spot models (deepspot), not {model}")
+        if features_h5 is not None:
+            from deepspot.features.external import read_patch_features
+
+            dim = read_patch_features(features_h5).dim
+        else:
+            dim = get_spec(encoder).dim
+        init = read_init(init_from, encoder, dim, freeze=freeze)
+        if genes is None and n_top_genes is None:
+            genes = list(init.config.genes)
+    if many is not None and features_h5 is not None:
+        raise ValueError("features_h5 is one sample's file; train a manifest with the encoder (or one sample at a time)")
     if many is not None:
+        if init is not None:
+            many_options["init"] = init
         if add_genes:
             many_options["add_genes"] = list(add_genes)
         return _train_many(many, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss,
@@ -460,7 +524,16 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
         unit = geometry.unit if isinstance(geometry, CellGeometry) else (geometry or SpotGeometry()).grid.unit
         slide_mpp = resolve_mpp(slide, mpp, needs_um=unit == "um")
     check_inside(data.obsm["spatial"], w, h, str(data.uns.get("source", {}).get("path", f"{image}: positions")))
-    enc = load_encoder(encoder, weights=encoder_weights)
+    external = None
+    if features_h5 is not None:
+        from deepspot.features.external import read_patch_features
+
+        if model != "deepspot":
+            raise ValueError(f"features_h5 is for spot models (deepspot), not {model}")
+        external = read_patch_features(features_h5)
+        enc = _named_encoder(encoder, external.dim, features_h5)
+    else:
+        enc = load_encoder(encoder, weights=encoder_weights)
     cache_dir = _feature_cache(cache_dir, out)
     # training options left as None take each model's own defaults (for spots: training.recipe.SpotRecipe)
     chosen = {k: v for k, v in dict(loss=loss, max_epochs=max_epochs, patience=patience, hidden=hidden,
@@ -485,8 +558,15 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
         from deepspot.training.recipe import preset_panel, spot_preset
 
         common["n_top_genes"] = preset_panel(preset, n_top_genes, fallback_n_top=250)[0]  # as for several samples
+        feats = None
+        if external is not None:
+            from deepspot.features.external import spot_features
+
+            use_sub = "subspot" in (init.context if init is not None else context)
+            feats = spot_features(external, data.obsm["spatial"], geometry.grid.in_pixels(slide_mpp).spot_diameter,
+                                  n_sub=geometry.n_sub if use_sub else 0, mpp=slide_mpp)
         res = train_spot_model(image, data, enc, geometry, mpp=slide_mpp, context=context,
-                               recipe=spot_preset(preset), add_genes=add_genes, **common)
+                               recipe=spot_preset(preset), add_genes=add_genes, init=init, features=feats, **common)
     else:
         from deepspot.training.cells import train_cell_model, train_spot2cell_from_cells
 

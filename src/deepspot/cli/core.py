@@ -114,7 +114,18 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
           aggregate: str = typer.Option("sum", help="deepspot2cell-pooled: cells to spot by sum (count space) or mean (log)."),
           preset: str = typer.Option("deepspot", help="Spot training preset: deepspot (ours) or original (the "
                                      "original's: batch 1024, 10-15 epochs, early stop on training loss, Leiden "
-                                     "oversampling, top 5,000 seurat_v3 HVGs); options given override it.")):
+                                     "oversampling, top 5,000 seurat_v3 HVGs); options given override it."),
+          init_from: Optional[Path] = typer.Option(None, help="Start from this checkpoint (deepspot train or convert; "
+                                                   "same --encoder): same genes continue it, other genes keep phi "
+                                                   "with a new gene head; its architecture is used. Without "
+                                                   "--genes/--n-top-genes: its genes."),
+          freeze: str = typer.Option("none", help="--init-from: none (train all) or phi (train the gene head only)."),
+          hd_bin: Optional[int] = typer.Option(None, help="Visium HD: --adata is a Space Ranger HD outs folder; train "
+                                               "on its square bins of this size (16 or 8 µm; geometry in µm: "
+                                               "square crops of one bin, 8 µm sub-spots, neighbours within 32 µm)."),
+          features_h5: Optional[Path] = typer.Option(None, help="One-sample form: spot features from a TRIDENT/HEST "
+                                                     "patch-feature .h5 (coords + features) instead of the encoder; "
+                                                     "patches matched to spots by position.")):
     """Train DeepSpot (spots), DeepCell or DeepSpot2Cell (cells) on one image; prints held-out scores."""
     from deepspot.inference.preflight import check_gene_list, check_out_dir, check_slide
 
@@ -129,8 +140,9 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
         from deepspot.training.manifest import read_manifest
 
         read_manifest(manifest)
-    if image is not None and manifest is None:  # the slide opened and its mpp resolved before the counts are read
-        # (a spot grid left to the data may take the mpp its reader recorded: checked once the counts are read)
+    if image is not None and manifest is None and hd_bin is None:  # slide and mpp checked before counts are read
+        # (a spot grid left to the data may take the mpp its reader recorded: checked once the counts are read;
+        # Visium HD: the mpp comes from the bins' scalefactors, read first)
         check_slide(image, mpp, needs_um=(unit == "um" and grid_given) if model == "deepspot" else cell_unit == "um")
     import deepspot as ds
     from deepspot.config import CellGeometry, GridSpec, SpotGeometry
@@ -148,7 +160,7 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                            add_genes=_split(add_genes),
                            val_samples=_split(val_samples), val_patients=_split(val_patients),
                            on_missing=on_missing, precision=precision,
-                           accelerator=device, cells=cells, preset=preset)
+                           accelerator=device, cells=cells, preset=preset, init_from=init_from, freeze=freeze)
         t = trained.config.training
         g = trained.config.geometry.grid
         console.print(f"trained on {t['n_train_spots']} spots of {len(t['samples'])} samples "
@@ -162,11 +174,21 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
         return
     if image is None or adata is None:
         raise ValueError("give --image and --adata (one sample) or --manifest (several)")
-    data = ds.read.counts(adata, image=image, x_col=x_col, y_col=y_col, mpp=mpp)
     grid = GridSpec(55.0 if spot_diameter is None else spot_diameter, 100.0 if spacing is None else spacing, unit=unit)
-    if model == "deepspot":
+    if hd_bin is not None:
+        from deepspot.io.visium_hd import visium_hd_geometry
+
+        if model != "deepspot":
+            raise ValueError("--hd-bin trains a spot model (--model deepspot)")
+        data = ds.read.visium_hd(adata, hd_bin, image=image, mpp=mpp)
+        mpp = mpp if mpp is not None else data.uns["source"]["mpp"]
+        geometry = visium_hd_geometry(hd_bin, feature_mode="fast" if fast else "standard")
+        console.print(f"Visium HD: {data.n_obs} in-tissue bins of {hd_bin} µm; {geometry.n_sub}x{geometry.n_sub} "
+                      f"sub-spots, neighbours within {geometry.neighbor_radius} bins")
+    elif model == "deepspot":
         from deepspot.training.samples import recorded_geometry
 
+        data = ds.read.counts(adata, image=image, x_col=x_col, y_col=y_col, mpp=mpp)
         mode = "fast" if fast else "standard"
         geometry = None if grid_given or cells else recorded_geometry(data, mpp, n_sub=n_sub, feature_mode=mode)
         if geometry is not None:
@@ -176,6 +198,7 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                           soft_wrap=True)
         geometry = geometry or SpotGeometry(grid, n_sub=n_sub, feature_mode=mode)
     else:
+        data = ds.read.counts(adata, image=image, x_col=x_col, y_col=y_col, mpp=mpp)
         geometry = CellGeometry(cell_diameter, unit=cell_unit, neighbors=neighbors, k=k, radius=radius)
         console.print(f"{model}: {data.n_obs} cells; {geometry.describe()}")
     trained = ds.train(data, image=image, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
@@ -183,7 +206,9 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                        n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs, patience=patience, seed=seed,
                        aggregate=aggregate, add_genes=_split(add_genes), cache_dir=cache_dir, num_workers=num_workers,
                        progress=progress,
-                       preset=None if model != "deepspot" and preset == "deepspot" else preset)
+                       preset=None if model != "deepspot" and preset == "deepspot" else preset,
+                       init_from=init_from, freeze=freeze, **({} if features_h5 is None else
+                                                              {"features_h5": features_h5}))
     res = trained.result
     if model == "deepspot" and cells:
         console.print(f"pooled cells into {res.targets.shape[0]} pseudo-spots")
@@ -229,7 +254,10 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
                                            "in --out (else refused)."),
             fmt: str = typer.Option("h5ad", "--format", help="h5ad, or spatialdata: <name>.zarr with the slide "
                                     "image, spot circles and the prediction table (extra \\[spatialdata])."),
-            progress: bool = typer.Option(True)):
+            progress: bool = typer.Option(True),
+            features_h5: Optional[Path] = typer.Option(None, help="Predict at the patches of a TRIDENT/HEST "
+                                                       "patch-feature .h5 (coords + features of the model's "
+                                                       "encoder) instead of encoding a grid: <name>.h5ad.")):
     """Predict every in-tissue spot of a virtual grid over a slide: h5ad (or SpatialData zarr) + spots CSV + PNG
     (memory stays flat)."""
     import time
@@ -249,6 +277,9 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         from deepspot.extras import require
 
         require("spatialdata", "spatialdata", "--format spatialdata")
+    if features_h5 is not None:
+        _predict_features_h5(slide, model, out, features_h5, mpp, overwrite, encoder_weights)
+        return
     # before torch is imported: the output folder first, then the checkpoint, genes, slide, previous result
     check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes), geometry=geometry, fmt=fmt)
 
@@ -272,6 +303,31 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         typer.echo(f"deepspot: warning: {msg}", err=True)
     console.print(f"{pred.n_obs} of {info['grid_spots']} grid spots on tissue × {pred.n_vars} genes → "
                   f"{info['outputs'][0]} ({time.perf_counter() - t0:.0f} s)")
+
+
+def _predict_features_h5(slide: Path, model: Path, out: Path, features_h5: Path, mpp, overwrite: bool,
+                         encoder_weights) -> None:
+    """`predict --features-h5`: every patch of the file predicted, no encoder run (deepspot.inference.external)."""
+    import time
+
+    from deepspot.inference import preflight
+
+    t0 = time.perf_counter()
+    preflight.check_out_dir(out)
+    name = f"{slide.stem}.h5ad"
+    preflight.check_previous(out, [name], overwrite)
+    if not features_h5.is_file():
+        raise FileNotFoundError(f"{features_h5}: file not found")
+    import deepspot as ds
+    from deepspot.inference.external import predict_patch_file
+    from deepspot.io.outputs import write_h5ad
+
+    m = ds.load_model(model, encoder_weights=encoder_weights)
+    _, mpp_used = preflight.check_slide(slide, mpp, needs_um=preflight.needs_um(m.config))
+    pred = predict_patch_file(m, features_h5, mpp=mpp_used)
+    path = write_h5ad(pred, Path(out) / name)
+    console.print(f"{pred.n_obs} patches of {features_h5.name} ({pred.uns['deepspot']['patch_px']:g} px) × "
+                  f"{pred.n_vars} genes → {path} ({time.perf_counter() - t0:.0f} s)")
 
 
 @app.command()
@@ -310,7 +366,10 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
           baseline: Optional[str] = typer.Option(None, help="'ridge' (PCA-256 + ridge fitted on the spot features "
                                                  "of the manifest the model was trained from) or a training "
                                                  "manifest to fit it on; scored beside the model."),
-          progress: bool = typer.Option(True)):
+          progress: bool = typer.Option(True),
+          features_h5: Optional[Path] = typer.Option(None, help="Folder of TRIDENT/HEST patch-feature files, "
+                                                     "<sample_id>.h5 (or <image stem>.h5) per sample, used instead "
+                                                     "of the encoder.")):
     """Predict at the annotated spots of each sample and score per gene against its counts."""
     import time
 
@@ -338,7 +397,7 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
     mine = lambda: [p.name for p in out.iterdir() if p.name in _SCORE_FILES or p.name.endswith("_score.png")]  # noqa: E731
     try:
         per_gene, summary = m.score(manifest, cache_dir=cache_dir or out / "features", progress=progress, plots=out,
-                                    ridge_train=ridge_train)
+                                    ridge_train=ridge_train, features_h5=features_h5)
         write_csv(per_gene.set_index(["sample_id", "gene"]), out / "per_gene.csv")
         write_csv(summary.set_index("sample_id"), out / "summary.csv")
     except BaseException:

@@ -170,6 +170,24 @@ class KeepBest(L.Callback):
             trainer.callback_metrics["best_epoch"] = torch.tensor(float(self.epoch))
 
 
+class History(L.Callback):
+    """The per-epoch metrics Lightning logged (train_loss, val_loss, val_pearson), one dict per epoch, kept
+    in memory: the fit summary's ``history`` (``training_curves.png`` is drawn from it)."""
+
+    KEYS = ("train_loss", "val_loss", "val_pearson")
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.global_rank != 0:
+            return
+        m = trainer.callback_metrics
+        row = {"epoch": int(trainer.current_epoch)}
+        row.update({k: round(float(m[k]), 6) for k in self.KEYS if k in m})
+        self.rows.append(row)
+
+
 def make_loggers(log_dir: str | Path | None, loggers: str | Sequence[str] | None = None):
     """Lightning loggers under ``log_dir``: 'csv' and/or 'tensorboard' (the latter only when the
     ``tensorboard`` package is importable; otherwise a warning says so and CSV is used)."""
@@ -242,8 +260,8 @@ def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.n
         train_dl = make_loader(bags, tgt, train_idx, batch_size, shuffle=True, seed=seed)
         val_dl = make_loader(bags, tgt, val_idx, val_batch_size or max(batch_size, 1024), shuffle=False, shard=False)
         module = BagRegressor(model, loss=loss, lr=lr, weight_decay=weight_decay)
-        keep = KeepBest(monitor)
-        callbacks = [keep, L.pytorch.callbacks.EarlyStopping(monitor, patience=patience, mode=keep.mode)]
+        keep, history = KeepBest(monitor), History()
+        callbacks = [keep, L.pytorch.callbacks.EarlyStopping(monitor, patience=patience, mode=keep.mode), history]
         if progress:
             callbacks.append(L.pytorch.callbacks.RichProgressBar(leave=False))
         trainer = L.Trainer(max_epochs=max_epochs, min_epochs=min_epochs, callbacks=callbacks, logger=make_loggers(log_dir, loggers),
@@ -259,7 +277,7 @@ def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.n
         keep.epoch = int(trainer.callback_metrics["best_epoch"])
     model.eval()
     out = {"monitor": monitor, "best_val": keep.best, "best_epoch": keep.epoch, "epochs": trainer.current_epoch,
-           "precision": precision}
+           "precision": precision, "history": history.rows}
     if monitor == "val_loss":
         out["best_val_loss"] = keep.best
     return out

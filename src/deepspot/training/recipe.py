@@ -197,7 +197,7 @@ def build_spot_model(recipe: SpotRecipe, in_dim: int, n_genes: int, train_spot_f
 
 
 def fit_spot_model(recipe: SpotRecipe, bags: Bags, targets: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-                   context: str | None = None, **fit_options) -> tuple[DeepSpot, Scaler | None, dict]:
+                   context: str | None = None, init=None, genes=None, **fit_options) -> tuple[DeepSpot, Scaler | None, dict]:
     """Train a DeepSpot by the recipe: the target scaler and the input projection fitted on ``train_idx``
     only, early stopping on ``val_idx``. ``fit_options`` go to :func:`deepspot.training.fit.fit`
     (precision, accelerator, devices, strategy, log_dir, loggers, progress).
@@ -205,6 +205,8 @@ def fit_spot_model(recipe: SpotRecipe, bags: Bags, targets: np.ndarray, train_id
     Early stopping on the training loss (``monitor='train_loss'``, the original's) trains on the
     validation spots too (they are only logged). ``recipe.oversample``: the training spots are
     resampled so that every Leiden cluster of their targets is as large as the largest.
+    ``init``: a :class:`deepspot.training.warmstart.WarmStart` to start from (``genes``: the panel, in
+    target column order); its architecture replaces the recipe's.
     Returns (model in eval mode with its best weights, scaler or None, fit summary)."""
     import numpy as np
 
@@ -223,14 +225,23 @@ def fit_spot_model(recipe: SpotRecipe, bags: Bags, targets: np.ndarray, train_id
         train_idx, labels = balanced_index(train_idx, np.asarray(targets, np.float32), seed=recipe.seed)
         n_clusters = int(labels.max()) + 1 if len(labels) else 0
     scaler = Scaler.fit(np.asarray(targets)[np.unique(train_idx)], recipe.scaler)
+    if init is not None:
+        import lightning as L
+
+        scaler = init.scaler(genes, scaler)
+        L.seed_everything(recipe.seed, verbose=False)  # the new head's initialisation is part of the seeded run
+        model = init.build(genes)
     y = np.asarray(targets, np.float32) if scaler is None else scaler.transform(targets)
-    model = build_spot_model(recipe, int(bags.spot.shape[1]), int(y.shape[1]),
-                             bags.spot[np.unique(train_idx)].numpy(), context)
+    if init is None:
+        model = build_spot_model(recipe, int(bags.spot.shape[1]), int(y.shape[1]),
+                                 bags.spot[np.unique(train_idx)].numpy(), context)
     summary = fit(model, bags, y, train_idx, val_idx, loss=recipe.loss, lr=recipe.lr,
                   weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, max_epochs=recipe.max_epochs,
                   min_epochs=recipe.min_epochs, patience=recipe.patience, seed=recipe.seed, monitor=recipe.monitor,
                   **fit_options)
     summary["n_train_rows"] = int(len(train_idx))
+    if init is not None:
+        summary["init_from"] = init.provenance(genes)
     if n_clusters is not None:
         summary["leiden_clusters"] = n_clusters
     return model, scaler, summary

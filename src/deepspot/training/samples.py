@@ -157,6 +157,7 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
                   features: dict[str, Features] | None = None, progress: bool = True, log_dir=None,
                   val_samples: Sequence[str] | None = None, val_patients: Sequence[str] | None = None,
                   precision: str = "32", accelerator: str = "cpu", add_genes: Sequence[str] | None = None,
+                  init=None,
                   **recipe_options) -> SpotTrainResult:
     """One DeepSpot over all ``samples`` (every spot trains except each sample's validation block: the
     top ``recipe.val_fraction`` of its array rows). Panel: ``genes`` or the top-``n_top_genes`` HVGs across
@@ -165,6 +166,8 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
     Returns the result with ``split = (train, val, empty)`` rows of
     the stacked spots, in sample order."""
     recipe = (recipe or SpotRecipe()).replace(**recipe_options)
+    if init is not None:  # training/warmstart.py: start from a checkpoint, whose architecture wins
+        recipe = init.recipe(recipe)
     samples = list(samples)
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
@@ -202,7 +205,7 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
              len(va), split)
     t0 = time.perf_counter()
     model, scaler, summary = fit_spot_model(recipe, bags, y, tr, va, progress=progress, log_dir=log_dir,
-                                            precision=precision, accelerator=accelerator)
+                                            precision=precision, accelerator=accelerator, init=init, genes=panel)
     t_fit = time.perf_counter() - t0
     pred = invert_scaler(predict_bags(model, bags), scaler)
     mpps = sorted({round(float(s.mpp), 4) for s in samples if s.mpp})

@@ -62,7 +62,8 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
                      recipe: SpotRecipe | None = None, genes: list[str] | None = None,
                      n_top_genes: int | None = None, test_fraction: float = 0.3, cache_dir=None,
                      batch_size_encoder: int = 16, num_workers: int = 0, progress: bool = True,
-                     log_dir=None, add_genes: list[str] | None = None, **recipe_options) -> SpotTrainResult:
+                     log_dir=None, add_genes: list[str] | None = None, init=None,
+                     features: Features | None = None, **recipe_options) -> SpotTrainResult:
     """Train on the spots of one image with a spatial hold-out (the right-most ``test_fraction`` of the
     spots are neither trained nor validated on; early stopping watches the top 20 % of the array rows of
     the rest); predicts every spot. ``recipe`` (default :class:`SpotRecipe`) with ``recipe_options``
@@ -71,12 +72,15 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
     spots: AnnData of raw counts with obs array_row/array_col and obsm['spatial'] (x, y) level-0 px.
     """
     recipe = (recipe or SpotRecipe()).replace(**recipe_options)
+    if init is not None:  # training/warmstart.py: start from a checkpoint, whose architecture wins
+        recipe = init.recipe(recipe)
     context = recipe.context
     spec = geometry.grid.in_pixels(mpp)
-    feats = extract_features(image, spots.obsm["spatial"], spec.spot_diameter, encoder,
-                             n_sub=geometry.n_sub if "subspot" in context else 0, mpp=mpp, cache_dir=cache_dir,
-                             batch_size=batch_size_encoder, num_workers=num_workers, progress=progress,
-                             mode=geometry.feature_mode, subspot_rule=geometry.subspot_rule)
+    feats = features if features is not None else extract_features(  # features given: made elsewhere
+        image, spots.obsm["spatial"], spec.spot_diameter, encoder,
+        n_sub=geometry.n_sub if "subspot" in context else 0, mpp=mpp, cache_dir=cache_dir,
+        batch_size=batch_size_encoder, num_workers=num_workers, progress=progress,
+        mode=geometry.feature_mode, subspot_rule=geometry.subspot_rule)
     panel = select_genes(spots, n_top=n_top_genes, genes=genes, flavor=recipe.hvg_flavor, add=add_genes)
     y = log_normalize(spots, genes=panel)
     bags = bags_for(spots, feats, geometry.neighbor_radius)
@@ -85,7 +89,8 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
     train, val = block_validation([rest], [spots.obs["array_row"].to_numpy()[rest]], recipe.val_fraction)
     if len(val) == 0 or len(train) == 0:
         raise ValueError(f"{image}: {spots.n_obs} spots are too few for a train / validation / test split")
-    model, scaler, summary = fit_spot_model(recipe, bags, y, train, val, progress=progress, log_dir=log_dir)
+    model, scaler, summary = fit_spot_model(recipe, bags, y, train, val, progress=progress, log_dir=log_dir,
+                                            init=init, genes=panel)
     pred = invert_scaler(predict_bags(model, bags), scaler)
     training = {"recipe": recipe.to_dict(),
                 "split": "spatial: right-most %.0f%% of spots held out; validation: top %.0f%% of the array "
