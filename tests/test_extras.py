@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import deepspot
 from deepspot.extras import MissingExtra
@@ -82,6 +83,19 @@ def test_phikon_without_transformers_names_the_extra(name, tmp_path, monkeypatch
         load_encoder(name)
     with pytest.raises(MissingExtra, match=r"deepspot\[hf\]"):
         load_encoder(name, random_init=True)
+
+
+@pytest.mark.parametrize("name", ["uni", "hoptimus0", "resnet50", "inception-v3", "densenet121"])
+def test_timm_and_torchvision_encoders_need_no_extra(name, tmp_path, monkeypatch):
+    """UNI, H-optimus-0 (timm) and the torchvision CNNs once demanded the [hf] extra (transformers) before
+    looking for their weights; they need only the core install."""
+    from deepspot.features.encoders import EncoderError, load_encoder
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    bad = tmp_path / "pytorch_model.bin"
+    torch.save({"foo.weight": torch.zeros(2)}, bad)
+    with pytest.raises(EncoderError, match=f"does not fit encoder '{name}'"):  # got as far as the weights
+        load_encoder(name, weights=bad)
 
 
 def test_leiden_runs_without_leidenalg(monkeypatch):

@@ -67,12 +67,11 @@ class Model:
         return self._encoder
 
     def to(self, device: str) -> "Model":
-        """Move the network (and a loaded encoder) to ``device``."""
+        """Move the network (and a loaded encoder, its normalisation buffers included) to ``device``."""
         self.device = device
         self.network.to(device)
-        if self._encoder is not None and hasattr(self._encoder, "model"):
-            self._encoder.model.to(device)
-            self._encoder.device = device
+        if self._encoder is not None:
+            self._encoder.to(device)
         return self
 
     def save(self, path: str | Path) -> Path:
