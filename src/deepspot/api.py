@@ -409,7 +409,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     epochs, early stop on the training loss, Leiden oversampling, top 5,000 ``seurat_v3`` HVGs…; see
     :mod:`deepspot.training.recipe`); options given here override the preset's.
     """
-    from deepspot.config import CELL_MODELS, resolve_mpp
+    from deepspot.config import CELL_MODELS, MODEL_KINDS, resolve_mpp
     from deepspot.evaluation.holdout import score_holdout
     from deepspot.geometry.grid import pool_cells
     from deepspot.io.slides import open_slide
@@ -428,7 +428,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
                            manifest=manifest, preset=preset, **many_options)
     data, image, sample_mpp = _one_sample(samples, image)
     mpp = mpp if mpp is not None else sample_mpp
-    if model not in ("deepspot",) + CELL_MODELS:
+    if model not in MODEL_KINDS:
         raise ValueError(f"unknown model {model!r}; choose deepspot, {' or '.join(CELL_MODELS)}")
     if not Path(image).exists():
         raise FileNotFoundError(f"{image}: file not found")
