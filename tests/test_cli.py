@@ -29,7 +29,7 @@ def _env(**extra):
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "deepspot.cli.run", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "deepspot", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, timeout=900, env=_env())
 
 
