@@ -104,6 +104,7 @@ def test_demo_writes_h5ad_png_checkpoint_and_scores(demo_out):
     assert not list(out.glob("*.partial*")) and not list(out.glob(".*partial*"))
 
 
+@pytest.mark.needs_extra("test")  # squidpy
 def test_squidpy_plots_the_prediction_unchanged(demo_out, tmp_path):
     import matplotlib
 
