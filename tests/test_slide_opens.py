@@ -1,6 +1,6 @@
 """How many times one predict opens its slide (issue 23: each open reads the header again, and a plain image
-X
-figure; the typed request of the next wave opens the slide once and lowers it."""
+may be decoded again). Counted at io.slides.BACKENDS, the classes open_slide builds. The bounds are today's
+figures; the typed request of the next wave opens the slide once and lowers them."""
 from __future__ import annotations
 
 import numpy as np
