@@ -73,7 +73,7 @@ def test_demo_failing_after_start_removes_the_folder_it_made(tmp_path, monkeypat
         assert cache_dir.parent.is_dir()  # the output folder did exist meanwhile
         raise RuntimeError("training failed")
 
-    monkeypatch.setattr(demo, "train_spot_model", boom)
+    monkeypatch.setattr(demo.api, "train", boom)  # the demo trains through the public API
     with pytest.raises(RuntimeError, match="training failed"):
         demo.run_demo(tmp_path / "a" / "b", echo=lambda *_: None, progress=False)
     assert list(tmp_path.iterdir()) == []
