@@ -29,7 +29,7 @@ def _env(**extra):
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "deepspot.cli.run", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "deepspot", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, timeout=900, env=_env())
 
 
@@ -73,7 +73,7 @@ def test_demo_failing_after_start_removes_the_folder_it_made(tmp_path, monkeypat
         assert cache_dir.parent.is_dir()  # the output folder did exist meanwhile
         raise RuntimeError("training failed")
 
-    monkeypatch.setattr(demo, "train_spot_model", boom)
+    monkeypatch.setattr(demo.api, "train", boom)  # the demo trains through the public API
     with pytest.raises(RuntimeError, match="training failed"):
         demo.run_demo(tmp_path / "a" / "b", echo=lambda *_: None, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -104,6 +104,7 @@ def test_demo_writes_h5ad_png_checkpoint_and_scores(demo_out):
     assert not list(out.glob("*.partial*")) and not list(out.glob(".*partial*"))
 
 
+@pytest.mark.needs_extra("test")  # squidpy
 def test_squidpy_plots_the_prediction_unchanged(demo_out, tmp_path):
     import matplotlib
 

@@ -201,6 +201,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(cohort, reference):
     assert_same_output(out, reference, "tif1")
 
 
+@pytest.mark.needs_extra("cohort")
 def test_ray_backend_matches_local(cohort, reference):
     ray = __import__("ray") if in_ci() else pytest.importorskip("ray")  # [test] installs ray: CI must run this
     lines = (cohort / "manifest.csv").read_text().splitlines()

@@ -159,3 +159,15 @@ print(matplotlib.get_backend(), len(axes), plt.get_fignums())
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["svg", "2", "[]"], r.stdout
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_one_gene_name_rule_for_checkpoints_and_user_lists():
+    from deepspot.config import gene_name_faults
+    from deepspot.inference.preflight import check_gene_list
+
+    assert gene_name_faults(["A", "B"]) == ([], [])
+    assert gene_name_faults(["A", " ", "B", "A", "B", "A"]) == ([1], ["A", "B"])
+    with pytest.raises(ValueError, match=r"^--genes: empty gene name at position 1$"):
+        check_gene_list(["A", " "])
+    with pytest.raises(ValueError, match=r"^--genes: repeated gene names \(A, B\)$"):
+        check_gene_list(["A", "B", "A", "B"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepspot.convert import ConvertError, convert_deepspot, load_restricted, read_gene_list, read_original
+from deepspot.models.convert import ConvertError, convert_deepspot, load_restricted, read_gene_list, read_original
 from deepspot.models.checkpoint import load_checkpoint
 
 # The four published context modes are checked against files the original code wrote, in
@@ -271,7 +271,7 @@ def test_cli_refuses_malicious_pickle_with_one_line(orig, tmp_path):
     m.payload = Evil(marker)
     src = tmp_path / "evil.pkl"
     torch.save(m, src)
-    r = subprocess.run([sys.executable, "-m", "deepspot.cli.run", "convert-weights", str(src), "--out",
+    r = subprocess.run([sys.executable, "-m", "deepspot", "convert-weights", str(src), "--out",
                         str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and "evil.pkl" in r.stderr and "refusing" in r.stderr
@@ -349,3 +349,11 @@ def test_whole_pickled_deepspot2cell_with_the_reference_weights(tmp_path):
     np.testing.assert_allclose(got, np.load(ref / "deepspot2cell.expected.npz")["spot"], atol=1e-5, rtol=0)
     with pytest.raises(ConvertError, match="rho heads are Dropout-Linear-Tanh-Linear-ReLU-Dropout, not the deepspot2cell layout"):
         convert_deepspot(tmp_path / "other.pkl", tmp_path / "ck2", feature_dim=32, module_aliases=aliases)
+
+
+def test_the_old_import_path_still_works():
+    import deepspot.convert as old
+    import deepspot.models.convert as new
+
+    assert set(new.__all__) <= set(dir(old))
+    assert old.convert_checkpoint is new.convert_checkpoint and old.ConvertError is new.ConvertError

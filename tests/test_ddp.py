@@ -27,7 +27,7 @@ from deepspot.datasets import DataError
 from deepspot.models.bags import Bags
 from deepspot.models.deepsets import DeepSpot
 from deepspot.training.fit import fit
-from deepspot.training.stores import StoreBags, StoreSample
+from deepspot.training.lazy_bags import StoreBags, StoreSample
 from shared_data import NCBI858, needs_data
 
 D, S, G = 24, 4, 5
@@ -132,7 +132,7 @@ SCRIPT = textwrap.dedent('''
     import numpy as np, torch
     from deepspot.models.deepsets import DeepSpot
     from deepspot.training.fit import fit
-    from deepspot.training.stores import StoreBags, StoreSample
+    from deepspot.training.lazy_bags import StoreBags, StoreSample
 
     class CountingBags(StoreBags):
         """Records the spots of every batch this process gathers."""
@@ -227,7 +227,7 @@ def test_build_stores_extracts_once_per_sample_and_reads_back(tmp_path):
     from deepspot.geometry.grid import pool_cells
     from deepspot.config import SpotGeometry
     from deepspot.datasets import ncbi858
-    from deepspot.training.stores import build_stores
+    from deepspot.training.lazy_bags import build_stores
 
     spec = E.EncoderSpec("tiny-stores-test", 4, 8, (0.5,) * 3, (0.25,) * 3, source="test", needs_download=False,
                          builder=lambda p: torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import deepspot
 from deepspot.extras import MissingExtra
@@ -43,8 +44,10 @@ def test_heavy_packages_are_extras_not_core():
     assert {"huggingface-hub", "pyarrow", "pooch", "igraph"} <= core
     assert _names(extras["cohort"]) == {"ray"} and _names(extras["hf"]) == {"transformers"}
     assert _names(extras["spatialdata"]) == {"spatialdata", "spatialdata-plot"} and _names(extras["bench"]) == {"psutil"}
-    assert {"pytest", "pytest-timeout", "hypothesis", "squidpy"} <= _names(extras["test"])
-    assert "deepspot[cohort,hf,spatialdata]" in extras["test"]  # spatialdata-plot: a test plots a SpatialData
+    assert _names(extras["test-core"]) == {"pytest", "pytest-timeout", "hypothesis"}  # the core-only test run
+    assert "squidpy" in _names(extras["test"])
+    # spatialdata-plot: a test plots a SpatialData
+    assert "deepspot[test-core,cohort,hf,spatialdata]" in extras["test"]
 
 
 def test_every_import_in_the_package_is_declared():
@@ -59,7 +62,8 @@ def test_every_import_in_the_package_is_declared():
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 top.add(node.module.split(".")[0])
     third = {m for m in top - set(sys.stdlib_module_names) - {"deepspot", "__future__"} - OPTIONAL_WITH_FALLBACK}
-    undeclared = {m: dists.get(m) for m in third if not (dists.get(m, set()) & declared)}
+    # a module not installed here (an extra, in the core-only run) is looked up by its own name
+    undeclared = {m: dists.get(m) for m in third if not (dists.get(m, {m.lower().replace("_", "-")}) & declared)}
     assert undeclared == {}
 
 
@@ -82,6 +86,19 @@ def test_phikon_without_transformers_names_the_extra(name, tmp_path, monkeypatch
         load_encoder(name)
     with pytest.raises(MissingExtra, match=r"deepspot\[hf\]"):
         load_encoder(name, random_init=True)
+
+
+@pytest.mark.parametrize("name", ["uni", "hoptimus0", "resnet50", "inception-v3", "densenet121"])
+def test_timm_and_torchvision_encoders_need_no_extra(name, tmp_path, monkeypatch):
+    """UNI, H-optimus-0 (timm) and the torchvision CNNs once demanded the [hf] extra (transformers) before
+    looking for their weights; they need only the core install."""
+    from deepspot.features.encoders import EncoderError, load_encoder
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    bad = tmp_path / "pytorch_model.bin"
+    torch.save({"foo.weight": torch.zeros(2)}, bad)
+    with pytest.raises(EncoderError, match=f"does not fit encoder '{name}'"):  # got as far as the weights
+        load_encoder(name, weights=bad)
 
 
 def test_leiden_runs_without_leidenalg(monkeypatch):
@@ -112,8 +129,7 @@ def test_every_module_imports_without_the_extras():
             "    return real(name)\n"
             "md.version = version\n"
             "for info in pkgutil.walk_packages(deepspot.__path__, 'deepspot.'):\n"
-            "    if info.name != 'deepspot.cli.run':\n"
-            "        importlib.import_module(info.name)\n"
+            "    importlib.import_module(info.name)\n"
             "from deepspot.cli import main\n"
             "main(['--help'])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -16,20 +16,25 @@ import torch
 from PIL import Image
 
 from deepspot.config import (GridSpec, ModelConfig, MppError, SpotGeometry, geometry_preset, magnification_factor)
-from deepspot.features.encoders import EncoderSpec, load_encoder, register_encoder
+from deepspot.features.encoders import EncoderSpec, load_encoder
 from deepspot.features.tiles import make_crops
 from deepspot.geometry.grid import make_grid
 from deepspot.models.checkpoint import save_checkpoint
 from deepspot.models.deepsets import DeepSpot
-from fixtures_cli import run_cli
+from fixtures_cli import encoder_registered, run_cli
 
 PROBE = "test-pixel-probe"
 S = 4  # encoder input side = the sub-spot side below
 D, SPACING, N_SUB = 14, 17, 3  # 14 // 3 = 4: two pixel rows and columns of each tile belong to no sub-spot
 GENES = [f"G{i}" for i in range(5)]
 
-register_encoder(EncoderSpec(PROBE, 3 * S * S, S, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), lambda _p: torch.nn.Flatten(),
-                             "pixels as features (tests)", False, arch=torch.nn.Flatten), overwrite=True)
+
+@pytest.fixture(scope="module", autouse=True)
+def _pixel_probe():
+    with encoder_registered(EncoderSpec(PROBE, 3 * S * S, S, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+                                        lambda _p: torch.nn.Flatten(), "pixels as features (tests)", False,
+                                        arch=torch.nn.Flatten)):
+        yield PROBE
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The package's layers, lowest first: a module imports only from its own layer's lower rungs or below.
 
 config → io, geometry, plotting → features → models → training, inference, convert → evaluation →
-api → demo (it shows the public API) → cli. Within a layer no module imports another layer-mate's package (training and inference
+api → demo (it shows the public API) → cli. (convert is only the old import path of models/convert; docs/architecture.md
+describes the layers.) Within a layer no module imports another layer-mate's package (training and inference
 are independent); plotting imports only config and io.
 """
 import ast

@@ -131,3 +131,17 @@ def test_single_spot_without_neighbours_and_train_eval_rho_agree():
     z = torch.rand(5, m.rho.linear.weight.shape[1])
     heads = torch.stack([z @ m.rho.linear.weight[e] + m.rho.linear.bias[e] for e in range(4)]).mean(0)
     torch.testing.assert_close(m.rho(z), heads, atol=1e-6, rtol=1e-5)
+
+
+def test_every_model_kind_is_bound_to_its_class_once():
+    from deepspot.config import CELL_MODELS, MODEL_KINDS, ModelConfig
+    from deepspot.models import registry
+    from deepspot.models.convert import KINDS
+
+    assert registry.available() == sorted(MODEL_KINDS) and set(CELL_MODELS) < set(MODEL_KINDS)
+    assert {k: registry._MODELS[k].__name__ for k in MODEL_KINDS} == {
+        "deepspot": "DeepSpot", "deepcell": "DeepCell", "deepspot2cell": "DeepSpot2Cell",
+        "deepspot2cell-pooled": "PooledDeepSpot2Cell"}
+    assert KINDS == ("deepspot", "deepcell", "deepspot2cell")  # what the original published
+    with pytest.raises(CheckpointError, match="model"):
+        ModelConfig.from_dict({"model": "not-a-kind"})

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import deepspot as ds
-from deepspot.convert import ConvertError, convert_checkpoint, read_gene_list, read_original
+from deepspot.models.convert import ConvertError, convert_checkpoint, read_gene_list, read_original
 from shared_data import reference_dir
 
 SPOT_CELL_FILES = ["deepspot_spot.pkl", "deepspot_spot_subspot.pkl", "deepspot_spot_neighbors.pkl",

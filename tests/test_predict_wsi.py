@@ -29,7 +29,7 @@ from deepspot.models.deepsets import DeepSpot
 from deepspot.io.owner import RECORD_FILE
 
 from shared_data import HE, ZEN38, needs_data  # noqa: E402
-from fixtures_cli import register_tiny_vit, run_cli  # noqa: E402
+from fixtures_cli import run_cli, tiny_vit_encoder  # noqa: E402
 
 pytestmark = needs_data("ncbi858/NCBI858.jpg")
 
@@ -37,7 +37,7 @@ TINY = "test-vit-tiny"
 GENES = [f"G{i}" for i in range(6)]
 
 
-register_tiny_vit(TINY)
+_tiny_vit = tiny_vit_encoder(TINY)
 
 
 def _model_and_config(mode="standard", layout="hex"):

@@ -28,12 +28,12 @@ from deepspot.io.slides import SlideError, open_slide
 from deepspot.models.checkpoint import save_checkpoint
 from deepspot.models.deepsets import DeepSpot
 
-from fixtures_cli import register_tiny_vit, run_cli
+from fixtures_cli import run_cli, tiny_vit_encoder
 from shared_data import HE, needs_data
 
 TINY = "test-vit-tiny-robust"
 GENES = [f"G{i}" for i in range(6)]
-register_tiny_vit(TINY)
+_tiny_vit = tiny_vit_encoder(TINY)
 
 
 def _checkpoint(path: Path, seed: int = 1, encoder: str = TINY, dim: int = 32) -> Path:

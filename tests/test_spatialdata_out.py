@@ -26,7 +26,7 @@ from deepspot.models.checkpoint import save_checkpoint  # noqa: E402
 from shared_data import HE, needs_data  # noqa: E402
 from test_predict_wsi import GENES, _model_and_config, one_thread  # noqa: E402,F401  (registers the tiny encoder)
 
-pytestmark = needs_data("ncbi858/NCBI858.jpg")
+pytestmark = [pytest.mark.needs_extra("spatialdata"), needs_data("ncbi858/NCBI858.jpg")]
 
 
 @pytest.fixture(scope="module")

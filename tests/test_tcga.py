@@ -78,7 +78,7 @@ def test_read_one_sample_by_id_or_barcode_prefix(source, tmp_path):
 def _cli(*args, env=None, cwd=None):
     e = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, *filter(None, [os.environ.get("PYTHONPATH")])]),
          **(env or {})}
-    return subprocess.run([sys.executable, "-m", "deepspot.cli.run", "tcga", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "deepspot", "tcga", *map(str, args)], capture_output=True,
                           text=True, env=e, cwd=cwd, timeout=300)
 
 

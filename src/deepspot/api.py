@@ -67,12 +67,11 @@ class Model:
         return self._encoder
 
     def to(self, device: str) -> "Model":
-        """Move the network (and a loaded encoder) to ``device``."""
+        """Move the network (and a loaded encoder, its normalisation buffers included) to ``device``."""
         self.device = device
         self.network.to(device)
-        if self._encoder is not None and hasattr(self._encoder, "model"):
-            self._encoder.model.to(device)
-            self._encoder.device = device
+        if self._encoder is not None:
+            self._encoder.to(device)
         return self
 
     def save(self, path: str | Path) -> Path:
@@ -466,7 +465,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     (:mod:`deepspot.features.external`) instead of running ``encoder``, which then only names the encoder
     that made them (recorded in the checkpoint; its dim is the file's). No sub-spots: a context without them.
     """
-    from deepspot.config import CELL_MODELS, resolve_mpp
+    from deepspot.config import CELL_MODELS, MODEL_KINDS, resolve_mpp
     from deepspot.evaluation.holdout import score_holdout
     from deepspot.geometry.grid import pool_cells
     from deepspot.io.slides import open_slide
@@ -515,7 +514,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     mpp = mpp if mpp is not None else sample_mpp
     if mpp is None and model == "deepspot" and not cells:  # the mpp the reader recorded (a manifest uses it too)
         mpp = (data.uns.get("source", {}) or {}).get("mpp")
-    if model not in ("deepspot",) + CELL_MODELS:
+    if model not in MODEL_KINDS:
         raise ValueError(f"unknown model {model!r}; choose deepspot, {' or '.join(CELL_MODELS)}")
     if not Path(image).exists():
         raise FileNotFoundError(f"{image}: file not found")

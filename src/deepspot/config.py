@@ -21,6 +21,7 @@ SCHEMA_VERSION = 2
 FEATURE_MODES = ("standard", "fast")
 SPOT_MODELS = ("deepspot",)
 CELL_MODELS = ("deepcell", "deepspot2cell", "deepspot2cell-pooled")
+MODEL_KINDS = SPOT_MODELS + CELL_MODELS  # the one list of model kinds (models/registry.py binds each to its class)
 EXTERNAL_ENCODER = "external"  # features made outside deepspot (a model converted with --feature-dim)
 NEIGHBOR_RULES = ("knn", "radius", "none")
 SCALERS = ("standard", "minmax")
@@ -32,6 +33,18 @@ SUBSPOT_RULES = ("split", "floor")
 TISSUE_RULES = ("otsu", "mean_rgb", "tile_mean_rgb", "none")
 GEOMETRY_PRESETS = ("visium", "original", "tcga")
 TARGETS = "normalize_total(1e4) + log1p"
+
+
+def gene_name_faults(genes) -> tuple[list[int], list[str]]:
+    """The one rule for a list of gene names (a checkpoint's genes, a user's --genes): (positions of empty
+    names, names repeated, in the order of their first repeat). Both empty: the list is fine."""
+    blank = [i for i, g in enumerate(genes) if not str(g).strip()]
+    seen, dups = set(), []
+    for g in genes:
+        if g in seen and g not in dups:
+            dups.append(g)
+        seen.add(g)
+    return blank, dups
 
 
 class CheckpointError(ValueError):
@@ -524,21 +537,16 @@ class ModelConfig:
         """Check every field (one CheckpointError naming ``source`` and the field) and build the config."""
         d = migrate(d, source)
         f = _Fields(d, source)
-        kind = f.choice("model", SPOT_MODELS + CELL_MODELS)
+        kind = f.choice("model", MODEL_KINDS)
         enc = f.sub("encoder")
         encoder = EncoderRef(enc.get("name", types=str), enc.integer("dim", minimum=1))
         genes = f.get("genes", types=list, name="a list of gene names")
         if not genes or not all(isinstance(g, str) for g in genes):
             f.fail("genes", "must be a non-empty list of gene names")
-        blank = [i for i, g in enumerate(genes) if not g.strip()]
+        blank, dups = gene_name_faults(genes)
         if blank:
             f.fail("genes", f"has {len(blank)} empty name(s) (first at position {blank[0]})")
-        if len(set(genes)) != len(genes):
-            seen, dups = set(), []
-            for g in genes:
-                if g in seen and g not in dups:
-                    dups.append(g)
-                seen.add(g)
+        if dups:
             f.fail("genes", f"has duplicates ({', '.join(map(repr, dups[:3]))}{' …' if len(dups) > 3 else ''})")
         args = f.sub("model_args")
         in_dim, n_genes = args.integer("in_dim", minimum=1), args.integer("n_genes", minimum=1)

@@ -1,7 +1,7 @@
 """The demos.
 
-- :func:`run_demo` (``deepspot demo``): train DeepSpot on the bundled Xenium lung H&E (cells pooled into
-  pseudo-spots), score it on a held-out side of the image next to a ridge baseline, predict the whole
+- :func:`run_demo` (``deepspot demo``): train DeepSpot (``ds.train``) on the bundled Xenium lung H&E (cells
+  pooled into pseudo-spots), score it on a held-out side of the image next to a ridge baseline, predict the whole
   image, write h5ad + PNG.
 - :func:`run_her2st_demo` (``deepspot demo --her2st``): real spots. Through the public API
   (``ds.train``, ``Model.score``, ``Model.predict_slide``): train on three HER2ST sections, score the
@@ -16,16 +16,15 @@ import time
 from pathlib import Path
 
 from deepspot import plotting
+from deepspot import api
 from deepspot.config import GridSpec, SpotGeometry
-from deepspot.evaluation.holdout import score_holdout, score_table
+from deepspot.evaluation.holdout import score_table
 from deepspot.features.encoders import load_encoder
 from deepspot.geometry.grid import pool_cells
 from deepspot.inference.predict import predict_image, spot_table
 from deepspot.io.datasets import ncbi858
 from deepspot.io.outputs import write_csv, write_h5ad
 from deepspot.io.slides import open_slide
-from deepspot.models.checkpoint import save_checkpoint
-from deepspot.training.spots import train_spot_model
 
 
 def run_demo(out_dir: str | Path = "deepspot_demo", data_dir=None, spot_px: float = 120.0, spacing_px: float = 120.0,
@@ -41,8 +40,8 @@ def run_demo(out_dir: str | Path = "deepspot_demo", data_dir=None, spot_px: floa
     cells, image, meta = ncbi858(data_dir)
     encoder = load_encoder(encoder_name, weights=encoder_weights)
     with _output_folder(out):
-        return _run(out, t0, cells, image, meta, encoder, spot_px, spacing_px, context, max_epochs, patience, seed,
-                    progress, echo, tissue)
+        return _run(out, t0, cells, image, meta, encoder, encoder_weights, spot_px, spacing_px, context, max_epochs,
+                    patience, seed, progress, echo, tissue)
 
 
 @contextlib.contextmanager
@@ -63,8 +62,8 @@ def _output_folder(out: Path):
         raise
 
 
-def _run(out, t0, cells, image, meta, encoder, spot_px, spacing_px, context, max_epochs, patience, seed, progress,
-         echo, tissue) -> dict:
+def _run(out, t0, cells, image, meta, encoder, encoder_weights, spot_px, spacing_px, context, max_epochs, patience,
+         seed, progress, echo, tissue) -> dict:
     with open_slide(image) as slide:
         width, height = slide.dimensions
     geometry = SpotGeometry(GridSpec(spot_px, spacing_px, layout="hex", unit="px"), n_sub=3, neighbor_radius=1)
@@ -72,11 +71,11 @@ def _run(out, t0, cells, image, meta, encoder, spot_px, spacing_px, context, max
     echo(f"[demo] {cells.n_obs} cells of {meta.get('sample', 'NCBI858')} pooled into {spots.n_obs} pseudo-spots "
          f"(hex grid, diameter {spot_px:g} px, spacing {spacing_px:g} px; units: pixels, the image has no mpp); "
          f"{int((cell_to_spot >= 0).sum())} cells fall inside a spot")
-    cache = out / "features"
-    res = train_spot_model(image, spots, encoder, geometry, context=context, max_epochs=max_epochs, patience=patience,
-                           seed=seed, cache_dir=cache, progress=progress, log_dir=out / "logs")
-    score_holdout(res)
-    model_dir = save_checkpoint(out / "model", res.model, res.config)
+    cache, model_dir = out / "features", out / "model"
+    # the public API's training (ds.train): features, fit, held-out scores, the checkpoint in model_dir
+    res = api.train(spots, image, out=model_dir, encoder=encoder.name, encoder_weights=encoder_weights,
+                    geometry=geometry, context=context, max_epochs=max_epochs, patience=patience, seed=seed,
+                    cache_dir=cache, progress=progress, log_dir=out / "logs").result
     table = score_table(res.scores)
     write_csv(table, out / "scores.csv")
     echo(f"[demo] held-out: right-most 30% of the image ({len(res.split[2])} spots); per-gene Pearson across "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from deepspot.config import resolve_mpp
+from deepspot.config import gene_name_faults, resolve_mpp
 from deepspot.io.slides import open_slide
 
 __all__ = ["check_gene_list", "check_options", "check_out_dir", "check_out_file", "check_predict", "check_previous", "check_slide", "is_prediction_file",
@@ -83,14 +83,9 @@ def check_gene_list(genes, option: str = "--genes") -> None:
     """A gene list the user gave: no empty and no repeated names."""
     if not genes:
         return
-    blank = [i for i, g in enumerate(genes) if not str(g).strip()]
+    blank, dups = gene_name_faults(genes)
     if blank:
         raise ValueError(f"{option}: empty gene name at position {blank[0]}")
-    seen, dups = set(), []
-    for g in genes:
-        if g in seen and g not in dups:
-            dups.append(g)
-        seen.add(g)
     if dups:
         raise ValueError(f"{option}: repeated gene names ({', '.join(dups[:3])}{' …' if len(dups) > 3 else ''})")
 

@@ -1,7 +1,12 @@
-"""Model kinds by name (as stored in checkpoint configs): name -> nn.Module class."""
+"""Model kinds by name (as stored in checkpoint configs): name -> nn.Module class.
+
+The names are :data:`deepspot.config.MODEL_KINDS` (the one list a checkpoint's ``model`` field is checked
+against); this module binds each to its class."""
 from __future__ import annotations
 
 from torch import nn
+
+from deepspot.config import MODEL_KINDS
 
 _MODELS: dict[str, type[nn.Module]] = {}
 
@@ -21,12 +26,13 @@ def available() -> list[str]:
 
 
 def _register_builtin() -> None:
-    from deepspot.models.deepsets import DeepSpot
-
-    register_model("deepspot", DeepSpot)
     from deepspot.models.cells import DeepCell, PooledDeepSpot2Cell
+    from deepspot.models.deepsets import DeepSpot
     from deepspot.models.spot2cell import DeepSpot2Cell
-    _MODELS.update({"deepcell": DeepCell, "deepspot2cell": DeepSpot2Cell, "deepspot2cell-pooled": PooledDeepSpot2Cell})
+
+    # in MODEL_KINDS order: deepspot, deepcell, deepspot2cell, deepspot2cell-pooled
+    for kind, cls in zip(MODEL_KINDS, (DeepSpot, DeepCell, DeepSpot2Cell, PooledDeepSpot2Cell), strict=True):
+        register_model(kind, cls)
 
 
 _register_builtin()

@@ -122,7 +122,7 @@ class IndexBatchSampler(Sampler):
 def make_loader(bags: Bags, targets: torch.Tensor, index: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
                 shard: bool = True) -> DataLoader:
     """A DataLoader whose items are whole batches (no per-spot __getitem__ or collate). Bags that read
-    lazily (training/stores.StoreBags) may give their own shuffle as ``bags.epoch_order(index, seed)``."""
+    lazily (training/lazy_bags.StoreBags) may give their own shuffle as ``bags.epoch_order(index, seed)``."""
     ds = BagBatches(bags, targets)
     sampler = IndexBatchSampler(index, batch_size, shuffle=shuffle, seed=seed, shard=shard,
                                 order=getattr(bags, "epoch_order", None))

@@ -1,4 +1,4 @@
-"""Training over many samples without loading their features: bags read lazily from the per-slide
+"""Training over many samples without loading their features: bags read lazily (``StoreBags``) from the per-slide
 zarr feature stores (features/store.py).
 
 :class:`StoreBags` has the interface of :class:`deepspot.models.bags.Bags` that training and
