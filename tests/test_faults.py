@@ -27,11 +27,11 @@ from deepspot.io.owner import RECORD_FILE, OutputFolder
 from deepspot.models.checkpoint import save_checkpoint
 from deepspot.models.deepsets import DeepSpot
 
-from fixtures_cli import register_tiny_vit, run_cli
+from fixtures_cli import run_cli, tiny_vit_encoder
 
 TINY = "test-vit-tiny-faults"
 GENES = [f"G{i}" for i in range(5)]
-register_tiny_vit(TINY)
+_tiny = tiny_vit_encoder(TINY)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 

@@ -20,11 +20,11 @@ from deepspot.io.slides import SlideError, open_slide
 from deepspot.models.checkpoint import save_checkpoint
 from deepspot.models.deepsets import DeepSpot
 
-from fixtures_cli import register_tiny_vit, run_cli
+from fixtures_cli import run_cli, tiny_vit_encoder
 
 TINY = "test-vit-tiny-wrong"
 GENES = [f"G{i}" for i in range(4)]
-register_tiny_vit(TINY)
+_tiny = tiny_vit_encoder(TINY)
 
 
 @pytest.fixture(autouse=True)
