@@ -212,3 +212,48 @@ def test_rho_keeps_the_originals_output_dropout():
     kept = noisy[live] != 0
     np.testing.assert_allclose(noisy[live][kept], clean[live][kept] / 0.9, rtol=1e-5)
     assert DeepSpot2Cell(D, G, dropout_out=0.0).config()["dropout_out"] == 0.0
+
+
+def test_original_drops_zero_count_spots_and_cells():
+    from deepspot.training.cells import original_drops
+
+    spots, c2s, f, spot_f = planted()
+    spots.X[4] = 0  # a spot without counts
+    cells = ad.AnnData(np.ones((len(c2s), G), np.float32))
+    cells.X[np.flatnonzero(c2s == 2)[0]] = 0  # a cell without counts
+    out, info = original_drops(spots, c2s, cells)
+    assert info == {"dropped_zero_count_spots": 1, "dropped_zero_count_cells": 1}
+    assert (out[c2s == 4] == -1).all() and (out[c2s == 2] == [-1, 2, 2]).all()
+    keep = (c2s != 4) & (c2s != 2)
+    np.testing.assert_array_equal(out[keep], c2s[keep])
+
+
+def test_preset_original_trains_with_the_originals_settings(tmp_path):
+    import types
+
+    from PIL import Image
+
+    from deepspot.config import CellGeometry, GridSpec
+    from deepspot.training.cells import train_spot2cell_model
+
+    spots, c2s, f, spot_f = planted()
+    rows, cols = spots.obs["array_row"].to_numpy(), spots.obs["array_col"].to_numpy()
+    spots.obsm["spatial"] = np.c_[60 + 120 * cols, 60 + 120 * rows].astype(float)
+    xy = spots.obsm["spatial"][c2s] + np.random.default_rng(0).uniform(-20, 20, size=(len(c2s), 2))
+    image = tmp_path / "he.png"
+    Image.new("RGB", (480, 360), (200, 150, 180)).save(image)
+    enc = types.SimpleNamespace(name="planted", dim=D)
+    kw = dict(features=f, spot_features=spot_f, spot_grid=GridSpec(120, 120, "square", "px"), hidden=8,
+              progress=False)
+    res = train_spot2cell_model(image, spots, xy, c2s, enc, CellGeometry(), preset="original", max_epochs=2, **kw)
+    t = res.config.training
+    assert (t["preset"], t["batch_size"], t["lr"], t["weight_decay"], t["patience"], t["min_delta"]) == \
+        ("original", 4, 1e-4, 1e-6, 5, 1e-3)
+    assert t["max_epochs"] == 2 and t["dropped_zero_count_spots"] == 0
+    assert (res.model.n_ensemble, res.model.dropout_p, res.model.dropout_out, res.model.hidden) == (8, 0.3, 0.1, 8)
+    ours = train_spot2cell_model(image, spots, xy, c2s, enc, CellGeometry(), max_epochs=1, **kw).config.training
+    assert (ours["preset"], ours["batch_size"], ours["patience"], ours["min_delta"]) == ("deepspot", 16, 20, 0.0)
+    with pytest.raises(ValueError, match="no original"):
+        train_spot2cell_model(image, spots, xy, c2s, enc, preset="original", model="deepspot2cell-pooled", **kw)
+    with pytest.raises(ValueError, match="unknown spot-to-cell preset"):
+        train_spot2cell_model(image, spots, xy, c2s, enc, preset="fast", **kw)

@@ -408,7 +408,9 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     55/100 µm) or :class:`CellGeometry` (cells). ``mpp`` overrides the image's µm/px. ``preset`` (spot models):
     'deepspot' (ours, the default) or 'original' (the original DeepSpot's training: batch 1024, 10–15
     epochs, early stop on the training loss, Leiden oversampling, top 5,000 ``seurat_v3`` HVGs…; see
-    :mod:`deepspot.training.recipe`); options given here override the preset's.
+    :mod:`deepspot.training.recipe`); for 'deepspot2cell', 'original' is the original DeepSpot2Cell's training
+    (batch 4, 8 heads, ≤ 50 epochs, early stop on validation loss with patience 5 / min_delta 1e-3; see
+    :data:`deepspot.training.cells.SPOT2CELL_PRESETS`); options given here override the preset's.
     """
     from deepspot.config import CELL_MODELS, resolve_mpp
     from deepspot.evaluation.holdout import score_holdout
@@ -421,8 +423,8 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     many = _many_samples(samples)
     if many_options and many is None:
         raise ValueError(f"options {sorted(many_options)} apply to training on several samples (a manifest)")
-    if preset not in (None, "deepspot") and model != "deepspot":
-        raise ValueError(f"training presets are for spot models (deepspot), not {model}")
+    if preset not in (None, "deepspot") and model not in ("deepspot", "deepspot2cell"):
+        raise ValueError(f"training presets are for spot models (deepspot) and deepspot2cell, not {model}")
     if many is not None:
         return _train_many(many, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss,
                            max_epochs, patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir,
@@ -471,6 +473,6 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
             res = train_cell_model(image, data, enc, geometry, mpp=mpp, **common)
         else:
             res = train_spot2cell_from_cells(image, data, enc, grid or GridSpec(), geometry=geometry, mpp=mpp,
-                                             aggregate=aggregate, model=model, **common)
+                                             aggregate=aggregate, model=model, preset=preset, **common)
     score_holdout(res)
     return _trained(res, enc, out)

@@ -104,7 +104,8 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
           aggregate: str = typer.Option("sum", help="deepspot2cell-pooled: cells to spot by sum (count space) or mean (log)."),
           preset: str = typer.Option("deepspot", help="Spot training preset: deepspot (ours) or original (the "
                                      "original's: batch 1024, 10-15 epochs, early stop on training loss, Leiden "
-                                     "oversampling, top 5,000 seurat_v3 HVGs); options given override it.")):
+                                     "oversampling, top 5,000 seurat_v3 HVGs; for deepspot2cell: batch 4, 8 heads, "
+                                     "<= 50 epochs, early stop on val loss, patience 5); options given override it.")):
     """Train DeepSpot (spots), DeepCell or DeepSpot2Cell (cells) on one image; prints held-out scores."""
     from deepspot.inference.preflight import check_gene_list, check_out_dir, check_slide
 
