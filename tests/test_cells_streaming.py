@@ -65,8 +65,9 @@ def test_blocks_give_the_whole_table_predictions(slide, tmp_path, kind):
     elif kind == "deepspot2cell-pooled":
         model = PooledDeepSpot2Cell(32, 4, hidden=8, n_ensemble=2, context="cell_neighbors")
     else:
+        # spot tiles as large as the cell tiles: the two feature stores must not collide
         model, geom = DeepSpot2Cell(32, 4, hidden=8, n_ensemble=2), CellGeometry(16.0, neighbors="none")
-        extra = {"spot_grid": GridSpec(60, 60, "square", "px").to_dict()}
+        extra = {"spot_grid": GridSpec(16, 16, "square", "px").to_dict()}
     cfg = config_for(kind, model.eval(), geom, **extra)
     whole = predict_cells(path, xy, model, cfg, enc, progress=False, block_size=10 ** 6)
     blocks = predict_cells(path, xy, model, cfg, enc, progress=False, block_size=7, cache_dir=tmp_path / "store")

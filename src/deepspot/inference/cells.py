@@ -130,7 +130,9 @@ class SpotContext:
         self.remap = np.full(len(spots), -1, np.int64)
         self.remap[used] = np.arange(len(used))
         self.spot_px = float(grid.spot_diameter)
-        path = store_path_for(store_dir, slide_path, encoder, grid.spot_diameter, 0)
+        # a folder of its own: a spot tile as large as the cell tile must not extend (and so replace) the cells'
+        # store while the cells' features are being read from it
+        path = store_path_for(Path(store_dir) / "spots", slide_path, encoder, grid.spot_diameter, 0)
         self.store = extract_to_store(slide_path, spot_xy[used], grid.spot_diameter, encoder, path, n_sub=0,
                                       mpp=mpp, **extract)
 
