@@ -56,9 +56,9 @@ def prefill(store_dir: Path, slide: Path, enc, tile: float, xy: np.ndarray, dim:
     attrs = {"encoder": enc.name, "tile_px": float(tile), "n_sub": 0, "mode": "standard", "slide": str(slide),
              "subspot_rule": "split"}
     w = FeatureWriter(store_path_for(store_dir, slide, enc, tile, 0), len(xy), dim, 0, attrs)
-    for a in range(0, len(xy), 65536):
-        b = min(a + 65536, len(xy))
-        w.write(a, xy[a:b], rng.normal(size=(b - a, dim)).astype(np.float32), None)
+    for a in range(0, len(xy), 8192):
+        b = min(a + 8192, len(xy))
+        w.write(a, xy[a:b], rng.standard_normal(size=(b - a, dim), dtype=np.float32), None)
     w.close()
 
 

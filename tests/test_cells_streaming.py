@@ -76,3 +76,24 @@ def test_blocks_give_the_whole_table_predictions(slide, tmp_path, kind):
     assert any(p.name.endswith(".zarr") for p in (tmp_path / "store").iterdir())  # features went to the store
     with pytest.raises(ValueError, match="block_size"):
         predict_cells(path, xy, model, cfg, enc, progress=False, block_size=0)
+
+
+def test_blocks_follow_the_slide_not_the_table():
+    """Blocks of cells consecutive in the Z order are compact on the slide: a block's kNN neighbours are
+    mostly inside it, however the input table is ordered (here: at random)."""
+    from deepspot.inference.cells import spatial_order
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 1000, size=(20000, 2))
+    order = spatial_order(xy)
+    assert sorted(order.tolist()) == list(range(len(xy)))
+    geom, tree = CellGeometry(neighbors="knn", k=8), cKDTree(xy)
+
+    def rows_needed(rows):
+        idx, _ = block_neighbors(tree, len(xy), xy[rows], rows, geom)
+        return len(np.unique(np.concatenate([rows, idx.ravel()])))
+
+    b = 2000
+    in_order = np.mean([rows_needed(order[a:a + b]) for a in range(0, len(xy), b)])
+    as_given = np.mean([rows_needed(np.arange(a, a + b)) for a in range(0, len(xy), b)])
+    assert in_order < 1.5 * b < 5 * b < as_given

@@ -7,7 +7,8 @@ DeepSpot2Cell's context is instead the tile of the nearest spot of its grid and 
 neighbour spots (:func:`spot_context_bags`).
 
 Memory: cells are predicted in blocks (``block_size``). Tile features go to a feature store on disk
-(``cache_dir``, else a temporary folder removed afterwards) and each block reads only the rows it needs:
+(``cache_dir``, else a temporary folder removed afterwards) and each block, cells consecutive along a Z curve
+over the slide (:func:`spatial_order`), reads only the rows it needs:
 its cells, their neighbour cells (found per block with one KD-tree over all centroids, the same rule as
 :func:`deepspot.models.cells.cell_neighbors`) or, for a DeepSpot2Cell, its spots and their neighbour spots.
 What stays in memory grows only with the output (N x genes) and the centroids, not with the encoder's
@@ -80,6 +81,25 @@ def block_neighbors(tree, n: int, xy_block: np.ndarray, rows: np.ndarray, geomet
         idx[lrow[sel], rank[sel]], mask[lrow[sel], rank[sel]] = col[sel], True
         return idx, mask
     return np.zeros((b, 0), np.int64), np.zeros((b, 0), bool)
+
+
+def spatial_order(xy: np.ndarray) -> np.ndarray:
+    """An order of the cells along a Z (Morton) curve over the slide: consecutive cells are near each other, so
+    a block of them needs few feature rows beyond its own (its neighbours are mostly in it), whatever the
+    order of the input table."""
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    if len(xy) == 0:
+        return np.zeros(0, np.int64)
+    span = np.maximum(np.ptp(xy, axis=0), 1e-9)
+    q = ((xy - xy.min(axis=0)) / span * 65535).astype(np.uint64)
+
+    def spread(v):
+        v = (v | (v << np.uint64(8))) & np.uint64(0x00FF00FF)
+        v = (v | (v << np.uint64(4))) & np.uint64(0x0F0F0F0F)
+        v = (v | (v << np.uint64(2))) & np.uint64(0x33333333)
+        return (v | (v << np.uint64(1))) & np.uint64(0x55555555)
+
+    return np.argsort(spread(q[:, 0]) | (spread(q[:, 1]) << np.uint64(1)), kind="stable")
 
 
 class _Rows:
@@ -200,8 +220,9 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
             tree = cKDTree(xy)
             context_note = geom.describe()
             make = lambda rows: cell_block_bags(store, tree, len(xy), xy, rows, geom, mpp_used)  # noqa: E731
+        order = spatial_order(xy)
         for a in range(0, len(xy), block_size):
-            rows = np.arange(a, min(a + block_size, len(xy)))
+            rows = order[a:a + block_size]
             X[rows] = predict_batches(predictor, make(rows), batch_size=predict_batch, device=device)
     X = invert_scaler(X, config.scaler)
     genes = list(config.genes)
