@@ -233,6 +233,9 @@ def original_drops(spots: ad.AnnData, cell_to_spot: np.ndarray, cell_counts: ad.
         empty = (np.asarray(cell_counts.X.sum(axis=1)).ravel() <= 0) & (c2s >= 0)
         n_cells = int(empty.sum())
         c2s[empty] = -1
+    if len(zero_spot) or n_cells:
+        log.info("as the original's data loader: %d spot(s) and %d cell(s) without counts left out of training",
+                 len(zero_spot), n_cells)
     return c2s, {"dropped_zero_count_spots": int(len(zero_spot)), "dropped_zero_count_cells": n_cells}
 
 
