@@ -52,6 +52,9 @@ def prefill(store_dir: Path, slide: Path, enc, tile: float, xy: np.ndarray, dim:
     from deepspot.features.extract import store_path_for
     from deepspot.features.store import FeatureWriter
 
+    from deepspot.inference.cells import spatial_order
+
+    xy = xy[spatial_order(xy)]  # the order predict_cells encodes (and stores) cells in
     rng = np.random.default_rng(1)
     attrs = {"encoder": enc.name, "tile_px": float(tile), "n_sub": 0, "mode": "standard", "slide": str(slide),
              "subspot_rule": "split"}

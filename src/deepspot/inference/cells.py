@@ -102,6 +102,18 @@ def spatial_order(xy: np.ndarray) -> np.ndarray:
     return np.argsort(spread(q[:, 0]) | (spread(q[:, 1]) << np.uint64(1)), kind="stable")
 
 
+class _Reordered:
+    """Features stored in ``order`` (row i of ``inner`` is cell ``order[i]``), read by cell index."""
+
+    def __init__(self, inner, order: np.ndarray):
+        self.inner = inner
+        self.pos = np.empty(len(order), np.int64)
+        self.pos[order] = np.arange(len(order))
+
+    def spot_rows(self, rows: np.ndarray) -> np.ndarray:
+        return self.inner.spot_rows(self.pos[np.asarray(rows, dtype=np.int64)])
+
+
 class _Rows:
     """Bags restricted to some of their rows: ``batch(ix)`` = ``bags.gather(rows[ix])``."""
 
@@ -208,8 +220,12 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
     with contextlib.ExitStack() as stack:
         store_dir = cache_dir if cache_dir is not None else stack.enter_context(
             tempfile.TemporaryDirectory(prefix="deepspot-cells-"))
-        store = extract_to_store(slide_path, xy, tile, encoder, store_path_for(store_dir, slide_path, encoder, tile, 0),
-                                 n_sub=0, mpp=mpp, **extract)
+        # encoded (and stored) in the Z order the blocks follow: a block's rows then lie in a few chunks of the
+        # store, whatever the order of the input table
+        order = spatial_order(xy)
+        store = _Reordered(extract_to_store(slide_path, xy[order], tile, encoder,
+                                            store_path_for(store_dir, slide_path, encoder, tile, 0), n_sub=0,
+                                            mpp=mpp, **extract), order)
         if config.model == "deepspot2cell":
             ctx = SpotContext(slide_path, xy, config, encoder, w, h, mpp_used, store_dir, **extract)
             context_note = f"spot tile {ctx.spot_px:g} px of the nearest grid spot + its neighbour spots"
@@ -220,7 +236,6 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
             tree = cKDTree(xy)
             context_note = geom.describe()
             make = lambda rows: cell_block_bags(store, tree, len(xy), xy, rows, geom, mpp_used)  # noqa: E731
-        order = spatial_order(xy)
         for a in range(0, len(xy), block_size):
             rows = order[a:a + block_size]
             X[rows] = predict_batches(predictor, make(rows), batch_size=predict_batch, device=device)
