@@ -8,9 +8,9 @@ a cheap registered stand-in (``bench-pool``: 4 x 4 average pool of a 16 px crop 
 grows with N is the features (N x dim floats), which this keeps at a realistic width. Each case runs in a fresh
 child process; peak RSS is the child's ``ru_maxrss``.
 
-By default (``--prefill``) the child first writes the N cells' features into the feature store itself
-(random numbers, in chunks, through the store's own writer) so that predict_cells finds them there and
-measures the prediction path: on 2 shared CPU cores, encoding 1M crops even with the stand-in encoder takes
+By default a first child writes the N cells' features into the feature store (random numbers, in chunks,
+through the store's own writer, in the order predict_cells stores cells) and the prediction children find
+them there, so they measure the prediction path: on 2 shared CPU cores, encoding 1M crops even with the stand-in encoder takes
 about an hour. Encoding into the store was already streamed (extract_to_store: one chunk in memory);
 ``--encode`` runs the whole path, encoder included.
 
@@ -80,9 +80,12 @@ def child(n: int, block: int, dim: int, work: Path, encode: bool = False) -> dic
     geom = CellGeometry(16.0, neighbors="knn", k=8)
     model = DeepCell(dim, 10, hidden=16, n_ensemble=2, context="cell_neighbors").eval()
     cfg = ModelConfig("deepcell", model.config(), EncoderRef(enc.name, dim), [f"g{i}" for i in range(10)], geom)
+    if block == 0:  # the prefill alone, in a process of its own (the store's writer has its own footprint)
+        prefill(work / f"store-{n}", work / "slide.png", enc, geom.tile_px(None), xy, dim)
+        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     with tempfile.TemporaryDirectory(dir=work) as store:
         if not encode:
-            prefill(Path(store), work / "slide.png", enc, geom.tile_px(None), xy, dim)
+            store = work / f"store-{n}"
         t0 = time.perf_counter()
         out = predict_cells(work / "slide.png", xy, model, cfg, enc, progress=False, cache_dir=store,
                             block_size=block, batch_size=512, predict_batch=4096)
@@ -112,6 +115,11 @@ def main(argv=None):
         print("cells | mode | peak RSS (MB) | seconds (prediction%s)" % (" with encoding" if args.encode else ""),
               flush=True)
         for n in [int(v) for v in args.cells.split(",")]:
+            if not args.encode:
+                r = subprocess.run([sys.executable, __file__, "--child", str(n), "0", str(args.dim), "--work",
+                                    str(work)], capture_output=True, text=True)
+                res = json.loads(r.stdout.strip().splitlines()[-1])
+                print(f"{n:,} | (writing the store, its own process) | {res['peak_rss_mb']:.0f} | -", flush=True)
             modes = [("blocks of %d" % args.block, args.block)] + ([("whole table", n)] if n <= args.whole_max else [])
             for label, block in modes:
                 r = subprocess.run([sys.executable, __file__, "--child", str(n), str(block), str(args.dim),
