@@ -152,8 +152,11 @@ def test_neighbour_rule_kept_from_training_to_prediction(tmp_path, monkeypatch):
     assert torch.equal(train_bags.neighbor_idx, pred_bags.neighbor_idx)
     assert train_bags.neighbor_mask.sum(1).max() == 12  # the cap is part of the rule
     # whole prediction path (features injected in place of the encoder) gives the training predictions
-    monkeypatch.setattr("deepspot.inference.cells.extract_features",
-                        lambda *a, **k: Features(spot=feats, subspot=None))
+    from deepspot.features.store import match_centers
+
+    monkeypatch.setattr("deepspot.inference.cells.extract_to_store",  # the features of the centres asked for
+                        lambda _slide, centers, *a, **k: Features(
+                            spot=feats[match_centers(cells.obsm["spatial"], centers)], subspot=None))
     out = predict_cells(IMAGE, cells.obsm["spatial"], model, cfg, ENC, cell_ids=cells.obs_names, progress=False)
     np.testing.assert_allclose(out.X, res.cell_pred, rtol=1e-5, atol=1e-5)
     assert list(out.obs_names) == list(cells.obs_names)

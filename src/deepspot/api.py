@@ -448,7 +448,9 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     55/100 µm) or :class:`CellGeometry` (cells). ``mpp`` overrides the image's µm/px. ``preset`` (spot models):
     'deepspot' (ours, the default) or 'original' (the original DeepSpot's training: batch 1024, 10–15
     epochs, early stop on the training loss, Leiden oversampling, top 5,000 ``seurat_v3`` HVGs…; see
-    :mod:`deepspot.training.recipe`); options given here override the preset's.
+    :mod:`deepspot.training.recipe`); for 'deepspot2cell', 'original' is the original DeepSpot2Cell's training
+    (batch 4, 8 heads, ≤ 50 epochs, early stop on validation loss with patience 5 / min_delta 1e-3; see
+    :data:`deepspot.training.cells.SPOT2CELL_PRESETS`); options given here override the preset's.
 
     Spot models read what the data records, as with a manifest: without ``geometry``, an AnnData whose reader
     recorded a spot diameter (``uns['source']``, e.g. ``ds.read.her2st``: 100 µm ST spots) trains on that
@@ -481,8 +483,8 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     init = None
     if many_options and many is None:
         raise ValueError(f"options {sorted(many_options)} apply to training on several samples (a manifest)")
-    if preset not in (None, "deepspot") and model != "deepspot":
-        raise ValueError(f"training presets are for spot models (deepspot), not {model}")
+    if preset not in (None, "deepspot") and model not in ("deepspot", "deepspot2cell"):
+        raise ValueError(f"training presets are for spot models (deepspot) and deepspot2cell, not {model}")
     if add_genes and model != "deepspot":
         raise ValueError(f"add_genes is for spot models (deepspot), not {model}")
     if init_from is not None:
@@ -576,6 +578,6 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
             res = train_cell_model(image, data, enc, geometry, mpp=mpp, **common)
         else:
             res = train_spot2cell_from_cells(image, data, enc, grid or GridSpec(), geometry=geometry, mpp=mpp,
-                                             aggregate=aggregate, model=model, **common)
+                                             aggregate=aggregate, model=model, preset=preset, **common)
     score_holdout(res)
     return _trained(res, enc, out)

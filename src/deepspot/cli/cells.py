@@ -20,7 +20,8 @@ def _split(s: Optional[str]) -> Optional[list[str]]:
 @app.command("predict-cells")
 def predict_cells_cmd(
         cells: Path = typer.Argument(..., help="Cell centroids: CSV/TSV/parquet with x, y columns in level-0 pixels "
-                                     "of the image (x horizontal), e.g. from a segmentation tool; or an h5ad."),
+                                     "of the image (x horizontal), e.g. from a segmentation tool; an h5ad; or a GeoJSON of "
+                                     "cell polygons (HEST/CellViT; their centroids)."),
         image: Path = typer.Option(..., help="H&E image/slide the cells lie on."),
         model: Path = typer.Option(..., help="DeepCell or DeepSpot2Cell checkpoint folder."),
         out: Path = typer.Option(Path("deepspot_cells"), help="Output folder."),

@@ -114,7 +114,8 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
           aggregate: str = typer.Option("sum", help="deepspot2cell-pooled: cells to spot by sum (count space) or mean (log)."),
           preset: str = typer.Option("deepspot", help="Spot training preset: deepspot (ours) or original (the "
                                      "original's: batch 1024, 10-15 epochs, early stop on training loss, Leiden "
-                                     "oversampling, top 5,000 seurat_v3 HVGs); options given override it."),
+                                     "oversampling, top 5,000 seurat_v3 HVGs; for deepspot2cell: batch 4, 8 heads, "
+                                     "<= 50 epochs, early stop on val loss, patience 5); options given override it."),
           init_from: Optional[Path] = typer.Option(None, help="Start from this checkpoint (deepspot train or convert; "
                                                    "same --encoder): same genes continue it, other genes keep phi "
                                                    "with a new gene head; its architecture is used. Without "
@@ -129,10 +130,7 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
     """Train DeepSpot (spots), DeepCell or DeepSpot2Cell (cells) on one image; prints held-out scores."""
     from deepspot.inference.preflight import check_gene_list, check_out_dir, check_slide
 
-    from deepspot.models.checkpoint import checkpoint_folder
-
     check_out_dir(out)  # a file, or a folder that cannot be written: refused before any data is read
-    checkpoint_folder(out).check()  # a folder holding anything but a previous checkpoint: refused, never emptied
     check_gene_list(_split(genes), "--genes")
     check_gene_list(_split(add_genes), "--add-genes")
     grid_given = spot_diameter is not None or spacing is not None or unit != "um"
@@ -140,6 +138,9 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
         from deepspot.training.manifest import read_manifest
 
         read_manifest(manifest)
+    from deepspot.models.checkpoint import checkpoint_folder
+
+    checkpoint_folder(out).check()  # a folder holding anything but a previous checkpoint: refused, never emptied
     if image is not None and manifest is None and hd_bin is None:  # slide and mpp checked before counts are read
         # (a spot grid left to the data may take the mpp its reader recorded: checked once the counts are read;
         # Visium HD: the mpp comes from the bins' scalefactors, read first)

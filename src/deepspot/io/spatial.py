@@ -55,12 +55,17 @@ def read_cells_h5ad(path: str | Path, x_col: str | None = None, y_col: str | Non
 
 
 def read_cell_table(path: str | Path, x_col: str = "x", y_col: str = "y", id_col: str | None = None):
-    """Cell centroids from CSV/TSV/parquet (columns ``x_col``, ``y_col``: level-0 px, x horizontal)
-    or an h5ad (obs columns or obsm['spatial']). Returns (ids pd.Index of str, xy (N,2) float64)."""
+    """Cell centroids from CSV/TSV/parquet (columns ``x_col``, ``y_col``: level-0 px, x horizontal),
+    an h5ad (obs columns or obsm['spatial']) or a GeoJSON of cell polygons (:mod:`deepspot.io.segmentation`). Returns (ids pd.Index of str, xy (N,2) float64)."""
     path = Path(path)
     if not path.exists():
         raise SpatialDataError(f"{path}: cell table not found")
     name = path.name.lower()
+    if name.endswith(".geojson"):  # cell polygons (HEST / CellViT): their area centroids
+        from deepspot.io.segmentation import read_geojson_cells
+
+        seg = read_geojson_cells(path)
+        return seg.ids, seg.xy
     if name.endswith(".h5ad"):
         a = read_cells_h5ad(path, *((x_col, y_col) if x_col in _obs_columns(path) else (None, None)))
         return pd.Index(a.obs_names.astype(str)), np.asarray(a.obsm["spatial"], dtype=np.float64)

@@ -8,11 +8,12 @@ head its own MLP) is::
     z(cell)    = [phi_cell(cell tile), ctx(its spot)]                                         (3h)
     spot       = rho(sum over the spot's real cells of z(cell))
     one cell   = rho(z(cell))
-    rho(z)     = ReLU(W4 ReLU(W3 Dropout(z)))                   W3: 3h->3h, W4: 3h->G
+    rho(z)     = Dropout_out(ReLU(W4 ReLU(W3 Dropout(z))))      W3: 3h->3h, W4: 3h->G; Dropout_out p = 0.1
 
 (a spot without neighbours gets 0 for their mean, as in the original). Trained on spot targets, it
-predicts single cells with the same ``rho``. The original's final ``Dropout(0.1)`` after ``rho`` is left
-out (a no-op at inference).
+predicts single cells with the same ``rho``. The original's final ``Dropout(0.1)`` on every rho head's
+output is kept (``dropout_out``): a no-op at inference, but in training it is what lets the published
+architecture learn per-cell expression when spots hold different numbers of cells (docs/cells.md).
 
 Shapes: ``B`` spots, ``C`` cells per spot (padded, ``cell_mask`` True = real), ``K`` neighbour spots
 (``neighbor_mask`` True = real), ``N`` cells, ``d`` feature dim, ``h`` hidden, ``G`` genes, ``E`` heads.
@@ -52,17 +53,19 @@ class MLPPhi(nn.Module):
 
 
 class MLPRho(nn.Module):
-    """E heads of Dropout, Linear m->m, ReLU, Linear m->G, ReLU; mean over heads. (..., m) -> (..., G)."""
+    """E heads of Dropout, Linear m->m, ReLU, Linear m->G, ReLU, Dropout(p_out); mean over heads.
+    (..., m) -> (..., G)."""
 
-    def __init__(self, in_dim: int, n_genes: int, n_ensemble: int, dropout: float):
+    def __init__(self, in_dim: int, n_genes: int, n_ensemble: int, dropout: float, dropout_out: float = 0.1):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.linear1 = EnsembleLinear(n_ensemble, in_dim, in_dim)
         self.linear2 = EnsembleLinear(n_ensemble, in_dim, n_genes)
+        self.dropout_out = nn.Dropout(dropout_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = torch.relu(self.linear1(self.dropout(x)))
-        return torch.relu(per_head_linear(self.linear2, z)).mean(dim=0)
+        return self.dropout_out(torch.relu(per_head_linear(self.linear2, z))).mean(dim=0)
 
 
 class DeepSpot2Cell(nn.Module):
@@ -70,20 +73,21 @@ class DeepSpot2Cell(nn.Module):
 
     forward(cells (B,C,d), cell_mask (B,C), spot (B,d), neighbors (B,K,d), neighbor_mask (B,K)) -> (B,G)
     spot predictions; :meth:`cell_forward` (cells (N,d) with their spot's tile and neighbour tiles) ->
-    (N,G) per-cell predictions. Defaults are the original's (hidden 512, 10 heads, dropout 0.3);
-    ``n_ensemble_rho`` / ``dropout_rho`` set rho's apart from phi's.
+    (N,G) per-cell predictions. Defaults are the original's (hidden 512, 10 heads, dropout 0.3, output
+    dropout 0.1 on every rho head); ``n_ensemble_rho`` / ``dropout_rho`` set rho's apart from phi's.
     """
 
     def __init__(self, in_dim: int, n_genes: int, hidden: int = 512, n_ensemble: int = 10, dropout: float = 0.3,
-                 n_ensemble_rho: int | None = None, dropout_rho: float | None = None):
+                 n_ensemble_rho: int | None = None, dropout_rho: float | None = None, dropout_out: float = 0.1):
         super().__init__()
         self.in_dim, self.n_genes, self.hidden = int(in_dim), int(n_genes), int(hidden)
         self.n_ensemble, self.dropout_p = int(n_ensemble), float(dropout)
         self.n_ensemble_rho = self.n_ensemble if n_ensemble_rho is None else int(n_ensemble_rho)
         self.dropout_rho = self.dropout_p if dropout_rho is None else float(dropout_rho)
+        self.dropout_out = float(dropout_out)
         self.phi_cell = MLPPhi(in_dim, hidden, n_ensemble, dropout)
         self.phi_spot = MLPPhi(in_dim, hidden, n_ensemble, dropout)
-        self.rho = MLPRho(3 * hidden, n_genes, self.n_ensemble_rho, self.dropout_rho)
+        self.rho = MLPRho(3 * hidden, n_genes, self.n_ensemble_rho, self.dropout_rho, self.dropout_out)
         self.use_neighbors = True
 
     def config(self) -> dict:
@@ -93,6 +97,8 @@ class DeepSpot2Cell(nn.Module):
             out["n_ensemble_rho"] = self.n_ensemble_rho
         if self.dropout_rho != self.dropout_p:
             out["dropout_rho"] = self.dropout_rho
+        if self.dropout_out != 0.1:  # the published value is the default (checkpoints without the key have it)
+            out["dropout_out"] = self.dropout_out
         return out
 
     def context(self, spot: torch.Tensor, neighbors: torch.Tensor | None = None,

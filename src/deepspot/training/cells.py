@@ -205,6 +205,40 @@ _SPOT2CELL_DEFAULTS = {"deepspot2cell": dict(hidden=512, n_ensemble=10, dropout=
                        "deepspot2cell-pooled": dict(hidden=1024, n_ensemble=10, dropout=0.2)}
 
 
+# training presets of the spot-to-cell models: ours (the defaults) and the original DeepSpot2Cell's
+# (configs/training.example.yaml of the original code: batch 4, AdamW lr 1e-4 / weight decay 1e-6, 8 heads,
+# at most 50 epochs, early stopping on the validation loss with patience 5 and min_delta 1e-3; its data
+# loader drops cells without counts and spots without counts)
+SPOT2CELL_PRESETS = {
+    "deepspot": dict(batch_size=16, lr=1e-4, weight_decay=1e-6, max_epochs=200, patience=20, min_delta=0.0,
+                     drop_zero=False),
+    "original": dict(batch_size=4, lr=1e-4, weight_decay=1e-6, max_epochs=50, patience=5, min_delta=1e-3,
+                     drop_zero=True),
+}
+_SPOT2CELL_PRESET_ARCH = {("original", "deepspot2cell"): dict(hidden=512, n_ensemble=8, dropout=0.3)}
+
+
+def original_drops(spots: ad.AnnData, cell_to_spot: np.ndarray, cell_counts: ad.AnnData | None = None):
+    """What the original DeepSpot2Cell's data loader leaves out of training: spots whose counts sum to 0
+    and (when the cells' own counts are known) cells whose counts sum to 0. Returns (cell_to_spot with those
+    cells and the cells of those spots set to -1, {counts of what was dropped})."""
+    c2s = np.asarray(cell_to_spot, dtype=np.int64).copy()
+    lib = np.asarray(spots.X.sum(axis=1)).ravel()
+    zero_spot = np.flatnonzero(lib <= 0)
+    c2s[np.isin(c2s, zero_spot)] = -1
+    n_cells = 0
+    if cell_counts is not None:
+        if cell_counts.n_obs != len(c2s):
+            raise ValueError(f"cell_counts has {cell_counts.n_obs} cells, cell_to_spot {len(c2s)}")
+        empty = (np.asarray(cell_counts.X.sum(axis=1)).ravel() <= 0) & (c2s >= 0)
+        n_cells = int(empty.sum())
+        c2s[empty] = -1
+    if len(zero_spot) or n_cells:
+        log.info("as the original's data loader: %d spot(s) and %d cell(s) without counts left out of training",
+                 len(zero_spot), n_cells)
+    return c2s, {"dropped_zero_count_spots": int(len(zero_spot)), "dropped_zero_count_cells": n_cells}
+
+
 def spot_context(spots: ad.AnnData, source: str = "spots"):
     """Each spot's neighbour spots (S,K) + mask (S,K): array row and column within 1 (the spot rule of
     :class:`~deepspot.config.SpotGeometry`)."""
@@ -216,13 +250,16 @@ def spot_context(spots: ad.AnnData, source: str = "spots"):
 def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to_spot: np.ndarray, encoder,
                           geometry: CellGeometry = CellGeometry(), mpp: float | None = None, aggregate: str = "sum",
                           genes: list[str] | None = None, n_top_genes: int | None = None,
-                          neighbor_pool: str = "max", loss: str = "mse", max_epochs: int = 200, patience: int = 20,
-                          batch_size: int = 16, lr: float = 1e-4, seed: int = 2024, dropout: float | None = None,
+                          neighbor_pool: str = "max", loss: str = "mse", max_epochs: int | None = None,
+                          patience: int | None = None, batch_size: int | None = None, lr: float | None = None,
+                          seed: int = 2024, dropout: float | None = None,
                           n_ensemble: int | None = None, hidden: int | None = None, test_fraction: float = 0.3,
                           cache_dir=None, batch_size_encoder: int = 16, num_workers: int = 0, progress: bool = True,
                           log_dir=None, features: np.ndarray | None = None, cell_counts: ad.AnnData | None = None,
                           spot_grid: GridSpec | None = None, model: str = "deepspot2cell",
-                          spot_features: np.ndarray | None = None) -> CellTrainResult:
+                          spot_features: np.ndarray | None = None, preset: str | None = None,
+                          dropout_out: float | None = None, weight_decay: float | None = None,
+                          min_delta: float | None = None) -> CellTrainResult:
     """Train a DeepSpot2Cell on spot counts with a spatial hold-out of spots (right-most ``test_fraction``,
     the split of :func:`deepspot.training.spots.train_spot_model` on the same spots).
 
@@ -237,16 +274,35 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
     predicted with the context of the nearest spot) or 'deepspot2cell-pooled' (a DeepCell per cell, pooled
     into the spot by ``aggregate``). ``features`` (N,d) / ``spot_features`` (S,d): precomputed cell / spot tile
     features (skip encoding). hidden / n_ensemble / dropout default to the architecture's own.
+
+    ``preset``: 'deepspot' (ours, the default) or 'original' (``deepspot2cell`` only: the original
+    DeepSpot2Cell's training, :data:`SPOT2CELL_PRESETS`); options given here override the preset's.
+    ``dropout_out``: rho's output dropout of ``deepspot2cell`` (published 0.1).
     """
     if model not in SPOT2CELL_MODELS:
         raise ValueError(f"unknown spot-to-cell model {model!r}; choose {' or '.join(SPOT2CELL_MODELS)}")
-    arch = {**_SPOT2CELL_DEFAULTS[model], **{k: v for k, v in dict(hidden=hidden, n_ensemble=n_ensemble,
-                                                                    dropout=dropout).items() if v is not None}}
+    preset = preset or "deepspot"
+    if preset not in SPOT2CELL_PRESETS:
+        raise ValueError(f"unknown spot-to-cell preset {preset!r}; choose {' or '.join(SPOT2CELL_PRESETS)}")
+    if preset == "original" and model != "deepspot2cell":
+        raise ValueError(f"preset 'original' is the published DeepSpot2Cell's training; {model} has no original")
+    rec = {**SPOT2CELL_PRESETS[preset], **{k: v for k, v in dict(
+        max_epochs=max_epochs, patience=patience, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        min_delta=min_delta).items() if v is not None}}
+    arch = {**_SPOT2CELL_DEFAULTS[model], **_SPOT2CELL_PRESET_ARCH.get((preset, model), {}),
+            **{k: v for k, v in dict(hidden=hidden, n_ensemble=n_ensemble, dropout=dropout).items() if v is not None}}
+    if dropout_out is not None:
+        if model != "deepspot2cell":
+            raise ValueError("dropout_out is rho's output dropout of the published deepspot2cell")
+        arch["dropout_out"] = float(dropout_out)
     w, h, mpp_used = _slide_size(image, mpp)
     cell_xy = np.asarray(cell_xy, dtype=np.float64).reshape(-1, 2)
     if len(cell_to_spot) != len(cell_xy):
         raise ValueError(f"cell_to_spot has {len(cell_to_spot)} entries for {len(cell_xy)} cells")
     inside_image(cell_xy, w, h, f"{image}: cells")
+    drops = {}
+    if rec["drop_zero"]:
+        cell_to_spot, drops = original_drops(spots, cell_to_spot, cell_counts)
     spots, c2s = drop_empty_spots(spots, cell_to_spot, source=f"{image}: spots")
     original = model == "deepspot2cell"
     if original:
@@ -276,8 +332,9 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
         net = PooledDeepSpot2Cell(int(encoder.dim), len(panel), context=geometry.context, neighbor_pool=neighbor_pool,
                                   aggregate=aggregate, **arch)
         cell_bags_ = cbags
-    summary = fit(net, sbags, y, train, val, loss=loss, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
-                  patience=patience, seed=seed, progress=progress, log_dir=log_dir)
+    summary = fit(net, sbags, y, train, val, loss=loss, lr=rec["lr"], weight_decay=rec["weight_decay"],
+                  batch_size=rec["batch_size"], max_epochs=rec["max_epochs"], patience=rec["patience"],
+                  min_delta=rec["min_delta"], seed=seed, progress=progress, log_dir=log_dir)
     cell_pred = predict_batches(net.cell_predictor(), cell_bags_, batch_size=512)
     spot_pred = predict_batches(net, sbags, batch_size=64)
     test_cells = np.flatnonzero(np.isin(c2s, test))
@@ -286,8 +343,9 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
         if cell_counts.n_obs != len(cell_xy):
             raise ValueError(f"cell_counts has {cell_counts.n_obs} cells, cell_xy {len(cell_xy)}")
         truth = log_normalize(cell_counts, genes=panel)
-    training = {"loss": loss, "lr": lr, "seed": seed, "batch_size": batch_size, "max_epochs": max_epochs,
-                "patience": patience, "n_spots": int(spots.n_obs), "n_cells": int(len(cell_xy)),
+    training = {"preset": preset, "loss": loss, "lr": rec["lr"], "weight_decay": rec["weight_decay"], "seed": seed,
+                "batch_size": rec["batch_size"], "max_epochs": rec["max_epochs"], "patience": rec["patience"],
+                "min_delta": rec["min_delta"], **drops, "n_spots": int(spots.n_obs), "n_cells": int(len(cell_xy)),
                 "n_cells_in_spots": int((c2s >= 0).sum()),
                 "split": "spatial: right-most %.0f%% of spots held out" % (100 * test_fraction), **summary}
     if not original:

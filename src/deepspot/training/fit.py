@@ -243,7 +243,7 @@ def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.n
         min_epochs: int | None = None,
         log_dir: str | Path | None = None, progress: bool = True, accelerator: str = "cpu",
         devices: int | str = 1, strategy: str = "auto", loggers: str | Sequence[str] | None = None,
-        val_batch_size: int | None = None, monitor: str = "val_loss") -> dict:
+        val_batch_size: int | None = None, monitor: str = "val_loss", min_delta: float = 0.0) -> dict:
     """Train ``model`` in place; returns a summary (best val loss, best epoch, epochs run, precision).
 
     targets: (N, G) float, rows aligned with ``bags``; train_idx / val_idx index into them (train_idx may
@@ -251,6 +251,8 @@ def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.n
     ``loggers``: None (CSV when ``log_dir`` is given), 'csv', 'tensorboard' or both. ``monitor``: what early
     stopping and the kept weights follow, ``val_loss``, ``val_pearson`` (mean per-gene Pearson across
     all validation spots) or ``train_loss`` (the original's). ``min_epochs``: no early stop before.
+    ``min_delta``: the smallest change of the monitor that counts as better for early stopping (the kept
+    weights are still those of the best value).
     The summary's ``best_val`` is that monitor's best value.
     """
     precision = resolve_precision(precision, accelerator)
@@ -261,7 +263,8 @@ def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.n
         val_dl = make_loader(bags, tgt, val_idx, val_batch_size or max(batch_size, 1024), shuffle=False, shard=False)
         module = BagRegressor(model, loss=loss, lr=lr, weight_decay=weight_decay)
         keep, history = KeepBest(monitor), History()
-        callbacks = [keep, L.pytorch.callbacks.EarlyStopping(monitor, patience=patience, mode=keep.mode), history]
+        callbacks = [keep, L.pytorch.callbacks.EarlyStopping(monitor, patience=patience, mode=keep.mode,
+                                                              min_delta=min_delta), history]
         if progress:
             callbacks.append(L.pytorch.callbacks.RichProgressBar(leave=False))
         trainer = L.Trainer(max_epochs=max_epochs, min_epochs=min_epochs, callbacks=callbacks, logger=make_loggers(log_dir, loggers),
