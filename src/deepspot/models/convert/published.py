@@ -65,7 +65,8 @@ def _jsonable(hp: dict) -> dict:
 _NOTES = {
     "deepspot": "original output Dropout(0.1) dropped (a no-op at inference)",
     "deepcell": "original output Dropout(0.1) dropped (a no-op at inference)",
-    "deepspot2cell": "original output Dropout(0.1) dropped (a no-op at inference); context_padded (True = padding) "
+    "deepspot2cell": "original output Dropout(0.1) kept as dropout_out (a no-op at inference, used in training); "
+                     "context_padded (True = padding) "
                      "becomes neighbor_mask (True = real)",
 }
 
