@@ -378,3 +378,18 @@ def test_abort_removes_only_the_folders_it_made_when_empty(tmp_path):
         t.write_text("x")
     owner.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_into_a_folder_of_user_files_is_refused_before_any_work(tmp_path):
+    """The demos own their folder like every command: user files are never overwritten or removed."""
+    from deepspot.demo import run_demo, run_her2st_demo
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.txt").write_text("keep")
+    (out / "predictions.h5ad").write_text("my own file, same name as the demo's")
+    before = tree(tmp_path)
+    for run in (run_demo, run_her2st_demo):
+        with pytest.raises(FileExistsError, match="did not write"):
+            run(out, data_dir=tmp_path / "no-data-here")  # refused before the data is looked up
+    assert tree(tmp_path) == before

@@ -1,6 +1,6 @@
 """The demos.
 
-- :func:`run_demo` (``deepspot demo``): train DeepSpot (``ds.train``) on the bundled Xenium lung H&E (cells
+- :func:`run_demo` (``deepspot demo``, ``--quick``): train DeepSpot (``ds.train``) on the bundled Xenium lung H&E (cells
   pooled into pseudo-spots), score it on a held-out side of the image next to a ridge baseline, predict the whole
   image, write h5ad + PNG.
 - :func:`run_her2st_demo` (``deepspot demo --her2st``): real spots. Through the public API
@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from pathlib import Path
 
@@ -31,35 +30,43 @@ def run_demo(out_dir: str | Path = "deepspot_demo", data_dir=None, spot_px: floa
              encoder_name: str = "efficientnet-lite0", encoder_weights=None, context: str = "spot_subspot_neighbors",
              max_epochs: int | None = None, patience: int | None = None, seed: int = 2024, progress: bool = True, echo=print,
              tissue: str = "otsu") -> dict:
-    """Run the demo into ``out_dir``; the data is resolved before anything is written, and a folder this
-    call created is removed again if the demo fails."""
+    """Run the demo into ``out_dir`` (new, empty, or a previous result of this demo); the data is resolved
+    before anything is written, and if the demo fails only what it wrote is removed."""
     t0 = time.perf_counter()
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out}: --out is an existing file, not a folder")
+    _owner(out, "demo").check()  # a file, or a folder of other files: refused before any work
     cells, image, meta = ncbi858(data_dir)
     encoder = load_encoder(encoder_name, weights=encoder_weights)
-    with _output_folder(out):
+    with _output_folder(out, "demo"):
         return _run(out, t0, cells, image, meta, encoder, encoder_weights, spot_px, spacing_px, context, max_epochs,
                     patience, seed, progress, echo, tissue)
 
 
+# what a demo writes at the top of its folder (a folder of these, from before run records, is a previous result)
+_DEMO_FILES = {"predictions.h5ad", "predicted_genes.png", "spots.csv", "scores.csv", "per_gene.csv", "model",
+               "features", "logs", "C5_score.png", "reliability.png", "training_curves.png"}
+
+
+def _owner(out: Path, command: str):
+    from deepspot.io.owner import OutputFolder
+
+    return OutputFolder(out, command, legacy=lambda n: n in _DEMO_FILES or n.endswith("_score.png"))
+
+
 @contextlib.contextmanager
-def _output_folder(out: Path):
-    """Create ``out``; if the block fails, remove what this call created (the folder and new parents)."""
-    made = [p for p in [out, *out.parents] if not p.exists()]
-    out.mkdir(parents=True, exist_ok=True)
+def _output_folder(out: Path, command: str = "demo"):
+    """Own ``out`` for a demo (:class:`~deepspot.io.owner.OutputFolder`): a new or empty folder, or a previous
+    result of the same demo; a folder of other files is refused before any work. If the block fails, only
+    what this run wrote is removed (and the folders it made, once empty); on success its entries are recorded."""
+    owner = _owner(out, command).open()
+    before = set(owner.entries())
     try:
         yield out
     except BaseException:
-        if made:
-            shutil.rmtree(out, ignore_errors=True)
-            for p in made[1:]:
-                try:
-                    p.rmdir()
-                except OSError:
-                    break
+        owner.written = [n for n in owner.entries() if n not in before]
+        owner.abort()
         raise
+    owner.record(*(n for n in owner.entries() if n not in before or n in owner.previous))
 
 
 def _run(out, t0, cells, image, meta, encoder, encoder_weights, spot_px, spacing_px, context, max_epochs, patience,
@@ -90,7 +97,7 @@ def _run(out, t0, cells, image, meta, encoder, encoder_weights, spot_px, spacing
     band = noise_band(res.pred[test], res.targets[test], np.arange(res.targets.shape[1]))
     echo(f"[demo] noise band: DeepSpot's own held-out predictions with the spots shuffled score up to {band:.4f} "
          f"(95th percentile of 100 shuffles); on {len(test)} held-out spots a difference smaller than that is "
-         f"noise. This demo is a pipeline check (200 cells), not a benchmark: `deepspot demo` (HER2ST) is the "
+         f"noise. This demo is a pipeline check (200 cells), not a benchmark: `deepspot demo --her2st` is the "
          f"one on real spots.")
     adata = predict_image(image, res.model, res.config, encoder, tissue=tissue, cache_dir=cache,
                           progress=progress, library_id=meta.get("sample", "NCBI858"))
@@ -141,8 +148,7 @@ def run_her2st_demo(out_dir: str | Path = "deepspot_demo_her2st", data_dir=None,
     t0 = time.perf_counter()
     secs: dict[str, float] = {}
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out}: --out is an existing file, not a folder")
+    _owner(out, "demo --her2st").check()  # a file, or a folder of other files: refused before any work
     sections = [*train_sections, test_section]
     if test_section in train_sections or len(set(sections)) != len(sections):
         raise ValueError(f"the held-out section {test_section} must not be a training section ({train_sections})")
@@ -158,7 +164,7 @@ def run_her2st_demo(out_dir: str | Path = "deepspot_demo_her2st", data_dir=None,
          + (f" + markers {', '.join(markers)}" if markers else "") + ", crops of "
          f"one spot ({test.spot_px:.0f} px)" + (" + 9 sub-spots" if "subspot" in context else "")
          + ("; neighbours: the 8 adjacent array spots" if "neighbor" in context else ""))
-    with _output_folder(out):
+    with _output_folder(out, "demo --her2st"):
         cache = out / "features"
         t = time.perf_counter()
         model = ds.train(train, out=out / "model", encoder=encoder_name, encoder_weights=encoder_weights,

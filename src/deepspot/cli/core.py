@@ -17,24 +17,24 @@ def _split(s: Optional[str]) -> Optional[list[str]]:
 
 
 @app.command()
-def demo(out: Optional[Path] = typer.Option(None, help="Output folder (default: deepspot_demo_her2st, or "
-                                             "deepspot_demo with --quick)."),
-         her2st: bool = typer.Option(True, "--her2st/--quick", help="--her2st (default): train on HER2ST sections "
-                                     "C2-C4, score C5 next to ridge, predict all of C5 on a virtual grid (real 100 µm "
-                                     "spots; a few minutes on 2 cores). --quick: the bundled Xenium lung H&E (200 "
-                                     "cells pooled into pseudo-spots, about a minute): a pipeline check, not a "
-                                     "benchmark."),
-         context: Optional[str] = typer.Option(None, help="Spot context (default: spot_neighbors, to stay within "
-                                               "minutes on 2 cores; --quick: spot_subspot_neighbors)."),
+def demo(out: Optional[Path] = typer.Option(None, help="Output folder (default: deepspot_demo, or "
+                                             "deepspot_demo_her2st with --her2st)."),
+         her2st: bool = typer.Option(False, "--her2st/--quick", help="--quick (default): the bundled Xenium lung "
+                                     "H&E (200 cells pooled into pseudo-spots, about a minute): a pipeline check, "
+                                     "not a benchmark. --her2st: train on HER2ST sections C2-C4, score C5 next to "
+                                     "ridge and the noise band, predict all of C5 on a virtual grid (real 100 µm "
+                                     "spots; a few minutes on 2 cores): the result that is not noise."),
+         context: Optional[str] = typer.Option(None, help="Spot context (default: spot_subspot_neighbors; "
+                                               "--her2st: spot_neighbors, to stay within minutes on 2 cores)."),
          data_dir: Optional[Path] = typer.Option(None, help="Folder with ncbi858/ or her2st/ (else $DEEPSPOT_DATA_DIR, a checkout's shared/data, the user cache; downloaded once if missing)."),
          encoder: str = typer.Option("efficientnet-lite0", help="Encoder name (see `deepspot encoders`)."),
          encoder_weights: Optional[Path] = typer.Option(None, help="Local weights file/folder for the encoder."),
-         spot_px: float = typer.Option(120.0, help="--quick: pseudo-spot diameter in pixels (the image has no mpp)."),
-         spacing_px: float = typer.Option(120.0, help="--quick: pseudo-spot centre-to-centre spacing in pixels."),
+         spot_px: float = typer.Option(120.0, help="Xenium demo: pseudo-spot diameter in pixels (the image has no mpp)."),
+         spacing_px: float = typer.Option(120.0, help="Xenium demo: pseudo-spot centre-to-centre spacing in pixels."),
          max_epochs: Optional[int] = typer.Option(None, help="Default: the training recipe's."), seed: int = typer.Option(2024),
          progress: bool = typer.Option(True, help="Show progress bars.")):
-    """Train on three HER2ST sections, score the fourth next to ridge and the noise band, predict it whole
-    (--quick: on the bundled Xenium lung H&E, a held-out side of the image)."""
+    """Train on the bundled Xenium lung H&E, predict it whole, score a held-out side next to ridge and the noise
+    band (a pipeline check); --her2st: train on three HER2ST sections, score the fourth, predict it whole."""
     echo = lambda msg: console.print(msg, markup=False, highlight=False)  # noqa: E731
     if her2st:
         from deepspot.demo import run_her2st_demo
