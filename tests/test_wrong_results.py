@@ -252,7 +252,10 @@ def test_score_refuses_a_cell_model_before_reading_samples(ck, tmp_path, capsys,
     cell = save_checkpoint(tmp_path / "cell", DeepCell(32, len(GENES), hidden=8, n_ensemble=2),
                            {"model": "deepcell", "encoder": {"name": TINY, "dim": 32}, "genes": GENES,
                             "geometry": CellGeometry(10.0).to_dict(), "scaler": None})
-    (tmp_path / "m.csv").write_text("sample_id,patient_id,image,expression\n")
+    # a well-formed manifest whose files exist (empty: the model is refused before any sample is read)
+    (tmp_path / "s1.png").write_bytes(b"")
+    (tmp_path / "s1.h5ad").write_bytes(b"")
+    (tmp_path / "m.csv").write_text("sample_id,patient_id,image,expression\ns1,p1,s1.png,s1.h5ad\n")
     code, _, err = run_cli(capsys, "score", "--model", cell, "--manifest", tmp_path / "m.csv", "--out",
                            tmp_path / "o", "--no-progress")
     assert code == 1 and "predicts cells" in err, err
