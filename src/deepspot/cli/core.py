@@ -186,8 +186,14 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
                                                  "bins); default: the model's."),
             spacing: Optional[float] = typer.Option(None, help="Centre-to-centre spacing in the model's grid unit "
                                                     "(µm); default: the model's."),
-            genes: Optional[str] = typer.Option(None, help="Genes to plot (comma-separated)."),
-            plot_genes: int = typer.Option(4, help="Without --genes: plot this many most variable genes (0: no PNG)."),
+            genes: Optional[str] = typer.Option(None, help="Genes to plot (comma-separated), or 'reliable': write "
+                                                "only the genes whose validation Pearson is above the noise band "
+                                                "(var['reliable']) and plot the most reliable."),
+            plot_genes: int = typer.Option(4, help="Without --genes: plot this many genes, the most reliable (else "
+                                           "the most variable) first (0: no PNG)."),
+            interval: float = typer.Option(0.9, help="Nominal level of the per-spot, per-gene conformal interval "
+                                           "(layers 'lower' / 'upper'; the model is calibrated at 0.5, 0.8, 0.9, "
+                                           "0.95); 0: none. Models without a validation have none."),
             encoder_weights: Optional[Path] = typer.Option(None, help="Local weights for the model's encoder."),
             batch_size: int = typer.Option(16, help="Spots per encoder batch."),
             num_workers: Optional[int] = typer.Option(None, help="Slide-reading worker processes (default: about "
@@ -215,7 +221,18 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
 
         require("spatialdata", "spatialdata", "--format spatialdata")
     # before torch is imported: the output folder first, then the checkpoint, genes, slide, previous result
+    only_reliable = (genes or "").strip().lower() == "reliable"
+    genes = None if only_reliable else genes
     check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes), geometry=geometry)
+    keep = None
+    if only_reliable:
+        from deepspot.config import read_config_file
+        from deepspot.reliability import NO_VALIDATION, trusted_genes
+
+        keep = trusted_genes(read_config_file(model))
+        if not keep:
+            raise ValueError(f"{model}: --genes reliable: no gene is marked reliable"
+                             + ("" if "reliability" in read_config_file(model).extra else f" ({NO_VALIDATION})"))
 
     import deepspot as ds
     t0 = time.perf_counter()
@@ -230,10 +247,12 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         pred = m.predict_slide(slide, out=out, genes=_split(genes), mpp=mpp, tissue=tissue, min_tissue=min_tissue,
                                fast=fast, layout=layout, spacing=spacing, batch_size=batch_size,
                                num_workers=num_workers, cache_dir=cache_dir, progress=progress, geometry=geo,
-                               overwrite=overwrite, as_spatialdata=fmt == "spatialdata", n_plot=plot_genes)
+                               overwrite=overwrite, as_spatialdata=fmt == "spatialdata", n_plot=plot_genes,
+                               interval=interval or None, keep_genes=keep)
     pred = pred.tables["table"] if fmt == "spatialdata" else pred
     info = pred.uns["deepspot"]
-    for msg in [str(w.message) for w in caught] + [f"geometry: {n}" for n in info["geometry_notes"]]:
+    notes = [f"geometry: {n}" for n in info["geometry_notes"]] + [str(n) for n in info.get("notes", [])]
+    for msg in [str(w.message) for w in caught] + notes:
         typer.echo(f"deepspot: warning: {msg}", err=True)
     console.print(f"{pred.n_obs} of {info['grid_spots']} grid spots on tissue × {pred.n_vars} genes → "
                   f"{info['outputs'][0]} ({time.perf_counter() - t0:.0f} s)")

@@ -233,8 +233,24 @@ def fit_spot_model(recipe: SpotRecipe, bags: Bags, targets: np.ndarray, train_id
     summary["n_train_rows"] = int(len(train_idx))
     if n_clusters is not None:
         summary["leiden_clusters"] = n_clusters
+    summary["reliability"] = validation_reliability(recipe, model, scaler, bags, targets, val_idx)
     return model, scaler, summary
 
 
+def validation_reliability(recipe: SpotRecipe, model, scaler, bags: Bags, targets: np.ndarray,
+                           val_idx: np.ndarray) -> dict | None:
+    """Per-gene reliability and the conformal calibration of intervals on the validation spots
+    (:mod:`deepspot.reliability`), as stored in the checkpoint; None when the validation spots trained
+    too (``monitor='train_loss'``: they would not measure anything held out)."""
+    if recipe.monitor == "train_loss":
+        return None
+    from deepspot.reliability import measure_model
+
+    rel = measure_model(model, scaler, bags, targets, val_idx, seed=recipe.seed,
+                        source="validation spots held out inside the training samples; they also chose the "
+                               "early-stopping epoch")
+    return rel.to_dict()
+
+
 __all__ = ["PRESETS", "PRESET_PANELS", "SpotRecipe", "block_validation", "build_spot_model", "fit_spot_model",
-           "preset_panel", "spot_preset"]
+           "preset_panel", "spot_preset", "validation_reliability"]

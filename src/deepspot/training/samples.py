@@ -155,6 +155,7 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
     t0 = time.perf_counter()
     model, scaler, summary = fit_spot_model(recipe, bags, y, tr, va, progress=progress, log_dir=log_dir,
                                             precision=precision, accelerator=accelerator)
+    reliability = summary.pop("reliability", None)
     t_fit = time.perf_counter() - t0
     pred = invert_scaler(predict_bags(model, bags), scaler)
     mpps = sorted({round(float(s.mpp), 4) for s in samples if s.mpp})
@@ -163,7 +164,8 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
                 "split": split, **summary,
                 "seconds": {"features": round(t_features, 1), "training": round(t_fit, 1)}}
     config = ModelConfig("deepspot", model.config(), EncoderRef(encoder.name, int(encoder.dim)), list(panel),
-                         geometry, scaler, TARGETS, mpps[0] if len(mpps) == 1 else None, training)
+                         geometry, scaler, TARGETS, mpps[0] if len(mpps) == 1 else None, training,
+                         extra={"reliability": reliability} if reliability else {})
     feats = Features(bags.spot.numpy(), None if bags.subspot is None else bags.subspot.numpy())
     return SpotTrainResult(model, config, feats, y, panel, (tr, va, np.zeros(0, np.int64)), pred, summary)
 
