@@ -62,7 +62,7 @@ def test_uninformative_spread_falls_back_to_a_constant_width():
     assert iv.mode == "constant" and abs(iv.spread_informative) < 0.1
     lo, hi = iv.bounds(p, None, 0.9)
     assert np.allclose(hi - p, iv.q_at(0.9), atol=1e-5)  # one half width per gene
-    assert np.allclose(lo, np.maximum(p - iv.q_at(0.9), 0), atol=1e-5)  # log1p expression: never below 0
+    assert np.allclose(lo, np.maximum(p - iv.q_at(0.9), np.minimum(p, 0)), atol=1e-5)  # log1p: not below 0
     with pytest.raises(ValueError, match="calibrated at 0.9"):
         iv.bounds(p, None, 0.95)
 
@@ -225,3 +225,26 @@ def test_old_checkpoint_without_reliability_loads_and_predicts(tmp_path, tiny_sl
     assert "lower" not in a.layers and "upper" not in a.layers
     notes = list(a.uns["deepspot"]["notes"])
     assert len(notes) == 1 and "no validation" in notes[0]
+
+
+def test_pictures_of_reliability(tmp_path):
+    import deepspot as ds
+
+    rng = np.random.default_rng(0)
+    n = 30
+    x = rng.uniform(0, 3, size=(n, 3)).astype(np.float32)
+    a = ad.AnnData(X=x, var=pd.DataFrame(index=["A", "B", "C"]))
+    a.obsm["spatial"] = rng.uniform(0, 100, size=(n, 2))
+    a.var["val_pearson"], a.var["noise_band"], a.var["reliable"] = [0.1, 0.4, -0.05], [0.15, 0.15, 0.15], \
+        [False, True, False]
+    with pytest.raises(ValueError, match="no interval"):
+        ds.pl.uncertainty(a)
+    a.layers["lower"], a.layers["upper"] = x - 0.5, x + rng.uniform(0.1, 1.0, size=x.shape).astype(np.float32)
+    axes = ds.pl.uncertainty(a, path=tmp_path / "u.png")
+    assert (tmp_path / "u.png").stat().st_size > 0 and axes[0].get_title().startswith("B")  # the reliable gene
+    width = axes[1].collections[0].get_array()
+    assert np.allclose(width, a.layers["upper"][:, 1] - a.layers["lower"][:, 1])
+    ax = ds.pl.gene_panel(a, path=tmp_path / "p.png")
+    heights = [b.get_height() for b in ax.patches]
+    assert heights == sorted(heights, reverse=True) and np.isclose(heights[0], 0.4)
+    assert ds.pl.spatial(a, n_genes=1)[0].get_title() == "B"  # reliable genes first by default

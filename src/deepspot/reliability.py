@@ -294,6 +294,7 @@ def annotate_var(adata, config) -> None:
     adata.var["val_pearson"] = t["val_pearson"].to_numpy(np.float64)
     rel = Reliability.of(config)
     adata.var["reliable"] = t["reliable"].fillna(False).to_numpy(bool)
+    adata.var["noise_band"] = t["noise_band"].to_numpy(np.float64)
     info = adata.uns.setdefault("deepspot", {})
     if rel is None:
         info["reliability"] = NO_VALIDATION

@@ -261,8 +261,12 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
 @app.command()
 def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
          genes: Optional[str] = typer.Option(None, help="Comma-separated genes (default: the most variable)."),
-         out: Optional[Path] = typer.Option(None, help="PNG path (default: beside the h5ad).")):
-    """Plot predicted genes over the H&E thumbnail."""
+         out: Optional[Path] = typer.Option(None, help="PNG path (default: beside the h5ad)."),
+         reliability: bool = typer.Option(False, "--reliability", help="Also draw, for the first gene (default: the "
+                                          "most reliable), its map next to its interval width "
+                                          "(<out>_interval.png) and the gene panel as validation-Pearson bars "
+                                          "with their noise band (<out>_panel.png).")):
+    """Plot predicted genes over the H&E thumbnail (default: the most reliable genes, else the most variable)."""
     if not h5ad.exists():
         raise FileNotFoundError(f"{h5ad}: file not found")
     import anndata as ad
@@ -270,8 +274,16 @@ def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
     import deepspot as ds
 
     path = out or h5ad.with_suffix(".png")
-    ds.pl.spatial(ad.read_h5ad(h5ad), genes=_split(genes), path=path)
+    a = ad.read_h5ad(h5ad)
+    ds.pl.spatial(a, genes=_split(genes), path=path)
     console.print(f"wrote {path}")
+    if reliability:
+        first = (_split(genes) or [None])[0]
+        p1 = path.with_name(path.stem + "_interval.png")
+        ds.pl.uncertainty(a, gene=first, path=p1)
+        p2 = path.with_name(path.stem + "_panel.png")
+        ds.pl.gene_panel(a, path=p2)
+        console.print(f"wrote {p1} and {p2}")
 
 
 @app.command()
