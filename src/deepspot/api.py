@@ -208,7 +208,7 @@ class Model:
                       library_id: str | None = None, n_plot: int = 4,
                       geometry: SpotGeometry | str | None = None, overwrite: bool = False,
                       as_spatialdata: bool = False, interval: float | None = 0.9,
-                      keep_genes: Sequence[str] | None = None):
+                      keep_genes: Sequence[str] | None = None, tta: bool = False):
         """Predict every in-tissue spot of a virtual grid over ``slide`` (the model's geometry; ``layout``
         and ``spacing`` override its grid, ``mpp`` the slide's µm/px) -> AnnData (spots × genes).
 
@@ -231,7 +231,8 @@ class Model:
         ``out/<name>.zarr`` (in place of the h5ad), read back, its table's ``uns['deepspot']['outputs']``
         listing the files.
 
-        ``keep_genes``: only these genes in the output (e.g. ``model.reliable_genes``).
+        ``tta``: test-time augmentation, the mean over the 8 dihedral views of every crop (8 encoder passes
+        per crop). ``keep_genes``: only these genes in the output (e.g. ``model.reliable_genes``).
         ``interval``: the nominal level of the per-spot, per-gene conformal interval written as
         ``layers['lower']`` / ``layers['upper']`` (None: none; only models trained with a validation
         carry one); ``var['val_pearson']`` / ``var['reliable']`` say which genes to trust.
@@ -254,7 +255,7 @@ class Model:
         common = dict(mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue, fast=fast, layout=layout,
                       spacing=spacing, batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
                       device=self.device, progress=progress, library_id=library_id, geometry=geometry,
-                      interval=interval)
+                      interval=interval, tta=tta)
         if as_spatialdata:
             from deepspot.extras import require
 
@@ -284,7 +285,7 @@ class Model:
 
     def predict_spots(self, adata: ad.AnnData, image, mpp: float | None = None, batch_size: int = 16,
                       num_workers: int | None = 0, cache_dir=None, progress: bool = True,
-                      library_id: str | None = None, interval: float | None = 0.9) -> ad.AnnData:
+                      library_id: str | None = None, interval: float | None = 0.9, tta: bool = False) -> ad.AnnData:
         """Predict at the spots of ``adata``: obsm['spatial'] (x, y) full-resolution px of ``image`` and
         obs array_row/array_col (for the neighbour context). Returns AnnData (same obs_names, same order)
         × the model's genes, with var val_pearson / reliable and, for a calibrated model, layers lower /
@@ -294,7 +295,7 @@ class Model:
         self._require(cells=False)
         return predict_spots(image, adata, self.network, self.config, self.encoder, mpp=mpp, batch_size=batch_size,
                              num_workers=num_workers, cache_dir=cache_dir, device=self.device, progress=progress,
-                             library_id=library_id, interval=interval)
+                             library_id=library_id, interval=interval, tta=tta)
 
     def predict_cells(self, cells, image, x_col: str = "x", y_col: str = "y", id_col: str | None = None,
                       mpp: float | None = None, drop_outside: bool = False, batch_size: int = 16,

@@ -104,7 +104,12 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
           aggregate: str = typer.Option("sum", help="deepspot2cell-pooled: cells to spot by sum (count space) or mean (log)."),
           preset: str = typer.Option("deepspot", help="Spot training preset: deepspot (ours) or original (the "
                                      "original's: batch 1024, 10-15 epochs, early stop on training loss, Leiden "
-                                     "oversampling, top 5,000 seurat_v3 HVGs); options given override it.")):
+                                     "oversampling, top 5,000 seurat_v3 HVGs); options given override it."),
+          augment_views: Optional[int] = typer.Option(None, help="--manifest: also train on the first k of the 8 "
+                                                      "dihedral views of every crop (1, the default: none; each view "
+                                                      "is one more encoder pass per crop)."),
+          stain_jitter: Optional[float] = typer.Option(None, help="--manifest: HED stain jitter (±sigma per channel, "
+                                                       "e.g. 0.05) of the augmented crops (default 0: none).")):
     """Train DeepSpot (spots), DeepCell or DeepSpot2Cell (cells) on one image; prints held-out scores."""
     from deepspot.inference.preflight import check_gene_list, check_out_dir, check_slide
 
@@ -127,7 +132,9 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                            max_epochs=max_epochs, patience=patience, seed=seed, cache_dir=cache_dir, progress=progress,
                            val_samples=_split(val_samples), val_patients=_split(val_patients),
                            on_missing=on_missing, precision=precision,
-                           accelerator=device, cells=cells, preset=preset)
+                           accelerator=device, cells=cells, preset=preset,
+                           **{k: v for k, v in dict(augment_views=augment_views, stain_jitter=stain_jitter).items()
+                              if v is not None})
         t = trained.config.training
         g = trained.config.geometry.grid
         console.print(f"trained on {t['n_train_spots']} spots of {len(t['samples'])} samples "
@@ -191,6 +198,8 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
                                                 "(var['reliable']) and plot the most reliable."),
             plot_genes: int = typer.Option(4, help="Without --genes: plot this many genes, the most reliable (else "
                                            "the most variable) first (0: no PNG)."),
+            tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: the mean prediction over the 8 "
+                                     "dihedral views of every crop (8 encoder passes per crop)."),
             interval: float = typer.Option(0.9, help="Nominal level of the per-spot, per-gene conformal interval "
                                            "(layers 'lower' / 'upper'; the model is calibrated at 0.5, 0.8, 0.9, "
                                            "0.95); 0: none. Models without a validation have none."),
@@ -248,7 +257,7 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
                                fast=fast, layout=layout, spacing=spacing, batch_size=batch_size,
                                num_workers=num_workers, cache_dir=cache_dir, progress=progress, geometry=geo,
                                overwrite=overwrite, as_spatialdata=fmt == "spatialdata", n_plot=plot_genes,
-                               interval=interval or None, keep_genes=keep)
+                               interval=interval or None, keep_genes=keep, tta=tta)
     pred = pred.tables["table"] if fmt == "spatialdata" else pred
     info = pred.uns["deepspot"]
     notes = [f"geometry: {n}" for n in info["geometry_notes"]] + [str(n) for n in info.get("notes", [])]

@@ -75,6 +75,8 @@ class EvalConfig:
     min_epochs: int = _R.min_epochs
     hvg_flavor: str = _R.hvg_flavor
     preset: str = _R.preset
+    augment_views: int = _R.augment_views
+    stain_jitter: float = _R.stain_jitter
     precision: str = "32"
     val_fraction: float = _R.val_fraction
     ridge_pca: int | None = 256

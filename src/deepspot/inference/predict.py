@@ -38,6 +38,7 @@ from deepspot.config import (TISSUE_RULES, GridSpec, ModelConfig, SpotGeometry, 
 from deepspot.reliability import (DEFAULT_LEVEL, annotate_var, head_spread, intervals_for, spread_to_expression,
                                   trusted_genes)
 from deepspot.features.extract import ExtractStats, check_mode, extract_features, extract_to_store, store_path_for
+from deepspot.features.views import N_VIEWS, view_tag
 from deepspot.geometry.grid import make_grid
 from deepspot.geometry.neighbors import array_neighbors
 from deepspot.features.tiles import spot_boxes
@@ -177,7 +178,7 @@ def predict_plan(plan: SlidePlan, model, config: ModelConfig, encoder, sink=None
                  mpp: float | None = None, batch_size: int = 16, num_workers: int | None = None, cache_dir=None,
                  store_dir=None, device="cpu", autocast_dtype=None, progress: bool = True,
                  stats: ExtractStats | None = None, predict_batch: int = 512, interval: float | None = None,
-                 bounds_sink=None) -> np.ndarray | None:
+                 bounds_sink=None, tta: bool = False) -> np.ndarray | None:
     """Encode the plan's spots (each crop once) and predict them chunk by chunk.
 
     With ``sink``, ``sink(start, predictions (B,G))`` receives each chunk in order and nothing is kept;
@@ -185,6 +186,9 @@ def predict_plan(plan: SlidePlan, model, config: ModelConfig, encoder, sink=None
     reused), to ``store_dir/features.zarr`` (streamed), or, with neither, stay in memory.
     ``interval`` (a level the model is calibrated at) with ``bounds_sink``: ``bounds_sink(start, lower, upper)``
     receives each chunk's conformal interval (:mod:`deepspot.reliability`), in the units of the predictions.
+    ``tta``: test-time augmentation, the mean of the predictions of the 8 dihedral views of every crop
+    (:mod:`deepspot.features.views`; 8 encoder passes per crop, each view its own feature store); the
+    interval is then drawn around that mean with the mean head spread of the views.
     """
     use_sub = bool(getattr(model, "use_subspots", True))
     n_sub = plan.geometry.n_sub if use_sub else 0
@@ -194,21 +198,28 @@ def predict_plan(plan: SlidePlan, model, config: ModelConfig, encoder, sink=None
     rule = plan.geometry.subspot_rule
     common = dict(n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
                   autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=rule)
-    if cache_dir is not None or store_dir is not None:
-        path = (store_path_for(cache_dir, plan.slide_path, encoder, tile, n_sub, mode, rule) if cache_dir is not None
-                else Path(store_dir) / "features.zarr")
-        source = extract_to_store(plan.slide_path, centers, tile, encoder, path, **common)
-    else:
-        source = extract_features(plan.slide_path, centers, tile, encoder, **common)
+    sources = []
+    for view in (range(N_VIEWS) if tta else (0,)):
+        if cache_dir is not None or store_dir is not None:
+            path = (store_path_for(cache_dir, plan.slide_path, encoder, tile, n_sub, mode, rule, view)
+                    if cache_dir is not None else Path(store_dir) / f"features{view_tag(view)}.zarr")
+            sources.append(extract_to_store(plan.slide_path, centers, tile, encoder, path, view=view, **common))
+        else:
+            sources.append(extract_features(plan.slide_path, centers, tile, encoder, view=view, **common))
     idx, mask = plan.neighbors()
     scaler = config.scaler
     out = None if sink is not None else np.zeros((len(centers), len(config.genes)), dtype=np.float32)
     calib = intervals_for(config, interval)[0] if bounds_sink is not None else None
     with head_spread(model if calib is not None and calib.mode == "head_spread" else None) as spreads:
-        for start, pred in iter_predictions(model, source, idx, mask, batch_size=predict_batch, device=device):
-            pred = invert_scaler(pred, scaler)
+        streams = [iter_predictions(model, src, idx, mask, batch_size=predict_batch, device=device) for src in sources]
+        for chunks in zip(*streams):
+            start = chunks[0][0]
+            pred = np.mean([invert_scaler(p, scaler) for _, p in chunks], axis=0, dtype=np.float64).astype(np.float32)
             if calib is not None:
-                sp = spread_to_expression(spreads.pop(0), scaler) if spreads is not None else None
+                sp = None
+                if spreads is not None:
+                    sp = spread_to_expression(np.mean(spreads, axis=0), scaler)
+                    spreads.clear()
                 bounds_sink(start, *calib.bounds(pred, sp, interval))
             if sink is not None:
                 sink(start, pred)
@@ -263,7 +274,7 @@ def predict_image(slide_path, model, config: ModelConfig | dict, encoder, mpp: f
                   thumbnail_size: int = 2000, stats: ExtractStats | None = None, min_tissue_fraction: float = 0.1,
                   fast: bool | None = None, layout: str | None = None, spacing: float | None = None,
                   predict_batch: int = 512, geometry: SpotGeometry | str | None = None,
-                  interval: float | None = DEFAULT_LEVEL) -> ad.AnnData:
+                  interval: float | None = DEFAULT_LEVEL, tta: bool = False) -> ad.AnnData:
     """Predict every in-tissue spot of a virtual grid over the slide, in memory (small images).
 
     Returns AnnData (spots × genes) with obs array_row, array_col, in_tissue; obsm['spatial'] (x, y)
@@ -287,8 +298,9 @@ def predict_image(slide_path, model, config: ModelConfig | dict, encoder, mpp: f
         adata.X = predict_plan(plan, model, config, encoder, mode=mode, mpp=mpp, batch_size=batch_size,
                                num_workers=num_workers, cache_dir=cache_dir, device=device,
                                autocast_dtype=autocast_dtype, progress=progress, stats=stats,
-                               predict_batch=predict_batch, interval=interval, bounds_sink=bounds)
+                               predict_batch=predict_batch, interval=interval, bounds_sink=bounds, tta=tta)
     _annotate(adata, config, interval, bounds)
+    adata.uns["deepspot"]["tta"] = f"mean over the {N_VIEWS} dihedral views" if tta else "none"
     return adata
 
 
@@ -321,7 +333,7 @@ def predict_spots(slide_path, adata: ad.AnnData, model, config: ModelConfig | di
                   batch_size: int = 16, num_workers: int | None = 0, cache_dir=None, device="cpu",
                   autocast_dtype=None, progress: bool = True, library_id: str | None = None,
                   thumbnail_size: int = 2000, predict_batch: int = 512,
-                  interval: float | None = DEFAULT_LEVEL) -> ad.AnnData:
+                  interval: float | None = DEFAULT_LEVEL, tta: bool = False) -> ad.AnnData:
     """Predict at the spots of ``adata`` (e.g. a Visium sample read by scanpy or deepspot's readers):
     AnnData with the same obs (names, order, columns), obsm['spatial'], X = predictions (spots × the
     model's genes), uns['spatial'] (the slide's thumbnail) and uns['deepspot'] (provenance)."""
@@ -335,7 +347,8 @@ def predict_spots(slide_path, adata: ad.AnnData, model, config: ModelConfig | di
     bounds = _Bounds(*out.shape)
     out.X = (predict_plan(plan, model, config, encoder, mode=mode, mpp=mpp, batch_size=batch_size,
                           num_workers=num_workers, cache_dir=cache_dir, device=device, autocast_dtype=autocast_dtype,
-                          progress=progress, predict_batch=predict_batch, interval=interval, bounds_sink=bounds)
+                          progress=progress, predict_batch=predict_batch, interval=interval, bounds_sink=bounds,
+                          tta=tta)
              if len(plan.grid) else np.zeros(out.shape, dtype=np.float32))
     _annotate(out, config, interval, bounds)
     return out
@@ -389,7 +402,7 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
                   meta: dict | None = None, stats: ExtractStats | None = None,
                   max_spots: int | None = None, geometry: SpotGeometry | str | None = None,
                   fmt: str = "h5ad", interval: float | None = DEFAULT_LEVEL,
-                  keep_genes: list[str] | None = None) -> PredictResult:
+                  keep_genes: list[str] | None = None, tta: bool = False) -> PredictResult:
     """Predict a whole slide with flat memory and write ``<name>.h5ad``, ``<name>_spots.csv`` and
     ``<name>_genes.png`` (``genes`` or the ``n_plot`` most variable) into ``out_dir``. ``fmt='spatialdata'``
     writes ``<name>.zarr`` (SpatialData: slide image, spot circles, prediction table; see
@@ -465,7 +478,8 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
             predict_plan(plan, model, config, encoder, sink, mode=mode, mpp=mpp, batch_size=batch_size,
                          num_workers=num_workers, cache_dir=cache_dir, store_dir=work, device=device,
                          autocast_dtype=autocast_dtype, progress=progress, stats=stats, predict_batch=predict_batch,
-                         interval=interval, bounds_sink=bounds_sink if calib else None)
+                         interval=interval, bounds_sink=bounds_sink if calib else None, tta=tta)
+        skel.uns["deepspot"]["tta"] = f"mean over the {N_VIEWS} dihedral views" if tta else "none"
         pred.flush()
         for w in bound_rows.values():
             w.flush()

@@ -67,6 +67,8 @@ class SpotRecipe:
     oversample: bool = False  # Leiden-cluster oversampling of the training spots (training/sampling.py)
     hvg_flavor: str = "seurat"  # how a top-n HVG panel is ranked: seurat (log data) or seurat_v3 (counts)
     preset: str = "deepspot"  # the preset these settings started from (recorded in the checkpoint)
+    augment_views: int = 1  # train on the first k of the 8 dihedral views of every crop (1: the crops as read)
+    stain_jitter: float = 0.0  # HED stain jitter of the augmented crops (±sigma per channel; 0.05 in the literature)
 
     def __post_init__(self):
         from deepspot.models.deepsets import CONTEXTS, POOLS
@@ -89,7 +91,9 @@ class SpotRecipe:
                                                            f"{self.min_epochs}"),
                   (self.hvg_flavor in HVG_FLAVORS, f"hvg_flavor {self.hvg_flavor!r}: choose "
                                                    f"{' or '.join(HVG_FLAVORS)}"),
-                  (self.preset in PRESET_PANELS, f"preset {self.preset!r}: choose {', '.join(PRESET_PANELS)}")]
+                  (self.preset in PRESET_PANELS, f"preset {self.preset!r}: choose {', '.join(PRESET_PANELS)}"),
+                  (1 <= self.augment_views <= 8, f"augment_views must be in 1..8, got {self.augment_views}"),
+                  (0 <= self.stain_jitter < 0.5, f"stain_jitter must be in [0, 0.5), got {self.stain_jitter}")]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
             raise ValueError("training recipe: " + "; ".join(bad))
