@@ -248,3 +248,31 @@ def test_pictures_of_reliability(tmp_path):
     heights = [b.get_height() for b in ax.patches]
     assert heights == sorted(heights, reverse=True) and np.isclose(heights[0], 0.4)
     assert ds.pl.spatial(a, n_genes=1)[0].get_title() == "B"  # reliable genes first by default
+
+
+def test_train_stores_reliability_and_score_reports_coverage(tmp_path_factory, capsys):
+    """`deepspot train --manifest` stores the reliability; `deepspot score` adds per gene val_pearson
+    (the stored one) and coverage, and their means per sample."""
+    from test_score_cli import _sample
+
+    from deepspot.cli import main
+
+    root = tmp_path_factory.mktemp("rel_score")
+    head = "sample_id,patient_id,image,expression,format,mpp,spot_diameter_um\n"
+    (root / "train.csv").write_text(head + _sample(root, "A", 1) + _sample(root, "B", 2))
+    (root / "test.csv").write_text(head + _sample(root, "C", 3))
+    main(["train", "--manifest", str(root / "train.csv"), "--out", str(root / "model"), "--context", "spot",
+          "--max-epochs", "3", "--n-top-genes", "12", "--no-progress"])
+    cfg = read_config(root / "model")
+    rel = Reliability.of(cfg)
+    assert rel is not None and rel.n_val == cfg.training["n_val_spots"] and rel.interval is not None
+    main(["score", "--model", str(root / "model"), "--manifest", str(root / "test.csv"), "--out", str(root / "s"),
+          "--no-progress"])
+    capsys.readouterr()
+    per_gene, summary = pd.read_csv(root / "s" / "per_gene.csv"), pd.read_csv(root / "s" / "summary.csv")
+    vp = per_gene.set_index("gene").loc[cfg.genes, "val_pearson"].to_numpy()
+    assert np.allclose(vp, rel.val_pearson, equal_nan=True)
+    cov = per_gene["coverage"].to_numpy()
+    assert ((cov >= 0) & (cov <= 1)).all()
+    assert np.isclose(summary.loc[0, "coverage_mean"], cov.mean()) and summary.loc[0, "interval"] == 0.9
+    assert np.isclose(summary.loc[0, "val_pearson_mean"], np.nanmean(rel.val_pearson))
