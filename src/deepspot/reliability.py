@@ -286,10 +286,8 @@ def reliable_first(config, genes=None) -> list[str]:
 
 
 def annotate_var(adata, config) -> None:
-    """Add ``var['val_pearson']`` and ``var['reliable']`` (NaN / False with a note in
+    """Add ``var['val_pearson']``, ``var['noise_band']`` and ``var['reliable']`` (NaN / False with a note in
     ``uns['deepspot']['reliability']`` when the model has no validation), for the genes of ``adata``."""
-    import pandas as pd
-
     t = gene_table(config).reindex(adata.var_names)
     adata.var["val_pearson"] = t["val_pearson"].to_numpy(np.float64)
     rel = Reliability.of(config)
@@ -304,7 +302,6 @@ def annotate_var(adata, config) -> None:
                                f"({rel.source or 'validation block'}); reliable: above the shuffled-prediction noise band"
                                + ("" if iv is None else f"; intervals: split-conformal, calibrated at "
                                   f"{', '.join(f'{v:g}' for v in iv.levels)} ({iv.mode.replace('_', ' ')})"))
-    del pd
 
 
 # --------------------------------------------------------------------------- the spread of the heads
@@ -379,8 +376,8 @@ def measure_model(model, scaler, bags, targets: np.ndarray, val_idx: np.ndarray,
 
 
 __all__ = ["DEFAULT_LEVEL", "Intervals", "NO_VALIDATION", "Reliability", "annotate_var", "conformal_quantile",
-           "gene_table", "head_spread", "measure_model", "predict_rows", "reliable_first", "shuffled_band",
-           "spread_to_expression"]
+           "gene_table", "head_spread", "intervals_for", "measure_model", "predict_rows", "reliable_first",
+           "shuffled_band", "spread_to_expression", "trusted_genes", "coverage_per_gene"]
 
 
 def intervals_for(config, level: float | None) -> tuple["Intervals | None", str | None]:
