@@ -276,3 +276,18 @@ def test_train_stores_reliability_and_score_reports_coverage(tmp_path_factory, c
     assert ((cov >= 0) & (cov <= 1)).all()
     assert np.isclose(summary.loc[0, "coverage_mean"], cov.mean()) and summary.loc[0, "interval"] == 0.9
     assert np.isclose(summary.loc[0, "val_pearson_mean"], np.nanmean(rel.val_pearson))
+
+
+def test_spatialdata_output_carries_the_interval(tmp_path, tiny_slide):
+    pytest.importorskip("spatialdata")
+    import deepspot as ds
+
+    img, enc = tiny_slide
+    m = ds.load_model(_checkpoint(tmp_path, enc, True))
+    a = m.predict_slide(img, mpp=1.0, tissue="none", progress=False, num_workers=0)
+    sd = m.predict_slide(img, out=tmp_path / "sd", mpp=1.0, tissue="none", progress=False, num_workers=0,
+                         as_spatialdata=True)
+    t = sd.tables["table"]
+    assert np.allclose(np.asarray(t.layers["lower"]), a.layers["lower"], atol=1e-5)
+    assert np.allclose(np.asarray(t.layers["upper"]), a.layers["upper"], atol=1e-5)
+    assert "reliable" in t.var
