@@ -68,7 +68,8 @@ def spatial(adata: ad.AnnData, genes: list[str] | None = None, n_genes: int = 4,
 
     adata: spots × genes with obsm['spatial'] (x, y) full-resolution px and, optionally,
     uns['spatial'][library_id] (thumbnail 'hires' + scalefactors). Without ``genes``, the ``n_genes``
-    most reliable genes (var 'reliable', by 'val_pearson'), else those with the highest variance, are shown. ``crop``: zoom to the spots (plus one spot of margin).
+    most reliable genes (var 'reliable', by 'val_pearson'), else those with the highest variance, are
+    shown. ``crop``: zoom to the spots (plus one spot of margin).
     ``titles``: gene -> panel title; ``ncols``: panels per row (default: all in one row). Returns the list
     of Axes (one per gene).
     """

@@ -260,10 +260,12 @@ def gene_table(config) -> "pd.DataFrame":  # noqa: F821
     g = len(config.genes)
     if rel is None:
         df = pd.DataFrame({"val_pearson": np.full(g, np.nan), "noise_band": np.full(g, np.nan),
-                           "reliable": pd.array([pd.NA] * g, dtype="boolean")}, index=pd.Index(config.genes, name="gene"))
+                           "reliable": pd.array([pd.NA] * g, dtype="boolean")},
+                          index=pd.Index(config.genes, name="gene"))
     else:
         df = pd.DataFrame({"val_pearson": rel.val_pearson, "noise_band": rel.noise_band,
-                           "reliable": pd.array(rel.reliable, dtype="boolean")}, index=pd.Index(config.genes, name="gene"))
+                           "reliable": pd.array(rel.reliable, dtype="boolean")},
+                          index=pd.Index(config.genes, name="gene"))
         if rel.interval is not None:
             if DEFAULT_LEVEL in rel.interval.levels:
                 df["interval_q"] = rel.interval.q_at(DEFAULT_LEVEL)
@@ -299,7 +301,8 @@ def annotate_var(adata, config) -> None:
     else:
         iv = rel.interval
         info["reliability"] = (f"val_pearson: Pearson on {rel.n_val} validation spots held out in training "
-                               f"({rel.source or 'validation block'}); reliable: above the shuffled-prediction noise band"
+                               f"({rel.source or 'validation block'}); reliable: above the shuffled-prediction "
+                               "noise band"
                                + ("" if iv is None else f"; intervals: split-conformal, calibrated at "
                                   f"{', '.join(f'{v:g}' for v in iv.levels)} ({iv.mode.replace('_', ' ')})"))
 

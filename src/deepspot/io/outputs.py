@@ -152,7 +152,8 @@ def spatialdata_from_predictions(adata: ad.AnnData, slide_path: str | Path, X=No
     adata: the prediction AnnData (obsm['spatial'] (x, y) level-0 px, uns['deepspot']['spot_diameter_px']
     or uns['spatial'] scalefactors); X: its (N, G) values when adata has none (zarr / h5py / numpy, read
     lazily through dask); layers: extra (N, G) arrays for the table's layers (default: adata's, e.g. the
-    interval bounds 'lower' / 'upper'). Needs the extra ``[spatialdata]`` (callers check it with ``deepspot.extras``)."""
+    interval bounds 'lower' / 'upper'). Needs the extra ``[spatialdata]`` (callers check it with
+    ``deepspot.extras``)."""
     import dask.array as da
     import pandas as pd
     import spatialdata as sd
