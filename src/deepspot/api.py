@@ -53,6 +53,24 @@ class Model:
         return list(self.config.genes)
 
     @property
+    def gene_table(self):
+        """One row per predicted gene (output order): ``val_pearson`` (Pearson on the validation spots held
+        out in training), ``noise_band`` (95 % of |r| with shuffled predictions), ``reliable``
+        (val_pearson above the band), ``interval_q`` and ``rank``; NaN / <NA> for a model without
+        validation (a converted published model): see :mod:`deepspot.reliability`."""
+        from deepspot.reliability import gene_table
+
+        return gene_table(self.config)
+
+    @property
+    def reliable_genes(self) -> list[str]:
+        """The genes whose validation Pearson is above the noise band, most reliable first ([] without
+        validation)."""
+        from deepspot.reliability import trusted_genes
+
+        return trusted_genes(self.config)
+
+    @property
     def scores(self) -> dict:
         """Held-out scores recorded at training ({} when none were)."""
         return dict(self.config.scores)
@@ -198,7 +216,8 @@ class Model:
                       batch_size: int = 16, num_workers: int | None = None, cache_dir=None, progress: bool = True,
                       library_id: str | None = None, n_plot: int = 4,
                       geometry: SpotGeometry | str | None = None, overwrite: bool = False,
-                      as_spatialdata: bool = False):
+                      as_spatialdata: bool = False, interval: float | None = 0.9,
+                      keep_genes: Sequence[str] | None = None, tta: bool = False):
         """Predict every in-tissue spot of a virtual grid over ``slide`` (the model's geometry; ``layout``
         and ``spacing`` override its grid, ``mpp`` the slide's µm/px) -> AnnData (spots × genes).
 
@@ -220,8 +239,17 @@ class Model:
         true radius, the predictions as a table linked to them; extra ``[spatialdata]``); with ``out`` it is
         ``out/<name>.zarr`` (in place of the h5ad), read back, its table's ``uns['deepspot']['outputs']``
         listing the files.
+
+        ``tta``: test-time augmentation, the mean over the 8 dihedral views of every crop (8 encoder passes
+        per crop). ``keep_genes``: only these genes in the output (e.g. ``model.reliable_genes``).
+        ``interval``: the nominal level of the per-spot, per-gene conformal interval written as
+        ``layers['lower']`` / ``layers['upper']`` (None: none; only models trained with a validation
+        carry one); ``var['val_pearson']`` / ``var['reliable']`` say which genes to trust.
         """
         from deepspot.inference import preflight
+        from deepspot.reliability import intervals_for
+
+        intervals_for(self.config, interval)  # a level the model is not calibrated at fails before compute
         from deepspot.inference.predict import predict_image, predict_slide
 
         self._require(cells=False)
@@ -238,20 +266,24 @@ class Model:
         self._check_encoder()
         common = dict(mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue, fast=fast, layout=layout,
                       spacing=spacing, batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
-                      device=self.device, progress=progress, library_id=library_id, geometry=geometry)
+                      device=self.device, progress=progress, library_id=library_id, geometry=geometry,
+                      interval=interval, tta=tta)
         if as_spatialdata:
             from deepspot.extras import require
 
             require("spatialdata", "spatialdata", "predict_slide(as_spatialdata=True)")
         if out is None:
             a = predict_image(slide, self.network, self.config, self.encoder, **common)
+            if keep_genes is not None:
+                a = a[:, list(keep_genes)].copy()
             if not as_spatialdata:
                 return a
             from deepspot.io.outputs import spatialdata_from_predictions
 
             return spatialdata_from_predictions(a, slide, mpp=mpp)
         res = predict_slide(slide, self.network, self.config, self.encoder, out, genes=list(genes or []) or None,
-                            n_plot=n_plot, fmt="spatialdata" if as_spatialdata else "h5ad", **common)
+                            n_plot=n_plot, fmt="spatialdata" if as_spatialdata else "h5ad",
+                            keep_genes=None if keep_genes is None else list(keep_genes), **common)
         outputs = [str(p) for p in (res.h5ad, res.csv, res.png) if p is not None]
         if as_spatialdata:
             import spatialdata
@@ -265,16 +297,17 @@ class Model:
 
     def predict_spots(self, adata: ad.AnnData, image, mpp: float | None = None, batch_size: int = 16,
                       num_workers: int | None = 0, cache_dir=None, progress: bool = True,
-                      library_id: str | None = None) -> ad.AnnData:
+                      library_id: str | None = None, interval: float | None = 0.9, tta: bool = False) -> ad.AnnData:
         """Predict at the spots of ``adata``: obsm['spatial'] (x, y) full-resolution px of ``image`` and
         obs array_row/array_col (for the neighbour context). Returns AnnData (same obs_names, same order)
-        × the model's genes."""
+        × the model's genes, with var val_pearson / reliable and, for a calibrated model, layers lower /
+        upper at the nominal ``interval``."""
         from deepspot.inference.predict import predict_spots
 
         self._require(cells=False)
         return predict_spots(image, adata, self.network, self.config, self.encoder, mpp=mpp, batch_size=batch_size,
                              num_workers=num_workers, cache_dir=cache_dir, device=self.device, progress=progress,
-                             library_id=library_id)
+                             library_id=library_id, interval=interval, tta=tta)
 
     def predict_cells(self, cells, image, x_col: str = "x", y_col: str = "y", id_col: str | None = None,
                       mpp: float | None = None, drop_outside: bool = False, batch_size: int = 16,

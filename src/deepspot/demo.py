@@ -107,11 +107,13 @@ def _run(out, t0, cells, image, meta, encoder, encoder_weights, spot_px, spacing
     plotting.spatial(adata, n_genes=4, path=png, crop=True, alpha=0.6,
                      title=f"DeepSpot on {meta.get('sample', 'NCBI858')}: virtual grid, {adata.n_obs} spots "
                            f"of {spot_px:g} px (most variable predicted genes)")
+    rel_png = reliability_figure(adata, out / "reliability.png")
     secs = time.perf_counter() - t0
     echo(f"[demo] predicted {adata.n_obs} in-tissue grid spots × {adata.n_vars} genes; the whole demo took {secs:.0f} s")
-    echo(f"[demo] wrote {h5}, {png}, {out / 'spots.csv'}, {out / 'scores.csv'}, {model_dir}/ (checkpoint), "
-         f"{cache}/ (feature cache), {out / 'logs'}/ (training log)")
-    return {"scores": res.scores, "adata": adata, "model_dir": model_dir, "png": png, "h5ad": h5, "seconds": secs}
+    echo(f"[demo] wrote {h5}, {png}, " + (f"{rel_png}, " if rel_png else "") + f"{out / 'spots.csv'}, "
+         f"{out / 'scores.csv'}, {model_dir}/ (checkpoint), {cache}/ (feature cache), {out / 'logs'}/ (training log)")
+    return {"scores": res.scores, "adata": adata, "model_dir": model_dir, "png": png, "h5ad": h5, "seconds": secs,
+            "reliability_png": rel_png}
 
 
 # --------------------------------------------------------------------------- HER2ST
@@ -203,6 +205,7 @@ def run_her2st_demo(out_dir: str | Path = "deepspot_demo_her2st", data_dir=None,
                          units="predicted log1p(counts per 10k)",
                          titles={g: f"{g} (held-out r = {held[g]:.2f})" for g in best},
                          title=f"DeepSpot on {test_section} (held out): virtual grid, {pred.n_obs} spots of 100 µm")
+        rel_png = reliability_figure(pred, out / "reliability.png")
         secs["write + plot"] = time.perf_counter() - t
         secs["total"] = time.perf_counter() - t0
         g = pred.uns["deepspot"]
@@ -210,11 +213,31 @@ def run_her2st_demo(out_dir: str | Path = "deepspot_demo_her2st", data_dir=None,
              f"({g['grid_spots']} grid spots; spot {g['spot_diameter_px']:.0f} px, pitch {g['spacing_px']:.0f} px) "
              f"× {pred.n_vars} genes; plotted the {len(best)} best held-out genes")
         echo("[her2st] seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()))
+        echo(f"[her2st] {int(pred.var['reliable'].sum())} of {pred.n_vars} genes are reliable (validation Pearson "
+             f"above its noise band); {rel_png or 'no interval'}")
         echo(f"[her2st] wrote {h5}, {png}, {out / f'{test_section}_score.png'}, {out / 'scores.csv'}, "
              f"{out / 'per_gene.csv'}, {out / 'model'}/ (checkpoint), {out / 'features'}/ (feature cache), "
              f"{out / 'logs'}/ (training log)")
     return {"scores": table, "per_gene": per_gene, "adata": pred, "model": model, "png": png, "h5ad": h5,
             "seconds": secs, "genes_plotted": best}
+
+
+def reliability_figure(pred, path):
+    """The most reliable gene's predicted map next to its interval width, and the gene panel as
+    validation-Pearson bars with their noise band, in one PNG; None when the prediction has no interval."""
+    if "lower" not in pred.layers or "val_pearson" not in pred.var or pred.var["val_pearson"].isna().all():
+        return None
+    from matplotlib.figure import Figure
+
+    from deepspot import plotting
+    from deepspot.io.outputs import write_figure
+
+    fig = Figure(figsize=(15, 4.4))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.6]})
+    plotting.uncertainty(pred, axes=axes[:2], crop=True, alpha=0.8)
+    plotting.gene_panel(pred, ax=axes[2], top=40)
+    write_figure(fig, path)
+    return path
 
 
 def her2st_score_table(summary, test_section: str):

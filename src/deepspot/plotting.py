@@ -89,7 +89,8 @@ def spatial(adata: ad.AnnData, genes: list[str] | None = None, n_genes: int = 4,
 
     adata: spots × genes with obsm['spatial'] (x, y) full-resolution px and, optionally,
     uns['spatial'][library_id] (thumbnail 'hires' + scalefactors). Without ``genes``, the ``n_genes``
-    genes with the highest variance are shown. ``crop``: zoom to the spots (plus one spot of margin).
+    most reliable genes (var 'reliable', by 'val_pearson'), else those with the highest variance, are
+    shown. ``crop``: zoom to the spots (plus one spot of margin).
     ``titles``: gene -> panel title; ``ncols``: panels per row (default: all in one row). Returns the list
     of Axes (one per gene).
     """
@@ -98,6 +99,8 @@ def spatial(adata: ad.AnnData, genes: list[str] | None = None, n_genes: int = 4,
     X = _dense(adata.layers[layer] if layer else adata.X)
     names = list(map(str, adata.var_names))
     if genes is None:
+        genes = reliable_genes(adata)[:n_genes]
+    if not genes:
         var = X.var(axis=0) if len(X) else np.zeros(len(names))
         genes = [names[i] for i in np.argsort(-var, kind="stable")[:n_genes]]
     missing = [g for g in genes if g not in names]
@@ -151,6 +154,92 @@ def spatial(adata: ad.AnnData, genes: list[str] | None = None, n_genes: int = 4,
     if path is not None:
         write_figure(fig, path)
     return axes[:len(genes)]
+
+
+def reliable_genes(adata: ad.AnnData) -> list[str]:
+    """The genes marked var['reliable'], highest var['val_pearson'] first ([] when the prediction has no
+    reliability, e.g. from a converted published model)."""
+    if "reliable" not in adata.var or "val_pearson" not in adata.var:
+        return []
+    v = adata.var
+    ok = v[v["reliable"].fillna(False).astype(bool)]
+    return list(map(str, ok.sort_values("val_pearson", ascending=False, kind="stable").index))
+
+
+def uncertainty(adata: ad.AnnData, gene: str | None = None, axes=None, path: str | Path | None = None,
+                **spatial_options) -> list:
+    """For one gene (default: the most reliable, else the most variable), the predicted map next to the
+    width of its conformal interval (layers 'upper' − 'lower', same units): where the width is large
+    the prediction is loose. Returns the two Axes. Needs a prediction with interval layers (a model
+    trained with a validation, ``interval`` not None)."""
+    if "lower" not in adata.layers or "upper" not in adata.layers:
+        raise ValueError("the prediction has no interval (layers 'lower' / 'upper'): its model carries no "
+                         "validation, or it was predicted with --interval 0")
+    names = list(map(str, adata.var_names))
+    if gene is None:
+        rel = reliable_genes(adata)
+        if rel:
+            gene = rel[0]
+        else:
+            X = _dense(adata.X)
+            gene = names[int(np.argmax(X.var(axis=0)))] if len(X) else names[0]
+    if gene not in names:
+        raise ValueError(f"gene not in the predictions: {gene}")
+    j = names.index(gene)
+    width = _dense(adata.layers["upper"])[:, j] - _dense(adata.layers["lower"])[:, j]
+    level = adata.uns.get("deepspot", {}).get("interval")
+    wname = f"{gene}: {'' if level is None else f'{float(level):.0%} '}interval width"
+    two = ad.AnnData(X=np.column_stack([_dense(adata.X)[:, j], width]).astype(np.float32), obs=adata.obs[[]],
+                     var=pd.DataFrame(index=[gene, wname]), obsm={"spatial": np.asarray(adata.obsm["spatial"])},
+                     uns={k: adata.uns[k] for k in ("spatial", "deepspot") if k in adata.uns})
+    if axes is None:
+        fig, grid = _figure(1, 2, (4.2, 4.2), path is not None)
+        axes = list(grid.ravel())
+    axes = list(np.ravel(axes))
+    title = ""
+    if "val_pearson" in adata.var:
+        vp = adata.var["val_pearson"].iloc[j]
+        title = f"{gene}: validation Pearson {vp:.2f}" if np.isfinite(vp) else f"{gene}: no validation"
+    spatial(two, genes=[gene], axes=axes[:1], titles={gene: title or gene}, **spatial_options)
+    spatial(two, genes=[wname], axes=axes[1:2], units="interval width (same units)", **spatial_options)
+    if path is not None:
+        write_figure(axes[0].figure, path)
+    return axes[:2]
+
+
+def gene_panel(table, ax=None, path: str | Path | None = None, top: int | None = 50) -> object:
+    """The gene panel as bars of validation Pearson (``val_pearson``; reliable genes coloured), highest
+    first, with each gene's shuffled-prediction noise band (``noise_band``) drawn over its bar.
+    ``table``: a model's ``gene_table`` (DataFrame), a model, or a prediction AnnData (its var).
+    ``top``: show at most this many genes (None: all). Returns the Axes."""
+    if hasattr(table, "gene_table"):
+        table = table.gene_table
+    elif isinstance(table, ad.AnnData):
+        table = table.var
+    t = pd.DataFrame(table)
+    if "val_pearson" not in t or t["val_pearson"].isna().all():
+        raise ValueError("no validation Pearson to draw: the model carries no validation (e.g. a converted "
+                         "published model)")
+    t = t.sort_values("val_pearson", ascending=False, kind="stable")
+    t = t if top is None else t.iloc[:top]
+    x = np.arange(len(t))
+    if ax is None:
+        fig, grid = _figure(1, 1, (max(4.0, 0.16 * len(t) + 1.5), 3.6), path is not None)
+        ax = grid[0, 0]
+    rel = t["reliable"].fillna(False).astype(bool).to_numpy() if "reliable" in t else np.zeros(len(t), bool)
+    ax.bar(x, t["val_pearson"].to_numpy(float), color=np.where(rel, "#3b75af", "#bbbbbb"), width=0.8)
+    if "noise_band" in t:
+        nb = t["noise_band"].to_numpy(float)
+        ax.hlines(nb, x - 0.4, x + 0.4, color="#d62728", lw=1.2, label="noise band (shuffled, 95 %)")
+        ax.hlines(-nb, x - 0.4, x + 0.4, color="#d62728", lw=0.6, alpha=0.5)
+        ax.legend(fontsize=8, loc="upper right")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xticks(x, list(map(str, t.index)), rotation=90, fontsize=6 if len(t) > 30 else 8)
+    ax.set_ylabel("validation Pearson")
+    ax.set_title(f"{int(rel.sum())} of {len(t)} genes shown above their noise band (blue: reliable)", fontsize=10)
+    if path is not None:
+        write_figure(ax.figure, path)
+    return ax
 
 
 def spatial_columns(skeleton: ad.AnnData, X, genes: list[str], path, max_side: int = 600,

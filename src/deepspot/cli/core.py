@@ -126,7 +126,12 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                                                "square crops of one bin, 8 µm sub-spots, neighbours within 32 µm)."),
           features_h5: Optional[Path] = typer.Option(None, help="One-sample form: spot features from a TRIDENT/HEST "
                                                      "patch-feature .h5 (coords + features) instead of the encoder; "
-                                                     "patches matched to spots by position.")):
+                                                     "patches matched to spots by position."),
+          augment_views: Optional[int] = typer.Option(None, help="--manifest: also train on the first k of the 8 "
+                                                      "dihedral views of every crop (1, the default: none; each view "
+                                                      "is one more encoder pass per crop)."),
+          stain_jitter: Optional[float] = typer.Option(None, help="--manifest: HED stain jitter (±sigma per channel, "
+                                                       "e.g. 0.05) of the augmented crops (default 0: none).")):
     """Train DeepSpot (spots), DeepCell or DeepSpot2Cell (cells) on one image; prints held-out scores."""
     from deepspot.inference.preflight import check_gene_list, check_out_dir, check_slide
 
@@ -161,7 +166,9 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
                            add_genes=_split(add_genes),
                            val_samples=_split(val_samples), val_patients=_split(val_patients),
                            on_missing=on_missing, precision=precision,
-                           accelerator=device, cells=cells, preset=preset, init_from=init_from, freeze=freeze)
+                           accelerator=device, cells=cells, preset=preset, init_from=init_from, freeze=freeze,
+                           **{k: v for k, v in dict(augment_views=augment_views, stain_jitter=stain_jitter).items()
+                              if v is not None})
         t = trained.config.training
         g = trained.config.geometry.grid
         console.print(f"trained on {t['n_train_spots']} spots of {len(t['samples'])} samples "
@@ -243,8 +250,16 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
                                                  "bins); default: the model's."),
             spacing: Optional[float] = typer.Option(None, help="Centre-to-centre spacing in the model's grid unit "
                                                     "(µm); default: the model's."),
-            genes: Optional[str] = typer.Option(None, help="Genes to plot (comma-separated)."),
-            plot_genes: int = typer.Option(4, help="Without --genes: plot this many most variable genes (0: no PNG)."),
+            genes: Optional[str] = typer.Option(None, help="Genes to plot (comma-separated), or 'reliable': write "
+                                                "only the genes whose validation Pearson is above the noise band "
+                                                "(var['reliable']) and plot the most reliable."),
+            plot_genes: int = typer.Option(4, help="Without --genes: plot this many genes, the most reliable (else "
+                                           "the most variable) first (0: no PNG)."),
+            tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: the mean prediction over the 8 "
+                                     "dihedral views of every crop (8 encoder passes per crop)."),
+            interval: float = typer.Option(0.9, help="Nominal level of the per-spot, per-gene conformal interval "
+                                           "(layers 'lower' / 'upper'; the model is calibrated at 0.5, 0.8, 0.9, "
+                                           "0.95); 0: none. Models without a validation have none."),
             encoder_weights: Optional[Path] = typer.Option(None, help="Local weights for the model's encoder."),
             batch_size: int = typer.Option(16, help="Spots per encoder batch."),
             num_workers: Optional[int] = typer.Option(None, help="Slide-reading worker processes (default: about "
@@ -282,7 +297,18 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         _predict_features_h5(slide, model, out, features_h5, mpp, overwrite, encoder_weights)
         return
     # before torch is imported: the output folder first, then the checkpoint, genes, slide, previous result
+    only_reliable = (genes or "").strip().lower() == "reliable"
+    genes = None if only_reliable else genes
     check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes), geometry=geometry, fmt=fmt)
+    keep = None
+    if only_reliable:
+        from deepspot.config import read_config_file
+        from deepspot.reliability import NO_VALIDATION, trusted_genes
+
+        keep = trusted_genes(read_config_file(model))
+        if not keep:
+            raise ValueError(f"{model}: --genes reliable: no gene is marked reliable"
+                             + ("" if "reliability" in read_config_file(model).extra else f" ({NO_VALIDATION})"))
 
     import deepspot as ds
     t0 = time.perf_counter()
@@ -297,10 +323,12 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         pred = m.predict_slide(slide, out=out, genes=_split(genes), mpp=mpp, tissue=tissue, min_tissue=min_tissue,
                                fast=fast, layout=layout, spacing=spacing, batch_size=batch_size,
                                num_workers=num_workers, cache_dir=cache_dir, progress=progress, geometry=geo,
-                               overwrite=overwrite, as_spatialdata=fmt == "spatialdata", n_plot=plot_genes)
+                               overwrite=overwrite, as_spatialdata=fmt == "spatialdata", n_plot=plot_genes,
+                               interval=interval or None, keep_genes=keep, tta=tta)
     pred = pred.tables["table"] if fmt == "spatialdata" else pred
     info = pred.uns["deepspot"]
-    for msg in [str(w.message) for w in caught] + [f"geometry: {n}" for n in info["geometry_notes"]]:
+    notes = [f"geometry: {n}" for n in info["geometry_notes"]] + [str(n) for n in info.get("notes", [])]
+    for msg in [str(w.message) for w in caught] + notes:
         typer.echo(f"deepspot: warning: {msg}", err=True)
     console.print(f"{pred.n_obs} of {info['grid_spots']} grid spots on tissue × {pred.n_vars} genes → "
                   f"{info['outputs'][0]} ({time.perf_counter() - t0:.0f} s)")
@@ -334,8 +362,12 @@ def _predict_features_h5(slide: Path, model: Path, out: Path, features_h5: Path,
 @app.command()
 def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
          genes: Optional[str] = typer.Option(None, help="Comma-separated genes (default: the most variable)."),
-         out: Optional[Path] = typer.Option(None, help="PNG path (default: beside the h5ad).")):
-    """Plot predicted genes over the H&E thumbnail."""
+         out: Optional[Path] = typer.Option(None, help="PNG path (default: beside the h5ad)."),
+         reliability: bool = typer.Option(False, "--reliability", help="Also draw, for the first gene (default: the "
+                                          "most reliable), its map next to its interval width "
+                                          "(<out>_interval.png) and the gene panel as validation-Pearson bars "
+                                          "with their noise band (<out>_panel.png).")):
+    """Plot predicted genes over the H&E thumbnail (default: the most reliable genes, else the most variable)."""
     if not h5ad.exists():
         raise FileNotFoundError(f"{h5ad}: file not found")
     import anndata as ad
@@ -354,6 +386,13 @@ def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
                   title=f"DeepSpot predictions on {next(iter(a.uns.get('spatial', {})), h5ad.stem)}: "
                         f"{a.n_obs} {'cells' if cell else 'spots'}")
     console.print(f"wrote {path}")
+    if reliability:
+        first = (_split(genes) or [None])[0]
+        p1 = path.with_name(path.stem + "_interval.png")
+        ds.pl.uncertainty(a, gene=first, path=p1)
+        p2 = path.with_name(path.stem + "_panel.png")
+        ds.pl.gene_panel(a, path=p2)
+        console.print(f"wrote {p1} and {p2}")
 
 
 _SCORE_FILES = ("per_gene.csv", "summary.csv", "features")

@@ -120,5 +120,13 @@ def evaluate(
     console.print("\nper held-out sample: mean per-gene Pearson over the top-50 HVGs of the training split",
                   soft_wrap=True)
     console.print(section_table(res.scores).to_string(float_format=lambda v: f"{v:.3f}"), soft_wrap=True)
+    if "coverage" in res.scores and res.scores["coverage"].notna().any():
+        for col, what in (("coverage", f"mean coverage of the {cfg.interval:.0%} conformal interval (share of "
+                                        "held-out spots whose truth lies inside, mean over genes)"),
+                          ("reliability_spearman", "Spearman across genes of the stored val_pearson vs the "
+                                                   "held-out Pearson")):
+            t = section_table(res.scores[res.scores["method"].str.startswith("deepspot")], col)
+            console.print(f"\nper held-out sample: {what}", soft_wrap=True)
+            console.print(t.to_string(float_format=lambda v: f"{v:.3f}"), soft_wrap=True)
     console.print(f"{res.seconds:.0f} s; wrote {out / 'summary.csv'}, {out / 'scores.csv'}, "
                   f"{out / 'per_gene.csv'}, {out / 'evaluation.png'}")

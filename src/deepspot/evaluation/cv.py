@@ -27,6 +27,7 @@ from deepspot.evaluation.metrics import pearson_per_gene, summarize
 from deepspot.features.store import Features
 from deepspot.models.bags import Bags, predict_bags
 from deepspot.models.deepsets import CONTEXTS
+from deepspot.reliability import DEFAULT_LEVEL, Reliability, coverage_per_gene, head_spread, spread_to_expression
 from deepspot.training.manifest import Sample, SampleSpec, as_spots, load_sample
 from deepspot.training.recipe import SpotRecipe, block_validation, fit_spot_model
 from deepspot.training.samples import sample_features, stack_bags
@@ -74,10 +75,13 @@ class EvalConfig:
     min_epochs: int = _R.min_epochs
     hvg_flavor: str = _R.hvg_flavor
     preset: str = _R.preset
+    augment_views: int = _R.augment_views
+    stain_jitter: float = _R.stain_jitter
     precision: str = "32"
     val_fraction: float = _R.val_fraction
     ridge_pca: int | None = 256
     n_shuffles: int = 100  # shuffled-prediction noise band: permutations per held-out sample
+    interval: float = DEFAULT_LEVEL  # nominal level of the conformal interval whose coverage is scored
     seed: int = _R.seed
 
     def __post_init__(self):
@@ -207,7 +211,7 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
             "n_test_spots": int(len(te)), "n_genes": len(panel), "panel": panel,
             "top_eval": [panel[i] for i in top], "scaler": cfg.scaler, "fit": {}}
     fold_logs = None if log_dir is None or not loggers else Path(log_dir) / f"fold-{'+'.join(test_patients)}"
-    preds = {}
+    preds, reliab = {}, {}
     t0 = time.perf_counter()
     preds[RIDGE] = ridge_baseline(bags.spot[fit_rows].numpy(), y[fit_rows], bags.spot[te].numpy(),
                                   pca_dims=cfg.ridge_pca, seed=cfg.seed)
@@ -217,7 +221,16 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
         model, scaler, summ = fit_spot_model(cfg.recipe(ctx), bags, y, tr, va, precision=cfg.precision,
                                              progress=progress, log_dir=None if fold_logs is None else fold_logs / ctx,
                                              loggers=loggers if fold_logs else None)
-        preds[f"deepspot {ctx}"] = invert_scaler(predict_bags(model, bags)[te], scaler)
+        rel = summ.pop("reliability", None)
+        with head_spread(model) as spreads:
+            preds[f"deepspot {ctx}"] = invert_scaler(predict_bags(model, bags)[te], scaler)
+        if rel:
+            rel = Reliability.from_dict(rel, len(panel))
+            spread = None if not spreads else spread_to_expression(np.concatenate(spreads)[te], scaler)
+            reliab[f"deepspot {ctx}"] = (rel, spread)
+            summ["interval_mode"] = None if rel.interval is None else rel.interval.mode
+            summ["spread_informative"] = None if rel.interval is None else rel.interval.spread_informative
+            summ["n_reliable"] = int(rel.reliable.sum())
         info["fit"][ctx] = {**summ, "seconds": time.perf_counter() - t0}
         info.setdefault("n_train_rows", summ["n_train_rows"])  # the same for every context
         info.setdefault("leiden_clusters", summ.get("leiden_clusters"))
@@ -240,7 +253,8 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
                                "pearson_top50": sc_.get("pearson_top", float("nan")),
                                "spearman_mean": sc_["spearman_mean"], "mse": sc_["mse"],
                                "sd_ratio": float(np.mean(p.std(axis=0)[ok] / sd_t[ok])) if ok.any() else float("nan"),
-                               "n_genes_scored": sc_["n_genes_scored"], "n_spots": sc_["n_spots"]})
+                               "n_genes_scored": sc_["n_genes_scored"], "n_spots": sc_["n_spots"],
+                               **held_out_reliability(reliab.get(method), p, truth, rows, cfg.interval)})
             r = pearson_per_gene(p, truth)
             gene_rows.extend({"sample": s.sample_id, "method": method, "gene": g, "pearson": float(v)}
                              for g, v in zip(panel, r))
@@ -255,12 +269,42 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
     return score_rows, gene_rows, info
 
 
+def held_out_reliability(stored, pred: np.ndarray, truth: np.ndarray, rows: np.ndarray, level: float) -> dict:
+    """What the reliability stored at training says on a held-out sample: the mean coverage of its
+    ``level`` interval over genes (share of the sample's spots whose truth lies inside), the mean interval
+    width, and the Spearman rank correlation across genes between the stored val_pearson and the held-out
+    Pearson. ``stored``: (Reliability, head spread of the test spots or None), or None (ridge, oracle)."""
+    nan = float("nan")
+    out = {"coverage": nan, "interval_width": nan, "reliability_spearman": nan, "n_reliable": nan,
+           "pearson_reliable": nan}
+    if stored is None:
+        return out
+    rel, spread = stored
+    r = pearson_per_gene(pred, truth)
+    ok = np.isfinite(r) & np.isfinite(rel.val_pearson)
+    if ok.sum() > 2:
+        from scipy.stats import spearmanr
+
+        out["reliability_spearman"] = float(spearmanr(rel.val_pearson[ok], r[ok]).statistic)
+    keep = rel.reliable
+    out["n_reliable"] = int(keep.sum())
+    if keep.any():
+        out["pearson_reliable"] = float(np.nanmean(r[keep]))
+    if rel.interval is not None:
+        lo, hi = rel.interval.bounds(pred, None if spread is None else spread[rows], level)
+        out["coverage"] = float(np.mean(coverage_per_gene(lo, hi, truth)))
+        out["interval_width"] = float(np.mean(hi - lo))
+    return out
+
+
 # --------------------------------------------------------------------------- whole evaluation
 
 
 def summarize_scores(scores: pd.DataFrame) -> pd.DataFrame:
     """Per method: mean and sd over held-out samples, in a fixed order (baseline first)."""
     cols = ["pearson_mean", "pearson_top50", "spearman_mean", "mse"]
+    cols += [c for c in ("coverage", "interval_width", "reliability_spearman", "n_reliable", "pearson_reliable")
+             if c in scores]
     g = scores.groupby("method", sort=False)[cols]
     out = g.mean().join(g.std(ddof=0).add_suffix("_sd"))
     out["n_samples"] = g.size()

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
+from deepspot.features.views import view_crops, view_tag
 from deepspot.config import FEATURE_MODES
 from deepspot.features.store import (FeatureWriter, Features, StoredFeatures, feature_key, match_centers,
                                      store_centers)
@@ -164,13 +165,16 @@ def encode_batch(encoder, crops: torch.Tensor, n_sub: int, mode: str = "standard
 def encode_spots(slide_path, centers: np.ndarray, tile_px: float, encoder, sink: Callable, n_sub: int = 3,
                  mode: str = "standard", mpp: float | None = None, batch_size: int = 16,
                  num_workers: int | None = None, device="cpu", autocast_dtype=None, progress: bool = True,
-                 stats: ExtractStats | None = None, subspot_rule: str = "split", what: str = "spots") -> ExtractStats:
+                 stats: ExtractStats | None = None, subspot_rule: str = "split", what: str = "spots",
+                 view: int = 0, stain_sigma: float = 0.0, view_seed: int = 0) -> ExtractStats:
     """Encode spots in order, calling ``sink(start, centers, spot (B,d), subspot (B,S,d)|None)`` per batch.
 
     centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px; subspot_rule: how sub-spots are
     cut (:func:`~deepspot.features.tiles.subspot_bounds`); ``what`` names the items in the progress rate
     ('spots', 'cells'). Reading runs in
     ``num_workers`` DataLoader processes (None: :func:`default_num_workers`; 0: in this process).
+    ``view`` / ``stain_sigma`` / ``view_seed``: encode every crop as that dihedral view, with that HED
+    stain jitter (:mod:`deepspot.features.views`; 0, 0: the crops as read).
     """
     from deepspot.io.slides import SlideError
 
@@ -201,6 +205,8 @@ def encode_spots(slide_path, centers: np.ndarray, tile_px: float, encoder, sink:
             if item["error"] is not None:
                 raise SlideError(slide_path, item["error"])
             crops = item["crops"]
+            if view or stain_sigma:
+                crops = view_crops(crops, view, stain_sigma, view_seed, start=done)
             b = crops.shape[0]
             spot, sub = encode_batch(encoder, crops, n_sub, mode, device, autocast_dtype)
             stats.seconds_encoder += time.perf_counter() - t1
@@ -215,10 +221,10 @@ def encode_spots(slide_path, centers: np.ndarray, tile_px: float, encoder, sink:
 
 
 def store_path_for(cache_dir, slide_path, encoder, tile_px: float, n_sub: int, mode: str = "standard",
-                   subspot_rule: str = "split") -> Path:
-    """Where the feature store of (slide, encoder, crop geometry, mode) lives in ``cache_dir``."""
+                   subspot_rule: str = "split", view: int = 0, stain_sigma: float = 0.0, view_seed: int = 0) -> Path:
+    """Where the feature store of (slide, encoder, crop geometry, mode, view) lives in ``cache_dir``."""
     key = feature_key(slide_path, encoder.name, tile_px, n_sub, mode, subspot_rule)
-    suffix = "" if mode == "standard" else f"-{mode}"
+    suffix = ("" if mode == "standard" else f"-{mode}") + view_tag(view, stain_sigma, view_seed)
     return Path(cache_dir) / f"{Path(slide_path).stem}-{encoder.name}{suffix}-{key}.zarr"
 
 
@@ -226,7 +232,8 @@ def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, s
                      mode: str = "standard", mpp: float | None = None, batch_size: int = 16,
                      num_workers: int | None = None, device="cpu", autocast_dtype=None, progress: bool = True,
                      stats: ExtractStats | None = None, subspot_rule: str = "split",
-                     what: str = "spots") -> StoredFeatures:
+                     what: str = "spots", view: int = 0, stain_sigma: float = 0.0,
+                     view_seed: int = 0) -> StoredFeatures:
     """Encode what ``store_path`` lacks and return the features of ``centers`` read lazily from it.
 
     Centres already in a finished store are reused; only new ones are encoded, appended behind the old
@@ -239,6 +246,8 @@ def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, s
     s = n_sub * n_sub
     attrs = {"encoder": encoder.name, "tile_px": float(tile_px), "n_sub": n_sub, "mode": check_mode(mode),
              "slide": str(slide_path), "subspot_rule": subspot_rule}
+    if view or stain_sigma:
+        attrs.update(view=int(view), stain_sigma=float(stain_sigma), view_seed=int(view_seed))
     old = store_centers(store_path)
     rows = match_centers(old, centers)
     missing = np.flatnonzero(rows < 0)
@@ -260,7 +269,7 @@ def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, s
                      lambda start, c, f, sf: writer.write(len(old) + start, c, f, sf), n_sub=n_sub, mode=mode,
                      mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
                      autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=subspot_rule,
-                     what=what)
+                     what=what, view=view, stain_sigma=stain_sigma, view_seed=view_seed)
         writer.close()
     except BaseException:
         writer.abort()
@@ -272,21 +281,25 @@ def extract_features(slide_path, centers: np.ndarray, tile_px: float, encoder, n
                      mpp: float | None = None, cache_dir: str | Path | None = None, batch_size: int = 16,
                      num_workers: int | None = 0, device: str | torch.device = "cpu", autocast_dtype=None,
                      progress: bool = True, stats: ExtractStats | None = None, mode: str = "standard",
-                     subspot_rule: str = "split", what: str = "spots") -> Features:
+                     subspot_rule: str = "split", what: str = "spots", view: int = 0, stain_sigma: float = 0.0,
+                     view_seed: int = 0) -> Features:
     """Encode the spot crop and n×n sub-spot crops of every centre once; features in memory.
 
     centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px.
     Returns Features(spot (N,d), subspot (N,n²,d) or None when n_sub == 0), rows in ``centers`` order.
     With ``cache_dir``, one store per (slide, encoder, crop geometry, mode) holds features by centre:
     centres already in it are reused, only the new ones are encoded and added. For whole slides use
-    :func:`extract_to_store`, which never holds all features in memory.
+    :func:`extract_to_store`, which never holds all features in memory. ``view`` etc.: see
+    :func:`encode_spots` (each view has its own store).
     """
     stats = stats if stats is not None else ExtractStats()
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
     common = dict(n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
-                  autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=subspot_rule, what=what)
+                  autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=subspot_rule, what=what,
+                  view=view, stain_sigma=stain_sigma, view_seed=view_seed)
     if cache_dir is not None:
-        path = store_path_for(cache_dir, slide_path, encoder, tile_px, n_sub, mode, subspot_rule)
+        path = store_path_for(cache_dir, slide_path, encoder, tile_px, n_sub, mode, subspot_rule, view, stain_sigma,
+                              view_seed)
         return extract_to_store(slide_path, centers, tile_px, encoder, path, **common).load()
     n, s = len(centers), n_sub * n_sub
     spot_out = np.zeros((n, encoder.dim), dtype=np.float32)

@@ -36,7 +36,10 @@ import pandas as pd
 from deepspot import plotting
 from deepspot.config import (TISSUE_RULES, GridSpec, ModelConfig, SpotGeometry, geometry_preset, invert_scaler,
                              resolve_mpp)
+from deepspot.reliability import (DEFAULT_LEVEL, annotate_var, head_spread, intervals_for, spread_to_expression,
+                                  trusted_genes)
 from deepspot.features.extract import ExtractStats, check_mode, extract_features, extract_to_store, store_path_for
+from deepspot.features.views import N_VIEWS, view_tag
 from deepspot.geometry.grid import make_grid
 from deepspot.geometry.neighbors import array_neighbors
 from deepspot.features.tiles import spot_boxes
@@ -189,12 +192,18 @@ def _skeleton(plan: SlidePlan, config: ModelConfig, library_id: str | None, mode
 def predict_plan(plan: SlidePlan, model, config: ModelConfig, encoder, sink=None, *, mode: str = "standard",
                  mpp: float | None = None, batch_size: int = 16, num_workers: int | None = None, cache_dir=None,
                  store_dir=None, device="cpu", autocast_dtype=None, progress: bool = True,
-                 stats: ExtractStats | None = None, predict_batch: int = 512) -> np.ndarray | None:
+                 stats: ExtractStats | None = None, predict_batch: int = 512, interval: float | None = None,
+                 bounds_sink=None, tta: bool = False) -> np.ndarray | None:
     """Encode the plan's spots (each crop once) and predict them chunk by chunk.
 
     With ``sink``, ``sink(start, predictions (B,G))`` receives each chunk in order and nothing is kept;
     without, the (N,G) predictions are returned. Features go to the store in ``cache_dir`` (kept and
     reused), to ``store_dir/features.zarr`` (streamed), or, with neither, stay in memory.
+    ``interval`` (a level the model is calibrated at) with ``bounds_sink``: ``bounds_sink(start, lower, upper)``
+    receives each chunk's conformal interval (:mod:`deepspot.reliability`), in the units of the predictions.
+    ``tta``: test-time augmentation, the mean of the predictions of the 8 dihedral views of every crop
+    (:mod:`deepspot.features.views`; 8 encoder passes per crop, each view its own feature store); the
+    interval is then drawn around that mean with the mean head spread of the views.
     """
     use_sub = bool(getattr(model, "use_subspots", True))
     n_sub = plan.geometry.n_sub if use_sub else 0
@@ -204,22 +213,56 @@ def predict_plan(plan: SlidePlan, model, config: ModelConfig, encoder, sink=None
     rule = plan.geometry.subspot_rule
     common = dict(n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
                   autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=rule)
-    if cache_dir is not None or store_dir is not None:
-        path = (store_path_for(cache_dir, plan.slide_path, encoder, tile, n_sub, mode, rule) if cache_dir is not None
-                else Path(store_dir) / "features.zarr")
-        source = extract_to_store(plan.slide_path, centers, tile, encoder, path, **common)
-    else:
-        source = extract_features(plan.slide_path, centers, tile, encoder, **common)
+    sources = []
+    for view in (range(N_VIEWS) if tta else (0,)):
+        if cache_dir is not None or store_dir is not None:
+            path = (store_path_for(cache_dir, plan.slide_path, encoder, tile, n_sub, mode, rule, view)
+                    if cache_dir is not None else Path(store_dir) / f"features{view_tag(view)}.zarr")
+            sources.append(extract_to_store(plan.slide_path, centers, tile, encoder, path, view=view, **common))
+        else:
+            sources.append(extract_features(plan.slide_path, centers, tile, encoder, view=view, **common))
     idx, mask = plan.neighbors()
     scaler = config.scaler
     out = None if sink is not None else np.zeros((len(centers), len(config.genes)), dtype=np.float32)
-    for start, pred in iter_predictions(model, source, idx, mask, batch_size=predict_batch, device=device):
-        pred = invert_scaler(pred, scaler)
-        if sink is not None:
-            sink(start, pred)
-        else:
-            out[start:start + len(pred)] = pred
+    calib = intervals_for(config, interval)[0] if bounds_sink is not None else None
+    with head_spread(model if calib is not None and calib.mode == "head_spread" else None) as spreads:
+        streams = [iter_predictions(model, src, idx, mask, batch_size=predict_batch, device=device) for src in sources]
+        for chunks in zip(*streams):
+            start = chunks[0][0]
+            pred = np.mean([invert_scaler(p, scaler) for _, p in chunks], axis=0, dtype=np.float64).astype(np.float32)
+            if calib is not None:
+                sp = None
+                if spreads is not None:
+                    sp = spread_to_expression(np.mean(spreads, axis=0), scaler)
+                    spreads.clear()
+                bounds_sink(start, *calib.bounds(pred, sp, interval))
+            if sink is not None:
+                sink(start, pred)
+            else:
+                out[start:start + len(pred)] = pred
     return out
+
+
+class _Bounds:
+    """Collects (lower, upper) chunks of a prediction in memory."""
+
+    def __init__(self, n: int, g: int):
+        self.lower, self.upper = np.zeros((n, g), np.float32), np.zeros((n, g), np.float32)
+
+    def __call__(self, start: int, lo: np.ndarray, hi: np.ndarray) -> None:
+        self.lower[start:start + len(lo)], self.upper[start:start + len(hi)] = lo, hi
+
+
+def _annotate(adata: ad.AnnData, config: ModelConfig, interval: float | None, bounds: "_Bounds | None") -> None:
+    """var val_pearson / reliable, and layers lower / upper when the model is calibrated (a note in
+    uns['deepspot'] when intervals were asked for and the model has none)."""
+    annotate_var(adata, config)
+    calib, note = intervals_for(config, interval)
+    if calib is not None and bounds is not None:
+        adata.layers["lower"], adata.layers["upper"] = bounds.lower, bounds.upper
+        adata.uns["deepspot"]["interval"] = float(interval)
+    if note:
+        adata.uns["deepspot"].setdefault("notes", []).append(note)
 
 
 def with_geometry(config: ModelConfig, geometry: SpotGeometry | str | None) -> ModelConfig:
@@ -245,19 +288,24 @@ def predict_image(slide_path, model, config: ModelConfig | dict, encoder, mpp: f
                   autocast_dtype=None, progress: bool = True, library_id: str | None = None,
                   thumbnail_size: int = 2000, stats: ExtractStats | None = None, min_tissue_fraction: float = 0.1,
                   fast: bool | None = None, layout: str | None = None, spacing: float | None = None,
-                  predict_batch: int = 512, geometry: SpotGeometry | str | None = None) -> ad.AnnData:
+                  predict_batch: int = 512, geometry: SpotGeometry | str | None = None,
+                  interval: float | None = DEFAULT_LEVEL, tta: bool = False) -> ad.AnnData:
     """Predict every in-tissue spot of a virtual grid over the slide, in memory (small images).
 
     Returns AnnData (spots × genes) with obs array_row, array_col, in_tissue; obsm['spatial'] (x, y)
     level-0 px; uns['spatial'][library_id] (thumbnail + scalefactors); uns['deepspot'] (provenance).
     ``fast``: None = the checkpoint's feature mode; True/False must match it. For whole slides use
     :func:`predict_slide` (streams to disk). ``geometry``: predict on another grid (:func:`with_geometry`).
+    ``interval``: the nominal level of layers['lower'] / ['upper'] (None: none), for models that carry a
+    calibration; var['val_pearson'] / ['reliable'] always (NaN / False without validation).
     """
     config = with_geometry(ModelConfig.coerce(config), geometry)
     mode = _mode(config, fast)
+    intervals_for(config, interval)
     plan = plan_slide(slide_path, config.geometry, mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue_fraction,
                       thumbnail_size=thumbnail_size, layout=layout, spacing=spacing)
     adata = _skeleton(plan, config, library_id, mode)
+    bounds = _Bounds(*adata.shape)
     if len(plan.grid) == 0:
         warnings.warn(f"{slide_path}: no tissue found; the prediction is empty", stacklevel=2)
         adata.X = np.zeros(adata.shape, dtype=np.float32)
@@ -265,7 +313,9 @@ def predict_image(slide_path, model, config: ModelConfig | dict, encoder, mpp: f
         adata.X = predict_plan(plan, model, config, encoder, mode=mode, mpp=mpp, batch_size=batch_size,
                                num_workers=num_workers, cache_dir=cache_dir, device=device,
                                autocast_dtype=autocast_dtype, progress=progress, stats=stats,
-                               predict_batch=predict_batch)
+                               predict_batch=predict_batch, interval=interval, bounds_sink=bounds, tta=tta)
+    _annotate(adata, config, interval, bounds)
+    adata.uns["deepspot"]["tta"] = f"mean over the {N_VIEWS} dihedral views" if tta else "none"
     return adata
 
 
@@ -297,20 +347,25 @@ def plan_spots(slide_path, adata: ad.AnnData, geometry: SpotGeometry, mpp: float
 def predict_spots(slide_path, adata: ad.AnnData, model, config: ModelConfig | dict, encoder, mpp: float | None = None,
                   batch_size: int = 16, num_workers: int | None = 0, cache_dir=None, device="cpu",
                   autocast_dtype=None, progress: bool = True, library_id: str | None = None,
-                  thumbnail_size: int = 2000, predict_batch: int = 512) -> ad.AnnData:
+                  thumbnail_size: int = 2000, predict_batch: int = 512,
+                  interval: float | None = DEFAULT_LEVEL, tta: bool = False) -> ad.AnnData:
     """Predict at the spots of ``adata`` (e.g. a Visium sample read by scanpy or deepspot's readers):
     AnnData with the same obs (names, order, columns), obsm['spatial'], X = predictions (spots × the
     model's genes), uns['spatial'] (the slide's thumbnail) and uns['deepspot'] (provenance)."""
     config = ModelConfig.coerce(config)
     mode = _mode(config, None)
+    intervals_for(config, interval)
     plan = plan_spots(slide_path, adata, config.geometry, mpp=mpp, thumbnail_size=thumbnail_size)
     out = _skeleton(plan, config, library_id, mode)
     out.obs = adata.obs.copy()
     out.uns["deepspot"]["tissue_method"] = "positions given"
+    bounds = _Bounds(*out.shape)
     out.X = (predict_plan(plan, model, config, encoder, mode=mode, mpp=mpp, batch_size=batch_size,
                           num_workers=num_workers, cache_dir=cache_dir, device=device, autocast_dtype=autocast_dtype,
-                          progress=progress, predict_batch=predict_batch)
+                          progress=progress, predict_batch=predict_batch, interval=interval, bounds_sink=bounds,
+                          tta=tta)
              if len(plan.grid) else np.zeros(out.shape, dtype=np.float32))
+    _annotate(out, config, interval, bounds)
     return out
 
 
@@ -411,7 +466,8 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
                   thumbnail_size: int = 2000, predict_batch: int = 512, name: str | None = None,
                   meta: dict | None = None, stats: ExtractStats | None = None,
                   max_spots: int | None = None, geometry: SpotGeometry | str | None = None,
-                  fmt: str = "h5ad", command: str = "predict") -> PredictResult:
+                  fmt: str = "h5ad", command: str = "predict", interval: float | None = DEFAULT_LEVEL,
+                  keep_genes: list[str] | None = None, tta: bool = False) -> PredictResult:
     """Predict a whole slide with flat memory and write ``<name>.h5ad``, ``<name>_spots.csv`` and
     ``<name>_genes.png`` (``genes`` or the ``n_plot`` most variable) into ``out_dir``. ``fmt='spatialdata'``
     writes ``<name>.zarr`` (SpatialData: slide image, spot circles, prediction table; see
@@ -423,6 +479,9 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
     behind (a folder this call created is removed again). A slide without tissue gives an empty AnnData
     and a warning (no PNG). ``max_spots`` keeps only the first in-tissue spots in grid order (benchmarks).
     ``geometry``: predict on another grid than the checkpoint's (a preset name or a SpotGeometry).
+    ``interval``: nominal level of the conformal interval written as layers 'lower' / 'upper' when the
+    model carries a calibration (None: none); var 'val_pearson' / 'reliable' are always written.
+    ``keep_genes``: write only these of the model's genes (e.g. its reliable ones), in this order.
     """
     import zarr
 
@@ -437,6 +496,13 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
     mode = _mode(config, fast)
     all_genes = list(config.genes)
     config.check_genes(genes)
+    calib, interval_note = intervals_for(config, interval)
+    config.check_genes(keep_genes)
+    cols = None if keep_genes is None else np.array([all_genes.index(x) for x in keep_genes], dtype=np.int64)
+    if cols is not None:
+        if len(cols) == 0:
+            raise ValueError("no genes to keep")
+        all_genes = list(keep_genes)
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r}; use {' or '.join(FORMATS)}")
     if fmt == "spatialdata":
@@ -463,12 +529,20 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
     paths = tuple(out_dir / n for n in names)
     try:
         skel = _skeleton(plan, config, library_id, mode)
+        if cols is not None:
+            skel = skel[:, list(keep_genes)].copy()
         n, g = skel.shape
         store = zarr.open_group(str(work / "predictions.zarr"), mode="w")
         pred = RowWriter(store, "X", (max(n, 0), g))
         moments = _GeneMoments(g)
+        bound_rows = {k: RowWriter(store, k, (max(n, 0), g)) for k in ("lower", "upper")} if calib else {}
+
+        def bounds_sink(start, lo, hi):
+            bound_rows["lower"].append(lo if cols is None else lo[:, cols])
+            bound_rows["upper"].append(hi if cols is None else hi[:, cols])
 
         def sink(start, p):
+            p = p if cols is None else p[:, cols]
             pred.append(p)
             moments.add(p)
 
@@ -477,9 +551,20 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
         else:
             predict_plan(plan, model, config, encoder, sink, mode=mode, mpp=mpp, batch_size=batch_size,
                          num_workers=num_workers, cache_dir=cache_dir, store_dir=work, device=device,
-                         autocast_dtype=autocast_dtype, progress=progress, stats=stats, predict_batch=predict_batch)
+                         autocast_dtype=autocast_dtype, progress=progress, stats=stats, predict_batch=predict_batch,
+                         interval=interval, bounds_sink=bounds_sink if calib else None, tta=tta)
+        skel.uns["deepspot"]["tta"] = f"mean over the {N_VIEWS} dihedral views" if tta else "none"
         pred.flush()
-        plot = list(genes) if genes else [all_genes[i] for i in moments.top(n_plot)] if n else []
+        for w in bound_rows.values():
+            w.flush()
+        annotate_var(skel, config)
+        if calib:
+            skel.uns["deepspot"]["interval"] = float(interval)
+        if interval_note:
+            skel.uns["deepspot"].setdefault("notes", []).append(interval_note)
+        layers = {k: w.array for k, w in bound_rows.items()}
+        plot = list(genes) if genes else (trusted_genes(config, all_genes)[:n_plot]
+                                          or [all_genes[i] for i in moments.top(n_plot)]) if n else []
         targets = paths[:2 if not (n and plot) else 3]
         before = {p: _ident(p) for p in targets}
         with contextlib.ExitStack() as stack:
@@ -487,10 +572,10 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
             if fmt == "spatialdata":
                 from deepspot.io.outputs import spatialdata_from_predictions, write_spatialdata
 
-                write_spatialdata(spatialdata_from_predictions(skel, slide_path, X=pred.array, mpp=plan.mpp), tmp[0],
-                                  atomic=False)
+                write_spatialdata(spatialdata_from_predictions(skel, slide_path, X=pred.array, mpp=plan.mpp,
+                                                               layers=layers), tmp[0], atomic=False)
             else:
-                write_h5ad_chunked(skel, pred.array, tmp[0], target=paths[0])
+                write_h5ad_chunked(skel, pred.array, tmp[0], target=paths[0], layers=layers)
             spot_table(skel).to_csv(tmp[1], index=True)
             if len(tmp) == 3:
                 plotting.spatial_columns(skel, pred.array, plot, tmp[2])

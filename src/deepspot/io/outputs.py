@@ -71,7 +71,8 @@ def write_h5ad(adata: ad.AnnData, path: str | Path) -> Path:
     return Path(path)
 
 
-def write_h5ad_chunked(skeleton: ad.AnnData, X, path: str | Path, rows: int = 4096, target=None) -> Path:
+def write_h5ad_chunked(skeleton: ad.AnnData, X, path: str | Path, rows: int = 4096, target=None,
+                       layers: dict | None = None) -> Path:
     """Write ``skeleton`` (an AnnData without X) with ``X`` (N, G) taken from any sliceable array (zarr, h5py,
     numpy) ``rows`` at a time, through anndata's own writer (X as a dask array), so the full matrix is
     never in memory. Writes ``path`` as it is: callers that need it atomic pass a path of :func:`atomic_path`
@@ -82,8 +83,10 @@ def write_h5ad_chunked(skeleton: ad.AnnData, X, path: str | Path, rows: int = 40
     n, g = skeleton.shape
     if tuple(X.shape) != (n, g):
         raise ValueError(f"{path}: X has shape {tuple(X.shape)}, the AnnData is {n} x {g}")
-    a = ad.AnnData(X=da.from_array(X, chunks=(max(1, min(rows, n)), max(g, 1))).astype(np.float32),
-                   obs=skeleton.obs, var=skeleton.var, obsm=dict(skeleton.obsm), uns=dict(skeleton.uns))
+    chunks = (max(1, min(rows, n)), max(g, 1))
+    a = ad.AnnData(X=da.from_array(X, chunks=chunks).astype(np.float32),
+                   obs=skeleton.obs, var=skeleton.var, obsm=dict(skeleton.obsm), uns=dict(skeleton.uns),
+                   layers={k: da.from_array(v, chunks=chunks).astype(np.float32) for k, v in (layers or {}).items()})
     with dask.config.set(scheduler="synchronous"), h5_writing(path, target):
         a.write_h5ad(path, compression="gzip")
     return Path(path)
@@ -178,7 +181,7 @@ class SlideArray:
 
 def spatialdata_from_predictions(adata: ad.AnnData, slide_path: str | Path, X=None, mpp: float | None = None,
                                  image_key: str = "he", shapes_key: str = "spots", table_key: str = "table",
-                                 chunk: int = 2048, smallest: int = 1024):
+                                 chunk: int = 2048, smallest: int = 1024, layers: dict | None = None):
     """A SpatialData of a prediction: ``images[image_key]``, the slide (level 0 read lazily, a x2 pyramid
     down to ``smallest`` px), ``shapes[shapes_key]``, the spots as circles of their true radius, and
     ``tables[table_key]``, the predictions (spots × genes) linked to the circles (``region`` =
@@ -188,7 +191,9 @@ def spatialdata_from_predictions(adata: ad.AnnData, slide_path: str | Path, X=No
 
     adata: the prediction AnnData (obsm['spatial'] (x, y) level-0 px, uns['deepspot']['spot_diameter_px']
     or uns['spatial'] scalefactors); X: its (N, G) values when adata has none (zarr / h5py / numpy, read
-    lazily through dask). Needs the extra ``[spatialdata]`` (callers check it with ``deepspot.extras``)."""
+    lazily through dask); layers: extra (N, G) arrays for the table's layers (default: adata's, e.g. the
+    interval bounds 'lower' / 'upper'). Needs the extra ``[spatialdata]`` (callers check it with
+    ``deepspot.extras``)."""
     import warnings
 
     import dask.array as da
@@ -237,7 +242,10 @@ def spatialdata_from_predictions(adata: ad.AnnData, slide_path: str | Path, X=No
     table = ad.AnnData(X=da.from_array(values, chunks=(rows, max(adata.n_vars, 1))).astype(np.float32) if n
                        else np.zeros((0, adata.n_vars), np.float32),
                        obs=obs, var=adata.var.copy(), obsm={"spatial": xy},
-                       uns={k: v for k, v in adata.uns.items() if k != "spatial"})
+                       uns={k: v for k, v in adata.uns.items() if k != "spatial"},
+                       layers={k: da.from_array(v, chunks=(rows, max(adata.n_vars, 1))).astype(np.float32) if n
+                               else np.zeros((0, adata.n_vars), np.float32)
+                               for k, v in (dict(adata.layers) if layers is None else layers).items()})
     table = TableModel.parse(table, region=shapes_key, region_key="region", instance_key="spot_id")
     return sd.SpatialData(images={image_key: image}, shapes={shapes_key: circles}, tables={table_key: table})
 

@@ -67,6 +67,8 @@ class SpotRecipe:
     oversample: bool = False  # Leiden-cluster oversampling of the training spots (training/sampling.py)
     hvg_flavor: str = "seurat"  # how a top-n HVG panel is ranked: seurat (log data) or seurat_v3 (counts)
     preset: str = "deepspot"  # the preset these settings started from (recorded in the checkpoint)
+    augment_views: int = 1  # train on the first k of the 8 dihedral views of every crop (1: the crops as read)
+    stain_jitter: float = 0.0  # HED stain jitter of the augmented crops (±sigma per channel; 0.05 in the literature)
 
     def __post_init__(self):
         from deepspot.models.deepsets import CONTEXTS, POOLS
@@ -89,7 +91,9 @@ class SpotRecipe:
                                                            f"{self.min_epochs}"),
                   (self.hvg_flavor in HVG_FLAVORS, f"hvg_flavor {self.hvg_flavor!r}: choose "
                                                    f"{' or '.join(HVG_FLAVORS)}"),
-                  (self.preset in PRESET_PANELS, f"preset {self.preset!r}: choose {', '.join(PRESET_PANELS)}")]
+                  (self.preset in PRESET_PANELS, f"preset {self.preset!r}: choose {', '.join(PRESET_PANELS)}"),
+                  (1 <= self.augment_views <= 8, f"augment_views must be in 1..8, got {self.augment_views}"),
+                  (0 <= self.stain_jitter < 0.5, f"stain_jitter must be in [0, 0.5), got {self.stain_jitter}")]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
             raise ValueError("training recipe: " + "; ".join(bad))
@@ -244,8 +248,24 @@ def fit_spot_model(recipe: SpotRecipe, bags: Bags, targets: np.ndarray, train_id
         summary["init_from"] = init.provenance(genes)
     if n_clusters is not None:
         summary["leiden_clusters"] = n_clusters
+    summary["reliability"] = validation_reliability(recipe, model, scaler, bags, targets, val_idx)
     return model, scaler, summary
 
 
+def validation_reliability(recipe: SpotRecipe, model, scaler, bags: Bags, targets: np.ndarray,
+                           val_idx: np.ndarray) -> dict | None:
+    """Per-gene reliability and the conformal calibration of intervals on the validation spots
+    (:mod:`deepspot.reliability`), as stored in the checkpoint; None when the validation spots trained
+    too (``monitor='train_loss'``: they would not measure anything held out)."""
+    if recipe.monitor == "train_loss":
+        return None
+    from deepspot.reliability import measure_model
+
+    rel = measure_model(model, scaler, bags, targets, val_idx, seed=recipe.seed,
+                        source="validation spots held out inside the training samples; they also chose the "
+                               "early-stopping epoch")
+    return rel.to_dict()
+
+
 __all__ = ["PRESETS", "PRESET_PANELS", "SpotRecipe", "block_validation", "build_spot_model", "fit_spot_model",
-           "preset_panel", "spot_preset"]
+           "preset_panel", "spot_preset", "validation_reliability"]

@@ -28,15 +28,18 @@ GEOMETRY_TOLERANCE = 0.1  # relative disagreement in spot size or pitch that ref
 
 
 def sample_features(samples: Sequence[Sample], encoder, n_sub: int, cache_dir=None, batch_size: int = 16,
-                    num_workers: int = 0, progress: bool = True) -> dict[str, Features]:
-    """Spot + sub-spot features of every sample, encoded once (cached per sample under ``cache_dir``)."""
+                    num_workers: int = 0, progress: bool = True, view: int = 0, stain_sigma: float = 0.0,
+                    view_seed: int = 0) -> dict[str, Features]:
+    """Spot + sub-spot features of every sample, encoded once (cached per sample under ``cache_dir``);
+    ``view`` / ``stain_sigma``: of that augmented view of the crops (:mod:`deepspot.features.views`)."""
     from deepspot.features.extract import extract_features
 
     feats = {}
     for s in samples:
         feats[s.sample_id] = extract_features(s.image, s.adata.obsm["spatial"], s.spot_px, encoder, n_sub=n_sub,
                                               mpp=s.mpp, cache_dir=cache_dir, batch_size=batch_size,
-                                              num_workers=num_workers, progress=progress)
+                                              num_workers=num_workers, progress=progress, view=view,
+                                              stain_sigma=stain_sigma, view_seed=view_seed)
     return feats
 
 
@@ -204,8 +207,24 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
     log.info("training on %d spots of %d samples; early stopping on %d spots (%s)", len(tr), len(samples),
              len(va), split)
     t0 = time.perf_counter()
-    model, scaler, summary = fit_spot_model(recipe, bags, y, tr, va, progress=progress, log_dir=log_dir,
-                                            precision=precision, accelerator=accelerator, init=init, genes=panel)
+    fit_bags, fit_y, fit_tr = bags, y, tr
+    if recipe.augment_views > 1 or recipe.stain_jitter > 0:
+        from deepspot.training.augment import augment, views_of
+
+        n_sub_ = n_sub if "subspot" in recipe.context else 0
+
+        def view_bags(v, sigma):
+            f = sample_features(samples, encoder, n_sub_, cache_dir=cache_dir, progress=progress, view=v,
+                                stain_sigma=sigma, view_seed=recipe.seed)
+            return stack_bags(samples, f, neighbor_radius)[0]
+
+        fit_bags, fit_y, fit_tr = augment(bags, y, tr, views_of(recipe.augment_views, recipe.stain_jitter), view_bags)
+        log.info("augmented training: %d rows (%d views, stain jitter %g)", len(fit_tr), recipe.augment_views,
+                 recipe.stain_jitter)
+    model, scaler, summary = fit_spot_model(recipe, fit_bags, fit_y, fit_tr, va, progress=progress, log_dir=log_dir,
+                                            precision=precision, accelerator=accelerator, init=init,
+                                            genes=panel)
+    reliability = summary.pop("reliability", None)
     t_fit = time.perf_counter() - t0
     pred = invert_scaler(predict_bags(model, bags), scaler)
     mpps = sorted({round(float(s.mpp), 4) for s in samples if s.mpp})
@@ -214,7 +233,8 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
                 "split": split, **summary,
                 "seconds": {"features": round(t_features, 1), "training": round(t_fit, 1)}}
     config = ModelConfig("deepspot", model.config(), EncoderRef(encoder.name, int(encoder.dim)), list(panel),
-                         geometry, scaler, TARGETS, mpps[0] if len(mpps) == 1 else None, training)
+                         geometry, scaler, TARGETS, mpps[0] if len(mpps) == 1 else None, training,
+                         extra={"reliability": reliability} if reliability else {})
     feats = Features(bags.spot.numpy(), None if bags.subspot is None else bags.subspot.numpy())
     return SpotTrainResult(model, config, feats, y, panel, (tr, va, np.zeros(0, np.int64)), pred, summary)
 

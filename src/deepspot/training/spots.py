@@ -91,11 +91,13 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
         raise ValueError(f"{image}: {spots.n_obs} spots are too few for a train / validation / test split")
     model, scaler, summary = fit_spot_model(recipe, bags, y, train, val, progress=progress, log_dir=log_dir,
                                             init=init, genes=panel)
+    reliability = summary.pop("reliability", None)
     pred = invert_scaler(predict_bags(model, bags), scaler)
     training = {"recipe": recipe.to_dict(),
                 "split": "spatial: right-most %.0f%% of spots held out; validation: top %.0f%% of the array "
                          "rows of the rest" % (100 * test_fraction, 100 * recipe.val_fraction),
                 **summary}
     config = ModelConfig("deepspot", model.config(), EncoderRef(encoder.name, int(encoder.dim)), list(panel),
-                         geometry, scaler, TARGETS, mpp, training)
+                         geometry, scaler, TARGETS, mpp, training,
+                         extra={"reliability": reliability} if reliability else {})
     return SpotTrainResult(model, config, feats, y, panel, (train, val, test), pred, summary)
