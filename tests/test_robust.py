@@ -194,7 +194,7 @@ def test_single_level_tiff_too_big_to_scan_is_refused_before_reading(tmp_path):
 def test_tiff_in_one_strip_over_the_budget_is_refused_at_open(tmp_path, monkeypatch):
     p = _sparse_tiff(tmp_path / "strip.tif", 3000, 2000, rowsperstrip=2000)  # one 18 MB strip
     monkeypatch.setenv("DEEPSPOT_DECODE_BUDGET_GB", "0.001")
-    monkeypatch.setattr(slides_mod, "_MIN_CHUNK_CHECK", 1 << 20)
+    monkeypatch.setattr(slides_mod.integrity, "_MIN_CHUNK_CHECK", 1 << 20)
     with pytest.raises(SlideError, match=r"strip\.tif: one strip of this TIFF is .* decoded"):
         open_slide(p)
 
