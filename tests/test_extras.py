@@ -85,7 +85,7 @@ def test_phikon_without_transformers_names_the_extra(name, tmp_path, monkeypatch
 
 
 def test_leiden_runs_without_leidenalg(monkeypatch):
-    from deepspot.training.sampling import leiden_clusters
+    from deepspot.training.oversampling import leiden_clusters
 
     monkeypatch.setitem(sys.modules, "leidenalg", None)
     rng = np.random.default_rng(0)

@@ -359,7 +359,7 @@ def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n
                 patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir, manifest=None, preset=None,
                 **options) -> "Model":
     from deepspot.training.recipe import preset_panel, spot_preset
-    from deepspot.training.samples import train_samples
+    from deepspot.training.multi_sample import train_samples
 
     if model != "deepspot":
         raise ValueError(f"training on several samples is implemented for deepspot, not {model}")

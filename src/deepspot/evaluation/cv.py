@@ -29,7 +29,7 @@ from deepspot.models.bags import Bags, predict_bags
 from deepspot.models.deepsets import CONTEXTS
 from deepspot.training.manifest import Sample, SampleSpec, as_spots, load_sample
 from deepspot.training.recipe import SpotRecipe, block_validation, fit_spot_model
-from deepspot.training.samples import sample_features, stack_bags
+from deepspot.training.multi_sample import sample_features, stack_bags
 from deepspot.training.targets import log_normalize, rank_hvgs, select_panel
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from deepspot.config import ModelConfig, invert_scaler
 from deepspot.evaluation.metrics import pearson_per_gene, spearman_per_gene
 from deepspot.models.bags import predict_bags
 from deepspot.training.manifest import Sample
-from deepspot.training.samples import sample_features, stack_bags
+from deepspot.training.multi_sample import sample_features, stack_bags
 from deepspot.training.targets import check_panel, log_normalize, rank_hvgs
 
 

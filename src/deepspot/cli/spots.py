@@ -1,4 +1,4 @@
-"""Core commands: demo, encoders, train, predict, plot."""
+"""Spot commands: demo, encoders, train, predict, plot, score (the cell commands are in cli/cells.py)."""
 from __future__ import annotations
 
 from pathlib import Path
