@@ -56,7 +56,7 @@ def main():
     from deepspot.evaluation.metrics import pearson_per_gene
     from deepspot.features.encoders import load_encoder
     from deepspot.training.manifest import her2st_manifest, load_sample
-    from deepspot.training.samples import sample_features, train_samples
+    from deepspot.training.multi_sample import sample_features, train_samples
     from deepspot.training.targets import log_normalize, rank_hvgs
     from deepspot.training.warmstart import read_init
 

@@ -128,7 +128,7 @@ def main():
         from deepspot.evaluation.cv import load_samples
         from deepspot.features.encoders import load_encoder
         from deepspot.training.manifest import her2st_manifest
-        from deepspot.training.samples import sample_features
+        from deepspot.training.multi_sample import sample_features
 
         print("[2] HER2ST leave-one-section-out per (batch size, lr)", flush=True)
         samples = load_samples(her2st_manifest(args.data_dir))

@@ -28,7 +28,7 @@ from deepspot.models.bags import predict_bags
 from deepspot.reliability import Reliability, coverage_per_gene, head_spread, spread_to_expression
 from deepspot.training.manifest import her2st_manifest
 from deepspot.training.recipe import block_validation, fit_spot_model
-from deepspot.training.samples import sample_features, stack_bags
+from deepspot.training.multi_sample import sample_features, stack_bags
 from deepspot.training.targets import select_panel
 
 

@@ -148,7 +148,7 @@ import matplotlib
 matplotlib.use("svg")
 import anndata as ad, numpy as np, pandas as pd
 import deepspot as ds
-import deepspot.api, deepspot.inference.predict, deepspot.cli.core
+import deepspot.api, deepspot.inference.predict, deepspot.cli.spots
 a = ad.AnnData(np.random.rand(5, 2).astype("float32"), var=pd.DataFrame(index=["A", "B"]))
 a.obsm["spatial"] = np.random.rand(5, 2) * 100
 axes = ds.pl.spatial(a, genes=["A", "B"], path={str(tmp_path / 'p.png')!r})

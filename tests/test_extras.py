@@ -102,7 +102,7 @@ def test_timm_and_torchvision_encoders_need_no_extra(name, tmp_path, monkeypatch
 
 
 def test_leiden_runs_without_leidenalg(monkeypatch):
-    from deepspot.training.sampling import leiden_clusters
+    from deepspot.training.oversampling import leiden_clusters
 
     monkeypatch.setitem(sys.modules, "leidenalg", None)
     rng = np.random.default_rng(0)

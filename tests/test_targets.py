@@ -9,7 +9,7 @@ import pytest
 
 from deepspot.config import invert_scaler
 from deepspot.io.spatial import SpatialDataError
-from deepspot.training.sampling import balanced_index, leiden_clusters, oversample_clusters
+from deepspot.training.oversampling import balanced_index, leiden_clusters, oversample_clusters
 from deepspot.training.targets import (apply_scaler, check_panel, common_genes, fit_scaler, log_normalize, rank_hvgs,
                                        select_genes, select_panel)
 

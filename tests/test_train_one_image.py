@@ -37,7 +37,7 @@ def _st_like(tmp_path, n_genes=40, seed=0):
 
 def test_one_image_train_takes_the_recorded_geometry_and_the_manifest_panel(tmp_path, capsys):
     from deepspot.training.manifest import read_manifest, load_sample
-    from deepspot.training.samples import samples_geometry
+    from deepspot.training.multi_sample import samples_geometry
 
     image, h5 = _st_like(tmp_path)
     enc = register_tiny_vit("tiny-one-image")
@@ -77,7 +77,7 @@ def test_her2st_reader_geometry_is_the_manifest_geometry():
     import deepspot as ds
     from deepspot.datasets import her2st
     from deepspot.training.manifest import her2st_manifest, load_sample
-    from deepspot.training.samples import recorded_geometry, samples_geometry
+    from deepspot.training.multi_sample import recorded_geometry, samples_geometry
 
     f = her2st(("C2",))["C2"]
     a = ds.read.her2st(f["counts"], spots=f["spots"])

@@ -402,7 +402,7 @@ def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n
                 patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir, manifest=None, preset=None,
                 **options) -> "Model":
     from deepspot.training.recipe import preset_panel, spot_preset
-    from deepspot.training.samples import train_samples
+    from deepspot.training.multi_sample import train_samples
 
     if model != "deepspot":
         raise ValueError(f"training on several samples is implemented for deepspot, not {model}")
@@ -578,7 +578,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
         from deepspot.training.spots import train_spot_model
 
         if geometry is None and not cells:  # what the reader recorded, as --manifest reads it
-            from deepspot.training.samples import recorded_geometry
+            from deepspot.training.multi_sample import recorded_geometry
 
             geometry = recorded_geometry(data, slide_mpp)
         geometry = geometry or SpotGeometry()

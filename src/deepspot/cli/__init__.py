@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _register() -> None:
     # each module adds its commands to ``app``
-    from deepspot.cli import core  # noqa: F401
+    from deepspot.cli import spots  # noqa: F401
 
     for optional in ("evaluate", "cells", "weights", "cohort", "slides", "tcga", "bench"):
         try:

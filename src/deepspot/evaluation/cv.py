@@ -30,7 +30,7 @@ from deepspot.models.deepsets import CONTEXTS
 from deepspot.reliability import DEFAULT_LEVEL, Reliability, coverage_per_gene, head_spread, spread_to_expression
 from deepspot.training.manifest import Sample, SampleSpec, as_spots, load_sample
 from deepspot.training.recipe import SpotRecipe, block_validation, fit_spot_model
-from deepspot.training.samples import sample_features, stack_bags
+from deepspot.training.multi_sample import sample_features, stack_bags
 from deepspot.training.targets import log_normalize, rank_hvgs, select_panel
 
 log = logging.getLogger(__name__)

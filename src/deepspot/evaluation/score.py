@@ -13,7 +13,7 @@ from deepspot.models.bags import predict_bags
 from deepspot.reliability import DEFAULT_LEVEL, Reliability, coverage_per_gene, head_spread, intervals_for, \
     spread_to_expression
 from deepspot.training.manifest import Sample
-from deepspot.training.samples import sample_features, stack_bags
+from deepspot.training.multi_sample import sample_features, stack_bags
 from deepspot.training.targets import check_panel, log_normalize, rank_hvgs
 
 

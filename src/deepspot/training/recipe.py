@@ -64,7 +64,7 @@ class SpotRecipe:
     val_fraction: float = 0.2
     seed: int = 2024
     min_epochs: int = 1
-    oversample: bool = False  # Leiden-cluster oversampling of the training spots (training/sampling.py)
+    oversample: bool = False  # Leiden-cluster oversampling of the training spots (training/oversampling.py)
     hvg_flavor: str = "seurat"  # how a top-n HVG panel is ranked: seurat (log data) or seurat_v3 (counts)
     preset: str = "deepspot"  # the preset these settings started from (recorded in the checkpoint)
     augment_views: int = 1  # train on the first k of the 8 dihedral views of every crop (1: the crops as read)
@@ -224,7 +224,7 @@ def fit_spot_model(recipe: SpotRecipe, bags: Bags, targets: np.ndarray, train_id
         train_idx = np.concatenate([train_idx, val_idx])
     n_clusters = None
     if recipe.oversample:
-        from deepspot.training.sampling import balanced_index
+        from deepspot.training.oversampling import balanced_index
 
         train_idx, labels = balanced_index(train_idx, np.asarray(targets, np.float32), seed=recipe.seed)
         n_clusters = int(labels.max()) + 1 if len(labels) else 0

@@ -8,7 +8,7 @@ import pytest
 from deepspot.evaluation.score import score_samples
 from deepspot.features.store import Features
 from deepspot.io.spatial import SpatialDataError
-from deepspot.training.samples import samples_geometry, train_samples
+from deepspot.training.multi_sample import samples_geometry, train_samples
 from deepspot.training.targets import log_normalize
 from shared_data import HER2ST as HER2ST_FILES, her2st_with_signal
 
@@ -77,7 +77,7 @@ def test_mixed_formats_one_geometry_and_whole_validation_samples(her2st, tmp_pat
     import anndata as ad
 
     from deepspot.training.manifest import load_sample, read_manifest
-    from deepspot.training.samples import array_layout
+    from deepspot.training.multi_sample import array_layout
     from shared_data import data_file
 
     samples, feats = her2st
@@ -115,7 +115,7 @@ def test_neighbour_sets_equal_in_training_and_prediction(her2st):
     """The same spots of one slide: the neighbours a spot has in training (stacked bags) are the ones the
     predictor gives it (plan of the annotated spots, the rule and radius of the checkpoint geometry)."""
     from deepspot.inference.predict import plan_spots
-    from deepspot.training.samples import stack_bags
+    from deepspot.training.multi_sample import stack_bags
 
     samples, feats = her2st
     s = samples[0]
@@ -221,7 +221,7 @@ def test_pitch_is_the_array_step_not_the_jittered_nearest_neighbour(layout):
     coordinates gives the array's pitch, and the geometry (the prediction grid) takes it."""
     from scipy.spatial import cKDTree
 
-    from deepspot.training.samples import sample_pitch_um
+    from deepspot.training.multi_sample import sample_pitch_um
 
     s = _lattice_sample(layout, 290.0, 20.0)
     d, _ = cKDTree(s.adata.obsm["spatial"]).query(s.adata.obsm["spatial"], k=2)

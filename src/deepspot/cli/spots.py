@@ -1,4 +1,4 @@
-"""Core commands: demo, encoders, train, predict, plot."""
+"""Spot commands: demo, encoders, train, predict, plot, score (the cell commands are in cli/cells.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -194,7 +194,7 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
         console.print(f"Visium HD: {data.n_obs} in-tissue bins of {hd_bin} µm; {geometry.n_sub}x{geometry.n_sub} "
                       f"sub-spots, neighbours within {geometry.neighbor_radius} bins")
     elif model == "deepspot":
-        from deepspot.training.samples import recorded_geometry
+        from deepspot.training.multi_sample import recorded_geometry
 
         data = ds.read.counts(adata, image=image, x_col=x_col, y_col=y_col, mpp=mpp)
         mode = "fast" if fast else "standard"

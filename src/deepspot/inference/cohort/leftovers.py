@@ -1,0 +1,27 @@
+"""What a killed run left behind: temp outputs and work folders, removed before the next run starts."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from deepspot.inference.cohort.folder import output_paths
+from deepspot.inference.cohort.manifest import SlideJob
+
+
+def remove_partials(out_dir: str | Path, jobs: Iterable[SlideJob]) -> list[Path]:
+    """Delete what a killed run left behind for these slides: temp outputs (``.<name>.*.partial.*``,
+    see io/outputs.atomic_path) and per-slide work folders (``.<id>.work-*``). Returns what was removed."""
+    out_dir, removed = Path(out_dir), []
+    for job in jobs:
+        outs = [*output_paths(out_dir, job.id).values(), out_dir / f"{job.id}.zarr", out_dir / f"{job.id}_genes.png"]
+        patterns = [f".{p.name}.*.partial{p.suffix}" for p in outs]
+        for tmp in (t for pat in patterns + [f".{job.id}.work-*"] for t in out_dir.glob(pat)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            removed.append(tmp)
+    return removed
