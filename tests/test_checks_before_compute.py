@@ -83,7 +83,10 @@ def test_train_checks_genes_and_slide_before_reading_counts(slide_png, tmp_path,
                         "--genes", "A,B,A")
     assert code == 1
     _one_line(err, "--genes", "repeated", "A")
-    code, _, err = _cli(capsys, "train", "--image", slide_png, "--adata", missing, "--out", tmp_path / "m")
+    # a grid in µm given on the command line needs the slide's mpp, checked before the counts are read
+    # (left to the data, the grid may take the mpp its reader recorded: checked once the counts are read)
+    code, _, err = _cli(capsys, "train", "--image", slide_png, "--adata", missing, "--out", tmp_path / "m",
+                        "--spot-diameter", "55")
     assert code == 1
     _one_line(err, "he.png", "--mpp")
     assert not (tmp_path / "m").exists()

@@ -202,7 +202,10 @@ def test_ddp_two_cpu_processes_match_one_process(cohort, tmp_path):
         b = {i for b in r1["train_batches"][8 * e:8 * e + 8] for i in b}
         assert not a & b and a | b == set(train.tolist())
     # same best epoch and weights on both ranks (KeepBest agrees across ranks), and it learned
-    assert r0["digest"] == r1["digest"] and r0["fit"] == r1["fit"]
+    # (the per-epoch history that training_curves.png draws is kept by rank 0 only)
+    no_hist = lambda f: {k: v for k, v in f.items() if k != "history"}  # noqa: E731
+    assert r0["digest"] == r1["digest"] and no_hist(r0["fit"]) == no_hist(r1["fit"])
+    assert len(r0["fit"]["history"]) == r0["fit"]["epochs"] and r1["fit"]["history"] == []
     assert r0["after"] < 0.7 * r0["before"]
     # one process with the global batch (2 × 16) reaches the same weights
     sb = StoreBags(samples, cache_mb=1)

@@ -9,7 +9,7 @@ import pytest
 from deepspot.demo import HER2ST_MARKERS, run_her2st_demo
 
 from shared_data import HER2ST, needs_data
-from test_predict_wsi import TINY, one_thread  # noqa: F401  (registers the tiny encoder)
+from test_predict_wsi import TINY, _tiny_vit, one_thread  # noqa: F401  (_tiny_vit: the tiny encoder, autouse)
 
 pytestmark = needs_data(*HER2ST)
 

@@ -119,7 +119,7 @@ def _env_with_this_source() -> dict:
 
 
 def test_test_modules_leave_no_encoder_registered():
-    """The test encoders of test_predict_wsi.py and test_robust.py (a 32-d ViT) once stayed registered after
+    """The test encoders of test_predict_wsi.py and test_robust.py (now split by room; a 32-d ViT) once stayed registered after
     collection, so convert_checkpoint found a 32-d encoder and test_kind_and_feature_dim_are_checked failed
     whenever either was collected with it."""
     from shared_data import reference_dir
@@ -128,7 +128,7 @@ def test_test_modules_leave_no_encoder_registered():
     tests = Path(__file__).resolve().parent
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
                         "kind_and_feature_dim_are_checked or blank_slide", str(tests / "test_predict_wsi.py"),
-                        str(tests / "test_robust.py"), str(tests / "test_original_checkpoints.py")],
+                        str(tests / "test_checks_before_compute.py"), str(tests / "test_original_checkpoints.py")],
                        capture_output=True, text=True, timeout=300, cwd=tests.parent, env=_env_with_this_source())
     assert r.returncode == 0, r.stdout[-3000:]
     assert "test_kind_and_feature_dim_are_checked PASSED" in r.stdout or " passed" in r.stdout

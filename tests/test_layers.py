@@ -1,6 +1,6 @@
 """The package's layers, lowest first: a module imports only from its own layer's lower rungs or below.
 
-config → io, geometry, plotting → features → models → training, inference, convert → evaluation →
+config, metrics → io, geometry, plotting → features → models, reliability → training, inference, convert → evaluation →
 api → demo (it shows the public API) → cli. (convert is only the old import path of models/convert; docs/architecture.md
 describes the layers.) Within a layer no module imports another layer-mate's package (training and inference
 are independent); plotting imports only config and io.
@@ -13,10 +13,10 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "deepspot"
 
 LAYERS = {
-    "config": 0, "extras": 0,
+    "config": 0, "extras": 0, "metrics": 0,
     "io": 1, "geometry": 1, "plotting": 1,
     "features": 2,
-    "models": 3,
+    "models": 3, "reliability": 3,
     "training": 4, "inference": 4, "convert": 4,
     "evaluation": 5,
     "api": 6, "datasets": 6,

@@ -24,7 +24,7 @@ from deepspot.io.synthetic import write_pyramidal_tiff  # noqa: E402
 from deepspot.models.checkpoint import save_checkpoint  # noqa: E402
 
 from shared_data import HE, needs_data  # noqa: E402
-from test_predict_wsi import GENES, _model_and_config, one_thread  # noqa: E402,F401  (registers the tiny encoder)
+from test_predict_wsi import GENES, _model_and_config, _tiny_vit, one_thread  # noqa: E402,F401  (_tiny_vit: the tiny encoder, autouse)
 
 pytestmark = [pytest.mark.needs_extra("spatialdata"), needs_data("ncbi858/NCBI858.jpg")]
 

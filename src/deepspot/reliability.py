@@ -47,7 +47,7 @@ def shuffled_band(pred: np.ndarray, truth: np.ndarray, n: int = N_SHUFFLES, seed
                   q: float = NOISE_QUANTILE) -> np.ndarray:
     """Per gene, the ``q`` quantile of |Pearson r| of ``pred`` with its rows (spots) permuted against
     ``truth``, over ``n`` permutations: (N,G),(N,G) -> (G,); NaN where a side is constant."""
-    from deepspot.evaluation.metrics import pearson_per_gene
+    from deepspot.metrics import pearson_per_gene
 
     pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
     if len(pred) < 3 or n <= 0:
@@ -84,7 +84,7 @@ def conformal_quantile(scores: np.ndarray, level: float) -> np.ndarray:
 
 
 def _spearman_cols(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from deepspot.evaluation.metrics import spearman_per_gene
+    from deepspot.metrics import spearman_per_gene
 
     return spearman_per_gene(a, b)
 
@@ -215,7 +215,7 @@ class Reliability:
                 source: str = "", interval_mode: str = "auto") -> "Reliability":
         """Reliability of (n,G) predictions vs truths of validation spots (both in expression units);
         ``levels`` None: no interval."""
-        from deepspot.evaluation.metrics import pearson_per_gene
+        from deepspot.metrics import pearson_per_gene
 
         pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
         iv = None if levels is None else Intervals.calibrate(pred, truth, spread, levels, mode=interval_mode)
