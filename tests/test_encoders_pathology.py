@@ -193,7 +193,7 @@ def test_cls_mean_models_leave_registers_out(name, temp_encoder, tmp_path):
     d = tokens.shape[-1]
     torch.testing.assert_close(got[0, d:], tokens[0, 5:].mean(0), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got[0, d:], tokens[0, 1:].mean(0), atol=1e-4)
-    with pytest.raises(EncoderError, match="--mode standard"):
+    with pytest.raises(EncoderError, match="without --fast"):
         enc.forward_tokens(x)
 
 
@@ -245,3 +245,15 @@ def test_full_size_random_weights_through_the_loader(name, tmp_path, request):
     got = enc.encode(tiles)
     assert got.shape == (1, get_spec(name).dim) and torch.isfinite(got).all()
     torch.testing.assert_close(got, _reference(name, src, enc.preprocess(tiles)), atol=1e-4, rtol=1e-4)
+
+
+def test_a_release_of_another_mlp_width_is_a_size_mismatch(temp_encoder, tmp_path):
+    """The one setting not read from a config file (H0-mini's MLP width) cannot load wrongly in silence: a file
+    whose MLP is wider is refused with the tensor that does not fit."""
+    import timm
+
+    wide = timm.create_model("vit_base_patch14_reg4_dinov2", img_size=224, depth=2, num_classes=0, mlp_ratio=8,
+                             **_swiglu())
+    torch.save(wide.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(EncoderError, match="size mismatch.*mlp.fc1"):
+        load_encoder(temp_encoder(_shrunk_spec("h0-mini", 2)), weights=tmp_path / "pytorch_model.bin")

@@ -175,7 +175,7 @@ class ClsMeanPatch(nn.Module):
 
     def cls_and_tokens(self, x: torch.Tensor):
         raise EncoderError("this encoder's features are CLS + mean patch token (2x the token width), so a patch "
-                           "token is not a feature of the same kind; use --mode standard")
+                           "token is not a feature of the same kind; run without --fast")
 
 
 def _build_timm(spec: EncoderSpec, weights: Path | None, wrap: Callable[[nn.Module], nn.Module] | None = None,
