@@ -88,7 +88,8 @@ def test_phikon_without_transformers_names_the_extra(name, tmp_path, monkeypatch
         load_encoder(name, random_init=True)
 
 
-@pytest.mark.parametrize("name", ["uni", "hoptimus0", "resnet50", "inception-v3", "densenet121"])
+@pytest.mark.parametrize("name", ["uni", "hoptimus0", "uni2-h", "virchow2", "hoptimus1", "h0-mini", "gigapath",
+                                  "resnet50", "inception-v3", "densenet121"])
 def test_timm_and_torchvision_encoders_need_no_extra(name, tmp_path, monkeypatch):
     """UNI, H-optimus-0 (timm) and the torchvision CNNs once demanded the [hf] extra (transformers) before
     looking for their weights; they need only the core install."""

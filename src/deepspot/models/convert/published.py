@@ -24,6 +24,13 @@ def _default_geometry(kind: str, context: str) -> dict:
     return CellGeometry(neighbors="knn" if context == "cell_neighbors" else "none").to_dict()
 
 
+#: The encoders a checkpoint of the original DeepSpot code can have been trained with (deepspot's registry has
+#: more, e.g. UNI2-h, H-optimus-1, H0-mini and Prov-GigaPath, also 1536-d; the original never offered those, so
+#: they do not make a width ambiguous when guessing a converted checkpoint's encoder).
+ORIGINAL_ENCODERS = ("efficientnet-lite0", "uni", "hoptimus0", "phikon", "phikon-v2", "resnet50", "inception-v3",
+                     "densenet121")
+
+
 def _encoder_for_dim(dim: int, encoder: str | None, path: Path, feature_dim: int | None = None) -> str:
     """The encoder to record: ``encoder`` (checked against the weights), 'external' for ``feature_dim``, or
     the one registered encoder with this feature size."""
@@ -47,8 +54,9 @@ def _encoder_for_dim(dim: int, encoder: str | None, path: Path, feature_dim: int
             raise ConvertError(f"{path}: the model takes {dim}-d features but encoder '{spec.name}' gives {spec.dim}-d")
         return spec.name
     fits = [n for n in list_encoders() if get_spec(n).dim == dim]
-    if len(fits) == 1:
-        return fits[0]
+    guess = [n for n in fits if n in ORIGINAL_ENCODERS]
+    if len(guess) == 1:
+        return guess[0]
     raise ConvertError(f"{path}: the model takes {dim}-d features; say which encoder it was trained with "
                        f"(--encoder {' | '.join(fits) if fits else 'NAME'}), or --feature-dim {dim} for features "
                        f"made outside deepspot")
