@@ -217,7 +217,7 @@ def test_a_file_of_another_model_is_refused(temp_encoder, tmp_path):
 
 
 def test_encoders_command_lists_licence_and_gating():
-    from deepspot.cli import app, core  # noqa: F401 - core adds the `encoders` command to app
+    from deepspot.cli import app, spots  # noqa: F401 - spots adds the `encoders` command to app
 
     res = CliRunner().invoke(app, ["encoders"], env={"COLUMNS": "400"})
     assert res.exit_code == 0, res.output

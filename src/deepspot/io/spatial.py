@@ -260,6 +260,18 @@ def _image_size(path: Path) -> tuple[int, int]:
         return im.size
 
 
+def read_scalefactors(folder: Path, sample: str) -> dict:
+    """``folder/spatial/scalefactors_json.json`` of a Space Ranger output (Visium or Visium HD bins) as a
+    dict; ``{}`` when the file is absent, a one-line error naming the sample when it is not JSON."""
+    sf_path = Path(folder) / "spatial" / "scalefactors_json.json"
+    if not sf_path.exists():
+        return {}
+    try:
+        return json.loads(sf_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpatialDataError(f"{sample}: invalid {sf_path.name} ({e.msg})") from None
+
+
 def check_scalefactors(scalef: dict, folder: Path, full_size: tuple[int, int], sample: str, tol: float = 0.05) -> None:
     """The hires/lowres PNGs divided by their scale factors must give the full-res image size; a mismatch
     means the image and the positions are not at the same scale (wrong image, or a downscaled one)."""
@@ -311,13 +323,7 @@ def read_spaceranger(folder: str | Path, image: str | Path | None = None, sample
     for c in ("in_tissue", "array_row", "array_col"):
         a.obs[c] = a.obs[c].astype(int)
     a.obsm["spatial"] = a.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
-    sf_path = folder / "spatial" / "scalefactors_json.json"
-    scalef = {}
-    if sf_path.exists():
-        try:
-            scalef = json.loads(sf_path.read_text())
-        except json.JSONDecodeError as e:
-            raise SpatialDataError(f"{sample}: invalid {sf_path.name} ({e.msg})") from None
+    scalef = read_scalefactors(folder, sample)
     check_counts(a, sample)
     if image is not None:
         size = check_image(a, image, sample, mpp)

@@ -14,7 +14,6 @@ one bin, sub-spots and neighbours set in µm (sub-spots of about ``sub_um``; nei
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -23,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from deepspot.config import GridSpec, SpotGeometry
-from deepspot.io.spatial import SpatialDataError, check_counts, check_image, join_positions, read_10x_counts
+from deepspot.io.spatial import (SpatialDataError, check_counts, check_image, join_positions, read_10x_counts,
+                                 read_scalefactors)
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,7 @@ def read_visium_hd(outs: str | Path, bin_um: int = 16, image: str | Path | None 
     folder = bin_folder(outs, bin_um)
     sample = sample or Path(outs).name
     sf_path = folder / "spatial" / "scalefactors_json.json"
-    scalef = {}
-    if sf_path.exists():
-        try:
-            scalef = json.loads(sf_path.read_text())
-        except json.JSONDecodeError as e:
-            raise SpatialDataError(f"{sample}: invalid {sf_path.name} ({e.msg})") from None
+    scalef = read_scalefactors(folder, sample)
     size_um = float(scalef.get("bin_size_um", bin_um))
     if folder != Path(outs) and abs(size_um - bin_um) > 1e-6:
         raise SpatialDataError(f"{sample}: {sf_path} says bin_size_um {size_um:g}, the folder {folder.name}")
