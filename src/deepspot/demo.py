@@ -232,7 +232,7 @@ def reliability_figure(pred, path):
     from deepspot import plotting
     from deepspot.io.outputs import write_figure
 
-    fig = Figure(figsize=(15, 4.4))
+    fig = Figure(figsize=(16, 4.8), layout="constrained")  # colour bars and the bar chart's labels never overlap
     axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.6]})
     plotting.uncertainty(pred, axes=axes[:2], crop=True, alpha=0.8)
     plotting.gene_panel(pred, ax=axes[2], top=40)
