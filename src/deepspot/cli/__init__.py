@@ -44,7 +44,7 @@ def _interrupted() -> None:
 # (defining module, name) of the package's exceptions meant for the user
 _USER_ERRORS = (("deepspot.io.slides", "SlideError"), ("deepspot.features.encoders", "EncoderError"),
                 ("deepspot.convert", "ConvertError"), ("deepspot.config", "CheckpointError"),
-                ("deepspot.io.spatial", "SpatialDataError"), ("deepspot.io.datasets", "DataError"),
+                ("deepspot.io.spatial_checks", "SpatialDataError"), ("deepspot.io.datasets", "DataError"),
                 ("deepspot.extras", "MissingExtra"))
 
 
