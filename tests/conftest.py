@@ -80,3 +80,15 @@ def temp_encoder():
 
     with ExitStack() as stack:
         yield lambda spec: stack.enter_context(encoder_registered(spec))[0]
+
+
+@pytest.fixture
+def no_weights_anywhere(tmp_path, monkeypatch):
+    """No weights dir, an empty HF cache and an empty torch hub dir (the encoder tests' missing-weights case)."""
+    from deepspot.features import encoders as E
+
+    monkeypatch.delenv(E.WEIGHTS_DIR_ENV, raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path

@@ -71,3 +71,17 @@ def run_cli(capsys, *args):
         code = e.code
     cap = capsys.readouterr()
     return code, cap.out, cap.err
+
+
+def edited_checkpoint(ck, tmp, edit):
+    """A copy of checkpoint folder ``ck`` at ``tmp/edited`` whose config.json went through ``edit(cfg)``."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    d = Path(tmp) / "edited"
+    shutil.copytree(ck, d)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d

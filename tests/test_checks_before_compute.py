@@ -5,7 +5,6 @@ Models are random-weight DeepSpots on a tiny registered ViT, saved as real check
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image
 
 from fixtures_hard_inputs import GENES, _cli, _fresh_cache, _tiny_vit, _one_line, _sparse_tiff, _tissue, ck  # noqa: F401
+from fixtures_cli import edited_checkpoint
 # (_fresh_cache: autouse; ck: the module's checkpoint fixture)
 
 
@@ -33,15 +33,6 @@ def no_encoder(monkeypatch):
     monkeypatch.setattr(deepspot.api, "load_encoder", boom)
 
 
-def _edited(ck: Path, tmp: Path, edit) -> Path:
-    import shutil
-
-    d = tmp / "edited"
-    shutil.copytree(ck, d)
-    cfg = json.loads((d / "config.json").read_text())
-    edit(cfg)
-    (d / "config.json").write_text(json.dumps(cfg))
-    return d
 
 
 @pytest.mark.parametrize("case, edit, needles", [
@@ -55,7 +46,7 @@ def _edited(ck: Path, tmp: Path, edit) -> Path:
     ("unknown encoder", lambda c: c["encoder"].update(name="no-such-encoder"), ["encoder.name", "no-such-encoder"]),
 ])
 def test_bad_checkpoint_is_one_line_before_compute(ck, slide_png, tmp_path, capsys, no_encoder, case, edit, needles):
-    bad = _edited(ck, tmp_path, edit)
+    bad = edited_checkpoint(ck, tmp_path, edit)
     code, _, err = _cli(capsys, "predict", slide_png, "--model", bad, "--mpp", "0.5", "--out", tmp_path / "o",
                         "--no-progress")
     assert code == 1

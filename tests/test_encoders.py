@@ -14,14 +14,6 @@ from deepspot.features import encoders as E
 from deepspot.features.encoders import EncoderError, get_spec, list_encoders, load_encoder
 
 
-@pytest.fixture
-def no_weights_anywhere(tmp_path, monkeypatch):
-    """No weights dir, an empty HF cache and an empty torch hub dir."""
-    monkeypatch.delenv(E.WEIGHTS_DIR_ENV, raising=False)
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    return tmp_path
 
 
 def _tiles(n=2, size=224, seed=0):

@@ -59,13 +59,6 @@ NAMES = sorted(PUBLISHED)
 GIANT = {"uni2-h", "virchow2", "hoptimus1", "gigapath"}
 
 
-@pytest.fixture
-def no_weights_anywhere(tmp_path, monkeypatch):
-    monkeypatch.delenv(E.WEIGHTS_DIR_ENV, raising=False)
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    return tmp_path
 
 
 def _published(name: str, depth: int | None = None, seed: int = 0) -> torch.nn.Module:

@@ -2,7 +2,6 @@
 right result or a one-line error naming the file or option, before compute."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from deepspot.io.slides import SlideError, open_slide
 from deepspot.models.checkpoint import save_checkpoint
 from deepspot.models.deepsets import DeepSpot
 
-from fixtures_cli import run_cli, tiny_vit_encoder
+from fixtures_cli import edited_checkpoint, run_cli, tiny_vit_encoder
 
 TINY = "test-vit-tiny-wrong"
 GENES = [f"G{i}" for i in range(4)]
@@ -78,25 +77,18 @@ def test_anisotropic_resolution_is_refused_unless_mpp_is_given(tmp_path):
 # --------------------------------------------------------------------------- D9 / D10 / D17 configs
 
 
-def _edit(ck: Path, tmp: Path, edit) -> Path:
-    d = tmp / "edited"
-    shutil.copytree(ck, d)
-    cfg = json.loads((d / "config.json").read_text())
-    edit(cfg)
-    (d / "config.json").write_text(json.dumps(cfg))
-    return d
 
 
 @pytest.mark.parametrize("value", [300_000, 1e9, float("inf")])
 def test_model_sizes_are_bounded_before_allocating(ck, tmp_path, value):
-    d = _edit(ck, tmp_path, lambda c: c["model_args"].update(hidden=value))
+    d = edited_checkpoint(ck, tmp_path, lambda c: c["model_args"].update(hidden=value))
     with pytest.raises(CheckpointError, match=r"config.json: model_args.hidden is .*over the bound"):
         read_config_file(d)
 
 
 def test_a_nan_in_the_scaler_is_refused(ck, tmp_path):
     scaler = {"kind": "standard", "a": [0.0, float("nan"), 0.0, 0.0], "b": [1.0] * 4}
-    d = _edit(ck, tmp_path, lambda c: c.update(scaler=scaler))
+    d = edited_checkpoint(ck, tmp_path, lambda c: c.update(scaler=scaler))
     with pytest.raises(CheckpointError, match=r"config.json: scaler.a has a NaN .*position 1"):
         read_config_file(d)
 
@@ -117,7 +109,7 @@ def test_predict_cohort_refuses_a_cell_model_and_ray_without_resources(ck, tmp_p
 
     Image.fromarray(_rgb()).save(tmp_path / "s.png")
     (tmp_path / "m.csv").write_text("path,id\ns.png,a\n")
-    cell = _edit(ck, tmp_path, lambda c: c.update(model="deepcell", geometry=CellGeometry(10.0).to_dict()))
+    cell = edited_checkpoint(ck, tmp_path, lambda c: c.update(model="deepcell", geometry=CellGeometry(10.0).to_dict()))
     kw = dict(backend="local", progress=False, echo=lambda *a, **k: None, mpp=1.0)
     with pytest.raises(CheckpointError, match="predicts cells"):
         run_cohort(tmp_path / "m.csv", cell, tmp_path / "o", **kw)

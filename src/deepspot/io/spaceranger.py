@@ -129,6 +129,19 @@ def check_scalefactors(scalef: dict, folder: Path, full_size: tuple[int, int], s
 
 
 
+def tissue_positions(a, sample: str, in_tissue_only: bool = True, what: str = "spot"):
+    """Counts joined to Space Ranger positions: the in-tissue rows (if ``in_tissue_only``), integer
+    ``in_tissue`` / ``array_row`` / ``array_col``, ``obsm['spatial']`` = full-resolution (x, y) px."""
+    if in_tissue_only:
+        a = a[a.obs["in_tissue"].to_numpy() == 1].copy()
+        if a.n_obs == 0:
+            raise SpatialDataError(f"{sample}: no in-tissue {what} has counts")
+    for c in ("in_tissue", "array_row", "array_col"):
+        a.obs[c] = a.obs[c].astype(int)
+    a.obsm["spatial"] = a.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
+    return a
+
+
 def read_spaceranger(folder: str | Path, image: str | Path | None = None, sample: str | None = None,
                      mpp: float | None = None, in_tissue_only: bool = True) -> ad.AnnData:
     """A Space Ranger ``outs`` folder: ``filtered_feature_bc_matrix.h5`` (scanpy ``read_10x_h5``),
@@ -146,13 +159,7 @@ def read_spaceranger(folder: str | Path, image: str | Path | None = None, sample
     counts = read_10x_counts(h5, sample)
     pos = read_spaceranger_positions(folder, sample)
     a = join_positions(counts, pos, sample, expected_extra=pos["in_tissue"] == 0)
-    if in_tissue_only:
-        a = a[a.obs["in_tissue"].to_numpy() == 1].copy()
-        if a.n_obs == 0:
-            raise SpatialDataError(f"{sample}: no in-tissue spot has counts")
-    for c in ("in_tissue", "array_row", "array_col"):
-        a.obs[c] = a.obs[c].astype(int)
-    a.obsm["spatial"] = a.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
+    a = tissue_positions(a, sample, in_tissue_only)
     scalef = read_scalefactors(folder, sample)
     check_counts(a, sample)
     if image is not None:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from deepspot.config import GridSpec, SpotGeometry
+from deepspot.io.spaceranger import tissue_positions
 from deepspot.io.spatial import (SpatialDataError, check_counts, check_image, join_positions, read_10x_counts,
                                  read_scalefactors)
 
@@ -92,13 +93,7 @@ def read_visium_hd(outs: str | Path, bin_um: int = 16, image: str | Path | None 
     counts = read_10x_counts(folder / "filtered_feature_bc_matrix.h5", sample)
     pos = read_hd_positions(folder, sample)
     a = join_positions(counts, pos, sample, what="bins", expected_extra=pos["in_tissue"] == 0)
-    if in_tissue_only:
-        a = a[a.obs["in_tissue"].to_numpy() == 1].copy()
-        if a.n_obs == 0:
-            raise SpatialDataError(f"{sample}: no in-tissue bin has counts")
-    for c in ("in_tissue", "array_row", "array_col"):
-        a.obs[c] = a.obs[c].astype(int)
-    a.obsm["spatial"] = a.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
+    a = tissue_positions(a, sample, in_tissue_only, what="bin")
     check_counts(a, sample)
     if image is not None:
         check_image(a, image, sample, mpp)
