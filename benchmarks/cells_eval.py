@@ -40,7 +40,7 @@ from deepspot.io.outputs import write_csv
 from deepspot.io.slides import open_slide
 from deepspot.models.bags import predict_bags
 from deepspot.plotting import cell_predictions
-from deepspot.training.cells import train_cell_model, train_spot2cell_from_cells, train_spot2cell_model
+from deepspot.training.fit_cells import train_cell_model, train_spot2cell_from_cells, train_spot2cell_model
 from deepspot.training.spots import bags_for, train_spot_model
 
 

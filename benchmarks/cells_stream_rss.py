@@ -52,7 +52,7 @@ def prefill(store_dir: Path, slide: Path, enc, tile: float, xy: np.ndarray, dim:
     from deepspot.features.extract import store_path_for
     from deepspot.features.store import FeatureWriter
 
-    from deepspot.inference.cells import spatial_order
+    from deepspot.inference.predict_cells import spatial_order
 
     xy = xy[spatial_order(xy)]  # the order predict_cells encodes (and stores) cells in
     rng = np.random.default_rng(1)
@@ -70,8 +70,8 @@ def child(n: int, block: int, dim: int, work: Path, encode: bool = False) -> dic
 
     from deepspot.config import CellGeometry, EncoderRef, ModelConfig
     from deepspot.features.encoders import load_encoder
-    from deepspot.inference.cells import predict_cells
-    from deepspot.models.cells import DeepCell
+    from deepspot.inference.predict_cells import predict_cells
+    from deepspot.models.deepcell import DeepCell
 
     enc = load_encoder(register(dim))
     rng = np.random.default_rng(0)

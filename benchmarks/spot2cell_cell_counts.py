@@ -23,7 +23,7 @@ import pandas as pd
 from deepspot.config import CellGeometry, GridSpec
 from deepspot.evaluation.holdout import score_holdout
 from deepspot.io.datasets import ncbi858
-from deepspot.training.cells import train_spot2cell_model
+from deepspot.training.fit_cells import train_spot2cell_model
 
 
 def planted(sizes: list[int], n_spots: int = 80, d: int = 6, g: int = 5, seed: int = 0):

@@ -15,12 +15,12 @@ from deepspot.features.store import Features
 from deepspot.datasets import ncbi858
 from deepspot.config import CellGeometry
 from deepspot.evaluation.holdout import score_holdout
-from deepspot.inference.cells import predict_cells
+from deepspot.inference.predict_cells import predict_cells
 from deepspot.io.spatial import SpatialDataError, read_cell_table
-from deepspot.models.cells import CellBags, DeepCell, cell_bags, cell_neighbors, predict_batches
-from deepspot.models.cells import PooledDeepSpot2Cell as DeepSpot2Cell  # the spot-aggregation variant
+from deepspot.models.deepcell import CellBags, DeepCell, cell_bags, cell_neighbors, predict_batches
+from deepspot.models.deepcell import PooledDeepSpot2Cell as DeepSpot2Cell  # the spot-aggregation variant
 from deepspot.models.checkpoint import load_checkpoint, read_config, save_checkpoint
-from deepspot.training.cells import SpotCellBags, drop_empty_spots, train_cell_model, train_spot2cell_model
+from deepspot.training.fit_cells import SpotCellBags, drop_empty_spots, train_cell_model, train_spot2cell_model
 
 from shared_data import HE as IMAGE, NCBI858, needs_data  # noqa: E402
 
@@ -154,7 +154,7 @@ def test_neighbour_rule_kept_from_training_to_prediction(tmp_path, monkeypatch):
     # whole prediction path (features injected in place of the encoder) gives the training predictions
     from deepspot.features.store import match_centers
 
-    monkeypatch.setattr("deepspot.inference.cells.extract_to_store",  # the features of the centres asked for
+    monkeypatch.setattr("deepspot.inference.predict_cells.extract_to_store",  # the features of the centres asked for
                         lambda _slide, centers, *a, **k: Features(
                             spot=feats[match_centers(cells.obsm["spatial"], centers)], subspot=None))
     out = predict_cells(IMAGE, cells.obsm["spatial"], model, cfg, ENC, cell_ids=cells.obs_names, progress=False)
@@ -176,7 +176,7 @@ def test_checkpoint_round_trip(tmp_path, kind):
     back, cfg2 = load_checkpoint(tmp_path / kind)
     assert type(back) is type(model) and cfg2.model_args == model.config()
     assert cfg2.geometry == CellGeometry(12.0, unit="um", k=5)
-    from deepspot.models.cells import cell_predictor
+    from deepspot.models.deepcell import cell_predictor
 
     np.testing.assert_array_equal(predict_batches(cell_predictor(back), cells),
                                   predict_batches(cell_predictor(model), cells))

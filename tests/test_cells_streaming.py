@@ -9,8 +9,8 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from deepspot.config import CellGeometry, EncoderRef, GridSpec, ModelConfig
-from deepspot.inference.cells import block_neighbors, predict_cells
-from deepspot.models.cells import DeepCell, PooledDeepSpot2Cell, cell_neighbors
+from deepspot.inference.predict_cells import block_neighbors, predict_cells
+from deepspot.models.deepcell import DeepCell, PooledDeepSpot2Cell, cell_neighbors
 from deepspot.models.spot2cell import DeepSpot2Cell
 from fixtures_cli import register_tiny_vit
 
@@ -81,7 +81,7 @@ def test_blocks_give_the_whole_table_predictions(slide, tmp_path, kind):
 def test_blocks_follow_the_slide_not_the_table():
     """Blocks of cells consecutive in the Z order are compact on the slide: a block's kNN neighbours are
     mostly inside it, however the input table is ordered (here: at random)."""
-    from deepspot.inference.cells import spatial_order
+    from deepspot.inference.predict_cells import spatial_order
 
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 1000, size=(20000, 2))

@@ -103,7 +103,7 @@ def test_trains_on_spot_sums_and_resolves_cells():
     """Planted signal: each cell's counts are a function of its own features; spots of 3 cells on a grid.
     Trained on the spot sums only, the per-cell predictions must follow the cells' own expression."""
     from deepspot.evaluation.holdout import score_holdout
-    from deepspot.training.cells import train_spot2cell_model
+    from deepspot.training.fit_cells import train_spot2cell_model
 
     rng = np.random.default_rng(0)
     n, d, g = 240, 6, 5

@@ -127,7 +127,7 @@ def ref_batch(ix, spots, c2s, f, spot_f, targets):
 
 
 def our_bags(spots, c2s, f, spot_f):
-    from deepspot.training.cells import spot_context
+    from deepspot.training.fit_cells import spot_context
 
     nidx, nmask = spot_context(spots)
     return SpotContextBags.build(f, spot_f, nidx, nmask, c2s)
@@ -215,7 +215,7 @@ def test_rho_keeps_the_originals_output_dropout():
 
 
 def test_original_drops_zero_count_spots_and_cells():
-    from deepspot.training.cells import original_drops
+    from deepspot.training.fit_cells import original_drops
 
     spots, c2s, f, spot_f = planted()
     spots.X[4] = 0  # a spot without counts
@@ -234,7 +234,7 @@ def test_preset_original_trains_with_the_originals_settings(tmp_path):
     from PIL import Image
 
     from deepspot.config import CellGeometry, GridSpec
-    from deepspot.training.cells import train_spot2cell_model
+    from deepspot.training.fit_cells import train_spot2cell_model
 
     spots, c2s, f, spot_f = planted()
     rows, cols = spots.obs["array_row"].to_numpy(), spots.obs["array_col"].to_numpy()

@@ -238,7 +238,7 @@ def test_score_refuses_a_cell_model_before_reading_samples(ck, tmp_path, capsys,
     def boom(*a, **k):
         raise AssertionError("samples read before the model kind was checked")
 
-    from deepspot.models.cells import DeepCell
+    from deepspot.models.deepcell import DeepCell
 
     monkeypatch.setattr(deepspot.api.Model, "score", boom)
     cell = save_checkpoint(tmp_path / "cell", DeepCell(32, len(GENES), hidden=8, n_ensemble=2),

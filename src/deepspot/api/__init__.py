@@ -165,7 +165,7 @@ class Model:
           all) -> spot predictions, or (B,d) one cell per row, predicted with that row's spot context -> cell
           predictions.
         """
-        from deepspot.models.cells import cell_predictor
+        from deepspot.models.deepcell import cell_predictor
         from deepspot.models.spot2cell import DeepSpot2Cell
 
         def t(a, dtype=torch.float32):
@@ -319,7 +319,7 @@ class Model:
         """Predict every cell (DeepCell / DeepSpot2Cell): ``cells`` is a centroid table (CSV/TSV/parquet/
         h5ad path; columns ``x_col``, ``y_col`` level-0 px), an AnnData with obsm['spatial'], or an (N, 2)
         array. Returns AnnData (cells × genes)."""
-        from deepspot.inference.cells import predict_cells
+        from deepspot.inference.predict_cells import predict_cells
         from deepspot.io.spatial import read_cell_table
 
         self._require(cells=True)

@@ -144,7 +144,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     epochs, early stop on the training loss, Leiden oversampling, top 5,000 ``seurat_v3`` HVGs…; see
     :mod:`deepspot.training.recipe`); for 'deepspot2cell', 'original' is the original DeepSpot2Cell's training
     (batch 4, 8 heads, ≤ 50 epochs, early stop on validation loss with patience 5 / min_delta 1e-3; see
-    :data:`deepspot.training.cells.SPOT2CELL_PRESETS`); options given here override the preset's.
+    :data:`deepspot.training.fit_cells.SPOT2CELL_PRESETS`); options given here override the preset's.
 
     Spot models read what the data records, as with a manifest: without ``geometry``, an AnnData whose reader
     recorded a spot diameter (``uns['source']``, e.g. ``ds.read.her2st``: 100 µm ST spots) trains on that
@@ -263,7 +263,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
         res = train_spot_model(image, data, enc, geometry, mpp=slide_mpp, context=context,
                                recipe=spot_preset(preset), add_genes=add_genes, init=init, features=feats, **common)
     else:
-        from deepspot.training.cells import train_cell_model, train_spot2cell_from_cells
+        from deepspot.training.fit_cells import train_cell_model, train_spot2cell_from_cells
 
         geometry = geometry or CellGeometry()
         if not isinstance(geometry, CellGeometry):

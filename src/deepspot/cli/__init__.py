@@ -19,7 +19,7 @@ def _register() -> None:
     # each module adds its commands to ``app``
     from deepspot.cli import spots  # noqa: F401
 
-    for optional in ("evaluate", "cells", "weights", "cohort", "slides", "tcga", "bench"):
+    for optional in ("evaluate", "predict_cells", "weights", "cohort", "slides", "tcga", "bench"):
         try:
             __import__(f"deepspot.cli.{optional}")
         except ModuleNotFoundError as e:

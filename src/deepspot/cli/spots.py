@@ -1,4 +1,4 @@
-"""Spot commands: demo, encoders, train, predict, plot, score (the cell commands are in cli/cells.py)."""
+"""Spot commands: demo, encoders, train, predict, plot, score (the cell commands are in cli/predict_cells.py)."""
 from __future__ import annotations
 
 from pathlib import Path

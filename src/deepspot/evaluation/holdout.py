@@ -13,7 +13,7 @@ import pandas as pd
 
 from deepspot.evaluation.baseline import ridge_baseline
 from deepspot.evaluation.metrics import summarize
-from deepspot.training.cells import CellTrainResult
+from deepspot.training.fit_cells import CellTrainResult
 from deepspot.training.spots import SpotTrainResult
 
 

@@ -26,7 +26,7 @@ def available() -> list[str]:
 
 
 def _register_builtin() -> None:
-    from deepspot.models.cells import DeepCell, PooledDeepSpot2Cell
+    from deepspot.models.deepcell import DeepCell, PooledDeepSpot2Cell
     from deepspot.models.deepsets import DeepSpot
     from deepspot.models.spot2cell import DeepSpot2Cell
 

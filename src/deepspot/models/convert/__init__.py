@@ -10,7 +10,7 @@ never does that. Its rooms, in the order a conversion runs:
   classes into inert placeholders and refuses every other global before anything is called);
 * :mod:`.original`: the placeholder tree -> weights, hyper-parameters, scaler (:func:`read_original`);
 * :mod:`.layouts`: the original's head layouts -> :class:`deepspot.models.deepsets.DeepSpot`,
-  :class:`deepspot.models.cells.DeepCell` or :class:`deepspot.models.spot2cell.DeepSpot2Cell` (:func:`to_model`);
+  :class:`deepspot.models.deepcell.DeepCell` or :class:`deepspot.models.spot2cell.DeepSpot2Cell` (:func:`to_model`);
 * :mod:`.genes`: the gene list (the original's gene table, JSON, CSV/TSV or text);
 * :mod:`.published`: :func:`convert_checkpoint`, which writes them with
   :func:`deepspot.models.checkpoint.save_checkpoint` (``model.safetensors`` + ``config.json``).

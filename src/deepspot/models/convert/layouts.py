@@ -135,7 +135,7 @@ def _one_linear(orig, kind, group, role):
 
 def _to_deepsets(orig: OriginalCheckpoint, kind: str, context: str | None):
     """DeepSpot or DeepCell: one Linear per phi head and per rho head."""
-    from deepspot.models.cells import CELL_CONTEXTS, DeepCell
+    from deepspot.models.deepcell import CELL_CONTEXTS, DeepCell
     from deepspot.models.deepsets import CONTEXTS, POOLS, DeepSpot
 
     phi_group = "phi_spot" if kind == "deepspot" else "phi_cell"

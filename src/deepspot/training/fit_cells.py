@@ -9,7 +9,7 @@
 Held-out cells (or spots) are predicted here and scored in :mod:`deepspot.evaluation.holdout`.
 
 Both share the Lightning loop of :func:`deepspot.training.fit.fit`: it asks its ``bags`` only for
-``len()`` and ``batch(ix) -> model inputs``, so :class:`~deepspot.models.cells.CellBags` (cells
+``len()`` and ``batch(ix) -> model inputs``, so :class:`~deepspot.models.deepcell.CellBags` (cells
 with their neighbours) and :class:`SpotCellBags` (spots as bags of cells) go through it unchanged.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from deepspot.geometry.grid import pool_cells
 from deepspot.geometry.neighbors import array_neighbors
 from deepspot.io.slides import open_slide
 from deepspot.io.spatial import SpatialDataError, inside_image
-from deepspot.models.cells import CellBags, DeepCell, PooledDeepSpot2Cell, cell_bags, predict_batches
+from deepspot.models.deepcell import CellBags, DeepCell, PooledDeepSpot2Cell, cell_bags, predict_batches
 from deepspot.models.spot2cell import DeepSpot2Cell, SpotContextBags, nearest_spot
 from deepspot.training.fit import fit
 from deepspot.training.spots import spatial_split

@@ -10,7 +10,7 @@ Memory: cells are predicted in blocks (``block_size``). Tile features go to a fe
 (``cache_dir``, else a temporary folder removed afterwards) and each block, cells consecutive along a Z curve
 over the slide (:func:`spatial_order`), reads only the rows it needs:
 its cells, their neighbour cells (found per block with one KD-tree over all centroids, the same rule as
-:func:`deepspot.models.cells.cell_neighbors`) or, for a DeepSpot2Cell, its spots and their neighbour spots.
+:func:`deepspot.models.deepcell.cell_neighbors`) or, for a DeepSpot2Cell, its spots and their neighbour spots.
 What stays in memory grows only with the output (N x genes) and the centroids, not with the encoder's
 feature size (docs/scaling.md).
 """
@@ -33,7 +33,7 @@ from deepspot.io.slides import open_slide
 from deepspot.io.spatial import SpatialDataError, inside_image
 from deepspot.geometry.grid import make_grid
 from deepspot.geometry.neighbors import array_neighbors
-from deepspot.models.cells import CellBags, cell_predictor, predict_batches
+from deepspot.models.deepcell import CellBags, cell_predictor, predict_batches
 from deepspot.models.spot2cell import SpotContextBags, nearest_spot
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def block_neighbors(tree, n: int, xy_block: np.ndarray, rows: np.ndarray, geomet
                     mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Neighbour cells (B,K) + mask (B,K) of the cells ``rows`` (at ``xy_block``) among all ``n`` cells of
     ``tree`` (a cKDTree of every centroid): per cell the same neighbours, nearest first, as
-    :func:`deepspot.models.cells.cell_neighbors` on all cells (only the padding width K may differ)."""
+    :func:`deepspot.models.deepcell.cell_neighbors` on all cells (only the padding width K may differ)."""
     b = len(rows)
     if geometry.neighbors == "knn":
         k = max(0, min(geometry.k, n - 1))
