@@ -131,3 +131,95 @@ def test_train_and_predict_from_a_trident_file(tmp_path, capsys):
     got = pd.read_csv(tmp_path / "score" / "per_gene.csv").set_index("gene")["pearson"]
     want = pearson_per_gene(m.result.pred, log_normalize(a, genes=m.genes))
     np.testing.assert_allclose(got.loc[m.genes].to_numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def _cohort_of_feature_files(root, n=3):
+    """``n`` Visium samples (55 µm spots at 1 µm/px) with a TRIDENT file each: one 55 px patch per spot plus
+    patches between the spots (TRIDENT patches all the tissue), in shuffled order; the features carry the
+    counts' signal. Returns the manifest rows (paths relative to ``root``) and each sample's spot features."""
+    import deepspot as ds
+
+    rows, want = [], {}
+    for i in range(n):
+        name = f"S{i + 1}"
+        outs, image, _ = spaceranger_folder(root, name=name, mpp=1.0, seed=i)
+        xy = np.asarray(ds.read.visium(outs, image=image).obsm["spatial"])
+        rng = np.random.default_rng(10 + i)
+        sig = np.sin(xy[:, 0] / 80.0)
+        spot = np.c_[sig, -sig, rng.normal(size=(len(xy), 6)) * 0.3].astype(np.float32)
+        between = xy + [50.0, 0.0]  # 50 px off every spot: never the nearest patch of one
+        top = np.round(np.vstack([xy, between]) - 27.5)
+        feats = np.vstack([spot, rng.normal(size=(len(xy), 8))])
+        order = rng.permutation(len(top))
+        write_trident(root / f"{name}.h5", top[order], feats[order], 55, encoder="my-encoder")
+        rows.append({"sample_id": name, "patient_id": f"p{i + 1}", "image": image.name, "expression": outs.name,
+                     "mpp": 1.0, "format": "spaceranger", "features_h5": f"{name}.h5"})
+        want[name] = spot
+    return rows, want
+
+
+def test_train_a_manifest_from_feature_files(tmp_path, capsys):
+    """`train --manifest` whose rows name their TRIDENT files: no encoder runs (the encoder only names the
+    features), each sample's spots get their own patches matched by position, and a row that does not fit
+    is refused naming the row and the file."""
+    import pandas as pd
+
+    import deepspot as ds
+    from deepspot.io.spatial import SpatialDataError
+
+    rows, want = _cohort_of_feature_files(tmp_path)
+    man = tmp_path / "cohort.csv"
+    pd.DataFrame(rows).to_csv(man, index=False)
+    genes = [f"G{i}" for i in range(8)]
+    m = ds.train(man, out=tmp_path / "m", encoder="my-encoder", context="spot_neighbors", genes=genes,
+                 max_epochs=2, patience=2, progress=False)
+    assert (m.config.encoder.name, m.config.encoder.dim) == ("my-encoder", 8)
+    assert m.config.training["samples"] == ["S1", "S2", "S3"]
+    np.testing.assert_array_equal(m.result.features.spot, np.vstack([want[s] for s in ("S1", "S2", "S3")]))
+    # the command line: the same manifest trains with no encoder weights anywhere
+    code, out, err = run_cli(capsys, "train", "--manifest", man, "--encoder", "my-encoder", "--context",
+                             "spot_neighbors", "--genes", ",".join(genes), "--max-epochs", 1, "--out",
+                             tmp_path / "m_cli", "--no-progress")
+    assert code == 0, err
+    assert "3 samples (S1, S2, S3)" in out
+
+    def refused(edit, exc, match, context="spot_neighbors"):
+        bad = pd.DataFrame(rows)
+        edit(bad)
+        bad.to_csv(tmp_path / "bad.csv", index=False)
+        with pytest.raises(exc, match=match):
+            ds.train(tmp_path / "bad.csv", encoder="my-encoder", context=context, genes=genes, max_epochs=1,
+                     progress=False)
+
+    xy = np.asarray(ds.read.visium(tmp_path / "S2", image=tmp_path / "S2_full.png").obsm["spatial"])
+    write_trident(tmp_path / "big.h5", np.round(xy - 55), want["S2"], 110, encoder="my-encoder")
+    refused(lambda d: d.__setitem__("features_h5", ["S1.h5", "big.h5", "S3.h5"]), ExternalFeatureError,
+            r"manifest row S2: .*big\.h5: patches of 110 px")
+    write_trident(tmp_path / "other.h5", np.round(xy - 27.5), want["S2"], 55, encoder="uni")
+    refused(lambda d: d.__setitem__("features_h5", ["S1.h5", "other.h5", "S3.h5"]), ExternalFeatureError,
+            r"manifest row S2: .*other\.h5: made by encoder 'uni'")
+    write_trident(tmp_path / "wide.h5", np.round(xy - 27.5), np.c_[want["S2"], want["S2"]], 55)
+    refused(lambda d: d.__setitem__("features_h5", ["S1.h5", "wide.h5", "S3.h5"]), ExternalFeatureError,
+            r"manifest row S2: .*wide\.h5: 16-d features, but the model is trained on 8-d")
+    write_trident(tmp_path / "shifted.h5", np.round(xy - 27.5 + 30), want["S2"], 55)  # patches of other positions
+    refused(lambda d: d.__setitem__("features_h5", ["S1.h5", "shifted.h5", "S3.h5"]), ExternalFeatureError,
+            r"manifest row S2: .*shifted\.h5: 33 of 33 spots have no patch centred within 13.8 px")
+    refused(lambda d: d.__setitem__("features_h5", ["S1.h5", "", "S3.h5"]), SpatialDataError,
+            r"features_h5 is given for 2 of 3 samples; rows S2 have none")
+    refused(lambda d: d.__setitem__("features_h5", ["S1.h5", "gone.h5", "S3.h5"]), SpatialDataError,
+            r"bad\.csv, row S2: features_h5 file not found .*gone\.h5")
+    refused(lambda d: None, SpatialDataError, r"no sub-spot features, so context 'spot_subspot_neighbors'",
+            context="spot_subspot_neighbors")
+
+
+def test_a_one_row_manifest_trains_from_its_feature_file(tmp_path):
+    import pandas as pd
+
+    import deepspot as ds
+
+    rows, want = _cohort_of_feature_files(tmp_path, n=1)
+    pd.DataFrame(rows).to_csv(tmp_path / "one.csv", index=False)
+    m = ds.train(tmp_path / "one.csv", encoder="my-encoder", context="spot_neighbors",
+                 genes=[f"G{i}" for i in range(8)], max_epochs=1, progress=False)
+    assert m.config.encoder.dim == 8
+    np.testing.assert_array_equal(m.result.features.spot, want["S1"])

@@ -70,7 +70,12 @@ def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n
     recipe = spot_preset(preset)
     n_top_genes, options["min_fraction"] = preset_panel(preset, n_top_genes, options.get("min_fraction"),
                                                         fallback_n_top=250)
-    enc = load_encoder(encoder, weights=encoder_weights)
+    from deepspot.features.external import patch_feature_dim
+    from deepspot.training.manifest import features_files
+
+    files = features_files(samples)  # the manifest's features_h5 column: the encoder only names the features
+    enc = (_named_encoder(encoder, patch_feature_dim(files[0]), files[0]) if files
+           else load_encoder(encoder, weights=encoder_weights))
     res = train_samples(samples, enc, recipe=recipe, genes=genes, n_top_genes=n_top_genes,
                         cache_dir=_feature_cache(cache_dir, out), progress=progress, log_dir=log_dir,
                         context=context, loss=loss,
@@ -174,6 +179,10 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     manifest = str(Path(samples).resolve()) if isinstance(samples, (str, Path)) else None
     samples = _read_samples(samples, cells=cells, progress=progress)
     many = _many_samples(samples)
+    if features_h5 is None and many is None:  # a one-row manifest's features_h5 column
+        from deepspot.training.manifest import features_files
+
+        features_h5 = next(iter(features_files(samples) or []), None)
     init = None
     if many_options and many is None:
         raise ValueError(f"options {sorted(many_options)} apply to training on several samples (a manifest)")

@@ -174,6 +174,40 @@ def spot_features(pf: PatchFeatures, centers: np.ndarray, spot_px: float, n_sub:
     return Features(pf.features[rows], None)
 
 
+def patch_feature_dim(path: str | Path) -> int:
+    """The feature width of a patch-feature file, read from its shape (the features are not loaded)."""
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            key = next((k for k in FEATURE_KEYS if k in f), None)
+            if key is None:
+                raise ExternalFeatureError(f"{path}: needs a dataset 'features' (or 'embeddings'); has {sorted(f.keys())}")
+            shape = f[key].shape
+    except OSError as e:
+        raise ExternalFeatureError(f"{path}: not an HDF5 file ({str(e).splitlines()[0][:100]})") from None
+    if len(shape) not in (2, 3):
+        raise ExternalFeatureError(f"{path}: '{key}' has shape {shape}, expected (N, d)")
+    return int(shape[-1])
+
+
+def file_spot_features(path: str | Path, centers: np.ndarray, spot_px: float, encoder_name: str, encoder_dim: int,
+                       n_sub: int = 0, mpp: float | None = None, tolerance: float = TOLERANCE) -> Features:
+    """The spot features of ``centers`` (N, 2, level-0 px) from file ``path``, made by the encoder the model is
+    trained for: its width must be ``encoder_dim`` and, where the file names its encoder, the name
+    ``encoder_name``; its patches must be the spot crop (``spot_px``) and lie on the spots
+    (:func:`spot_features`)."""
+    pf = read_patch_features(path)
+    if pf.dim != int(encoder_dim):
+        raise ExternalFeatureError(f"{pf.path}: {pf.dim}-d features, but the model is trained on {int(encoder_dim)}-d "
+                                   f"features of encoder '{encoder_name}'")
+    if pf.encoder and pf.encoder.strip().lower() != str(encoder_name).strip().lower():
+        raise ExternalFeatureError(f"{pf.path}: made by encoder '{pf.encoder}', but the model is trained on "
+                                   f"'{encoder_name}' features (pass --encoder {pf.encoder})")
+    return spot_features(pf, centers, spot_px, n_sub=n_sub, mpp=mpp, tolerance=tolerance)
+
+
 def _axis_step(v: np.ndarray, min_gap: float) -> float | None:
     """The lattice step along one axis: the median gap between neighbouring distinct positions."""
     u = np.unique(np.round(np.asarray(v, dtype=np.float64), 1))
@@ -210,5 +244,6 @@ def lattice_coordinates(centers: np.ndarray, default_step: float = 1.0) -> tuple
     return row, col, step
 
 
-__all__ = ["ExternalFeatureError", "PatchFeatures", "check_patch_size", "match_spots", "patch_side_level0",
+__all__ = ["ExternalFeatureError", "PatchFeatures", "check_patch_size", "file_spot_features", "match_spots",
+           "patch_feature_dim", "patch_side_level0",
            "lattice_coordinates", "patch_spots", "read_patch_features", "spot_features"]

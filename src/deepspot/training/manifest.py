@@ -1,8 +1,10 @@
 """A training manifest: one row per sample -> list of samples (AnnData of counts + image + scale).
 
 CSV columns: ``sample_id``, ``patient_id``, ``image``, ``expression`` (required); ``mpp``, ``format``,
-``positions``, ``spot_diameter_um``, ``alignment`` (optional). Relative paths are relative to the
-manifest's folder. ``format`` is one of:
+``positions``, ``spot_diameter_um``, ``alignment``, ``features_h5`` (optional). Relative paths are relative to
+the manifest's folder. ``features_h5``: the sample's TRIDENT / HEST patch-feature file (``coords`` in level-0
+px of ``image`` + ``features``; :mod:`deepspot.features.external`), trained on instead of encoding the
+image's crops; given on every row or on none (:func:`features_files`). ``format`` is one of:
 
 - ``spaceranger``: ``expression`` is a Space Ranger ``outs`` folder;
 - ``xenium``: a Xenium output folder (cells are pooled into Visium-like pseudo-spots for spot models);
@@ -44,6 +46,7 @@ class SampleSpec:
     positions: Path | None = None
     spot_diameter_um: float | None = None
     alignment: Path | None = None
+    features_h5: Path | None = None
 
 
 @dataclass
@@ -140,6 +143,9 @@ def read_manifest(path: str | Path) -> list[SampleSpec]:
         for what, p in (("image", image), ("expression", expr)):
             if p is None or not p.exists():
                 raise SpatialDataError(f"{sid}: {what} not found ({p})")
+        feats = res(_opt(row, "features_h5"))
+        if feats is not None and not feats.is_file():
+            raise SpatialDataError(f"{path.name}, row {sid}: features_h5 file not found ({feats})")
         fmt = (_opt(row, "format") or detect_format(expr)).strip().lower()
         if fmt not in FORMATS:
             raise SpatialDataError(f"{sid}: unknown format {fmt!r} (one of {', '.join(FORMATS)})")
@@ -154,8 +160,29 @@ def read_manifest(path: str | Path) -> list[SampleSpec]:
                 if not nums[col] > 0:
                     raise SpatialDataError(f"{sid}: {col} must be positive, got {v}")
         out.append(SampleSpec(sid, str(row["patient_id"]).strip(), image, expr, fmt, nums.get("mpp"),
-                              res(_opt(row, "positions")), nums.get("spot_diameter_um"), res(_opt(row, "alignment"))))
+                              res(_opt(row, "positions")), nums.get("spot_diameter_um"), res(_opt(row, "alignment")),
+                              feats))
     return out
+
+
+def features_files(samples) -> list[Path] | None:
+    """The ``features_h5`` file of every sample (loaded :class:`Sample` s or :class:`SampleSpec` s), or None
+    when none has one (or ``samples`` is not a list of them). A manifest giving the column on some rows only
+    is refused, naming the rows without it: a model is trained on the features of one source."""
+    if isinstance(samples, (str, Path)) or not isinstance(samples, (list, tuple)):
+        return None
+    specs = [s.spec if isinstance(s, Sample) else s for s in samples]
+    if not specs or not all(isinstance(s, SampleSpec) for s in specs):
+        return None
+    files = [s.features_h5 for s in specs]
+    if all(f is None for f in files):
+        return None
+    lacking = [s.sample_id for s in specs if s.features_h5 is None]
+    if lacking:
+        raise SpatialDataError(f"features_h5 is given for {len(files) - len(lacking)} of {len(files)} samples; rows "
+                               f"{', '.join(lacking[:5])} have none: give a patch-feature file on every row (or on "
+                               f"none, to encode the images)")
+    return files
 
 
 def her2st_manifest(data_dir: str | Path | None = None, sections=("C2", "C3", "C4", "C5")) -> list[SampleSpec]:

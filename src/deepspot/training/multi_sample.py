@@ -17,7 +17,7 @@ from deepspot.features.store import Features
 from deepspot.geometry.neighbors import array_neighbors
 from deepspot.io.spatial import SpatialDataError
 from deepspot.models.bags import Bags, predict_bags
-from deepspot.training.manifest import Sample
+from deepspot.training.manifest import Sample, features_files
 from deepspot.training.recipe import SpotRecipe, block_validation, fit_spot_model
 from deepspot.training.spots import SpotTrainResult
 from deepspot.training.targets import log_normalize, select_panel
@@ -40,6 +40,26 @@ def sample_features(samples: Sequence[Sample], encoder, n_sub: int, cache_dir=No
                                               mpp=s.mpp, cache_dir=cache_dir, batch_size=batch_size,
                                               num_workers=num_workers, progress=progress, view=view,
                                               stain_sigma=stain_sigma, view_seed=view_seed)
+    return feats
+
+
+def file_features(samples: Sequence[Sample], encoder, n_sub: int = 0) -> dict[str, Features]:
+    """Spot features of every sample from the ``features_h5`` file its manifest row names (no encoding):
+    patches matched to the sample's spots by position, of the sample's spot crop, of ``encoder``'s width (and
+    name, where a file records it). A file that does not fit is refused naming the manifest row and file."""
+    from deepspot.features.external import ExternalFeatureError, file_spot_features
+
+    files = features_files(list(samples))
+    if files is None:
+        raise SpatialDataError("no sample has a features_h5 file")
+    feats = {}
+    for s, path in zip(samples, files):
+        try:
+            feats[s.sample_id] = file_spot_features(path, s.adata.obsm["spatial"], s.spot_px, encoder.name,
+                                                    encoder.dim, n_sub=n_sub, mpp=s.mpp)
+        except (ExternalFeatureError, FileNotFoundError) as e:
+            raise ExternalFeatureError(f"manifest row {s.sample_id}: {e}") from None
+        log.info("%s: %d spot features from %s", s.sample_id, len(feats[s.sample_id]), path.name)
     return feats
 
 
@@ -180,7 +200,17 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
                          on_missing=on_missing, min_fraction=min_fraction, flavor=recipe.hvg_flavor,
                          add=None if add_genes is None else list(add_genes))
     t0 = time.perf_counter()
-    if features is None:
+    from_files = features is None and features_files(samples) is not None
+    if from_files:  # every manifest row names its patch-feature file: nothing is encoded
+        if "subspot" in recipe.context:
+            raise SpatialDataError(f"the manifest's features_h5 files hold one feature per patch, no sub-spot "
+                                   f"features, so context {recipe.context!r} cannot train on them; use "
+                                   f"--context spot_neighbors (or spot)")
+        if recipe.augment_views > 1 or recipe.stain_jitter > 0:
+            raise SpatialDataError("augmented views (--augment-views, --stain-jitter) encode the crops again; the "
+                                   "manifest's features_h5 files give one view only")
+        features = file_features(samples, encoder)
+    elif features is None:
         features = sample_features(samples, encoder, n_sub if "subspot" in recipe.context else 0,
                                    cache_dir=cache_dir, progress=progress)
     t_features = time.perf_counter() - t0
@@ -239,5 +269,5 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
     return SpotTrainResult(model, config, feats, y, panel, (tr, va, np.zeros(0, np.int64)), pred, summary)
 
 
-__all__ = ["sample_features", "stack_bags", "samples_geometry", "sample_pitch_um", "array_pitch_px", "recorded_geometry",
+__all__ = ["file_features", "sample_features", "stack_bags", "samples_geometry", "sample_pitch_um", "array_pitch_px", "recorded_geometry",
            "train_samples"]
