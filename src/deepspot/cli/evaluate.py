@@ -100,8 +100,8 @@ def evaluate(
                  scaler=scaler, oversample=oversample or None, seed=seed)
     recipe = recipe_from_options(preset, given)
     n_top, min_fraction = preset_panel(preset, n_top_genes, fallback_n_top=250)
-    cfg = EvalConfig.from_recipe(recipe, contexts=ctx, folds=k, n_top_genes=n_top, genes=_csv(genes),
-                                 on_missing=on_missing, n_sub=n_sub, min_fraction=min_fraction, precision=precision)
+    cfg = EvalConfig(recipe=recipe, contexts=ctx, folds=k, n_top_genes=n_top, genes=_csv(genes),
+                     on_missing=on_missing, n_sub=n_sub, min_fraction=min_fraction, precision=precision)
     samples = load_samples(specs, cells=cells)
     console.print(f"{len(samples)} samples, {len({s.patient_id for s in samples})} patients, "
                   f"{sum(s.adata.n_obs for s in samples)} spots")
