@@ -110,7 +110,7 @@ class SpotGeometry:
 
     def __post_init__(self):
         if self.feature_mode not in FEATURE_MODES:
-            raise ValueError(f"unknown feature mode {self.feature_mode!r}; use 'standard' or 'fast'")
+            raise ValueError(f"unknown feature mode {self.feature_mode!r}; use {' or '.join(FEATURE_MODES)}")
         if self.subspot_rule not in SUBSPOT_RULES:
             raise ValueError(f"unknown sub-spot rule {self.subspot_rule!r}; use {' or '.join(SUBSPOT_RULES)}")
         if self.tissue is not None and self.tissue not in TISSUE_RULES:
@@ -195,7 +195,7 @@ class CellGeometry:
 
     def __post_init__(self):
         if self.unit not in UNITS:
-            raise ValueError(f"cell geometry unit must be 'um' or 'px', got {self.unit!r}")
+            raise ValueError(f"cell geometry unit must be {' or '.join(UNITS)}, got {self.unit!r}")
         if self.neighbors not in NEIGHBOR_RULES:
             raise ValueError(f"neighbour rule must be one of {', '.join(NEIGHBOR_RULES)}, got {self.neighbors!r}")
         if self.cell_diameter <= 0:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from deepspot.config.constants import MppError
+from deepspot.config.constants import UNITS, MppError
 
 
 # --------------------------------------------------------------------------- units
@@ -14,7 +14,7 @@ def um_to_px(value: float, unit: str, mpp: float | None, what: str = "length") -
     if unit == "px":
         return float(value)
     if unit != "um":
-        raise ValueError(f"unit must be 'um' or 'px', got {unit!r}")
+        raise ValueError(f"unit must be {' or '.join(UNITS)}, got {unit!r}")
     if mpp is None or not mpp > 0:
         raise MppError(f"this {what} is in µm: an mpp (µm per pixel) is needed; pass --mpp")
     return float(value) / float(mpp)

@@ -51,7 +51,7 @@ def forward_batch(device) -> int:
 
 def check_mode(mode: str) -> str:
     if mode not in FEATURE_MODES:
-        raise ValueError(f"unknown feature mode {mode!r}; use 'standard' or 'fast'")
+        raise ValueError(f"unknown feature mode {mode!r}; use {' or '.join(FEATURE_MODES)}")
     return mode
 
 

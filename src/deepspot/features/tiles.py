@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from deepspot.config import SUBSPOT_RULES
+
 # Bump when the way crops are cut or resampled changes: it is part of every feature-store key, so
 # features made by older crop code are never silently reused.
 CROP_VERSION = 2
@@ -68,7 +70,7 @@ def subspot_bounds(size: int, n: int, rule: str = "split") -> list[int]:
             raise ValueError(f"a {size}-px tile cannot be cut into {n}x{n} whole-pixel sub-spots")
         return [i * (size // n) for i in range(n + 1)]
     if rule != "split":
-        raise ValueError(f"unknown sub-spot rule {rule!r}; use 'split' or 'floor'")
+        raise ValueError(f"unknown sub-spot rule {rule!r}; use {' or '.join(SUBSPOT_RULES)}")
     return region_bounds(size, n)
 
 
