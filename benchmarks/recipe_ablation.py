@@ -17,6 +17,7 @@ import pandas as pd
 from deepspot.evaluation.cv import NOISE, RIDGE, EvalConfig, evaluate, load_samples, sample_features, section_table
 from deepspot.features.encoders import load_encoder
 from deepspot.training.manifest import her2st_manifest
+from deepspot.training.recipe import SpotRecipe
 
 # each row: what changes relative to the default recipe (the published value of that choice)
 ABLATIONS = {
@@ -48,7 +49,8 @@ def main():
     names = list(ABLATIONS) if not args.only else [n.strip() for n in args.only.split(",")]
     for name in names:
         t0 = time.perf_counter()
-        cfg = EvalConfig(contexts=(args.context,), n_top_genes=args.n_top_genes, **ABLATIONS[name])
+        cfg = EvalConfig(recipe=SpotRecipe(**ABLATIONS[name]), contexts=(args.context,),
+                         n_top_genes=args.n_top_genes)
         t = section_table(evaluate(samples, cfg=cfg, features=feats).scores)
         if not rows:
             rows[RIDGE], rows[NOISE] = t[RIDGE], t[NOISE]

@@ -85,12 +85,13 @@ def step_costs(batches: list[int], dim: int, genes: int, steps: int, epoch_spots
 
 def loso(samples, feats, settings, n_top_genes: int) -> pd.DataFrame:
     from deepspot.evaluation.cv import EvalConfig, evaluate, section_table
+    from deepspot.training.recipe import SpotRecipe
 
     rows = []
     ctx = "spot_subspot_neighbors"
     for label, bs, lr in settings:
         t0 = time.perf_counter()
-        cfg = EvalConfig(contexts=(ctx,), n_top_genes=n_top_genes, batch_size=bs, lr=lr)
+        cfg = EvalConfig(recipe=SpotRecipe(batch_size=bs, lr=lr), contexts=(ctx,), n_top_genes=n_top_genes)
         res = evaluate(samples, cfg=cfg, features=feats)
         per = section_table(res.scores)[f"deepspot {ctx}"]
         fits = [f["fit"][ctx] for f in res.folds]

@@ -53,11 +53,12 @@ def main():
         train_ad = {samples[i].sample_id: samples[i].adata for i in train_i}
         test_ad = {samples[i].sample_id: samples[i].adata for i in test_i}
         panel = select_panel(train_ad, n_top=cfg.n_top_genes, others=test_ad, min_fraction=cfg.min_fraction,
-                             flavor=cfg.hvg_flavor)
+                             flavor=cfg.recipe.hvg_flavor)
         top = _top_eval(train_ad, panel, cfg, hvg_ranked=True)
         y = _targets(samples, panel)
         tr, va = block_validation([np.flatnonzero(owner == i) for i in train_i],
-                                  [samples[i].adata.obs["array_row"].to_numpy() for i in train_i], cfg.val_fraction)
+                                  [samples[i].adata.obs["array_row"].to_numpy() for i in train_i],
+                                  cfg.recipe.val_fraction)
         te = np.flatnonzero(np.isin(owner, test_i))
         test = [samples[i] for i in test_i]
         view_bags, seconds = [], []
@@ -68,7 +69,7 @@ def main():
             view_bags.append(stack_bags(test, f, cfg.neighbor_radius)[0])
         for ctx in args.contexts.split(","):
             t0 = time.perf_counter()
-            model, scaler, summ = fit_spot_model(cfg.recipe(ctx), bags, y, tr, va, progress=False)
+            model, scaler, summ = fit_spot_model(cfg.for_context(ctx), bags, y, tr, va, progress=False)
             rel = Reliability.from_dict(summ["reliability"], len(panel))
             preds, spreads = [], []
             for b in view_bags:

@@ -85,6 +85,28 @@ def test_demo_failing_after_start_removes_the_folder_it_made(tmp_path, monkeypat
     # (a folder holding user files is refused before any work: tests/test_faults.py)
 
 
+def test_demo_trains_and_predicts_through_the_public_api(tmp_path, monkeypatch):
+    """The quick demo is written as a user would: ds.train, then Model.predict_slide on the model it returned."""
+    import deepspot.demo as demo
+    from deepspot.api import Model
+    from fixtures_cli import encoder_registered, tiny_vit_spec
+
+    calls = []
+    real = Model.predict_slide
+
+    def spy(self, slide, **kw):
+        calls.append((self, Path(slide).name, kw.get("tissue")))
+        return real(self, slide, **kw)
+
+    monkeypatch.setattr(Model, "predict_slide", spy)
+    with encoder_registered(tiny_vit_spec("demo-test-vit")):
+        res = demo.run_demo(tmp_path / "d", encoder_name="demo-test-vit", spot_px=200, spacing_px=200, max_epochs=1,
+                            patience=1, progress=False, echo=lambda *_: None, tissue="none")
+    assert [(c[1], c[2]) for c in calls] == [(IMAGE.name, "none")]
+    assert calls[0][0].result is not None  # the Model ds.train returned, not one rebuilt beside it
+    assert res["adata"].n_obs > 10 and list(res["adata"].var_names) == calls[0][0].genes
+
+
 def test_demo_writes_h5ad_png_checkpoint_and_scores(demo_out):
     out, stdout = demo_out
     for name in ("predictions.h5ad", "predicted_genes.png", "scores.csv", "spots.csv", "model/config.json",

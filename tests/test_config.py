@@ -171,3 +171,41 @@ def test_one_gene_name_rule_for_checkpoints_and_user_lists():
         check_gene_list(["A", " "])
     with pytest.raises(ValueError, match=r"^--genes: repeated gene names \(A, B\)$"):
         check_gene_list(["A", "B", "A", "B"])
+
+
+def test_every_check_of_a_choice_names_the_one_list(tmp_path):
+    """Each vocabulary is listed once (deepspot.config, models/deepsets, training/recipe); the checks that
+    refuse a value name every choice of that list, so a choice added there is accepted and named everywhere."""
+    from typing import get_args
+
+    from deepspot.config import FEATURE_MODES, GRID_LAYOUTS, SCALERS, SUBSPOT_RULES, TISSUE_RULES, UNITS
+    from deepspot.features.extract import check_mode
+    from deepspot.features.tiles import subspot_bounds
+    from deepspot.inference.cohort.run import run_cohort
+    from deepspot.models.deepsets import CONTEXTS, Context
+    from deepspot.training.recipe import HVG_FLAVORS, SpotRecipe
+    from deepspot.training.targets import rank_hvgs
+
+    assert CONTEXTS == get_args(Context)
+    refusals = [
+        (lambda: run_cohort(tmp_path / "m.csv", tmp_path / "model", tmp_path / "out", backend="local",
+                            tissue="bogus"), TISSUE_RULES),
+        (lambda: SpotGeometry(GridSpec(), feature_mode="bogus"), FEATURE_MODES),
+        (lambda: GridSpec(layout="bogus"), GRID_LAYOUTS),
+        (lambda: GridSpec.from_dict({"spot_diameter": 55, "spacing": 100, "layout": "bogus", "unit": "um"}),
+         GRID_LAYOUTS),
+        (lambda: SpotGeometry(GridSpec(), tissue="bogus"), TISSUE_RULES),
+        (lambda: check_mode("bogus"), FEATURE_MODES),
+        (lambda: subspot_bounds(30, 3, rule="bogus"), SUBSPOT_RULES),
+        (lambda: um_to_px(1.0, "bogus", 0.5), UNITS),
+        (lambda: CellGeometry(unit="bogus"), UNITS),
+        (lambda: Scaler.fit(np.ones((3, 2)), "bogus"), SCALERS),
+        (lambda: SpotRecipe(scaler="bogus"), SCALERS),
+        (lambda: rank_hvgs({}, 5, flavor="bogus"), HVG_FLAVORS),
+    ]
+    for call, choices in refusals:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert all(c in str(e.value) for c in choices), (str(e.value), choices)
+    assert SpotRecipe(scaler=SCALERS[-1]).scaler == SCALERS[-1]
+    assert SpotGeometry(GridSpec(layout=GRID_LAYOUTS[-1]), tissue=None).tissue is None  # no rule: the preset's

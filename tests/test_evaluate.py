@@ -1,5 +1,6 @@
 """Patient-level evaluation: folds, no leakage from held-out patients, same seed -> same numbers, outputs,
 and `deepspot evaluate` end to end on a manifest of generated Space Ranger folders."""
+import json
 import logging
 import re
 
@@ -11,7 +12,7 @@ from spatial_fakes import spaceranger_folder
 
 from deepspot.evaluation.cv import (NOISE, ORACLE, RIDGE, EvalConfig, evaluate, noise_band, patient_folds, section_table,
                                    stack_bags)
-from deepspot.training.recipe import block_validation
+from deepspot.training.recipe import SpotRecipe, block_validation
 from deepspot.features.encoders import EncoderSpec, register_encoder
 from deepspot.features.store import Features
 from deepspot.training.manifest import her2st_manifest, load_sample
@@ -41,6 +42,10 @@ def test_patient_folds_and_block_validation():
         EvalConfig(folds=1)
     with pytest.raises(ValueError, match="unknown context"):
         EvalConfig(contexts=("spot", "cells"))
+    with pytest.raises(TypeError, match="recipe must be a SpotRecipe"):
+        EvalConfig(recipe={"hidden": 16})
+    with pytest.raises(TypeError, match="hidden"):  # training settings live in the recipe, nowhere else
+        EvalConfig(hidden=16)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +54,11 @@ def her2st():
     return her2st_with_signal(("C2", "C3", "C4"), n_sub=4)
 
 
-def _cfg(**kw):
-    base = dict(contexts=("spot",), n_top_genes=30, max_epochs=5, patience=5, hidden=16,
-                n_ensemble=2, dropout=0.0, lr=1e-2, batch_size=16, ridge_pca=16, seed=11)
-    return EvalConfig(**{**base, **kw})
+def _cfg(recipe=None, **kw):
+    """The small evaluation of these tests: ``recipe`` changes its training recipe, ``kw`` the rest."""
+    train = dict(max_epochs=5, patience=5, hidden=16, n_ensemble=2, dropout=0.0, lr=1e-2, batch_size=16, seed=11)
+    base = dict(contexts=("spot",), n_top_genes=30, ridge_pca=16)
+    return EvalConfig(recipe=SpotRecipe(**{**train, **(recipe or {})}), **{**base, **kw})
 
 
 def test_stack_bags_keeps_neighbours_within_their_sample(her2st):
@@ -90,6 +96,9 @@ def test_evaluate_no_leakage_and_same_seed_same_numbers(her2st, tmp_path):
     assert summ.loc["deepspot spot", "pearson_mean"] > 0.08
     for name in ("scores.csv", "summary.csv", "per_gene.csv", "evaluation.png", "evaluation.json"):
         assert (tmp_path / name).stat().st_size > 0, name
+    stored = json.loads((tmp_path / "evaluation.json").read_text())["config"]
+    recipe = {k: v for k, v in _cfg().recipe.to_dict().items() if k != "context"}  # contexts replace it
+    assert stored["recipe"] == recipe and stored["contexts"] == ["spot"] and stored["n_top_genes"] == 30
     back = pd.read_csv(tmp_path / "scores.csv")
     assert {"fold", "sample", "method", "pearson_mean", "pearson_top50", "spearman_mean", "mse"} <= set(back.columns)
     again = evaluate(samples, cfg=_cfg(), features=feats)
@@ -98,7 +107,7 @@ def test_evaluate_no_leakage_and_same_seed_same_numbers(her2st, tmp_path):
 
 def test_evaluate_scaler_and_oversampling(her2st):
     samples, feats = her2st
-    res = evaluate(samples, cfg=_cfg(scaler="standard", oversample=True, folds=2, max_epochs=2),
+    res = evaluate(samples, cfg=_cfg(dict(scaler="standard", oversample=True, max_epochs=2), folds=2),
                    features=feats)
     for info in res.folds:
         assert info["scaler"] == "standard" and info["leiden_clusters"] >= 2
@@ -157,6 +166,9 @@ def test_cli_evaluate_manifest_of_spaceranger_folders(tmp_path, capsys):
     assert scores.loc[scores["sample"].isin(["A1", "A2"]), "fold"].nunique() == 1
     assert (out / "evaluation.png").exists() and any((out / "features").iterdir())  # features cached per sample
     assert "ridge (PCA-256)" in capsys.readouterr().out
+    recipe = json.loads((out / "evaluation.json").read_text())["config"]["recipe"]
+    assert (recipe["max_epochs"], recipe["hidden"], recipe["n_ensemble"]) == (2, 8, 2)  # the options trained
+    assert recipe["lr"] == SpotRecipe().lr and recipe["preset"] == "deepspot"  # the rest: the preset's
 
     # a panel gene missing from one sample: one line naming the sample and the gene, exit 1
     with pytest.raises(SystemExit) as e:

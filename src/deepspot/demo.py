@@ -2,7 +2,7 @@
 
 - :func:`run_demo` (``deepspot demo``, ``--quick``): train DeepSpot (``ds.train``) on the bundled Xenium lung H&E (cells
   pooled into pseudo-spots), score it on a held-out side of the image next to a ridge baseline, predict the whole
-  image, write h5ad + PNG.
+  image (``Model.predict_slide``), write h5ad + PNG.
 - :func:`run_her2st_demo` (``deepspot demo --her2st``): real spots. Through the public API
   (``ds.train``, ``Model.score``, ``Model.predict_slide``): train on three HER2ST sections, score the
   fourth next to ridge on the same features, predict the whole held-out section on a virtual grid,
@@ -20,7 +20,7 @@ from deepspot.config import GridSpec, SpotGeometry
 from deepspot.evaluation.holdout import score_table
 from deepspot.features.encoders import load_encoder
 from deepspot.geometry.grid import pool_cells
-from deepspot.inference.predict import predict_image, spot_table
+from deepspot.inference.predict import spot_table
 from deepspot.io.datasets import ncbi858
 from deepspot.io.outputs import write_csv, write_h5ad
 from deepspot.io.slides import open_slide
@@ -80,9 +80,10 @@ def _run(out, t0, cells, image, meta, encoder, encoder_weights, spot_px, spacing
          f"{int((cell_to_spot >= 0).sum())} cells fall inside a spot")
     cache, model_dir = out / "features", out / "model"
     # the public API's training (ds.train): features, fit, held-out scores, the checkpoint in model_dir
-    res = api.train(spots, image, out=model_dir, encoder=encoder.name, encoder_weights=encoder_weights,
-                    geometry=geometry, context=context, max_epochs=max_epochs, patience=patience, seed=seed,
-                    cache_dir=cache, progress=progress, log_dir=out / "logs").result
+    model = api.train(spots, image, out=model_dir, encoder=encoder.name, encoder_weights=encoder_weights,
+                      geometry=geometry, context=context, max_epochs=max_epochs, patience=patience, seed=seed,
+                      cache_dir=cache, progress=progress, log_dir=out / "logs")
+    res = model.result
     table = score_table(res.scores)
     write_csv(table, out / "scores.csv")
     echo(f"[demo] held-out: right-most 30% of the image ({len(res.split[2])} spots); per-gene Pearson across "
@@ -99,8 +100,9 @@ def _run(out, t0, cells, image, meta, encoder, encoder_weights, spot_px, spacing
          f"(95th percentile of 100 shuffles); on {len(test)} held-out spots a difference smaller than that is "
          f"noise. This demo is a pipeline check (200 cells), not a benchmark: `deepspot demo --her2st` is the "
          f"one on real spots.")
-    adata = predict_image(image, res.model, res.config, encoder, tissue=tissue, cache_dir=cache,
-                          progress=progress, library_id=meta.get("sample", "NCBI858"))
+    # the public API's prediction (Model.predict_slide): the whole image on the model's grid, in memory
+    adata = model.predict_slide(image, tissue=tissue, cache_dir=cache, progress=progress, num_workers=0,
+                                library_id=meta.get("sample", "NCBI858"))
     h5 = write_h5ad(adata, out / "predictions.h5ad")
     write_csv(spot_table(adata), out / "spots.csv")
     png = out / "predicted_genes.png"

@@ -65,10 +65,10 @@ def evaluate(
                                                        "dims inside the model (0, the default: raw features)."),
     monitor: str = typer.Option(_R.monitor, help="Early stopping on val_pearson or val_loss."),
     scaler: str = typer.Option(_R.scaler, help="Target scaler fitted on training spots: none | standard | minmax."),
-    oversample: bool = typer.Option(False, help="Leiden-cluster oversampling of the training spots."),
+    oversample: bool = typer.Option(_R.oversample, help="Leiden-cluster oversampling of the training spots."),
     precision: str = typer.Option("32", help="32 | bf16 | fp16 (fp16 becomes bf16 on CPU)."),
     loggers: str = typer.Option("csv", help="Training curves under <out>/logs: csv, tensorboard, csv,tensorboard or none."),
-    seed: int = typer.Option(2024),
+    seed: int = typer.Option(_R.seed),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache (default: <out>/features)."),
     num_workers: int = typer.Option(0, help="DataLoader workers for reading crops."),
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -100,8 +100,8 @@ def evaluate(
                  scaler=scaler, oversample=oversample or None, seed=seed)
     recipe = recipe_from_options(preset, given)
     n_top, min_fraction = preset_panel(preset, n_top_genes, fallback_n_top=250)
-    cfg = EvalConfig.from_recipe(recipe, contexts=ctx, folds=k, n_top_genes=n_top, genes=_csv(genes),
-                                 on_missing=on_missing, n_sub=n_sub, min_fraction=min_fraction, precision=precision)
+    cfg = EvalConfig(recipe=recipe, contexts=ctx, folds=k, n_top_genes=n_top, genes=_csv(genes),
+                     on_missing=on_missing, n_sub=n_sub, min_fraction=min_fraction, precision=precision)
     samples = load_samples(specs, cells=cells)
     console.print(f"{len(samples)} samples, {len({s.patient_id for s in samples})} patients, "
                   f"{sum(s.adata.n_obs for s in samples)} spots")

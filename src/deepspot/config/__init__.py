@@ -15,11 +15,11 @@ This package imports nothing else from deepspot (nor torch), so every layer may 
 from __future__ import annotations
 
 from deepspot.config.constants import (CELL_MODELS, CheckpointError, EXTERNAL_ENCODER, FEATURE_MODES, GEOMETRY_PRESETS,
-                                       GRID_ORIGINS, GRID_UNITS, MODEL_KINDS, MppError, NEIGHBOR_RULES, SCALERS,
+                                       GRID_LAYOUTS, GRID_ORIGINS, GRID_UNITS, MODEL_KINDS, MppError, NEIGHBOR_RULES, SCALERS,
                                        SCHEMA_VERSION, SPOT_MODELS, SUBSPOT_RULES, TARGETS, TISSUE_RULES, UNITS,
                                        gene_name_faults)
 from deepspot.config.units import resolve_mpp, um_to_px
-from deepspot.config.fields import _Fields, _names, _tuple
+from deepspot.config.fields import _Fields, _names, _tuple, check_choice
 from deepspot.config.geometry import (CellGeometry, GridSpec, ORIGINAL_SPOT_PX, SpotGeometry, geometry_preset,
                                       magnification_factor)
 from deepspot.config.scaler import Scaler, invert_scaler

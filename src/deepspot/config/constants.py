@@ -14,6 +14,7 @@ UNITS = ("um", "px")
 # a spot grid may also be in "px20x": pixels at 20x (~0.5 µm/px), doubled on a 40x slide (the original's TCGA rule)
 GRID_UNITS = UNITS + ("px20x",)
 GRID_ORIGINS = ("edge", "original")
+GRID_LAYOUTS = ("hex", "square")  # hex: Visium's offset rows; square: Visium HD-like bins
 SUBSPOT_RULES = ("split", "floor")
 TISSUE_RULES = ("otsu", "mean_rgb", "tile_mean_rgb", "none")
 GEOMETRY_PRESETS = ("visium", "original", "tcga")

@@ -10,6 +10,12 @@ from deepspot.config.constants import CheckpointError
 # --------------------------------------------------------------------------- field checks
 
 
+def check_choice(what: str, value: Any, options, optional: bool = False) -> None:
+    """The one refusal of a value outside its vocabulary (``optional``: None is accepted too)."""
+    if value not in options and not (optional and value is None):
+        raise ValueError(f"{what} must be one of {', '.join(options)}, got {value!r}")
+
+
 class _Fields:
     """Reads typed fields of one mapping; every failure is a CheckpointError naming ``source: prefix.key``."""
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from deepspot.config.constants import (FEATURE_MODES, GEOMETRY_PRESETS, GRID_ORIGINS, GRID_UNITS, MppError,
-                                       NEIGHBOR_RULES, SUBSPOT_RULES, TISSUE_RULES, UNITS)
+from deepspot.config.constants import (FEATURE_MODES, GEOMETRY_PRESETS, GRID_LAYOUTS, GRID_ORIGINS, GRID_UNITS,
+                                       MppError, NEIGHBOR_RULES, SUBSPOT_RULES, TISSUE_RULES, UNITS)
 from deepspot.config.units import um_to_px
-from deepspot.config.fields import _Fields
+from deepspot.config.fields import _Fields, check_choice
 
 
 # --------------------------------------------------------------------------- geometries
@@ -32,14 +32,11 @@ class GridSpec:
     origin: str = "edge"
 
     def __post_init__(self):
-        if self.unit not in GRID_UNITS:
-            raise ValueError(f"grid unit must be one of {', '.join(GRID_UNITS)}, got {self.unit!r}")
-        if self.layout not in ("hex", "square"):
-            raise ValueError(f"grid layout must be 'hex' or 'square', got {self.layout!r}")
+        check_choice("grid unit", self.unit, GRID_UNITS)
+        check_choice("grid layout", self.layout, GRID_LAYOUTS)
         if self.spot_diameter <= 0 or self.spacing <= 0:
             raise ValueError("spot diameter and spacing must be positive")
-        if self.origin not in GRID_ORIGINS:
-            raise ValueError(f"grid origin must be one of {', '.join(GRID_ORIGINS)}, got {self.origin!r}")
+        check_choice("grid origin", self.origin, GRID_ORIGINS)
         if self.origin == "original" and self.layout != "square":
             raise ValueError("the original's grid origin is for a square grid (layout 'square')")
 
@@ -66,7 +63,7 @@ class GridSpec:
     def from_dict(cls, d: dict, source: str = "config", prefix: str = "") -> "GridSpec":
         f = _Fields(d, source, prefix)
         return cls(f.number("spot_diameter", positive=True), f.number("spacing", positive=True),
-                   f.choice("layout", ("hex", "square"), "hex"), f.choice("unit", GRID_UNITS),
+                   f.choice("layout", GRID_LAYOUTS, "hex"), f.choice("unit", GRID_UNITS),
                    f.number("offset_x", 0.0), f.number("offset_y", 0.0), f.choice("origin", GRID_ORIGINS, "edge"))
 
 
@@ -109,12 +106,9 @@ class SpotGeometry:
     preset: str | None = None
 
     def __post_init__(self):
-        if self.feature_mode not in FEATURE_MODES:
-            raise ValueError(f"unknown feature mode {self.feature_mode!r}; use 'standard' or 'fast'")
-        if self.subspot_rule not in SUBSPOT_RULES:
-            raise ValueError(f"unknown sub-spot rule {self.subspot_rule!r}; use {' or '.join(SUBSPOT_RULES)}")
-        if self.tissue is not None and self.tissue not in TISSUE_RULES:
-            raise ValueError(f"unknown tissue rule {self.tissue!r}; use {', '.join(TISSUE_RULES)}")
+        check_choice("feature mode", self.feature_mode, FEATURE_MODES)
+        check_choice("sub-spot rule", self.subspot_rule, SUBSPOT_RULES)
+        check_choice("tissue rule", self.tissue, TISSUE_RULES, optional=True)
 
     def to_dict(self) -> dict:
         return {"grid": self.grid.to_dict(), "n_sub": self.n_sub, "neighbor_radius": self.neighbor_radius,
@@ -194,10 +188,8 @@ class CellGeometry:
     max_neighbors: int | None = None
 
     def __post_init__(self):
-        if self.unit not in UNITS:
-            raise ValueError(f"cell geometry unit must be 'um' or 'px', got {self.unit!r}")
-        if self.neighbors not in NEIGHBOR_RULES:
-            raise ValueError(f"neighbour rule must be one of {', '.join(NEIGHBOR_RULES)}, got {self.neighbors!r}")
+        check_choice("cell geometry unit", self.unit, UNITS)
+        check_choice("neighbour rule", self.neighbors, NEIGHBOR_RULES)
         if self.cell_diameter <= 0:
             raise ValueError(f"cell diameter must be positive, got {self.cell_diameter}")
         if self.neighbors == "knn" and self.k < 1:

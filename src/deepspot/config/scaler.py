@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deepspot.config.constants import SCALERS
 from deepspot.config.fields import _Fields
 
 
@@ -39,7 +40,7 @@ class Scaler:
         elif kind == "minmax":
             a, b = y.min(axis=0), y.max(axis=0) - y.min(axis=0)
         else:
-            raise ValueError(f"unknown scaler {kind!r}; choose standard, minmax or none")
+            raise ValueError(f"unknown scaler {kind!r}; choose {', '.join(SCALERS)} or none")
         b = np.where(b > 1e-12, b, 1.0)
         return cls(kind, a.astype(np.float32), b.astype(np.float32), y.min(axis=0).astype(np.float32),
                    y.max(axis=0).astype(np.float32))

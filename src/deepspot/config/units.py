@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 
-from deepspot.config.constants import MppError
+from deepspot.config.constants import UNITS, MppError
+from deepspot.config.fields import check_choice
 
 
 # --------------------------------------------------------------------------- units
@@ -11,10 +12,9 @@ from deepspot.config.constants import MppError
 
 def um_to_px(value: float, unit: str, mpp: float | None, what: str = "length") -> float:
     """A length in ``unit`` ('px' or 'um') as level-0 pixels; µm need ``mpp`` (µm per pixel)."""
+    check_choice("unit", unit, UNITS)
     if unit == "px":
         return float(value)
-    if unit != "um":
-        raise ValueError(f"unit must be 'um' or 'px', got {unit!r}")
     if mpp is None or not mpp > 0:
         raise MppError(f"this {what} is in µm: an mpp (µm per pixel) is needed; pass --mpp")
     return float(value) / float(mpp)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,14 +40,14 @@ ORACLE = "oracle: log library size"  # uses the held-out counts: a reference, no
 NOISE = "noise band (shuffled, 95%)"
 
 
-_R = SpotRecipe()
-
-
 @dataclass
 class EvalConfig:
-    """Everything that decides the numbers (stored beside them). The training fields default to
-    :class:`deepspot.training.recipe.SpotRecipe`, the recipe ``deepspot train`` uses."""
+    """Everything that decides the numbers (stored beside them): the training ``recipe`` (the one
+    ``deepspot train`` uses by default, :class:`deepspot.training.recipe.SpotRecipe`; its ``context`` is
+    replaced by each of ``contexts`` in turn, its ``seed`` also seeds the folds, the ridge and the noise
+    band) and what only evaluation decides."""
 
+    recipe: SpotRecipe = field(default_factory=SpotRecipe)
     contexts: tuple[str, ...] = CONTEXTS
     folds: str | int = "lopo"  # leave-one-patient-out, or k patient-level folds
     n_top_genes: int | None = 250
@@ -57,51 +57,23 @@ class EvalConfig:
     n_top_eval: int = 50
     n_sub: int = 3
     neighbor_radius: int = 1
-    loss: str = _R.loss
-    lr: float = _R.lr
-    weight_decay: float = _R.weight_decay
-    batch_size: int = _R.batch_size
-    max_epochs: int = _R.max_epochs
-    patience: int = _R.patience
-    hidden: int = _R.hidden
-    n_ensemble: int = _R.n_ensemble
-    dropout: float = _R.dropout
-    subspot_pool: str = _R.subspot_pool
-    neighbor_pool: str = _R.neighbor_pool
-    input_proj: int | None = _R.input_proj
-    scaler: str | None = _R.scaler
-    monitor: str = _R.monitor
-    oversample: bool = _R.oversample
-    min_epochs: int = _R.min_epochs
-    hvg_flavor: str = _R.hvg_flavor
-    preset: str = _R.preset
-    augment_views: int = _R.augment_views
-    stain_jitter: float = _R.stain_jitter
     precision: str = "32"
-    val_fraction: float = _R.val_fraction
     ridge_pca: int | None = 256
     n_shuffles: int = 100  # shuffled-prediction noise band: permutations per held-out sample
     interval: float = DEFAULT_LEVEL  # nominal level of the conformal interval whose coverage is scored
-    seed: int = _R.seed
 
     def __post_init__(self):
+        if not isinstance(self.recipe, SpotRecipe):
+            raise TypeError(f"recipe must be a SpotRecipe, got {type(self.recipe).__name__}")
         bad = [c for c in self.contexts if c not in CONTEXTS]
         if bad:
             raise ValueError(f"unknown context mode(s) {bad}; choose from {', '.join(CONTEXTS)}")
         if self.folds != "lopo" and (not isinstance(self.folds, int) or self.folds < 2):
             raise ValueError(f"folds must be 'lopo' or an integer >= 2, got {self.folds!r}")
-        self.recipe()  # checks the training fields
 
-    def recipe(self, context: str | None = None) -> SpotRecipe:
-        """The training recipe of these settings (for ``context``, default the recipe's)."""
-        names = {f.name for f in fields(SpotRecipe)} - {"context"}
-        return SpotRecipe(**{n: getattr(self, n) for n in names}, **({"context": context} if context else {}))
-
-    @classmethod
-    def from_recipe(cls, recipe: SpotRecipe, **others) -> "EvalConfig":
-        """Settings whose training fields are ``recipe``'s (its context aside) and the rest ``others``."""
-        names = {f.name for f in fields(SpotRecipe)} - {"context"}
-        return cls(**{n: getattr(recipe, n) for n in names}, **others)
+    def for_context(self, context: str) -> SpotRecipe:
+        """The training recipe of context mode ``context``."""
+        return self.recipe.replace(context=context)
 
 
 @dataclass
@@ -192,33 +164,33 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
     train_ad = {samples[i].sample_id: samples[i].adata for i in train_s}
     test_ad = {samples[i].sample_id: samples[i].adata for i in test_s}
     panel = select_panel(train_ad, n_top=cfg.n_top_genes, genes=cfg.genes, others=test_ad,
-                         on_missing=cfg.on_missing, min_fraction=cfg.min_fraction, flavor=cfg.hvg_flavor)
+                         on_missing=cfg.on_missing, min_fraction=cfg.min_fraction, flavor=cfg.recipe.hvg_flavor)
     # the scored top-50 are seurat HVGs among genes in >= 10 % of the training spots whatever the panel's
     # ranking, so that runs with other panels (e.g. the original's 5,000 seurat_v3 genes) score the same genes
     hvg_panel = cfg.genes is None and cfg.n_top_genes is not None
-    default_ranking = cfg.hvg_flavor == "seurat" and cfg.min_fraction == EvalConfig.min_fraction
+    default_ranking = cfg.recipe.hvg_flavor == "seurat" and cfg.min_fraction == EvalConfig.min_fraction
     top = _top_eval(train_ad, panel, cfg, hvg_ranked=hvg_panel and default_ranking,
                     min_fraction=EvalConfig.min_fraction if hvg_panel and not default_ranking else 0.0)
     y = _targets(samples, panel)
     te = np.flatnonzero(np.isin(owner, test_s))
     fit_rows = np.flatnonzero(np.isin(owner, train_s))
     tr, va = block_validation([np.flatnonzero(owner == i) for i in train_s],
-                              [samples[i].adata.obs["array_row"].to_numpy() for i in train_s], cfg.val_fraction)
+                              [samples[i].adata.obs["array_row"].to_numpy() for i in train_s], cfg.recipe.val_fraction)
     info = {"test_patients": list(test_patients), "test_samples": [samples[i].sample_id for i in test_s],
             "train_samples": [samples[i].sample_id for i in train_s],
-            "validation": f"top {cfg.val_fraction:.0%} of the array rows of each training sample",
+            "validation": f"top {cfg.recipe.val_fraction:.0%} of the array rows of each training sample",
             "n_train_spots": int(len(tr)), "n_val_spots": int(len(va)),
             "n_test_spots": int(len(te)), "n_genes": len(panel), "panel": panel,
-            "top_eval": [panel[i] for i in top], "scaler": cfg.scaler, "fit": {}}
+            "top_eval": [panel[i] for i in top], "scaler": cfg.recipe.scaler, "fit": {}}
     fold_logs = None if log_dir is None or not loggers else Path(log_dir) / f"fold-{'+'.join(test_patients)}"
     preds, reliab = {}, {}
     t0 = time.perf_counter()
     preds[RIDGE] = ridge_baseline(bags.spot[fit_rows].numpy(), y[fit_rows], bags.spot[te].numpy(),
-                                  pca_dims=cfg.ridge_pca, seed=cfg.seed)
+                                  pca_dims=cfg.ridge_pca, seed=cfg.recipe.seed)
     info["fit"][RIDGE] = {"seconds": time.perf_counter() - t0}
     for ctx in cfg.contexts:
         t0 = time.perf_counter()
-        model, scaler, summ = fit_spot_model(cfg.recipe(ctx), bags, y, tr, va, precision=cfg.precision,
+        model, scaler, summ = fit_spot_model(cfg.for_context(ctx), bags, y, tr, va, precision=cfg.precision,
                                              progress=progress, log_dir=None if fold_logs is None else fold_logs / ctx,
                                              loggers=loggers if fold_logs else None)
         rel = summ.pop("reliability", None)
@@ -259,10 +231,10 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
             gene_rows.extend({"sample": s.sample_id, "method": method, "gene": g, "pearson": float(v)}
                              for g, v in zip(panel, r))
         every = np.arange(len(panel))
-        band = noise_band(preds[ref][rows], truth, top if len(top) else every, cfg.n_shuffles, cfg.seed)
+        band = noise_band(preds[ref][rows], truth, top if len(top) else every, cfg.n_shuffles, cfg.recipe.seed)
         score_rows.append({"fold": "+".join(test_patients), "sample": s.sample_id, "patient": s.patient_id,
                            "method": NOISE, "pearson_top50": band,
-                           "pearson_mean": noise_band(preds[ref][rows], truth, every, cfg.n_shuffles, cfg.seed),
+                           "pearson_mean": noise_band(preds[ref][rows], truth, every, cfg.n_shuffles, cfg.recipe.seed),
                            "spearman_mean": float("nan"), "mse": float("nan"), "sd_ratio": float("nan"),
                            "n_genes_scored": len(top), "n_spots": int(len(rows))})
     info["noise_band_of"] = ref
@@ -347,7 +319,7 @@ def evaluate(samples: Sequence[Sample], encoder=None, cfg: EvalConfig | None = N
     if missing:
         raise ValueError(f"no features for samples {missing}")
     bags, owner = stack_bags(samples, features, cfg.neighbor_radius)
-    folds = patient_folds([s.patient_id for s in samples], cfg.folds, cfg.seed)
+    folds = patient_folds([s.patient_id for s in samples], cfg.folds, cfg.recipe.seed)
     all_scores, all_genes, infos = [], [], []
     t0 = time.perf_counter()
     for k, test in enumerate(folds):
@@ -364,7 +336,9 @@ def evaluate(samples: Sequence[Sample], encoder=None, cfg: EvalConfig | None = N
     per_gene = genes.pivot_table(index="gene", columns="method", values="pearson", aggfunc="mean", sort=False)
     per_gene = per_gene[[m for m in dict.fromkeys(scores["method"]) if m in per_gene.columns]]
     summary = summarize_scores(scores)
-    config = {**asdict(cfg), "encoder": getattr(encoder, "name", None), "samples": ids,
+    stored = asdict(cfg)
+    del stored["recipe"]["context"]  # each of ``contexts`` replaces it
+    config = {**stored, "encoder": getattr(encoder, "name", None), "samples": ids,
               "patients": sorted({s.patient_id for s in samples}), "note": note,
               "scoring": "per-gene Pearson across the spots of each held-out sample; mean over genes; "
                          "then mean (sd) over held-out samples"}

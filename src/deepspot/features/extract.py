@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from deepspot.features.views import view_crops, view_tag
-from deepspot.config import FEATURE_MODES
+from deepspot.config import FEATURE_MODES, check_choice
 from deepspot.features.store import (FeatureWriter, Features, StoredFeatures, feature_key, match_centers,
                                      store_centers)
 from deepspot.features.tiles import make_crops, pool_regions, read_size, spot_boxes
@@ -50,8 +50,7 @@ def forward_batch(device) -> int:
 
 
 def check_mode(mode: str) -> str:
-    if mode not in FEATURE_MODES:
-        raise ValueError(f"unknown feature mode {mode!r}; use 'standard' or 'fast'")
+    check_choice("feature mode", mode, FEATURE_MODES)
     return mode
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 
 from deepspot.features.tiles import CROP_VERSION
+from deepspot.io.atomic import replace_dir
 
 
 def slide_fingerprint(path: str | Path) -> str:
@@ -160,16 +161,8 @@ class FeatureWriter:
             raise ValueError(f"{self.path}: {self.spot.written} of {self.n} feature rows written")
         self.group.attrs["complete"] = True
         self._release()
-        if self.path.exists():  # an older store (now extended) or one another job finished meanwhile
-            old = self.path.with_name(f"{self.tmp.name}.old")
-            try:
-                os.replace(self.path, old)
-            except FileNotFoundError:
-                old = None
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(self.tmp, self.path)
+        try:  # replaces an older store (now extended) or one another job finished meanwhile
+            replace_dir(self.tmp, self.path)
         except OSError:  # another job put a store there in between: keep that one if it is whole
             if open_store(self.path) is None:
                 raise

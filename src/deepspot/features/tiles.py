@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from deepspot.config import SUBSPOT_RULES, check_choice
+
 # Bump when the way crops are cut or resampled changes: it is part of every feature-store key, so
 # features made by older crop code are never silently reused.
 CROP_VERSION = 2
@@ -63,12 +65,11 @@ def make_crops(region: np.ndarray, out_size: int, n_sub: int, rule: str = "split
 
 def subspot_bounds(size: int, n: int, rule: str = "split") -> list[int]:
     """Sub-spot edges along one side: :func:`region_bounds` ('split') or ``i * (size // n)`` ('floor')."""
+    check_choice("sub-spot rule", rule, SUBSPOT_RULES)
     if rule == "floor":
         if size < n:
             raise ValueError(f"a {size}-px tile cannot be cut into {n}x{n} whole-pixel sub-spots")
         return [i * (size // n) for i in range(n + 1)]
-    if rule != "split":
-        raise ValueError(f"unknown sub-spot rule {rule!r}; use 'split' or 'floor'")
     return region_bounds(size, n)
 
 

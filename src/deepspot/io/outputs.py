@@ -2,35 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temp path beside ``path``; rename onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+from deepspot.io.atomic import atomic_dir, atomic_path, current_umask  # noqa: F401  (their import path)
 
 
 def check_space(folder: str | Path, nbytes: float, what: str) -> None:
@@ -122,31 +99,6 @@ def add_spatial_image(adata: ad.AnnData, library_id: str, thumbnail: np.ndarray,
 
 
 # --------------------------------------------------------------------------- SpatialData
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a (not yet existing) temp path beside folder ``path`` (``.<name>.<random>.partial<suffix>``);
-    on success it replaces ``path`` (an old ``path`` is moved aside first, then deleted), on error it is
-    removed."""
-    import shutil
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial" + path.suffix, dir=path.parent))
-    tmp.rmdir()  # writers (zarr, spatialdata) want to create the folder themselves
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class SlideArray:

@@ -21,6 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from deepspot.io.atomic import atomic_dir, atomic_path, current_umask
+
 __all__ = ["RECORD_FILE", "OutputFolder", "UnsafeNameError", "check_manifest_size", "inside", "is_leftover",
            "safe_name"]
 
@@ -91,12 +93,6 @@ def check_manifest_size(path, what: str = "manifest") -> None:
 def is_leftover(name: str) -> bool:
     """A temp name deepspot's writers use (``.<name>.<random>.partial<ext>``, ``.<name>.work-<random>``)."""
     return bool(_LEFTOVER.match(name))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager
@@ -242,16 +238,13 @@ class OutputFolder:
             files = [f for f in files if self.exists(f)]
             old = rec.get("stamps") if isinstance(rec.get("stamps"), dict) else {}
             stamps = {f: (self._stamp(f) if f in self.written or f not in old else old[f]) for f in files}
-            tmp = self.out / f".{RECORD_FILE}.{os.getpid()}.partial"
-            tmp.write_text(json.dumps({"command": self.command, "files": files, "stamps": stamps}, indent=1),
-                           encoding="utf-8")
-            os.replace(tmp, self.out / RECORD_FILE)
+            with atomic_path(self.out / RECORD_FILE) as tmp:
+                tmp.write_text(json.dumps({"command": self.command, "files": files, "stamps": stamps}, indent=1),
+                               encoding="utf-8")
 
     @contextlib.contextmanager
     def atomic(self, name: str, folder: bool = False):
         """Yield a temp path beside ``out/name``; on success it replaces ``name`` (recorded as written)."""
-        from deepspot.io.outputs import atomic_dir, atomic_path
-
         target = self.path(name, "output name")
         with (atomic_dir(target) if folder else atomic_path(target)) as tmp:
             yield tmp
@@ -333,5 +326,5 @@ def remove_stale(folder: Path, pattern: str) -> list[Path]:
 def new_temp_dir(folder: Path, prefix: str) -> Path:
     """A work folder ``<folder>/<prefix><random>`` with normal permissions."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~current_umask())
     return tmp

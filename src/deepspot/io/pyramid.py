@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from deepspot.io.atomic import atomic_path
 from deepspot.io.slides import SlideError, open_slide
 
 __all__ = ["ConvertedSlide", "convert_slide"]
@@ -152,8 +153,7 @@ def convert_slide(src: str | os.PathLike, out: str | os.PathLike, mpp: float | N
         raise SlideError(src, "no mpp in the file; pass --mpp (µm per pixel) so the pyramid records it")
     sizes = level_sizes(w, h, tile)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp = work / out.name
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # the reduced levels, raw
     total = sum(s[1] for s in sizes)
     state = {"rows": 0}
 
@@ -167,7 +167,7 @@ def convert_slide(src: str | os.PathLike, out: str | os.PathLike, mpp: float | N
                 compressionargs={"level": quality} if compression == "jpeg" else None,
                 resolution=(1e4 / src_mpp, 1e4 / src_mpp), resolutionunit="CENTIMETER")
     try:
-        with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+        with atomic_path(out) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
             for k, (lw, lh) in enumerate(sizes):
                 nxt = work / f"level{k + 1}.raw"
                 fh = open(nxt, "wb") if k + 1 < len(sizes) else None
@@ -195,16 +195,9 @@ def convert_slide(src: str | os.PathLike, out: str | os.PathLike, mpp: float | N
                         fh.close()
                 if k > 0:
                     os.remove(work / f"level{k}.raw")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
     except MemoryError:
         raise SlideError(src, f"{w}×{h} px: out of memory while converting it", fatal=True) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ConvertedSlide(out, sizes, float(src_mpp))
 
-
-def _umask() -> int:
-    mask = os.umask(0)  # (io.outputs has the same helper, but importing it loads anndata)
-    os.umask(mask)
-    return mask

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from deepspot.io.atomic import atomic_path
+
 __all__ = ["make_unit", "mosaic_pixels", "write_pyramidal_tiff", "level_shapes"]
 
 
@@ -146,8 +148,7 @@ def write_pyramidal_tiff(
         kw["resolutionunit"] = "CENTIMETER"
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31, ome=ome) as tw:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31, ome=ome) as tw:
         for k, (lw, lh) in enumerate(shapes):
             extra: dict = {}
             if k == 0:
@@ -169,5 +170,4 @@ def write_pyramidal_tiff(
                     ppcm = 1e4 / (float(mpp) * width / lw)
                     extra["resolution"] = (ppcm, 1e4 / (float(mpp) * height / lh))
             tw.write(tiles(k), shape=(lh, lw, 3), **{**kw, **extra})
-    os.replace(tmp, path)
     return path

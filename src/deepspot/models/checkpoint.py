@@ -7,14 +7,12 @@ field, and loading checks the weights against it, before any compute.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from deepspot.config import CheckpointError, ModelConfig, read_config_file
-from deepspot.io.outputs import current_umask
 from deepspot.models import registry
 
 WEIGHTS_FILE = "model.safetensors"
@@ -42,8 +40,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: ModelConfi
     owner = checkpoint_folder(path).open()
     try:
         with owner.atomic(WEIGHTS_FILE) as tw, owner.atomic(CONFIG_FILE) as tc:  # both written, then renamed
-            save_file(state, str(tw), metadata={"format": "pt"})
-            os.chmod(tw, 0o666 & ~current_umask())  # safetensors writes 0600; every output gets the usual mode
+            save_file(state, str(tw), metadata={"format": "pt"})  # (0600: the rename gives the usual mode)
             tc.write_text(json.dumps(cfg, indent=1))
     except BaseException:
         owner.abort()

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-CONTEXTS = ("spot", "spot_subspot", "spot_neighbors", "spot_subspot_neighbors")
 Context = Literal["spot", "spot_subspot", "spot_neighbors", "spot_subspot_neighbors"]
+CONTEXTS: tuple[str, ...] = get_args(Context)  # the one list of context modes
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

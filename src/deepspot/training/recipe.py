@@ -71,6 +71,7 @@ class SpotRecipe:
     stain_jitter: float = 0.0  # HED stain jitter of the augmented crops (±sigma per channel; 0.05 in the literature)
 
     def __post_init__(self):
+        from deepspot.config import SCALERS
         from deepspot.models.deepsets import CONTEXTS, POOLS
         from deepspot.models.losses import LOSSES
         from deepspot.training.fit import MONITORS
@@ -80,8 +81,8 @@ class SpotRecipe:
                   (self.neighbor_pool in POOLS, f"neighbor_pool {self.neighbor_pool!r}: choose {', '.join(POOLS)}"),
                   (self.loss in LOSSES, f"loss {self.loss!r}: choose one of {', '.join(LOSSES)}"),
                   (self.monitor in MONITORS, f"monitor {self.monitor!r}: choose {' or '.join(MONITORS)}"),
-                  (self.scaler in (None, "none", "standard", "minmax"), f"scaler {self.scaler!r}: choose "
-                                                                        "standard, minmax or none"),
+                  (self.scaler in (None, "none", *SCALERS), f"scaler {self.scaler!r}: choose "
+                                                            f"{', '.join(SCALERS)} or none"),
                   (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
                   (self.input_proj is None or self.input_proj >= 1, "input_proj must be >= 1 or None"),
                   (self.hidden >= 1 and self.n_ensemble >= 1 and self.batch_size >= 1 and self.max_epochs >= 1,

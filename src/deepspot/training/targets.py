@@ -11,6 +11,7 @@ import scipy.sparse as sp
 
 from deepspot.config import Scaler
 from deepspot.io.spatial import SpatialDataError
+from deepspot.training.recipe import HVG_FLAVORS
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,8 @@ def rank_hvgs(samples: dict[str, ad.AnnData], n_top: int, flavor: str = "seurat"
     is highly variable, then mean normalised dispersion (scanpy's own ranking). 'seurat_v3' (the
     original's): on the counts themselves, in scanpy's ``highly_variable_rank`` order. Genes detected
     in fewer than ``min_fraction`` of all spots are left out."""
-    if flavor not in ("seurat", "seurat_v3"):
-        raise ValueError(f"unknown HVG flavor {flavor!r}; choose seurat or seurat_v3")
+    if flavor not in HVG_FLAVORS:
+        raise ValueError(f"unknown HVG flavor {flavor!r}; choose {' or '.join(HVG_FLAVORS)}")
     genes = common_genes(samples)
     parts = []
     for name, a in samples.items():

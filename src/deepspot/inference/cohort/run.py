@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from deepspot.config import TISSUE_RULES
 from deepspot.inference.cohort.fingerprint import fingerprint_changes, new_run_dir, run_fingerprint, write_run_file
 from deepspot.inference.cohort.folder import RUN_FILE, STATE_FILE, SUMMARY_FILE, adopt_legacy, check_output_dir, clear_previous, cohort_folder
 from deepspot.inference.cohort.leftovers import remove_partials
@@ -83,8 +84,8 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
     if backend == "ray" and num_cpus == 0 and num_gpus == 0:  # nothing would bound the slides run at once
         raise ValueError("--num-cpus 0 without --num-gpus would run every slide at once; give each slide task "
                          "at least one CPU or GPU share (e.g. --num-cpus 1)")
-    if tissue not in (None, "otsu", "mean_rgb", "tile_mean_rgb", "none"):
-        raise ValueError(f"unknown tissue filter {tissue!r}; use otsu, mean_rgb, tile_mean_rgb or none")
+    if tissue is not None and tissue not in TISSUE_RULES:
+        raise ValueError(f"unknown tissue filter {tissue!r}; use {', '.join(TISSUE_RULES)}")
     jobs = read_cohort(manifest, default_mpp=mpp)
     cfg = read_config(model)  # every field checked
     if cfg.is_cell_model:
