@@ -29,7 +29,7 @@ from deepspot.geometry.neighbors import array_neighbors
 from deepspot.io.slides import open_slide
 from deepspot.io.spatial import SpatialDataError, inside_image
 from deepspot.models.deepcell import CellBags, DeepCell, PooledDeepSpot2Cell, cell_bags, predict_batches
-from deepspot.models.spot2cell import DeepSpot2Cell, SpotContextBags, nearest_spot
+from deepspot.models.spot2cell import DeepSpot2Cell, SpotContextBags, nearest_spot, pack_members
 from deepspot.training.fit import fit
 from deepspot.training.spots import spatial_split
 from deepspot.training.targets import log_normalize, select_genes
@@ -52,16 +52,7 @@ class SpotCellBags:
     @classmethod
     def from_assignment(cls, cells: CellBags, cell_to_spot: np.ndarray, n_spots: int) -> "SpotCellBags":
         """cell_to_spot (N,): spot index of each cell or -1 (in no spot)."""
-        c2s = np.asarray(cell_to_spot, dtype=np.int64)
-        inside = np.flatnonzero(c2s >= 0)
-        order = inside[np.argsort(c2s[inside], kind="stable")]
-        counts = np.bincount(c2s[order], minlength=n_spots)
-        c = max(int(counts.max()) if len(counts) else 0, 1)  # at least one (masked) slot
-        rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
-        members = np.zeros((n_spots, c), dtype=np.int64)
-        mask = np.zeros((n_spots, c), dtype=bool)
-        members[c2s[order], rank] = order
-        mask[c2s[order], rank] = True
+        members, mask = pack_members(cell_to_spot, n_spots)
         return cls(cells, torch.as_tensor(members), torch.as_tensor(mask))
 
     def __len__(self) -> int:
