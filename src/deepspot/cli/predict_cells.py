@@ -20,8 +20,9 @@ def _split(s: Optional[str]) -> Optional[list[str]]:
 @app.command("predict-cells")
 def predict_cells_cmd(
         cells: Path = typer.Argument(..., help="Cell centroids: CSV/TSV/parquet with x, y columns in level-0 pixels "
-                                     "of the image (x horizontal), e.g. from a segmentation tool; an h5ad; or a GeoJSON of "
-                                     "cell polygons (HEST/CellViT; their centroids)."),
+                                     "of the image (x horizontal), e.g. from a segmentation tool; an h5ad; or cell "
+                                     "polygons: a GeoJSON (HEST/CellViT, px) or a Xenium cell_boundaries file (µm: "
+                                     "--mpp). A model trained on bounding-box crops (--cell-crop bbox) needs polygons."),
         image: Path = typer.Option(..., help="H&E image/slide the cells lie on."),
         model: Path = typer.Option(..., help="DeepCell or DeepSpot2Cell checkpoint folder."),
         out: Path = typer.Option(Path("deepspot_cells"), help="Output folder."),
