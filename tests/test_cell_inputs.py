@@ -221,3 +221,32 @@ def test_cli_trains_on_bbox_crops_and_predict_cells_uses_them(tmp_path, capsys):
     code, out, err = run_cli(capsys, "train", "--model", "deepspot2cell", "--adata", tmp_path / "counts.h5ad",
                              "--cell-crop", "bbox", "--unit", "px", "--out", tmp_path / "s2c_b", *common)
     assert code == 1 and "give their segmentation" in err
+
+
+# ----------------------------------------------------------------------------- the h5ad written in blocks
+
+def test_blocked_rows_put_every_row_in_its_place_once(tmp_path):
+    from deepspot.io.cells_h5ad import BlockedRows
+
+    rng = np.random.default_rng(0)
+    n, g = 103, 5
+    X = rng.normal(size=(n, g)).astype(np.float32)
+    skeleton = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]),
+                          var=pd.DataFrame(index=[f"g{j}" for j in range(g)]))
+    perm = rng.permutation(n)
+    rows = BlockedRows(n, g, tmp_path, slab_bytes=4 * g * 10)  # 11 slabs
+    for a in range(0, n, 17):
+        rows.write(perm[a:a + 17], X[perm[a:a + 17]])
+    rows.finish(tmp_path / "x.h5ad", skeleton)
+    back = ad.read_h5ad(tmp_path / "x.h5ad")
+    assert np.array_equal(back.X, X) and back.obs_names[5] == "c5"
+    np.testing.assert_allclose(rows.variance, X.var(axis=0), rtol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5ad"]  # the spill files are gone
+    for bad in (perm[:-1], np.r_[perm, perm[:1]]):  # a row never written; a row written twice
+        rows = BlockedRows(n, g, tmp_path, slab_bytes=4 * g * 10)
+        rows.write(bad, X[bad])
+        with pytest.raises(RuntimeError, match=r"row \d+ was written [02] times"):
+            rows.finish(tmp_path / "y.h5ad", skeleton)
+        rows.close()
+    with pytest.raises(ValueError, match="outside"):
+        BlockedRows(n, g, tmp_path).write(np.array([n]), X[:1])

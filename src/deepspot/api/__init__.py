@@ -315,11 +315,14 @@ class Model:
     def predict_cells(self, cells, image, x_col: str = "x", y_col: str = "y", id_col: str | None = None,
                       mpp: float | None = None, drop_outside: bool = False, batch_size: int = 16,
                       num_workers: int = 0, cache_dir=None, progress: bool = True,
-                      library_id: str | None = None) -> ad.AnnData:
+                      library_id: str | None = None, out: str | Path | None = None,
+                      target: str | Path | None = None) -> ad.AnnData:
         """Predict every cell (DeepCell / DeepSpot2Cell): ``cells`` is a centroid table (CSV/TSV/parquet/
         h5ad path; columns ``x_col``, ``y_col`` level-0 px), a segmentation (GeoJSON of polygons, Xenium
         cell_boundaries in µm: needs ``mpp``), an AnnData with obsm['spatial'] (and obsm['cell_bbox'] for a model
-        trained on bounding-box crops), or an (N, 2) array. Returns AnnData (cells × genes)."""
+        trained on bounding-box crops), or an (N, 2) array. Returns AnnData (cells × genes); with ``out``, the
+        h5ad is written there block by block and the AnnData returned has no X
+        (:func:`deepspot.inference.predict_cells.predict_cells`)."""
         from deepspot.inference.predict_cells import check_cell_boxes, predict_cells
         from deepspot.io.segmentation import CELL_BOX_KEY, read_segmentation
 
@@ -344,7 +347,7 @@ class Model:
         return predict_cells(image, xy, self.network, self.config, self.encoder, cell_ids=ids, mpp=mpp,
                              batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir, device=self.device,
                              progress=progress, drop_outside=drop_outside, library_id=library_id, boxes=boxes,
-                             source=source)
+                             source=source, out=out, target=target)
 
 
 def load_model(path: str | Path, device: str = "cpu", encoder_weights=None) -> Model:

@@ -30,6 +30,7 @@ import torch
 from deepspot.config import CELL_MODELS, CellGeometry, CheckpointError, GridSpec, ModelConfig, invert_scaler, resolve_mpp
 from deepspot.features.extract import ExtractStats, extract_to_store, store_path_for
 from deepspot.features.tiles import cell_crops
+from deepspot.io.cells_h5ad import BlockedRows
 from deepspot.io.outputs import add_spatial_image
 from deepspot.io.slides import open_slide
 from deepspot.io.spatial import SpatialDataError, inside_image
@@ -196,7 +197,8 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
                   progress: bool = True, library_id: str | None = None, thumbnail_size: int = 2000,
                   drop_outside: bool = False, predict_batch: int = 512,
                   stats: ExtractStats | None = None, block_size: int = 16384, boxes: np.ndarray | None = None,
-                  source: str | None = None) -> ad.AnnData:
+                  source: str | None = None, out: str | Path | None = None,
+                  target: str | Path | None = None) -> ad.AnnData:
     """Predict every cell of a centroid table (N,2 level-0 px) on a slide with a DeepCell or
     DeepSpot2Cell checkpoint.
 
@@ -207,6 +209,11 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
 
     ``boxes`` (N,4: x0, y0, x1, y1 level-0 px): the cells' polygon bounding boxes, needed when the checkpoint's
     cell crop is 'bbox' (the crop it was trained with); ``source`` names the cell file in errors.
+
+    ``out``: write the h5ad there block by block (:class:`deepspot.io.cells_h5ad.BlockedRows`; the path is
+    written as it is: pass a temp path to make it atomic, ``target`` the final name for messages), never holding
+    every prediction; the AnnData returned then has no X, and its ``var`` holds each gene's ``mean`` and
+    ``variance`` over the cells (not written to the file, which reads back as the in-memory result).
     """
     config = ModelConfig.coerce(config)
     check_cell_model(config, "checkpoint")
@@ -233,8 +240,15 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
     extract = dict(batch_size=batch_size, num_workers=num_workers, device=device, autocast_dtype=autocast_dtype,
                    progress=progress, stats=stats)
     predictor = cell_predictor(model)
-    X = np.zeros((len(xy), len(config.genes)), np.float32)
+    genes = list(config.genes)
     with contextlib.ExitStack() as stack:
+        if out is not None:
+            sink = BlockedRows(len(xy), len(genes), Path(out).parent)
+            stack.callback(sink.close)
+            write = sink.write
+        else:
+            X = np.zeros((len(xy), len(genes)), np.float32)
+            write = X.__setitem__
         store_dir = cache_dir if cache_dir is not None else stack.enter_context(
             tempfile.TemporaryDirectory(prefix="deepspot-cells-"))
         # encoded (and stored) in the Z order the blocks follow: a block's rows then lie in a few chunks of the
@@ -256,11 +270,20 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
             make = lambda rows: cell_block_bags(store, tree, len(xy), xy, rows, geom, mpp_used)  # noqa: E731
         for a in range(0, len(xy), block_size):
             rows = order[a:a + block_size]
-            X[rows] = predict_batches(predictor, make(rows), batch_size=predict_batch, device=device)
-    X = invert_scaler(X, config.scaler)
-    genes = list(config.genes)
-    adata = ad.AnnData(X=X.astype(np.float32), obs=pd.DataFrame(index=ids), var=pd.DataFrame(index=genes))
-    adata.obsm["spatial"] = xy
+            pred = predict_batches(predictor, make(rows), batch_size=predict_batch, device=device)
+            write(rows, invert_scaler(pred, config.scaler).astype(np.float32))
+        adata = ad.AnnData(X=None if out is not None else X, obs=pd.DataFrame(index=ids),
+                           var=pd.DataFrame(index=genes))
+        adata.obsm["spatial"] = xy
+        _describe(adata, slide_path, library_id, thumb, w, tile, config, geom, context_note, mpp_used, keep)
+        if out is not None:
+            sink.finish(out, adata, target)
+            adata.var["mean"], adata.var["variance"] = sink.mean, sink.variance
+    return adata
+
+
+def _describe(adata, slide_path, library_id, thumb, w, tile, config, geom, context_note, mpp_used, keep) -> None:
+    """uns of a cells AnnData: the thumbnail with its scale factors, and the provenance of the predictions."""
     lib = library_id or Path(slide_path).stem
     add_spatial_image(adata, lib, thumb, thumb.shape[1] / w, tile, source_image_path=str(slide_path))
     adata.uns["deepspot"] = {
@@ -269,4 +292,3 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
         "n_dropped_outside": int((~keep).sum()),
         "values": "predicted log1p(counts per 10k) per cell",
     }
-    return adata
