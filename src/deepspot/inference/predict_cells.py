@@ -271,7 +271,7 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
         for a in range(0, len(xy), block_size):
             rows = order[a:a + block_size]
             pred = predict_batches(predictor, make(rows), batch_size=predict_batch, device=device)
-            write(rows, invert_scaler(pred, config.scaler).astype(np.float32))
+            write(rows, invert_scaler(pred, config.scaler).astype(np.float32, copy=False))
         adata = ad.AnnData(X=None if out is not None else X, obs=pd.DataFrame(index=ids),
                            var=pd.DataFrame(index=genes))
         adata.obsm["spatial"] = xy

@@ -4,7 +4,7 @@
 h5ad keeps the table's order. Writing each block's rows straight into their places of an HDF5 dataset would
 rewrite every compressed chunk for every block (a block's rows are spread over the whole table). Instead the
 rows are spilled, as they come, into one pair of files per *slab* (a run of ``rows_per_slab`` consecutive
-rows of the output, ~64 MB of float32); at the end each slab is read back, put in order (every row checked
+rows of the output, 16 MB of float32); at the end each slab is read back, put in order (every row checked
 to be written exactly once) and written to ``X`` whole. Memory: one block and one slab, whatever the number of
 cells; disk: the spill files, about the size of X, removed afterwards.
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from deepspot.io.outputs import h5_writing
 
-SLAB_BYTES = 64 << 20  # float32 values of one slab of output rows (its size in memory at the end)
+SLAB_BYTES = 16 << 20  # float32 values of one slab of output rows (twice this in memory at the end)
 
 
 class BlockedRows:
@@ -49,18 +49,21 @@ class BlockedRows:
                              f"({len(rows)}, {self.g})")
         if len(rows) and (rows.min() < 0 or rows.max() >= self.n):
             raise ValueError(f"rows outside 0..{self.n - 1}")
-        self.sum += values.sum(axis=0, dtype=np.float64)
-        self.sumsq += np.square(values, dtype=np.float64).sum(axis=0)
+        for a in range(0, len(rows), 2048):  # float64 sums, a few rows at a time (no float64 copy of the block)
+            part = values[a:a + 2048].astype(np.float64)
+            self.sum += part.sum(axis=0)
+            self.sumsq += np.einsum("ij,ij->j", part, part)
         self.count += len(rows)
         slab = rows // self.rows_per_slab
         order = np.argsort(slab, kind="stable")
-        slab, rows, values = slab[order], rows[order], values[order]
+        slab = slab[order]
         cuts = np.flatnonzero(np.diff(slab)) + 1
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(slab)]):
             rpath, vpath = self._files(int(slab[a]))
+            pick = order[a:b]
             with open(rpath, "ab") as fr, open(vpath, "ab") as fv:
-                fr.write(rows[a:b].tobytes())
-                fv.write(values[a:b].tobytes())
+                fr.write(rows[pick].tobytes())
+                fv.write(values[pick].tobytes())
 
     @property
     def mean(self) -> np.ndarray:
