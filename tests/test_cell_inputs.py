@@ -250,3 +250,9 @@ def test_blocked_rows_put_every_row_in_its_place_once(tmp_path):
         rows.close()
     with pytest.raises(ValueError, match="outside"):
         BlockedRows(n, g, tmp_path).write(np.array([n]), X[:1])
+
+
+def test_cell_crop_is_refused_for_a_spot_model(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--image", tmp_path / "he.png", "--adata", tmp_path / "a.h5ad",
+                           "--out", tmp_path / "m", "--cell-crop", "bbox")
+    assert code == 1 and "--cell-crop" in err and "cell models" in err

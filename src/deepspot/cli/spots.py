@@ -147,6 +147,8 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
     check_gene_list(_split(genes), "--genes")
     check_gene_list(_split(add_genes), "--add-genes")
     grid_given = spot_diameter is not None or spacing is not None or unit != "um"
+    if model == "deepspot" and (cell_crop != "tile" or segmentation is not None):
+        raise ValueError("--cell-crop and --segmentation are options of the cell models (deepcell, deepspot2cell)")
     if manifest is not None:  # a bad CSV is reported before torch is imported (tens of seconds)
         from deepspot.training.manifest import read_manifest
 
