@@ -234,7 +234,8 @@ def test_blocked_rows_put_every_row_in_its_place_once(tmp_path):
     skeleton = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]),
                           var=pd.DataFrame(index=[f"g{j}" for j in range(g)]))
     perm = rng.permutation(n)
-    rows = BlockedRows(n, g, tmp_path, slab_bytes=4 * g * 10)  # 11 slabs
+    rows = BlockedRows(n, g, tmp_path, slab_bytes=4 * g * 10, chunk_bytes=4 * g * 5)  # 11 slabs of 2 chunks
+    assert (rows.rows_per_slab, rows.chunk_rows) == (10, 5)
     for a in range(0, n, 17):
         rows.write(perm[a:a + 17], X[perm[a:a + 17]])
     rows.finish(tmp_path / "x.h5ad", skeleton)
@@ -243,7 +244,7 @@ def test_blocked_rows_put_every_row_in_its_place_once(tmp_path):
     np.testing.assert_allclose(rows.variance, X.var(axis=0), rtol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5ad"]  # the spill files are gone
     for bad in (perm[:-1], np.r_[perm, perm[:1]]):  # a row never written; a row written twice
-        rows = BlockedRows(n, g, tmp_path, slab_bytes=4 * g * 10)
+        rows = BlockedRows(n, g, tmp_path, slab_bytes=4 * g * 10, chunk_bytes=4 * g * 5)
         rows.write(bad, X[bad])
         with pytest.raises(RuntimeError, match=r"row \d+ was written [02] times"):
             rows.finish(tmp_path / "y.h5ad", skeleton)

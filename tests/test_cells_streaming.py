@@ -75,8 +75,10 @@ def test_blocks_give_the_whole_table_predictions(slide, tmp_path, kind, monkeypa
     np.testing.assert_allclose(blocks.X, whole.X, rtol=1e-5, atol=1e-6)
     assert whole.X.std(axis=0).min() > 0  # cells differ: a wrong row order would show
     assert any(p.name.endswith(".zarr") for p in (tmp_path / "store").iterdir())  # features went to the store
-    # written block by block into the h5ad (slabs of 20 output rows: several, each filled from many blocks)
+    # written block by block into the h5ad (slabs of 20 output rows, chunks of 10: several slabs, each filled from
+    # many blocks)
     monkeypatch.setattr("deepspot.io.cells_h5ad.SLAB_BYTES", 20 * 4 * 4)
+    monkeypatch.setattr("deepspot.io.cells_h5ad.CHUNK_BYTES", 10 * 4 * 4)
     out = tmp_path / "cells.h5ad"
     skeleton = predict_cells(path, xy, model, cfg, enc, progress=False, block_size=7, cache_dir=tmp_path / "store",
                              out=out)

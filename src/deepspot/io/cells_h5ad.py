@@ -23,6 +23,7 @@ import numpy as np
 from deepspot.io.outputs import h5_writing
 
 SLAB_BYTES = 16 << 20  # float32 values of one slab of output rows (twice this in memory at the end)
+CHUNK_BYTES = 1 << 20  # one HDF5 chunk of X (compressed one by one; a reader of a few rows reads one chunk)
 
 
 class BlockedRows:
@@ -30,9 +31,13 @@ class BlockedRows:
     to an h5ad by :meth:`finish`. ``mean`` / ``variance`` per column over all rows come free (for picking
     the genes of a figure without reading X back)."""
 
-    def __init__(self, n: int, n_cols: int, spill_dir: str | Path, slab_bytes: int | None = None):
+    def __init__(self, n: int, n_cols: int, spill_dir: str | Path, slab_bytes: int | None = None,
+                 chunk_bytes: int | None = None):
         self.n, self.g = int(n), int(n_cols)
-        self.rows_per_slab = max(1, int(slab_bytes or SLAB_BYTES) // max(1, 4 * self.g))
+        row = 4 * max(1, self.g)
+        # X's chunks: about CHUNK_BYTES each; a slab is a whole number of them, so each chunk is written once
+        self.chunk_rows = max(1, min(self.n, int(chunk_bytes or CHUNK_BYTES) // row))
+        self.rows_per_slab = max(1, int(slab_bytes or SLAB_BYTES) // row // self.chunk_rows) * self.chunk_rows
         self.dir = Path(tempfile.mkdtemp(prefix=".cells-blocks-", dir=spill_dir))
         self.sum = np.zeros(self.g, np.float64)
         self.sumsq = np.zeros(self.g, np.float64)
@@ -73,8 +78,7 @@ class BlockedRows:
     def variance(self) -> np.ndarray:
         return np.maximum(self.sumsq / max(self.count, 1) - self.mean ** 2, 0.0)
 
-    def finish(self, path: str | Path, skeleton: ad.AnnData, target: str | Path | None = None,
-               chunk_bytes: int = 1 << 20) -> Path:
+    def finish(self, path: str | Path, skeleton: ad.AnnData, target: str | Path | None = None) -> Path:
         """Write ``skeleton`` (an AnnData without X, shape (N, G)) to ``path`` with X = the rows received.
         ``path`` is written as it is: callers that need it atomic pass a temp path (``target``: the final
         name, for the messages)."""
@@ -89,7 +93,7 @@ class BlockedRows:
             skeleton.write_h5ad(path, compression="gzip")
             with h5py.File(path, "a") as f:
                 x = f.create_dataset("X", shape=(self.n, self.g), dtype="float32", compression="gzip",
-                                     chunks=(max(1, min(self.n, chunk_bytes // max(1, 4 * self.g))), max(self.g, 1)))
+                                     chunks=(self.chunk_rows, max(self.g, 1)))
                 x.attrs["encoding-type"], x.attrs["encoding-version"] = "array", "0.2.0"
                 for a in range(0, self.n, self.rows_per_slab):
                     b = min(a + self.rows_per_slab, self.n)
@@ -112,4 +116,4 @@ class BlockedRows:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-__all__ = ["BlockedRows", "SLAB_BYTES"]
+__all__ = ["BlockedRows", "CHUNK_BYTES", "SLAB_BYTES"]
