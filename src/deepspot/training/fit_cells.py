@@ -115,7 +115,7 @@ def encode_cells(image, xy: np.ndarray, geometry: CellGeometry, encoder, mpp: fl
                             batch_size=batch_size, num_workers=num_workers, progress=progress, what="cells").spot
 
 
-def cell_boxes(cells: ad.AnnData, geometry: CellGeometry, source: str = "cells") -> np.ndarray | None:
+def boxes_for_crop(cells: ad.AnnData, geometry: CellGeometry, source: str = "cells") -> np.ndarray | None:
     """The polygon bounding boxes (N,4) a 'bbox' cell crop needs (``obsm['cell_bbox']``, e.g. from
     :func:`deepspot.io.segmentation.attach_cell_boxes`); None for 'tile' crops. Refused before any encoding."""
     if geometry.crop != "bbox":
@@ -156,7 +156,7 @@ def train_cell_model(image, cells: ad.AnnData, encoder, geometry: CellGeometry =
     w, h, mpp_used = _slide_size(image, mpp)
     xy = np.asarray(cells.obsm["spatial"], dtype=np.float64)
     inside_image(xy, w, h, f"{image}: cells")
-    boxes = cell_boxes(cells, geometry, f"{image}: cells")
+    boxes = boxes_for_crop(cells, geometry, f"{image}: cells")
     feats = (_check_features(features, len(xy), encoder) if features is not None else
              encode_cells(image, xy, geometry, encoder, mpp_used, cache_dir, batch_size_encoder, num_workers, progress,
                           boxes=boxes))
@@ -372,7 +372,7 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
 def train_spot2cell_from_cells(image, cells: ad.AnnData, encoder, grid: GridSpec, **kwargs) -> CellTrainResult:
     """DeepSpot2Cell on pseudo-spots pooled from cells with known counts; the cells' counts are held
     back as the truth for scoring."""
-    boxes = cell_boxes(cells, kwargs.get("geometry", CellGeometry()), f"{image}: cells")
+    boxes = boxes_for_crop(cells, kwargs.get("geometry", CellGeometry()), f"{image}: cells")
     spots, cell_to_spot = pseudo_spots(image, cells, grid, mpp=kwargs.get("mpp"))
     return train_spot2cell_model(image, spots, cells.obsm["spatial"], cell_to_spot, encoder, cell_counts=cells,
                                  spot_grid=grid, cell_boxes=boxes, **kwargs)
