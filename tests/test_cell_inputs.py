@@ -2,12 +2,24 @@
 features, recorded in the checkpoint), and predictions written to the h5ad block by block."""
 from __future__ import annotations
 
-import numpy as np
-import torch
+import json
 
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from deepspot.config import CellGeometry, EncoderRef, ModelConfig
+from deepspot.features.extract import extract_features
+from deepspot.features.tiles import cell_crops
+from deepspot.io.segmentation import CELL_BOX_KEY, attach_cell_boxes, read_segmentation
+from deepspot.io.spatial import SpatialDataError
 from deepspot.models.deepcell import CellBags
 from deepspot.models.spot2cell import SpotContextBags, pack_members
 from deepspot.training.fit_cells import SpotCellBags
+from fixtures_cli import run_cli
 
 
 def test_one_packing_of_cells_into_spots():
@@ -27,22 +39,6 @@ def test_one_packing_of_cells_into_spots():
 
 
 # ----------------------------------------------------------------------------- polygon bounding-box crops
-
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import anndata as ad  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from deepspot.config import CellGeometry, EncoderRef, ModelConfig  # noqa: E402
-from deepspot.features.extract import extract_features  # noqa: E402
-from deepspot.features.tiles import cell_crops  # noqa: E402
-from deepspot.io.segmentation import CELL_BOX_KEY, attach_cell_boxes, read_segmentation  # noqa: E402
-from deepspot.io.spatial import SpatialDataError  # noqa: E402
-from fixtures_cli import run_cli  # noqa: E402
-
 
 class Recorder:
     """An encoder that keeps the crops it is given (uint8 (B, S, S, 3)); its features are their channel means."""
