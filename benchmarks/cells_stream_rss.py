@@ -14,7 +14,12 @@ them there, so they measure the prediction path: on 2 shared CPU cores, encoding
 about an hour. Encoding into the store was already streamed (extract_to_store: one chunk in memory);
 ``--encode`` runs the whole path, encoder included.
 
-    python benchmarks/cells_stream_rss.py [--cells 10000,100000,1000000] [--dim 256] [--whole-max 100000] [--encode]
+Every prediction child also writes the cells h5ad, as predict-cells does: block by block into the file (now)
+or, for comparison, the whole AnnData in memory then ``write_h5ad`` (before). ``--genes``: the model's genes
+(the output is cells x genes).
+
+    python benchmarks/cells_stream_rss.py [--cells 10000,100000,1000000] [--dim 256] [--genes 10]
+                                          [--whole-max 100000] [--encode]
 """
 from __future__ import annotations
 
@@ -65,7 +70,8 @@ def prefill(store_dir: Path, slide: Path, enc, tile: float, xy: np.ndarray, dim:
     w.close()
 
 
-def child(n: int, block: int, dim: int, work: Path, encode: bool = False) -> dict:
+def child(n: int, block: int, dim: int, work: Path, encode: bool = False, genes: int = 10,
+          stream: bool = False) -> dict:
     import torch
 
     from deepspot.config import CellGeometry, EncoderRef, ModelConfig
@@ -78,8 +84,8 @@ def child(n: int, block: int, dim: int, work: Path, encode: bool = False) -> dic
     xy = rng.uniform(10, 1990, size=(n, 2))
     torch.manual_seed(0)
     geom = CellGeometry(16.0, neighbors="knn", k=8)
-    model = DeepCell(dim, 10, hidden=16, n_ensemble=2, context="cell_neighbors").eval()
-    cfg = ModelConfig("deepcell", model.config(), EncoderRef(enc.name, dim), [f"g{i}" for i in range(10)], geom)
+    model = DeepCell(dim, genes, hidden=16, n_ensemble=2, context="cell_neighbors").eval()
+    cfg = ModelConfig("deepcell", model.config(), EncoderRef(enc.name, dim), [f"g{i}" for i in range(genes)], geom)
     if block == 0:  # the prefill alone, in a process of its own (the store's writer has its own footprint)
         prefill(work / f"store-{n}", work / "slide.png", enc, geom.tile_px(None), xy, dim)
         return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -87,9 +93,18 @@ def child(n: int, block: int, dim: int, work: Path, encode: bool = False) -> dic
         if not encode:
             store = work / f"store-{n}"
         t0 = time.perf_counter()
+        h5 = work / f"cells-{n}.h5ad"
+        # the h5ad is written either way, as predict-cells writes it: streamed block by block (now), or the
+        # whole AnnData in memory then write_h5ad (before)
         out = predict_cells(work / "slide.png", xy, model, cfg, enc, progress=False, cache_dir=store,
-                            block_size=block, batch_size=512, predict_batch=4096)
-    return {"cells": n, "block": block, "seconds": time.perf_counter() - t0, "genes": out.n_vars,
+                            block_size=block, batch_size=512, predict_batch=4096, out=h5 if stream else None)
+        if not stream:
+            from deepspot.io.outputs import write_h5ad
+
+            write_h5ad(out, h5)
+        seconds = time.perf_counter() - t0
+        h5.unlink()
+    return {"cells": n, "block": block, "seconds": seconds, "genes": out.n_vars,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -100,11 +115,13 @@ def main(argv=None):
     ap.add_argument("--block", type=int, default=16384)
     ap.add_argument("--whole-max", type=int, default=100000, help="largest N also run as one whole block")
     ap.add_argument("--encode", action="store_true", help="encode the crops too (slow) instead of prefilling the store")
+    ap.add_argument("--genes", type=int, default=10, help="genes the model predicts (the output is cells x genes)")
+    ap.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=3, type=int, metavar=("N", "BLOCK", "DIM"), help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(*args.child, Path(args.work), args.encode)))
+        print(json.dumps(child(*args.child, Path(args.work), args.encode, args.genes, args.stream)))
         return
     from PIL import Image
 
@@ -112,18 +129,21 @@ def main(argv=None):
         work = Path(work)
         Image.fromarray(np.random.default_rng(0).integers(0, 255, size=(2000, 2000, 3), dtype=np.uint8)).save(
             work / "slide.png")
-        print("cells | mode | peak RSS (MB) | seconds (prediction%s)" % (" with encoding" if args.encode else ""),
-              flush=True)
+        print("cells | mode | peak RSS (MB) | seconds (prediction%s + writing the h5ad; %d genes)"
+              % (" with encoding" if args.encode else "", args.genes), flush=True)
         for n in [int(v) for v in args.cells.split(",")]:
             if not args.encode:
                 r = subprocess.run([sys.executable, __file__, "--child", str(n), "0", str(args.dim), "--work",
                                     str(work)], capture_output=True, text=True)
                 res = json.loads(r.stdout.strip().splitlines()[-1])
                 print(f"{n:,} | (writing the store, its own process) | {res['peak_rss_mb']:.0f} | -", flush=True)
-            modes = [("blocks of %d" % args.block, args.block)] + ([("whole table", n)] if n <= args.whole_max else [])
-            for label, block in modes:
+            modes = [("blocks of %d, h5ad written block by block" % args.block, args.block, True),
+                     ("blocks of %d, AnnData in memory then written" % args.block, args.block, False)]
+            modes += [("whole table, AnnData in memory then written", n, False)] if n <= args.whole_max else []
+            for label, block, stream in modes:
                 r = subprocess.run([sys.executable, __file__, "--child", str(n), str(block), str(args.dim),
-                                    "--work", str(work)] + (["--encode"] if args.encode else []),
+                                    "--work", str(work), "--genes", str(args.genes)]
+                                   + (["--encode"] if args.encode else []) + (["--stream"] if stream else []),
                                    capture_output=True, text=True)
                 if r.returncode:
                     print(f"{n} | {label} | failed: {r.stderr.strip().splitlines()[-1:]}", flush=True)

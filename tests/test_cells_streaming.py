@@ -2,6 +2,7 @@
 (features read back from the feature store) gives the numbers of predicting every cell at once."""
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -52,7 +53,7 @@ def config_for(kind, model, geom, **extra):
 
 
 @pytest.mark.parametrize("kind", ["deepcell", "deepspot2cell-pooled", "deepspot2cell"])
-def test_blocks_give_the_whole_table_predictions(slide, tmp_path, kind):
+def test_blocks_give_the_whole_table_predictions(slide, tmp_path, kind, monkeypatch):
     from deepspot.features.encoders import load_encoder
 
     path, xy = slide
@@ -74,6 +75,22 @@ def test_blocks_give_the_whole_table_predictions(slide, tmp_path, kind):
     np.testing.assert_allclose(blocks.X, whole.X, rtol=1e-5, atol=1e-6)
     assert whole.X.std(axis=0).min() > 0  # cells differ: a wrong row order would show
     assert any(p.name.endswith(".zarr") for p in (tmp_path / "store").iterdir())  # features went to the store
+    # written block by block into the h5ad (slabs of 20 output rows, chunks of 10: several slabs, each filled from
+    # many blocks)
+    monkeypatch.setattr("deepspot.io.cells_h5ad.SLAB_BYTES", 20 * 4 * 4)
+    monkeypatch.setattr("deepspot.io.cells_h5ad.CHUNK_BYTES", 10 * 4 * 4)
+    out = tmp_path / "cells.h5ad"
+    skeleton = predict_cells(path, xy, model, cfg, enc, progress=False, block_size=7, cache_dir=tmp_path / "store",
+                             out=out)
+    assert skeleton.X is None and sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "store"]
+    back = ad.read_h5ad(out)
+    assert back.X.dtype == np.float32 and np.array_equal(back.X, blocks.X)  # the in-memory result, exactly
+    assert list(back.obs_names) == list(blocks.obs_names) and list(back.var_names) == list(blocks.var_names)
+    np.testing.assert_array_equal(back.obsm["spatial"], blocks.obsm["spatial"])
+    assert back.uns["deepspot"] == blocks.uns["deepspot"]
+    lib = next(iter(blocks.uns["spatial"]))
+    np.testing.assert_array_equal(back.uns["spatial"][lib]["images"]["hires"], blocks.uns["spatial"][lib]["images"]["hires"])
+    np.testing.assert_allclose(skeleton.var["variance"], blocks.X.var(axis=0), rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="block_size"):
         predict_cells(path, xy, model, cfg, enc, progress=False, block_size=0)
 

@@ -315,20 +315,29 @@ class Model:
     def predict_cells(self, cells, image, x_col: str = "x", y_col: str = "y", id_col: str | None = None,
                       mpp: float | None = None, drop_outside: bool = False, batch_size: int = 16,
                       num_workers: int = 0, cache_dir=None, progress: bool = True,
-                      library_id: str | None = None) -> ad.AnnData:
+                      library_id: str | None = None, out: str | Path | None = None,
+                      target: str | Path | None = None) -> ad.AnnData:
         """Predict every cell (DeepCell / DeepSpot2Cell): ``cells`` is a centroid table (CSV/TSV/parquet/
-        h5ad path; columns ``x_col``, ``y_col`` level-0 px), an AnnData with obsm['spatial'], or an (N, 2)
-        array. Returns AnnData (cells × genes)."""
-        from deepspot.inference.predict_cells import predict_cells
-        from deepspot.io.spatial import read_cell_table
+        h5ad path; columns ``x_col``, ``y_col`` level-0 px), a segmentation (GeoJSON of polygons, Xenium
+        cell_boundaries in µm: needs ``mpp``), an AnnData with obsm['spatial'] (and obsm['cell_bbox'] for a model
+        trained on bounding-box crops), or an (N, 2) array. Returns AnnData (cells × genes); with ``out``, the
+        h5ad is written there block by block and the AnnData returned has no X
+        (:func:`deepspot.inference.predict_cells.predict_cells`)."""
+        from deepspot.inference.predict_cells import check_cell_boxes, predict_cells
+        from deepspot.io.segmentation import CELL_BOX_KEY, read_segmentation
 
         self._require(cells=True)
+        boxes, source = None, "cells"
         if isinstance(cells, ad.AnnData):
             ids, xy = cells.obs_names, np.asarray(cells.obsm["spatial"], dtype=np.float64)
+            boxes = cells.obsm.get(CELL_BOX_KEY)
         elif isinstance(cells, (str, Path)):
-            ids, xy = read_cell_table(cells, x_col=x_col, y_col=y_col, id_col=id_col)
+            source = str(cells)
+            seg = read_segmentation(cells, um_per_px=mpp, x_col=x_col, y_col=y_col, id_col=id_col)
+            ids, xy, boxes = seg.ids, seg.xy, seg.boxes
         else:
             ids, xy = None, np.asarray(cells, dtype=np.float64)
+        check_cell_boxes(self.config, boxes, source)
         if not Path(image).exists():
             raise FileNotFoundError(f"{image}: file not found")
         from deepspot.inference import preflight
@@ -337,7 +346,8 @@ class Model:
         self._check_encoder()
         return predict_cells(image, xy, self.network, self.config, self.encoder, cell_ids=ids, mpp=mpp,
                              batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir, device=self.device,
-                             progress=progress, drop_outside=drop_outside, library_id=library_id)
+                             progress=progress, drop_outside=drop_outside, library_id=library_id, boxes=boxes,
+                             source=source, out=out, target=target)
 
 
 def load_model(path: str | Path, device: str = "cpu", encoder_weights=None) -> Model:

@@ -20,8 +20,9 @@ def _split(s: Optional[str]) -> Optional[list[str]]:
 @app.command("predict-cells")
 def predict_cells_cmd(
         cells: Path = typer.Argument(..., help="Cell centroids: CSV/TSV/parquet with x, y columns in level-0 pixels "
-                                     "of the image (x horizontal), e.g. from a segmentation tool; an h5ad; or a GeoJSON of "
-                                     "cell polygons (HEST/CellViT; their centroids)."),
+                                     "of the image (x horizontal), e.g. from a segmentation tool; an h5ad; or cell "
+                                     "polygons: a GeoJSON (HEST/CellViT, px) or a Xenium cell_boundaries file (µm: "
+                                     "--mpp). A model trained on bounding-box crops (--cell-crop bbox) needs polygons."),
         image: Path = typer.Option(..., help="H&E image/slide the cells lie on."),
         model: Path = typer.Option(..., help="DeepCell or DeepSpot2Cell checkpoint folder."),
         out: Path = typer.Option(Path("deepspot_cells"), help="Output folder."),
@@ -46,20 +47,28 @@ def predict_cells_cmd(
     owner = OutputFolder(out, "predict-cells", legacy=lambda n: n.endswith(("_cells.h5ad", "_cells_genes.png")))
     owner.check()
     names = [safe_name(f"{image.stem}_cells.h5ad", "image name"), safe_name(f"{image.stem}_cells_genes.png")]
+    import h5py
+    import numpy as np
+
     import deepspot as ds
-    from deepspot.io.outputs import write_h5ad
+    from deepspot.plotting import spatial_columns
 
     gene_list = _split(genes)
     m = ds.load_model(model, device=device, encoder_weights=encoder_weights)
     m.config.check_genes(gene_list, str(model))
-    adata = m.predict_cells(cells, image, x_col=x_col, y_col=y_col, id_col=id_col, mpp=mpp, drop_outside=drop_outside,
-                            batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir, progress=progress)
     owner.open()
     try:
-        h5 = write_h5ad(adata, out / names[0])
-        owner.record(names[0])
-        ds.pl.spatial(adata, genes=gene_list, path=out / names[1],
-                      title=f"{m.config.model} predictions per cell on {image.name}", alpha=0.7, crop=True)
+        h5 = out / names[0]
+        # predictions go to the h5ad block by block (never all in memory), into a temp file renamed when whole
+        with owner.atomic(names[0]) as tmp:
+            adata = m.predict_cells(cells, image, x_col=x_col, y_col=y_col, id_col=id_col, mpp=mpp,
+                                    drop_outside=drop_outside, batch_size=batch_size, num_workers=num_workers,
+                                    cache_dir=cache_dir, progress=progress, out=tmp, target=h5)
+        var = adata.var["variance"].to_numpy()
+        shown = gene_list or [str(adata.var_names[i]) for i in np.argsort(-var, kind="stable")[:4]]
+        with h5py.File(h5, "r") as f:  # only the columns shown are read back
+            spatial_columns(adata, f["X"], shown, out / names[1],
+                            title=f"{m.config.model} predictions per cell on {image.name}")
     except BaseException:
         owner.abort()
         raise

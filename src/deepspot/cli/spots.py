@@ -113,6 +113,12 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
           neighbors: str = typer.Option("knn", help="Cell models: neighbour rule knn | radius | none."),
           k: int = typer.Option(45, help="Cell models: number of nearest cells (knn)."),
           radius: float = typer.Option(50.0, help="Cell models: neighbour radius (radius rule), in --cell-unit."),
+          cell_crop: str = typer.Option("tile", help="Cell models: tile (--cell-diameter square at the centroid) or "
+                                        "bbox (each cell polygon's bounding box, squared, at least 8 --cell-unit; "
+                                        "polygons from --segmentation or the Xenium folder's cell_boundaries)."),
+          segmentation: Optional[Path] = typer.Option(None, help="--cell-crop bbox: cell polygons, a GeoJSON (ids as "
+                                                      "the cells') or a Xenium cell_boundaries file (default: the "
+                                                      "--adata Xenium folder's)."),
           aggregate: str = typer.Option("sum", help="deepspot2cell-pooled: cells to spot by sum (count space) or mean (log)."),
           preset: str = typer.Option("deepspot", help="Spot training preset: deepspot (ours) or original (the "
                                      "original's: batch 1024, 10-15 epochs, early stop on training loss, Leiden "
@@ -141,6 +147,8 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
     check_gene_list(_split(genes), "--genes")
     check_gene_list(_split(add_genes), "--add-genes")
     grid_given = spot_diameter is not None or spacing is not None or unit != "um"
+    if model == "deepspot" and (cell_crop != "tile" or segmentation is not None):
+        raise ValueError("--cell-crop and --segmentation are options of the cell models (deepcell, deepspot2cell)")
     if manifest is not None:  # a bad CSV is reported before torch is imported (tens of seconds)
         from deepspot.training.manifest import read_manifest
 
@@ -209,7 +217,11 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
         geometry = geometry or SpotGeometry(grid, n_sub=n_sub, feature_mode=mode)
     else:
         data = ds.read.counts(adata, image=image, x_col=x_col, y_col=y_col, mpp=mpp)
-        geometry = CellGeometry(cell_diameter, unit=cell_unit, neighbors=neighbors, k=k, radius=radius)
+        geometry = CellGeometry(cell_diameter, unit=cell_unit, neighbors=neighbors, k=k, radius=radius, crop=cell_crop)
+        if cell_crop == "bbox":
+            from deepspot.io.segmentation import attach_cell_boxes
+
+            data = attach_cell_boxes(data, segmentation or (adata if adata.is_dir() else None), str(adata))
         console.print(f"{model}: {data.n_obs} cells; {geometry.describe()}")
     trained = ds.train(data, image=image, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
                        mpp=mpp, geometry=geometry, grid=grid, cells=cells, context=context, genes=_split(genes),

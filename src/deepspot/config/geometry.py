@@ -170,6 +170,10 @@ def geometry_preset(name: str, spot_px: float | None = None, spacing_px: float |
     return SpotGeometry(grid, subspot_rule="floor", tissue="tile_mean_rgb", preset=name, **keep)
 
 
+CELL_CROPS = ("tile", "bbox")  # how a cell's crop is cut (CellGeometry.crop)
+MIN_CELL_CROP = 8.0  # the smallest side of a bbox crop, in the geometry's unit (CellGeometry.min_side)
+
+
 @dataclass(frozen=True)
 class CellGeometry:
     """How a cell's tile and context are cut; stored in every cell checkpoint.
@@ -178,6 +182,11 @@ class CellGeometry:
     converted with the slide's mpp). ``neighbors``: 'knn' (the ``k`` nearest cells; published
     k = 45), 'radius' (all cells within ``radius``, at most ``max_neighbors`` nearest) or 'none'
     (the cell's own tile only).
+
+    ``crop``: 'tile' (a square of side ``cell_diameter`` centred on the centroid) or 'bbox' (the cell
+    polygon's bounding box, squared around the box centre: side = the larger of its width and height, at
+    least ``min_side`` (in ``unit``) so that a tiny box is not blown up from a few pixels); every crop is
+    resized to the encoder's input. Checkpoints written before the field read as 'tile'.
     """
 
     cell_diameter: float = 20.0
@@ -186,8 +195,13 @@ class CellGeometry:
     k: int = 45
     radius: float = 50.0
     max_neighbors: int | None = None
+    crop: str = "tile"
+    min_side: float = MIN_CELL_CROP
 
     def __post_init__(self):
+        check_choice("cell crop", self.crop, CELL_CROPS)
+        if not self.min_side > 0:
+            raise ValueError(f"the smallest cell crop side must be positive, got {self.min_side}")
         check_choice("cell geometry unit", self.unit, UNITS)
         check_choice("neighbour rule", self.neighbors, NEIGHBOR_RULES)
         if self.cell_diameter <= 0:
@@ -208,10 +222,15 @@ class CellGeometry:
     def radius_px(self, mpp: float | None = None) -> float:
         return um_to_px(self.radius, self.unit, mpp, "cell geometry")
 
+    def min_side_px(self, mpp: float | None = None) -> float:
+        return um_to_px(self.min_side, self.unit, mpp, "cell geometry")
+
     def describe(self) -> str:
         rule = {"knn": f"{self.k} nearest cells", "none": "no neighbours",
                 "radius": f"cells within {self.radius:g} {self.unit}"}[self.neighbors]
-        return f"cell tile {self.cell_diameter:g} {self.unit}, context: {rule}"
+        crop = (f"cell tile {self.cell_diameter:g} {self.unit}" if self.crop == "tile" else
+                f"cell crop: its polygon's bounding box, squared, at least {self.min_side:g} {self.unit}")
+        return f"{crop}, context: {rule}"
 
     def to_dict(self) -> dict:
         return {"kind": "cell", **asdict(self)}
@@ -221,4 +240,5 @@ class CellGeometry:
         f = _Fields(d, source, prefix)
         return cls(f.number("cell_diameter", positive=True), f.choice("unit", UNITS),
                    f.choice("neighbors", NEIGHBOR_RULES), f.integer("k", 45, minimum=1),
-                   f.number("radius", 50.0, positive=True), f.integer("max_neighbors", None, minimum=1))
+                   f.number("radius", 50.0, positive=True), f.integer("max_neighbors", None, minimum=1),
+                   f.choice("crop", CELL_CROPS, "tile"), f.number("min_side", MIN_CELL_CROP, positive=True))

@@ -73,7 +73,8 @@ class SpotCropDataset(Dataset):
         self.slide_path, self.mpp = str(slide_path), mpp
         self.boxes = spot_boxes(centers, tile_px)
         self.out_size, self.n_sub, self.subspot_rule = out_size, n_sub, subspot_rule
-        self.read_px = read_size(tile_px, out_size, n_sub, subspot_rule)
+        # one read size per box: boxes of varying size (cells cropped by their polygon's box) each read at theirs
+        self.read_px = np.broadcast_to(read_size(tile_px, out_size, n_sub, subspot_rule), (len(self.boxes),))
         self._slide = None
 
     def __len__(self) -> int:
@@ -90,7 +91,7 @@ class SpotCropDataset(Dataset):
     def crops(self, i: int) -> torch.Tensor:
         """Spot ``i``: its box read once at ``read_px`` and cut into (C, out, out, 3) crops."""
         x0, y0, w, h = (int(v) for v in self.boxes[i])
-        region = self.slide.read_scaled((x0, y0), (w, h), self.read_px)
+        region = self.slide.read_scaled((x0, y0), (w, h), int(self.read_px[i]))
         return make_crops(region, self.out_size, self.n_sub, self.subspot_rule)
 
     def __getitem__(self, indices) -> dict:
@@ -161,14 +162,15 @@ def encode_batch(encoder, crops: torch.Tensor, n_sub: int, mode: str = "standard
     return cls.float().cpu().numpy(), pool_regions(tok.float(), n_sub).cpu().numpy()
 
 
-def encode_spots(slide_path, centers: np.ndarray, tile_px: float, encoder, sink: Callable, n_sub: int = 3,
+def encode_spots(slide_path, centers: np.ndarray, tile_px, encoder, sink: Callable, n_sub: int = 3,
                  mode: str = "standard", mpp: float | None = None, batch_size: int = 16,
                  num_workers: int | None = None, device="cpu", autocast_dtype=None, progress: bool = True,
                  stats: ExtractStats | None = None, subspot_rule: str = "split", what: str = "spots",
                  view: int = 0, stain_sigma: float = 0.0, view_seed: int = 0) -> ExtractStats:
     """Encode spots in order, calling ``sink(start, centers, spot (B,d), subspot (B,S,d)|None)`` per batch.
 
-    centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px; subspot_rule: how sub-spots are
+    centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px, or one side per crop (N,) (cells
+    cropped by their polygon's box, each resized to the encoder input); subspot_rule: how sub-spots are
     cut (:func:`~deepspot.features.tiles.subspot_bounds`); ``what`` names the items in the progress rate
     ('spots', 'cells'). Reading runs in
     ``num_workers`` DataLoader processes (None: :func:`default_num_workers`; 0: in this process).
@@ -243,11 +245,32 @@ def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, s
     store_path = Path(store_path)
     stats.store = str(store_path)
     s = n_sub * n_sub
-    attrs = {"encoder": encoder.name, "tile_px": float(tile_px), "n_sub": n_sub, "mode": check_mode(mode),
-             "slide": str(slide_path), "subspot_rule": subspot_rule}
+    varying = np.ndim(tile_px) > 0  # one side per crop (cell boxes): the store holds exactly these crops, in order
+    if varying and np.shape(tile_px) != (len(centers),):
+        raise ValueError(f"{len(np.ravel(tile_px))} crop sides for {len(centers)} centres")
+    attrs = {"encoder": encoder.name, "tile_px": "per crop" if varying else float(tile_px), "n_sub": n_sub,
+             "mode": check_mode(mode), "slide": str(slide_path), "subspot_rule": subspot_rule}
     if view or stain_sigma:
         attrs.update(view=int(view), stain_sigma=float(stain_sigma), view_seed=int(view_seed))
     old = store_centers(store_path)
+    if varying:  # crops of one centre may differ in side: reused only whole (same centres, in order), never merged
+        same = len(old) == len(centers) and (match_centers(old, centers) == np.arange(len(centers))).all()
+        if same and len(centers):
+            log.info("reusing cached features %s", store_path)
+            stats.cached = True
+            return StoredFeatures(store_path, np.arange(len(centers)))
+        writer = FeatureWriter(store_path, len(centers), encoder.dim, s, attrs)
+        try:
+            encode_spots(slide_path, centers, tile_px, encoder, lambda start, c, f, sf: writer.write(start, c, f, sf),
+                         n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, num_workers=num_workers,
+                         device=device, autocast_dtype=autocast_dtype, progress=progress, stats=stats,
+                         subspot_rule=subspot_rule, what=what, view=view, stain_sigma=stain_sigma,
+                         view_seed=view_seed)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return StoredFeatures(store_path, np.arange(len(centers)))
     rows = match_centers(old, centers)
     missing = np.flatnonzero(rows < 0)
     if len(missing) == 0 and (len(centers) or len(old)):

@@ -32,9 +32,15 @@ def slide_fingerprint(path: str | Path) -> str:
 
 def feature_key(slide_path, encoder: str, tile_px: float, n_sub: int, mode: str = "standard",
                 subspot_rule: str = "split") -> str:
-    """Key of a store: everything a crop's features depend on except its centre."""
+    """Key of a store: everything a crop's features depend on except its centre. ``tile_px``: one side, or one
+    per crop (N,) (cells cropped by their polygon's box): then the sides, in order, are part of the key."""
     h = hashlib.sha1()
-    key = [slide_fingerprint(slide_path), encoder, round(float(tile_px), 4), int(n_sub), mode, CROP_VERSION]
+    if np.ndim(tile_px):
+        sides = np.round(np.asarray(tile_px, np.float64) * 100).astype(np.int64)
+        side_key = ["sides", len(sides), hashlib.sha1(sides.tobytes()).hexdigest()]
+    else:
+        side_key = round(float(tile_px), 4)
+    key = [slide_fingerprint(slide_path), encoder, side_key, int(n_sub), mode, CROP_VERSION]
     if subspot_rule != "split":  # the default rule keeps the keys stores were written under
         key.append(subspot_rule)
     h.update(json.dumps(key).encode())

@@ -19,23 +19,48 @@ from deepspot.config import SUBSPOT_RULES, check_choice
 CROP_VERSION = 2
 
 
-def spot_boxes(centers: np.ndarray, tile_px: float) -> np.ndarray:
-    """Level-0 boxes (x0, y0, w, h), int64 (N,4), of side ``tile_px`` centred on (x, y) centres (N,2)."""
+def spot_boxes(centers: np.ndarray, tile_px) -> np.ndarray:
+    """Level-0 boxes (x0, y0, w, h), int64 (N,4), of side ``tile_px`` centred on (x, y) centres (N,2).
+    ``tile_px``: one side for every box, or one per box (N,) (cells cropped by their polygon's box)."""
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
-    side = max(1, int(round(tile_px)))
+    side = np.broadcast_to(np.maximum(1, np.round(np.asarray(tile_px, np.float64))).astype(np.int64),
+                           (len(centers),))
     x0 = np.floor(centers[:, 0] - side / 2.0 + 0.5).astype(np.int64)
     y0 = np.floor(centers[:, 1] - side / 2.0 + 0.5).astype(np.int64)
-    return np.stack([x0, y0, np.full_like(x0, side), np.full_like(x0, side)], axis=1)
+    return np.stack([x0, y0, side, side], axis=1)
 
 
-def read_size(tile_px: float, out_size: int, n_sub: int, rule: str = "split") -> int:
+def read_size(tile_px, out_size: int, n_sub: int, rule: str = "split"):
     """Pixels per side to read a spot box at: native resolution, capped at what the crops need
-    (always native under the 'floor' rule, whose sub-spot squares are whole level-0 pixels)."""
-    native = max(1, round(tile_px))
-    if rule == "floor":
-        return int(native)
-    need = out_size * max(1, n_sub)
-    return int(min(need, native))
+    (always native under the 'floor' rule, whose sub-spot squares are whole level-0 pixels). One int for one
+    side, an int64 array for an array of sides."""
+    native = np.maximum(1, np.round(np.asarray(tile_px, np.float64))).astype(np.int64)
+    out = native if rule == "floor" else np.minimum(out_size * max(1, n_sub), native)
+    return int(out) if out.ndim == 0 else out
+
+
+def cell_crops(geometry, xy: np.ndarray, boxes: np.ndarray | None = None, mpp: float | None = None,
+               source: str = "cells"):
+    """The crop plan of cells under a :class:`~deepspot.config.CellGeometry`: (centres (N,2), side).
+
+    'tile': each centroid ``xy`` with the one side ``cell_diameter`` (a float); 'bbox': each polygon's bounding
+    box ``boxes`` (N,4: x0, y0, x1, y1 level-0 px) squared around the box centre, side (N,) = max(width,
+    height, ``min_side``). A square box is then cropped exactly; crops of every size are resized to the
+    encoder's input by the same code as spot crops (:func:`make_crops`)."""
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    if geometry.crop == "tile":
+        return xy, geometry.tile_px(mpp)
+    if boxes is None:
+        raise ValueError(f"{source}: the cells are cropped by their polygon's bounding box (cell crop 'bbox'), "
+                         f"but no polygons were given")
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(b) != len(xy):
+        raise ValueError(f"{source}: {len(b)} cell boxes for {len(xy)} cells")
+    if not np.isfinite(b).all() or (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
+        raise ValueError(f"{source}: cell boxes must be finite (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0")
+    centers = np.stack([(b[:, 0] + b[:, 2]) / 2.0, (b[:, 1] + b[:, 3]) / 2.0], axis=1)
+    side = np.maximum(np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]), geometry.min_side_px(mpp))
+    return centers, side
 
 
 def _resize_box(img: Image.Image, size: int, box: tuple[int, int, int, int]) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Cell-level prediction: a table of cell centroids + an H&E image + a cell model -> cells AnnData.
 
-Each cell is one tile of side ``cell_diameter`` centred on its centroid, encoded once;
+Each cell is one crop, encoded once: a tile of side ``cell_diameter`` centred on its centroid, or (cell crop
+'bbox' in the checkpoint) its polygon's bounding box squared around the box centre;
 its context is the tiles of its neighbouring cells, found by the rule stored in the
 checkpoint (k nearest or within a radius, KD-tree) — the same rule as in training. A
 DeepSpot2Cell's context is instead the tile of the nearest spot of its grid and that spot's
@@ -28,6 +29,8 @@ import torch
 
 from deepspot.config import CELL_MODELS, CellGeometry, CheckpointError, GridSpec, ModelConfig, invert_scaler, resolve_mpp
 from deepspot.features.extract import ExtractStats, extract_to_store, store_path_for
+from deepspot.features.tiles import cell_crops
+from deepspot.io.cells_h5ad import BlockedRows
 from deepspot.io.outputs import add_spatial_image
 from deepspot.io.slides import open_slide
 from deepspot.io.spatial import SpatialDataError, inside_image
@@ -42,6 +45,14 @@ def check_cell_model(config: ModelConfig, source: str | Path) -> None:
     if not config.is_cell_model:
         raise CheckpointError(f"{source}: a '{config.model}' checkpoint is not a cell model "
                               f"({' or '.join(CELL_MODELS)}); use `deepspot predict` for spot models")
+
+
+def check_cell_boxes(config: ModelConfig, boxes, source: str | Path | None) -> None:
+    """A checkpoint trained on polygon bounding-box crops (cell crop 'bbox') is used with them only."""
+    if config.geometry.crop == "bbox" and boxes is None:
+        raise SpatialDataError(f"{source or 'cells'}: this model crops each cell by its polygon's bounding box "
+                               f"(cell crop 'bbox' in its checkpoint), but the cell file carries no polygons; give "
+                               f"the cells as a GeoJSON of polygons or a Xenium cell_boundaries file")
 
 
 def block_neighbors(tree, n: int, xy_block: np.ndarray, rows: np.ndarray, geometry: CellGeometry,
@@ -185,7 +196,9 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
                   batch_size: int = 16, num_workers: int = 0, cache_dir=None, device="cpu", autocast_dtype=None,
                   progress: bool = True, library_id: str | None = None, thumbnail_size: int = 2000,
                   drop_outside: bool = False, predict_batch: int = 512,
-                  stats: ExtractStats | None = None, block_size: int = 16384) -> ad.AnnData:
+                  stats: ExtractStats | None = None, block_size: int = 16384, boxes: np.ndarray | None = None,
+                  source: str | None = None, out: str | Path | None = None,
+                  target: str | Path | None = None) -> ad.AnnData:
     """Predict every cell of a centroid table (N,2 level-0 px) on a slide with a DeepCell or
     DeepSpot2Cell checkpoint.
 
@@ -193,10 +206,19 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
     uns['spatial'][library_id] (thumbnail + scalefactors, spot_diameter_fullres = cell tile px) and
     uns['deepspot'] (provenance, neighbour rule). Cells go through in blocks of ``block_size``: features
     are written to the feature store (``cache_dir``, else a temporary one) and read back per block.
+
+    ``boxes`` (N,4: x0, y0, x1, y1 level-0 px): the cells' polygon bounding boxes, needed when the checkpoint's
+    cell crop is 'bbox' (the crop it was trained with); ``source`` names the cell file in errors.
+
+    ``out``: write the h5ad there block by block (:class:`deepspot.io.cells_h5ad.BlockedRows`; the path is
+    written as it is: pass a temp path to make it atomic, ``target`` the final name for messages), never holding
+    every prediction; the AnnData returned then has no X, and its ``var`` holds each gene's ``mean`` and
+    ``variance`` over the cells (not written to the file, which reads back as the in-memory result).
     """
     config = ModelConfig.coerce(config)
     check_cell_model(config, "checkpoint")
     geom = config.geometry
+    check_cell_boxes(config, boxes, source)
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     ids = pd.Index(np.asarray(cell_ids).astype(str)) if cell_ids is not None else pd.Index(
         [f"cell_{i}" for i in range(len(xy))])
@@ -210,21 +232,31 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
         thumb = slide.get_thumbnail(thumbnail_size)
     keep = inside_image(xy, w, h, str(slide_path), drop_outside=drop_outside)
     xy, ids = xy[keep], ids[keep]
-    tile = geom.tile_px(mpp_used)
+    centers, side = cell_crops(geom, xy, None if boxes is None else np.asarray(boxes)[keep], mpp_used,
+                               source or "cells")
+    tile = float(np.median(side)) if np.ndim(side) else float(side)  # the crop side (bbox: the median one)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     extract = dict(batch_size=batch_size, num_workers=num_workers, device=device, autocast_dtype=autocast_dtype,
                    progress=progress, stats=stats)
     predictor = cell_predictor(model)
-    X = np.zeros((len(xy), len(config.genes)), np.float32)
+    genes = list(config.genes)
     with contextlib.ExitStack() as stack:
+        if out is not None:
+            sink = BlockedRows(len(xy), len(genes), Path(out).parent)
+            stack.callback(sink.close)
+            write = sink.write
+        else:
+            X = np.zeros((len(xy), len(genes)), np.float32)
+            write = X.__setitem__
         store_dir = cache_dir if cache_dir is not None else stack.enter_context(
             tempfile.TemporaryDirectory(prefix="deepspot-cells-"))
         # encoded (and stored) in the Z order the blocks follow: a block's rows then lie in a few chunks of the
         # store, whatever the order of the input table
         order = spatial_order(xy)
-        store = _Reordered(extract_to_store(slide_path, xy[order], tile, encoder,
-                                            store_path_for(store_dir, slide_path, encoder, tile, 0), n_sub=0,
+        side_o = side[order] if np.ndim(side) else side
+        store = _Reordered(extract_to_store(slide_path, centers[order], side_o, encoder,
+                                            store_path_for(store_dir, slide_path, encoder, side_o, 0), n_sub=0,
                                             mpp=mpp, what="cells", **extract), order)
         if config.model == "deepspot2cell":
             ctx = SpotContext(slide_path, xy, config, encoder, w, h, mpp_used, store_dir, **extract)
@@ -238,17 +270,25 @@ def predict_cells(slide_path, xy: np.ndarray, model, config: ModelConfig | dict,
             make = lambda rows: cell_block_bags(store, tree, len(xy), xy, rows, geom, mpp_used)  # noqa: E731
         for a in range(0, len(xy), block_size):
             rows = order[a:a + block_size]
-            X[rows] = predict_batches(predictor, make(rows), batch_size=predict_batch, device=device)
-    X = invert_scaler(X, config.scaler)
-    genes = list(config.genes)
-    adata = ad.AnnData(X=X.astype(np.float32), obs=pd.DataFrame(index=ids), var=pd.DataFrame(index=genes))
-    adata.obsm["spatial"] = xy
+            pred = predict_batches(predictor, make(rows), batch_size=predict_batch, device=device)
+            write(rows, invert_scaler(pred, config.scaler).astype(np.float32, copy=False))
+        adata = ad.AnnData(X=None if out is not None else X, obs=pd.DataFrame(index=ids),
+                           var=pd.DataFrame(index=genes))
+        adata.obsm["spatial"] = xy
+        _describe(adata, slide_path, library_id, thumb, w, tile, config, geom, context_note, mpp_used, keep)
+        if out is not None:
+            sink.finish(out, adata, target)
+            adata.var["mean"], adata.var["variance"] = sink.mean, sink.variance
+    return adata
+
+
+def _describe(adata, slide_path, library_id, thumb, w, tile, config, geom, context_note, mpp_used, keep) -> None:
+    """uns of a cells AnnData: the thumbnail with its scale factors, and the provenance of the predictions."""
     lib = library_id or Path(slide_path).stem
     add_spatial_image(adata, lib, thumb, thumb.shape[1] / w, tile, source_image_path=str(slide_path))
     adata.uns["deepspot"] = {
-        "model": config.model, "encoder": config.encoder.name, "cell_tile_px": float(tile),
+        "model": config.model, "encoder": config.encoder.name, "cell_crop": geom.crop, "cell_tile_px": float(tile),
         "neighbors": context_note, "mpp": float(mpp_used) if mpp_used else -1.0,
         "n_dropped_outside": int((~keep).sum()),
         "values": "predicted log1p(counts per 10k) per cell",
     }
-    return adata

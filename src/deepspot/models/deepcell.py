@@ -248,10 +248,13 @@ def predict_batches(model: nn.Module, bags, batch_size: int = 512, device="cpu")
     """Eval-mode prediction over bags that give ``len()`` and ``batch(ix) -> inputs`` (:class:`CellBags`,
     spots as bags of cells), a chunk of rows at a time: (N, G) float32."""
     model.eval().to(device)
-    out = []
+    out = None  # filled in place (a list of chunks then one concatenation would hold the rows twice)
     for a in range(0, len(bags), batch_size):
         ix = torch.arange(a, min(a + batch_size, len(bags)))
-        out.append(model(**{k: v.to(device) for k, v in bags.batch(ix).items()}).float().cpu())
-    if not out:
+        pred = model(**{k: v.to(device) for k, v in bags.batch(ix).items()}).float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(bags), pred.shape[1]), dtype=np.float32)
+        out[a:a + len(pred)] = pred
+    if out is None:
         return np.zeros((0, getattr(model, "n_genes", 0)), dtype=np.float32)
-    return torch.cat(out).numpy()
+    return out

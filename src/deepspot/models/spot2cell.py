@@ -160,6 +160,24 @@ def nearest_spot(cell_xy: np.ndarray, spot_xy: np.ndarray) -> np.ndarray:
     return cKDTree(np.asarray(spot_xy, np.float64)).query(np.asarray(cell_xy, np.float64), k=1)[1].astype(np.int64)
 
 
+def pack_members(cell_to_spot: np.ndarray, n_spots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Spots as padded rows of their cells: members (S,C) int64 index of each spot's cells (real ones first,
+    in cell order) and member_mask (S,C) bool, C = the largest cell count (at least one masked slot).
+    ``cell_to_spot`` (N,): the spot of each cell or -1 (in no spot). The one packing of cells into spots of
+    both DeepSpot2Cell architectures (:class:`SpotContextBags`, ``training.fit_cells.SpotCellBags``)."""
+    c2s = np.asarray(cell_to_spot, dtype=np.int64)
+    inside = np.flatnonzero(c2s >= 0)
+    order = inside[np.argsort(c2s[inside], kind="stable")]
+    counts = np.bincount(c2s[order], minlength=n_spots)
+    c = max(int(counts.max()) if len(counts) else 0, 1)
+    rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+    members = np.zeros((n_spots, c), dtype=np.int64)
+    mask = np.zeros((n_spots, c), dtype=bool)
+    members[c2s[order], rank] = order
+    mask[c2s[order], rank] = True
+    return members, mask
+
+
 @dataclass
 class SpotContextBags:
     """Cells, the spots they lie in and the spots' neighbour spots, as DeepSpot2Cell batches.
@@ -184,16 +202,7 @@ class SpotContextBags:
         """cell_to_spot (N,): the spot whose bag each cell is in, or -1; cell_context_spot (N,): the spot whose
         context a cell is predicted with (default: cell_to_spot)."""
         c2s = np.asarray(cell_to_spot, dtype=np.int64)
-        n_spots = len(spot_features)
-        inside = np.flatnonzero(c2s >= 0)
-        order = inside[np.argsort(c2s[inside], kind="stable")]
-        counts = np.bincount(c2s[order], minlength=n_spots)
-        c = max(int(counts.max()) if len(counts) else 0, 1)
-        rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
-        members = np.zeros((n_spots, c), dtype=np.int64)
-        mask = np.zeros((n_spots, c), dtype=bool)
-        members[c2s[order], rank] = order
-        mask[c2s[order], rank] = True
+        members, mask = pack_members(c2s, len(spot_features))
         ctx = c2s if cell_context_spot is None else np.asarray(cell_context_spot, dtype=np.int64)
         t = torch.as_tensor
         return cls(t(np.asarray(cell_features, np.float32)), t(np.asarray(spot_features, np.float32)),

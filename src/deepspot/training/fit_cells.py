@@ -24,12 +24,14 @@ import torch
 
 from deepspot.config import TARGETS, CellGeometry, EncoderRef, GridSpec, ModelConfig, resolve_mpp
 from deepspot.features.extract import extract_features
+from deepspot.features.tiles import cell_crops
 from deepspot.geometry.grid import pool_cells
 from deepspot.geometry.neighbors import array_neighbors
 from deepspot.io.slides import open_slide
+from deepspot.io.segmentation import CELL_BOX_KEY
 from deepspot.io.spatial import SpatialDataError, inside_image
 from deepspot.models.deepcell import CellBags, DeepCell, PooledDeepSpot2Cell, cell_bags, predict_batches
-from deepspot.models.spot2cell import DeepSpot2Cell, SpotContextBags, nearest_spot
+from deepspot.models.spot2cell import DeepSpot2Cell, SpotContextBags, nearest_spot, pack_members
 from deepspot.training.fit import fit
 from deepspot.training.spots import spatial_split
 from deepspot.training.targets import log_normalize, select_genes
@@ -52,16 +54,7 @@ class SpotCellBags:
     @classmethod
     def from_assignment(cls, cells: CellBags, cell_to_spot: np.ndarray, n_spots: int) -> "SpotCellBags":
         """cell_to_spot (N,): spot index of each cell or -1 (in no spot)."""
-        c2s = np.asarray(cell_to_spot, dtype=np.int64)
-        inside = np.flatnonzero(c2s >= 0)
-        order = inside[np.argsort(c2s[inside], kind="stable")]
-        counts = np.bincount(c2s[order], minlength=n_spots)
-        c = max(int(counts.max()) if len(counts) else 0, 1)  # at least one (masked) slot
-        rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
-        members = np.zeros((n_spots, c), dtype=np.int64)
-        mask = np.zeros((n_spots, c), dtype=bool)
-        members[c2s[order], rank] = order
-        mask[c2s[order], rank] = True
+        members, mask = pack_members(cell_to_spot, n_spots)
         return cls(cells, torch.as_tensor(members), torch.as_tensor(mask))
 
     def __len__(self) -> int:
@@ -113,10 +106,25 @@ def _slide_size(image, mpp: float | None):
 
 
 def encode_cells(image, xy: np.ndarray, geometry: CellGeometry, encoder, mpp: float | None = None, cache_dir=None,
-                 batch_size: int = 16, num_workers: int = 0, progress: bool = True) -> np.ndarray:
-    """Tile features (N,d) of the cells at level-0 (x, y) px: one tile of side cell_diameter each."""
-    return extract_features(image, xy, geometry.tile_px(mpp), encoder, n_sub=0, mpp=mpp, cache_dir=cache_dir,
+                 batch_size: int = 16, num_workers: int = 0, progress: bool = True,
+                 boxes: np.ndarray | None = None) -> np.ndarray:
+    """Crop features (N,d) of the cells at level-0 (x, y) px: one tile of side cell_diameter each (crop 'tile'),
+    or each polygon's bounding box ``boxes`` (N,4) squared (crop 'bbox'; :func:`~deepspot.features.tiles.cell_crops`)."""
+    centers, side = cell_crops(geometry, xy, boxes, mpp, f"{image}: cells")
+    return extract_features(image, centers, side, encoder, n_sub=0, mpp=mpp, cache_dir=cache_dir,
                             batch_size=batch_size, num_workers=num_workers, progress=progress, what="cells").spot
+
+
+def boxes_for_crop(cells: ad.AnnData, geometry: CellGeometry, source: str = "cells") -> np.ndarray | None:
+    """The polygon bounding boxes (N,4) a 'bbox' cell crop needs (``obsm['cell_bbox']``, e.g. from
+    :func:`deepspot.io.segmentation.attach_cell_boxes`); None for 'tile' crops. Refused before any encoding."""
+    if geometry.crop != "bbox":
+        return None
+    if CELL_BOX_KEY not in cells.obsm:
+        raise SpatialDataError(f"{source}: cell crop 'bbox' needs each cell's polygon bounding box "
+                               f"(obsm['{CELL_BOX_KEY}']): train from a segmentation (a Xenium folder with "
+                               f"cell_boundaries, or a GeoJSON of cell polygons)")
+    return np.asarray(cells.obsm[CELL_BOX_KEY], dtype=np.float64)
 
 
 def _cell_config(kind: str, model, encoder, genes, geometry: CellGeometry, mpp, training: dict,
@@ -148,8 +156,10 @@ def train_cell_model(image, cells: ad.AnnData, encoder, geometry: CellGeometry =
     w, h, mpp_used = _slide_size(image, mpp)
     xy = np.asarray(cells.obsm["spatial"], dtype=np.float64)
     inside_image(xy, w, h, f"{image}: cells")
+    boxes = boxes_for_crop(cells, geometry, f"{image}: cells")
     feats = (_check_features(features, len(xy), encoder) if features is not None else
-             encode_cells(image, xy, geometry, encoder, mpp_used, cache_dir, batch_size_encoder, num_workers, progress))
+             encode_cells(image, xy, geometry, encoder, mpp_used, cache_dir, batch_size_encoder, num_workers, progress,
+                          boxes=boxes))
     panel = select_genes(cells, n_top=n_top_genes, genes=genes)
     y = log_normalize(cells, genes=panel)
     bags = cell_bags(feats, xy, geometry, mpp_used)
@@ -259,7 +269,7 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
                           spot_grid: GridSpec | None = None, model: str = "deepspot2cell",
                           spot_features: np.ndarray | None = None, preset: str | None = None,
                           dropout_out: float | None = None, weight_decay: float | None = None,
-                          min_delta: float | None = None) -> CellTrainResult:
+                          min_delta: float | None = None, cell_boxes: np.ndarray | None = None) -> CellTrainResult:
     """Train a DeepSpot2Cell on spot counts with a spatial hold-out of spots (right-most ``test_fraction``,
     the split of :func:`deepspot.training.spots.train_spot_model` on the same spots).
 
@@ -277,7 +287,8 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
 
     ``preset``: 'deepspot' (ours, the default) or 'original' (``deepspot2cell`` only: the original
     DeepSpot2Cell's training, :data:`SPOT2CELL_PRESETS`); options given here override the preset's.
-    ``dropout_out``: rho's output dropout of ``deepspot2cell`` (published 0.1).
+    ``dropout_out``: rho's output dropout of ``deepspot2cell`` (published 0.1). ``cell_boxes`` (N,4): the
+    cells' polygon bounding boxes, needed by a geometry whose crop is 'bbox'.
     """
     if model not in SPOT2CELL_MODELS:
         raise ValueError(f"unknown spot-to-cell model {model!r}; choose {' or '.join(SPOT2CELL_MODELS)}")
@@ -309,9 +320,11 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
         if spot_grid is None:
             raise ValueError(f"{image}: a deepspot2cell model needs the spots' grid (spot_grid) for the spot tile side")
         nidx, nmask = spot_context(spots, f"{image}: spots")
+    if features is None and geometry.crop == "bbox" and cell_boxes is None:
+        raise SpatialDataError(f"{image}: cell crop 'bbox' needs each cell's polygon bounding box (cell_boxes)")
     feats = (_check_features(features, len(cell_xy), encoder) if features is not None else
              encode_cells(image, cell_xy, geometry, encoder, mpp_used, cache_dir, batch_size_encoder, num_workers,
-                          progress))
+                          progress, boxes=cell_boxes))
     panel = select_genes(spots, n_top=n_top_genes, genes=genes)
     y = log_normalize(spots, genes=panel)
     train, val, test = spatial_split(spots.obsm["spatial"], test_fraction=test_fraction, seed=seed)
@@ -359,6 +372,7 @@ def train_spot2cell_model(image, spots: ad.AnnData, cell_xy: np.ndarray, cell_to
 def train_spot2cell_from_cells(image, cells: ad.AnnData, encoder, grid: GridSpec, **kwargs) -> CellTrainResult:
     """DeepSpot2Cell on pseudo-spots pooled from cells with known counts; the cells' counts are held
     back as the truth for scoring."""
+    boxes = boxes_for_crop(cells, kwargs.get("geometry", CellGeometry()), f"{image}: cells")
     spots, cell_to_spot = pseudo_spots(image, cells, grid, mpp=kwargs.get("mpp"))
     return train_spot2cell_model(image, spots, cells.obsm["spatial"], cell_to_spot, encoder, cell_counts=cells,
-                                 spot_grid=grid, **kwargs)
+                                 spot_grid=grid, cell_boxes=boxes, **kwargs)
