@@ -281,52 +281,35 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
     import time
     import warnings
 
-    from deepspot.inference.preflight import check_predict
+    from deepspot.config.requests import PredictRequest
+    from deepspot.config.runtime import settings
 
-    from deepspot.inference.preflight import check_options
-
-    check_options(spacing=spacing, min_tissue=min_tissue, batch_size=batch_size, spot_px=spot_px,
-                  spacing_px=spacing_px, num_workers=num_workers)
-    if not slide.exists():
-        raise FileNotFoundError(f"{slide}: file not found")
-    if fmt not in ("h5ad", "spatialdata"):
-        raise ValueError(f"--format {fmt!r}: use h5ad or spatialdata")
-    if fmt == "spatialdata":
-        from deepspot.extras import require
-
-        require("spatialdata", "spatialdata", "--format spatialdata")
+    # parse -> request (checked once: options, the slide exists, the format, gene names) -> plan -> run
+    request = PredictRequest.from_options(
+        slide, genes=genes, out=out, model=model, mpp=mpp, tissue=tissue, min_tissue=min_tissue, fast=fast,
+        layout=layout, spacing=spacing, geometry=geometry, spot_px=spot_px, spacing_px=spacing_px,
+        batch_size=batch_size, n_plot=plot_genes, interval=interval, tta=tta, fmt=fmt, overwrite=overwrite,
+        encoder_weights=encoder_weights)
     if features_h5 is not None:
+        if fmt == "spatialdata":
+            from deepspot.extras import require
+
+            require("spatialdata", "spatialdata", "--format spatialdata")
         _predict_features_h5(slide, model, out, features_h5, mpp, overwrite, encoder_weights)
         return
-    # before torch is imported: the output folder first, then the checkpoint, genes, slide, previous result
-    only_reliable = (genes or "").strip().lower() == "reliable"
-    genes = None if only_reliable else genes
-    check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes), geometry=geometry, fmt=fmt)
-    keep = None
-    if only_reliable:
-        from deepspot.config import read_config_file
-        from deepspot.reliability import NO_VALIDATION, trusted_genes
+    from deepspot.inference.predict_plan import plan_prediction
 
-        keep = trusted_genes(read_config_file(model))
-        if not keep:
-            raise ValueError(f"{model}: --genes reliable: no gene is marked reliable"
-                             + ("" if "reliability" in read_config_file(model).extra else f" ({NO_VALIDATION})"))
+    with settings.override(progress=progress, num_workers=num_workers, cache_dir=cache_dir, device=device):
+        # before torch is imported: the output folder, the checkpoint's config, genes, the slide (opened here,
+        # once, and kept open for the run), a previous result
+        with plan_prediction(request, model) as plan:
+            import deepspot as ds
 
-    import deepspot as ds
-    t0 = time.perf_counter()
-    m = ds.load_model(model, device=device, encoder_weights=encoder_weights)
-    geo = None
-    if geometry is not None or spot_px is not None or spacing_px is not None:
-        if geometry is None:
-            raise ValueError("--spot-px / --spacing-px need --geometry original")
-        geo = ds.geometry_preset(geometry, spot_px=spot_px, spacing_px=spacing_px, like=m.config.geometry)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pred = m.predict_slide(slide, out=out, genes=_split(genes), mpp=mpp, tissue=tissue, min_tissue=min_tissue,
-                               fast=fast, layout=layout, spacing=spacing, batch_size=batch_size,
-                               num_workers=num_workers, cache_dir=cache_dir, progress=progress, geometry=geo,
-                               overwrite=overwrite, as_spatialdata=fmt == "spatialdata", n_plot=plot_genes,
-                               interval=interval or None, keep_genes=keep, tta=tta)
+            t0 = time.perf_counter()
+            m = ds.load_model(model, device=device, encoder_weights=encoder_weights)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pred = m.predict_slide(plan)
     pred = pred.tables["table"] if fmt == "spatialdata" else pred
     info = pred.uns["deepspot"]
     notes = [f"geometry: {n}" for n in info["geometry_notes"]] + [str(n) for n in info.get("notes", [])]

@@ -71,11 +71,12 @@ class SpotCropDataset(Dataset):
 
     def __init__(self, slide_path, mpp, centers: np.ndarray, tile_px: float, out_size: int, n_sub: int,
                  subspot_rule: str = "split"):
+        slide_path, self._borrowed = _source(slide_path)  # an open Slide is read, never closed, here
         self.slide_path, self.mpp = str(slide_path), mpp
         self.boxes = spot_boxes(centers, tile_px)
         self.out_size, self.n_sub, self.subspot_rule = out_size, n_sub, subspot_rule
         self.read_px = read_size(tile_px, out_size, n_sub, subspot_rule)
-        self._slide = None
+        self._slide = self._borrowed
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -104,14 +105,23 @@ class SpotCropDataset(Dataset):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_slide"] = None
+        state["_slide"] = state["_borrowed"] = None
         return state
 
     def close(self) -> None:
-        """Close this process's slide handle (workers close theirs when they exit)."""
-        if self._slide is not None:
+        """Close this process's slide handle (workers close theirs when they exit); a borrowed one (an
+        open Slide given in place of a path) stays open for its owner."""
+        if self._slide is not None and self._slide is not self._borrowed:
             self._slide.close()
-            self._slide = None
+        self._slide = self._borrowed
+
+
+def _source(slide):
+    """(path, open Slide or None) of what a caller gave: a path, or an open Slide (read through, the
+    slide a prediction plan holds open, so that a prediction opens its slide once)."""
+    if hasattr(slide, "read_scaled") and hasattr(slide, "path"):
+        return slide.path, slide
+    return slide, None
 
 
 @dataclass
@@ -185,7 +195,8 @@ def encode_spots(slide_path, centers: np.ndarray, tile_px: float, encoder, sink:
     if n == 0:
         return stats
     n_crop = 1 + s if mode == "standard" else 1
-    ds = SpotCropDataset(slide_path, mpp, centers, tile_px, encoder.input_size, n_sub if mode == "standard" else 0,
+    source, slide_path = slide_path, _source(slide_path)[0]
+    ds = SpotCropDataset(source, mpp, centers, tile_px, encoder.input_size, n_sub if mode == "standard" else 0,
                          subspot_rule)
     workers = default_num_workers() if num_workers is None else int(num_workers)
     workers = min(workers, max(1, (n + batch_size - 1) // batch_size))
@@ -241,6 +252,7 @@ def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, s
     """
     stats = stats if stats is not None else ExtractStats()
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+    source, slide_path = slide_path, _source(slide_path)[0]
     store_path = Path(store_path)
     stats.store = str(store_path)
     s = n_sub * n_sub
@@ -265,7 +277,7 @@ def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, s
             for a in range(0, len(old), 1024):
                 b = min(a + 1024, len(old))
                 writer.write(a, old[a:b], prev.spot_rows(np.arange(a, b)), prev.subspot_range(a, b))
-        encode_spots(slide_path, new_centers, tile_px, encoder,
+        encode_spots(source, new_centers, tile_px, encoder,
                      lambda start, c, f, sf: writer.write(len(old) + start, c, f, sf), n_sub=n_sub, mode=mode,
                      mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
                      autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=subspot_rule,
@@ -298,7 +310,7 @@ def extract_features(slide_path, centers: np.ndarray, tile_px: float, encoder, n
                   autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=subspot_rule, what=what,
                   view=view, stain_sigma=stain_sigma, view_seed=view_seed)
     if cache_dir is not None:
-        path = store_path_for(cache_dir, slide_path, encoder, tile_px, n_sub, mode, subspot_rule, view, stain_sigma,
+        path = store_path_for(cache_dir, _source(slide_path)[0], encoder, tile_px, n_sub, mode, subspot_rule, view, stain_sigma,
                               view_seed)
         return extract_to_store(slide_path, centers, tile_px, encoder, path, **common).load()
     n, s = len(centers), n_sub * n_sub
