@@ -119,27 +119,38 @@ class Model:
                                   f"--model {self.source}`)")
 
     @torch.no_grad()
-    def score(self, samples, cache_dir=None, progress: bool = True, plots=None, ridge_train=None, features_h5=None):
+    def score(self, samples, plots=None, ridge_train=None, features_h5=None, **run):
         """Score on annotated samples (a manifest path or loaded Samples): (per_gene, summary) DataFrames,
         see :func:`deepspot.evaluation.score.score_samples`. ``plots``: a folder for one
         ``<sample_id>_score.png`` per sample (per-gene Pearson histogram, best gene measured / predicted).
         ``ridge_train``: a manifest path or samples to fit the PCA-256 + ridge baseline on, scored beside.
         ``features_h5``: a folder of TRIDENT / HEST patch-feature files, ``<sample_id>.h5`` (or
-        ``<image stem>.h5``) per sample, used instead of the encoder (:mod:`deepspot.inference.external`)."""
+        ``<image stem>.h5``) per sample, used instead of the encoder (:mod:`deepspot.inference.external`).
+        ``samples`` may also be a :class:`~deepspot.config.requests.ScoreRequest` (what ``deepspot score``
+        passes: its ``out`` is ``plots``, its ``baseline`` the ridge's training data). ``run``: the settings
+        of this call (:data:`deepspot.settings`: ``progress``, ``cache_dir``; None: the process's)."""
+        from deepspot.config.output_names import score_plot
+        from deepspot.config.requests import ScoreRequest
+        from deepspot.config.runtime import settings
         from deepspot.evaluation.score import score_samples
 
         self._require(cells=False)  # a cell model: refused before any sample is read or encoded
+        if isinstance(samples, ScoreRequest):
+            request = samples
+            samples, plots, features_h5 = request.manifest, request.out, request.features_h5
+            ridge_train = self._ridge_train(request)
+        with settings.override(**{k: v for k, v in run.items() if v is not None}):
+            progress, cache_dir = settings.progress, settings.cache_dir
+            samples = list(_read_samples(samples, progress=progress))
+            ridge_train = None if ridge_train is None else list(_read_samples(ridge_train, progress=progress))
+            feats = None
+            if features_h5 is not None:
+                from deepspot.inference.external import sample_file_features
 
-        samples = list(_read_samples(samples, progress=progress))
-        ridge_train = None if ridge_train is None else list(_read_samples(ridge_train, progress=progress))
-        feats = None
-        if features_h5 is not None:
-            from deepspot.inference.external import sample_file_features
-
-            feats = {s.sample_id: sample_file_features(self, s, features_h5) for s in samples}
-        enc = self.encoder if feats is None or ridge_train is not None else None
-        per_gene, summary, preds = score_samples(self.network, self.config, enc, samples, cache_dir=cache_dir,
-                                                 progress=progress, ridge_train=ridge_train, features=feats)
+                feats = {s.sample_id: sample_file_features(self, s, features_h5) for s in samples}
+            enc = self.encoder if feats is None or ridge_train is not None else None
+            per_gene, summary, preds = score_samples(self.network, self.config, enc, samples, cache_dir=cache_dir,
+                                                     progress=progress, ridge_train=ridge_train, features=feats)
         if plots is not None:
             from deepspot import plotting
             from deepspot.training.targets import log_normalize
@@ -148,8 +159,21 @@ class Model:
                 r = per_gene.loc[per_gene["sample_id"] == s.sample_id, "pearson"].to_numpy()
                 plotting.score_panels(np.asarray(s.adata.obsm["spatial"])[:, :2], preds[s.sample_id],
                                       log_normalize(s.adata, genes=self.genes), self.genes, r, s.sample_id,
-                                      Path(plots) / f"{s.sample_id}_score.png")
+                                      Path(plots) / score_plot(s.sample_id))
         return per_gene, summary
+
+    def _ridge_train(self, request) -> Path | None:
+        """The ridge baseline's training manifest of a score request: 'ridge' is the one this model was
+        trained from (recorded in its config), else the path given."""
+        if request.baseline is None:
+            return None
+        if not request.ridge_from_model:
+            return Path(request.baseline)
+        src = self.config.training.get("manifest")
+        if not src or not Path(src).exists():
+            raise ValueError(f"{self.source}: --baseline ridge needs the training manifest, which this checkpoint "
+                             f"does not record{f' ({src} is gone)' if src else ''}; give its path instead")
+        return Path(src)
 
     def predict_features(self, spot, subspots=None, neighbors=None, neighbor_mask=None, raw: bool = False,
                          cells=None, cell_mask=None):
@@ -298,18 +322,19 @@ class Model:
         return a
 
     def predict_spots(self, adata: ad.AnnData, image, mpp: float | None = None, batch_size: int = 16,
-                      num_workers: int | None = 0, cache_dir=None, progress: bool = True,
-                      library_id: str | None = None, interval: float | None = 0.9, tta: bool = False) -> ad.AnnData:
+                      library_id: str | None = None, interval: float | None = 0.9, tta: bool = False,
+                      **run) -> ad.AnnData:
         """Predict at the spots of ``adata``: obsm['spatial'] (x, y) full-resolution px of ``image`` and
         obs array_row/array_col (for the neighbour context). Returns AnnData (same obs_names, same order)
         × the model's genes, with var val_pearson / reliable and, for a calibrated model, layers lower /
-        upper at the nominal ``interval``."""
+        upper at the nominal ``interval``. ``run``: the settings of this call (:data:`deepspot.settings`:
+        ``progress``, ``num_workers`` (default here 0), ``cache_dir``; None: the process's)."""
         from deepspot.inference.predict import predict_spots
 
         self._require(cells=False)
+        run = {k: v for k, v in run.items() if v is not None}
         return predict_spots(image, adata, self.network, self.config, self.encoder, mpp=mpp, batch_size=batch_size,
-                             num_workers=num_workers, cache_dir=cache_dir, device=self.device, progress=progress,
-                             library_id=library_id, interval=interval, tta=tta)
+                             library_id=library_id, interval=interval, tta=tta, device=self.device, **run)
 
     def predict_cells(self, cells, image, x_col: str = "x", y_col: str = "y", id_col: str | None = None,
                       mpp: float | None = None, drop_outside: bool = False, batch_size: int = 16,

@@ -126,8 +126,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
           cells: bool = False, context: str = "spot_subspot_neighbors", genes: list[str] | None = None,
           n_top_genes: int | None = None, loss: str | None = None, max_epochs: int | None = None,
           patience: int | None = None, seed: int = 2024, hidden: int | None = None, n_ensemble: int | None = None,
-          aggregate: str = "sum",
-          cache_dir=None, num_workers: int = 0, progress: bool = True, log_dir=None, preset: str | None = None,
+          aggregate: str = "sum", log_dir=None, preset: str | None = None,
           add_genes: list[str] | None = None, init_from: str | Path | None = None, freeze: str = "none",
           features_h5: str | Path | None = None, **many_options) -> Model:
     """Train a model on one sample and score it on a held-out side of the image; returns the :class:`Model`
@@ -160,7 +159,27 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     ``features_h5`` (one sample, spot models): the spot features from a TRIDENT / HEST patch-feature file
     (:mod:`deepspot.features.external`) instead of running ``encoder``, which then only names the encoder
     that made them (recorded in the checkpoint; its dim is the file's). No sub-spots: a context without them.
+
+    ``progress``, ``cache_dir`` (the feature cache; default: ``<out>/features`` when writing ``out``) and
+    ``num_workers`` (slide-reading processes; default here 0) are :data:`deepspot.settings`; given here,
+    they hold for this call.
     """
+    from deepspot.config.runtime import settings
+
+    run = {k: many_options.pop(k) for k in ("progress", "cache_dir", "num_workers") if k in many_options}
+    with settings.override(**run):
+        return _train(samples, image, model, out, encoder, encoder_weights, mpp, geometry, grid, cells, context,
+                      genes, n_top_genes, loss, max_epochs, patience, seed, hidden, n_ensemble, aggregate,
+                      log_dir, preset, add_genes, init_from, freeze, features_h5, many_options)
+
+
+def _train(samples, image, model, out, encoder, encoder_weights, mpp, geometry, grid, cells, context, genes,
+           n_top_genes, loss, max_epochs, patience, seed, hidden, n_ensemble, aggregate, log_dir, preset, add_genes,
+           init_from, freeze, features_h5, many_options) -> Model:
+    from deepspot.config.runtime import settings
+
+    cache_dir, progress = settings.cache_dir, settings.progress
+    num_workers = 0 if settings.num_workers is None else settings.num_workers  # training reads in this process
     from deepspot.config import CELL_MODELS, MODEL_KINDS, resolve_mpp
     from deepspot.evaluation.holdout import score_holdout
     from deepspot.geometry.grid import pool_cells

@@ -380,9 +380,6 @@ def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
         console.print(f"wrote {p1} and {p2}")
 
 
-_SCORE_FILES = ("per_gene.csv", "summary.csv", "features")
-
-
 @app.command()
 def score(model: Path = typer.Option(..., help="Checkpoint folder written by `deepspot train`."),
           manifest: Path = typer.Option(..., help="CSV of annotated samples to score on (as `evaluate` reads)."),
@@ -398,38 +395,36 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
     """Predict at the annotated spots of each sample and score per gene against its counts."""
     import time
 
+    from deepspot.config import output_names as names
+    from deepspot.config.requests import ScoreRequest
+    from deepspot.config.runtime import settings
     from deepspot.training.manifest import read_manifest
 
+    # parse -> request (checked once) -> run
+    request = ScoreRequest(manifest, out=out, model=model, baseline=baseline, features_h5=features_h5,
+                           encoder_weights=encoder_weights)
     read_manifest(manifest)  # a bad CSV is reported before torch and the model are loaded
     import deepspot as ds
     from deepspot.io.outputs import write_csv
     from deepspot.io.owner import OutputFolder
 
     t0 = time.perf_counter()
-    owner = OutputFolder(out, "score", legacy=lambda n: n in _SCORE_FILES or n.endswith("_score.png")).check()
+    owner = OutputFolder(out, "score", legacy=names.is_score_file).check()
     m = ds.load_model(model, encoder_weights=encoder_weights)
     m._require(cells=False)  # a cell model is refused before any sample is read or encoded
-    ridge_train = None
-    if baseline is not None:
-        ridge_train = Path(baseline)
-        if baseline.strip().lower() == "ridge":
-            src = m.config.training.get("manifest")
-            if not src or not Path(src).exists():
-                raise ValueError(f"{model}: --baseline ridge needs the training manifest, which this checkpoint "
-                                 f"does not record{f' ({src} is gone)' if src else ''}; give its path instead")
-            ridge_train = Path(src)
+    m._ridge_train(request)  # --baseline ridge without a recorded training manifest: refused before any work
     owner.open()
-    mine = lambda: [p.name for p in out.iterdir() if p.name in _SCORE_FILES or p.name.endswith("_score.png")]  # noqa: E731
+    mine = lambda: [p.name for p in out.iterdir() if names.is_score_file(p.name)]  # noqa: E731
     try:
-        per_gene, summary = m.score(manifest, cache_dir=cache_dir or out / "features", progress=progress, plots=out,
-                                    ridge_train=ridge_train, features_h5=features_h5)
-        write_csv(per_gene.set_index(["sample_id", "gene"]), out / "per_gene.csv")
-        write_csv(summary.set_index("sample_id"), out / "summary.csv")
+        with settings.override(progress=progress, cache_dir=cache_dir or out / names.SCORE_FEATURES):
+            per_gene, summary = m.score(request)
+        write_csv(per_gene.set_index(["sample_id", "gene"]), out / names.SCORE_PER_GENE)
+        write_csv(summary.set_index("sample_id"), out / names.SCORE_SUMMARY)
     except BaseException:
         owner.written = [n for n in mine() if n not in owner.previous]
         owner.abort()
         raise
     owner.record(*mine())
     console.print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), soft_wrap=True)
-    console.print(f"wrote {out / 'per_gene.csv'}, {out / 'summary.csv'} and a PNG per sample "
-                  f"({out / '<sample_id>_score.png'}) in {time.perf_counter() - t0:.0f} s", soft_wrap=True)
+    console.print(f"wrote {out / names.SCORE_PER_GENE}, {out / names.SCORE_SUMMARY} and a PNG per sample "
+                  f"({out / names.score_plot('<sample_id>')}) in {time.perf_counter() - t0:.0f} s", soft_wrap=True)

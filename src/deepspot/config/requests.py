@@ -131,7 +131,7 @@ class PredictRequest(_Request):
     interval: float | None = 0.9
     tta: bool = False
     fmt: str = "h5ad"
-    overwrite: bool = False
+    overwrite: bool | None = False  # None: no previous-result check (the caller's, e.g. a cohort run)
     library_id: str | None = None
     name: str | None = None
     thumbnail_size: int = 2000
@@ -205,8 +205,6 @@ class ScoreRequest(_Request):
             set_("manifest", Path(self.manifest))
         for k in ("out", "model", "features_h5", "encoder_weights"):
             set_(k, _path(getattr(self, k)))
-        if self.features_h5 is not None:
-            _exists(self.features_h5, "folder")
         if self.baseline is not None and not str(self.baseline).strip():
             raise ValueError("--baseline: give 'ridge' or a training manifest")
 
@@ -218,8 +216,10 @@ class ScoreRequest(_Request):
 @dataclass(frozen=True)
 class CohortRequest(_Request):
     """Every slide of a manifest predicted into one folder, resumable (``deepspot predict-cohort``,
-    :func:`deepspot.inference.cohort.run_cohort`). The reader workers, device, feature cache and progress
-    of each slide are :data:`deepspot.settings`; ``device`` here may also be 'auto'."""
+    :func:`deepspot.inference.cohort.run_cohort`). Its slides run in other processes (Ray tasks) as well as
+    this one, so what each slide task runs with is part of the request: ``device`` ('auto': cuda when a GPU
+    is visible), ``num_workers`` (reader processes per slide, 0 by default), ``cache_dir``; the progress bar
+    over slides is :data:`deepspot.settings`."""
 
     manifest: Path
     model: Path
@@ -239,10 +239,13 @@ class CohortRequest(_Request):
     new_run: bool = False
     overwrite: bool = False
     fmt: str = "h5ad"
+    device: str = "auto"
+    num_workers: int = 0
+    cache_dir: Path | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
-        for k in ("manifest", "model", "out", "encoder_weights"):
+        for k in ("manifest", "model", "out", "encoder_weights", "cache_dir"):
             set_(k, _path(getattr(self, k)))
         if self.backend not in ("ray", "local"):
             raise ValueError(f"unknown backend {self.backend!r}; use 'ray' or 'local'")
@@ -258,6 +261,9 @@ class CohortRequest(_Request):
             raise ValueError(f"unknown tissue filter {self.tissue!r}; use otsu, mean_rgb, tile_mean_rgb or none")
         _count(self.batch_size, "--batch-size")
         _count(self.plot_genes, "--plot-genes", lo=0)
+        _count(self.num_workers, "--num-workers", lo=0)
+        if self.new_run and self.overwrite:
+            raise ValueError("give --new-run or --overwrite, not both")
         if self.max_in_flight is not None:
             _count(self.max_in_flight, "--max-in-flight")
 
@@ -282,14 +288,12 @@ class TrainRecipe(_Request):
     def __post_init__(self):
         _number(self.lr, "lr")
         _count(self.batch_size, "batch_size")
-        _count(self.max_epochs, "max_epochs")
+        _count(self.max_epochs, "max_epochs", lo=0)
         _count(self.patience, "patience", lo=0)
         if self.val_batch_size is not None:
             _count(self.val_batch_size, "val_batch_size")
         if self.min_epochs is not None:
             _count(self.min_epochs, "min_epochs", lo=0)
-        if self.monitor not in ("val_loss", "val_pearson", "train_loss"):
-            raise ValueError(f"monitor {self.monitor!r}: use val_loss, val_pearson or train_loss")
         if not (self.weight_decay >= 0 and self.min_delta >= 0):
             raise ValueError("weight_decay and min_delta must be 0 or more")
 

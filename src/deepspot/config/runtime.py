@@ -22,7 +22,9 @@ __all__ = ["Settings", "settings"]
 _FIELDS = {
     "progress": (True, "show progress bars"),
     "cache_dir": (None, "folder of the per-slide feature stores (kept and reused); None: a work folder, removed"),
-    "num_workers": (None, "slide-reading worker processes (None: about half the cores; 0: in this process)"),
+    "num_workers": (None, "slide-reading worker processes (None: each action's default: about half the cores "
+                          "for a whole-slide prediction, 0 (in this process) for training and in-memory "
+                          "prediction of an image)"),
     "device": ("cpu", "device of the encoder and the model (cpu, cuda, cuda:1, mps …)"),
     "autocast_dtype": (None, "mixed precision of the encoder (None: the device's default rule)"),
 }
@@ -90,6 +92,11 @@ class Settings:
             yield self
         finally:
             stack.remove(layer)
+
+    def unless_set(self, **values):
+        """:meth:`override` with ``values`` only where the setting is None (an action's own default:
+        ``settings.unless_set(num_workers=0)`` reads in this process unless the user chose otherwise)."""
+        return self.override(**{k: v for k, v in values.items() if getattr(self, k) is None})
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in _FIELDS}

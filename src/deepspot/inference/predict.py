@@ -71,12 +71,11 @@ def predict_image(slide_path, model, config: ModelConfig | dict, encoder, mpp: f
     ``run``: :data:`deepspot.settings` for this call (``progress``, ``num_workers`` (default here 0: read
     in this process), ``cache_dir``, ``device``, ``autocast_dtype``).
     """
-    run.setdefault("num_workers", 0)
     request = PredictRequest(slide_path, mpp=mpp, tissue=tissue, library_id=library_id, thumbnail_size=thumbnail_size,
                              min_tissue=min_tissue_fraction, fast=fast, layout=layout, spacing=spacing,
                              predict_batch=predict_batch, geometry=geometry, interval=interval, tta=tta,
                              batch_size=batch_size)
-    with settings.override(**run), plan_prediction(request, config) as plan:
+    with settings.override(**run), settings.unless_set(num_workers=0), plan_prediction(request, config) as plan:
         return run_prediction(plan, model, encoder, stats=stats)
 
 
@@ -88,11 +87,10 @@ def predict_spots(slide_path, adata: ad.AnnData, model, config: ModelConfig | di
     AnnData with the same obs (names, order, columns), obsm['spatial'], X = predictions (spots × the
     model's genes), uns['spatial'] (the slide's thumbnail) and uns['deepspot'] (provenance). ``run``:
     :data:`deepspot.settings` for this call (``num_workers`` default here 0)."""
-    run.setdefault("num_workers", 0)
     config = ModelConfig.coerce(config)
     mode = _mode(config, None)
     intervals_for(config, interval)
-    with settings.override(**run):
+    with settings.override(**run), settings.unless_set(num_workers=0):
         plan = plan_spots(slide_path, adata, config.geometry, mpp=mpp, thumbnail_size=thumbnail_size)
         out = _skeleton(plan, config, library_id, mode)
         out.obs = adata.obs.copy()
@@ -207,9 +205,11 @@ def predict_slide(slide_path, model, config: ModelConfig | dict, encoder, out_di
     ``max_spots``, ``geometry``, ``fmt``, ``command``, ``interval``, ``keep_genes``, ``tta`` …), planned
     (:func:`~deepspot.inference.predict_plan.plan_prediction`: the slide opened once) and run
     (:func:`run_prediction`). The settings among ``options`` (``progress``, ``num_workers``, ``cache_dir``,
-    ``device``, ``autocast_dtype``) override :data:`deepspot.settings` for this call.
+    ``device``, ``autocast_dtype``) override :data:`deepspot.settings` for this call. Unlike ``deepspot
+    predict``, a previous result of this slide is replaced unless ``overwrite=False`` is given.
     """
     run = {k: options.pop(k) for k in list(options) if k in _RUN}
+    options.setdefault("overwrite", None)  # this function replaces the slide's own outputs (a cohort's policy)
     for old, new in _RENAMED.items():
         if old in options:
             options[new] = options.pop(old)

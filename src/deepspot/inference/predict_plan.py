@@ -99,7 +99,9 @@ def plan_prediction(request: PredictRequest, config, source: str | None = None,
     """Check ``request`` against the model's ``config`` once and open its slide once, in this order: the
     output folder (writable, owned by no other command, no file of these names deepspot did not write),
     the genes (to plot, to keep), the interval level, the feature mode, the optional extra of the format,
-    the slide (opened, its mpp resolved, a thumbnail possible) and a previous result in the folder.
+    the slide (opened, its mpp resolved, a thumbnail possible) and a previous result in the folder
+    (``request.overwrite`` None: the caller keeps the folder's results itself, as a cohort run does; this
+    slide's own outputs are then replaced).
     ``config``: the model's :class:`ModelConfig`, or its checkpoint folder (its config.json is read, every
     field checked, after the output folder's checks). ``source`` names the model in errors (its folder;
     default: the folder given as ``config``). ``extra_hint`` says what needed the spatialdata
@@ -115,7 +117,7 @@ def plan_prediction(request: PredictRequest, config, source: str | None = None,
         owner = prediction_folder(request.out, request.command).check()
         name = safe_name(request.stem, "slide name", request.slide)
         files = prediction_files(name, request.fmt)
-        for f in files:
+        for f in files if request.overwrite is not None else ():
             owner.check_target(f, overwrite=True)  # a file of that name deepspot did not write: never replaced
     if not isinstance(config, (ModelConfig, dict)):
         from deepspot.config import read_config_file
@@ -138,7 +140,7 @@ def plan_prediction(request: PredictRequest, config, source: str | None = None,
     try:
         mpp = resolve_mpp(slide, request.mpp, needs_um=config.geometry.grid.needs_mpp)
         slide.thumbnail_plan(request.thumbnail_size)
-        if owner is not None:
+        if owner is not None and request.overwrite is not None:
             check_previous(request.out, files, request.overwrite)
     except BaseException:
         slide.close()
