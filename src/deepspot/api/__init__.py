@@ -141,8 +141,8 @@ class Model:
             ridge_train = self._ridge_train(request)
         with settings.override(**{k: v for k, v in run.items() if v is not None}):
             progress, cache_dir = settings.progress, settings.cache_dir
-            samples = list(_read_samples(samples, progress=progress))
-            ridge_train = None if ridge_train is None else list(_read_samples(ridge_train, progress=progress))
+            samples = list(_read_samples(samples))
+            ridge_train = None if ridge_train is None else list(_read_samples(ridge_train))
             feats = None
             if features_h5 is not None:
                 from deepspot.inference.external import sample_file_features

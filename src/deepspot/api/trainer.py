@@ -10,16 +10,18 @@ from deepspot.config import CellGeometry, CheckpointError, GridSpec, SpotGeometr
 from deepspot.features.encoders import load_encoder
 
 
-def _read_samples(samples, cells: bool = False, progress: bool = False):
+def _read_samples(samples, cells: bool = False):
     """A manifest path read into loaded Samples (every row read and checked before any compute, one progress
-    bar over the rows); anything else as given. ``cells``: the rows are cells (pooled later, not here)."""
+    bar over the rows when ``ds.settings.progress``); anything else as given. ``cells``: the rows are cells
+    (pooled later, not here)."""
     if isinstance(samples, (str, Path)):
         from rich.progress import track
 
+        from deepspot.config.runtime import settings
         from deepspot.training.manifest import load_sample, read_manifest
 
         specs = read_manifest(samples)
-        rows = track(specs, description="reading samples", disable=not progress or len(specs) < 2)
+        rows = track(specs, description="reading samples", disable=not settings.progress or len(specs) < 2)
         return [load_sample(s, cells=cells) for s in rows]
     return samples
 
@@ -60,8 +62,8 @@ def _many_samples(samples):
 
 
 def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss, max_epochs,
-                patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir, manifest=None, preset=None,
-                **options) -> "Model":
+                patience, seed, hidden, n_ensemble, log_dir, manifest=None, preset=None, **options) -> "Model":
+    from deepspot.config.runtime import settings
     from deepspot.training.recipe import preset_panel, spot_preset
     from deepspot.training.multi_sample import train_samples
 
@@ -72,7 +74,7 @@ def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n
                                                         fallback_n_top=250)
     enc = load_encoder(encoder, weights=encoder_weights)
     res = train_samples(samples, enc, recipe=recipe, genes=genes, n_top_genes=n_top_genes,
-                        cache_dir=_feature_cache(cache_dir, out), progress=progress, log_dir=log_dir,
+                        cache_dir=_feature_cache(settings.cache_dir, out), progress=settings.progress, log_dir=log_dir,
                         context=context, loss=loss,
                         max_epochs=max_epochs, patience=patience, seed=seed, hidden=hidden, n_ensemble=n_ensemble,
                         **options)
@@ -191,7 +193,7 @@ def _train(samples, image, model, out, encoder, encoder_weights, mpp, geometry, 
 
         checkpoint_folder(out).check()  # refused before any data is read, never emptied
     manifest = str(Path(samples).resolve()) if isinstance(samples, (str, Path)) else None
-    samples = _read_samples(samples, cells=cells, progress=progress)
+    samples = _read_samples(samples, cells=cells)
     many = _many_samples(samples)
     init = None
     if many_options and many is None:
@@ -223,7 +225,7 @@ def _train(samples, image, model, out, encoder, encoder_weights, mpp, geometry, 
         if add_genes:
             many_options["add_genes"] = list(add_genes)
         return _train_many(many, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss,
-                           max_epochs, patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir,
+                           max_epochs, patience, seed, hidden, n_ensemble, log_dir,
                            manifest=manifest, preset=preset, **many_options)
     data, image, sample_mpp = _one_sample(samples, image)
     mpp = mpp if mpp is not None else sample_mpp

@@ -68,10 +68,11 @@ def run_cohort(manifest, model: str | Path | None = None, out_dir: str | Path | 
     progress = options.pop("progress", None)
     request = manifest if isinstance(manifest, CohortRequest) else CohortRequest(manifest, model, out_dir, **options)
     with settings.override(**({} if progress is None else {"progress": progress})):
-        return _run_cohort(request, echo, settings.progress)
+        return _run_cohort(request, echo)
 
 
-def _run_cohort(request, echo, progress: bool) -> CohortSummary:
+def _run_cohort(request, echo) -> CohortSummary:
+    from deepspot.config.runtime import settings
     from deepspot.features.encoders import get_spec
     from deepspot.models.checkpoint import CheckpointError, WEIGHTS_FILE, read_config
 
@@ -131,7 +132,7 @@ def _run_cohort(request, echo, progress: bool) -> CohortSummary:
              f"{' (not retried; --retry-failed to retry)' if failed else ''}, {len(todo)} to run"
              f" ({backend} backend)" + (f"; removed {len(removed)} leftovers of a killed run" if removed else ""))
         ran: list[SlideResult] = []
-        with _progress(len(todo), progress and bool(todo)) as bar:
+        with _progress(len(todo), settings.progress and bool(todo)) as bar:
             tid = bar.add_task("predict", total=len(todo), rate="", failed="")
 
             def on_result(result: SlideResult) -> None:
