@@ -295,7 +295,7 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
             from deepspot.extras import require
 
             require("spatialdata", "spatialdata", "--format spatialdata")
-        _predict_features_h5(slide, model, out, features_h5, mpp, overwrite, encoder_weights)
+        _predict_features_h5(request, features_h5)
         return
     from deepspot.inference.predict_plan import plan_prediction
 
@@ -319,16 +319,18 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
                   f"{info['outputs'][0]} ({time.perf_counter() - t0:.0f} s)")
 
 
-def _predict_features_h5(slide: Path, model: Path, out: Path, features_h5: Path, mpp, overwrite: bool,
-                         encoder_weights) -> None:
+def _predict_features_h5(request, features_h5: Path) -> None:
     """`predict --features-h5`: every patch of the file predicted, no encoder run (deepspot.inference.external)."""
     import time
 
+    from deepspot.config.output_names import prediction_files
     from deepspot.inference import preflight
 
+    slide, model, out, mpp = request.slide, request.model, request.out, request.mpp
+    overwrite, encoder_weights = request.overwrite, request.encoder_weights
     t0 = time.perf_counter()
     preflight.check_out_dir(out)
-    name = f"{slide.stem}.h5ad"
+    name = prediction_files(slide.stem)[0]
     preflight.check_previous(out, [name], overwrite)
     if not features_h5.is_file():
         raise FileNotFoundError(f"{features_h5}: file not found")
