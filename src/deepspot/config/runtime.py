@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 __all__ = ["Settings", "settings"]
 
@@ -97,6 +98,14 @@ class Settings:
         """:meth:`override` with ``values`` only where the setting is None (an action's own default:
         ``settings.unless_set(num_workers=0)`` reads in this process unless the user chose otherwise)."""
         return self.override(**{k: v for k, v in values.items() if getattr(self, k) is None})
+
+    def resolve(self, **values) -> SimpleNamespace:
+        """The settings in force with ``values`` (a call's keyword arguments, checked) on top, as a namespace
+        (``run = settings.resolve(**kw); run.progress``); nothing is changed."""
+        unknown = [k for k in values if k not in _FIELDS]
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r} (settings: {', '.join(_FIELDS)})")
+        return SimpleNamespace(**{**self.as_dict(), **{k: _check(k, v) for k, v in values.items()}})
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in _FIELDS}
