@@ -52,7 +52,7 @@ def _check(name: str, value):
 class Settings:
     """``progress``, ``cache_dir``, ``num_workers``, ``device``, ``autocast_dtype``: read as attributes, set as
     attributes (checked), or changed for a block with :meth:`override`. Per thread: an override in one thread
-    is not seen by another."""
+    is not seen by another; a setting assigned inside an override block lasts until the block ends."""
 
     def __init__(self):
         object.__setattr__(self, "_base", {k: v for k, (v, _) in _FIELDS.items()})

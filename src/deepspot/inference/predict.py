@@ -1,10 +1,13 @@
 """Whole-slide prediction on a virtual spot grid: slide -> AnnData (batched, masked bags, flat memory).
 
-The way a slide goes (:func:`predict_slide`, the ``deepspot predict`` command):
+The way a slide goes (:func:`run_prediction` of a :class:`~deepspot.inference.predict_plan.PredictPlan`, made
+from a :class:`~deepspot.config.requests.PredictRequest` by ``deepspot predict``, ``Model.predict_slide`` or
+:func:`predict_slide`):
 
-1. :func:`plan_slide`: open the slide (SVS, pyramidal/OME-TIFF, JPG…), take its mpp (``mpp`` overrides;
-   a µm-geometry model refuses a slide without one), lay a virtual grid in µm (Visium hex by default,
-   or square bins), keep the spots on tissue found at a low pyramid level, take a thumbnail.
+0. the plan: the request checked against the model once, the slide opened once (SVS, pyramidal/OME-TIFF,
+   JPG…) and its mpp taken once (``mpp`` overrides; a µm-geometry model refuses a slide without one);
+1. :func:`~deepspot.inference.plan.plan_grid`: on that open slide, lay a virtual grid in µm (Visium hex by
+   default, or square bins), keep the spots on tissue found at a low pyramid level, take a thumbnail.
 2. Encode every in-tissue spot once (:func:`~deepspot.features.extract.extract_to_store`): DataLoader
    workers read each spot box once from the level nearest the target resolution and cut the spot and
    sub-spot crops in memory; features stream into a zarr store.
@@ -15,8 +18,9 @@ The way a slide goes (:func:`predict_slide`, the ``deepspot predict`` command):
    written under temporary names and renamed only when everything succeeded.
 
 Peak memory depends on the chunk sizes, not on the number of spots (beyond O(N) index arrays).
-Step 1 lives in :mod:`deepspot.inference.plan`, steps 2-3 in :mod:`deepspot.inference.run_plan`; this module
-assembles and writes the outputs.
+Step 0 lives in :mod:`deepspot.inference.predict_plan`, step 1 in :mod:`deepspot.inference.plan`, steps 2-3 in
+:mod:`deepspot.inference.run_plan`; this module assembles and writes the outputs. Progress, device, reader
+workers and the feature cache are :data:`deepspot.settings`.
 :func:`predict_image` is the in-memory variant returning an AnnData (small images, the demo).
 """
 from __future__ import annotations

@@ -125,7 +125,13 @@ def plan_prediction(request: PredictRequest, config, source: str | None = None,
         source = source or str(config)
         config = read_config_file(config)
     source = source or "model"
-    config = with_geometry(ModelConfig.coerce(config), request.geometry, request.spot_px, request.spacing_px)
+    config = ModelConfig.coerce(config)
+    if config.is_cell_model:  # the words Model.predict_slide uses: a cell model has no spot grid
+        from deepspot.config import CheckpointError
+
+        raise CheckpointError(f"{source}: a {config.model} model predicts cells, not a spot grid; use "
+                              f"predict_cells (`deepspot predict-cells CELL_TABLE --image IMAGE --model {source}`)")
+    config = with_geometry(config, request.geometry, request.spot_px, request.spacing_px)
     genes_plot = list(request.genes) if request.genes else None
     config.check_genes(genes_plot, source)
     keep = _keep_genes(request, config, source)
