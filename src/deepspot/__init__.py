@@ -6,7 +6,9 @@
     ds.pl.spatial(pred, genes=["EPCAM"])
 
 Public names: :func:`load_model`, :class:`Model`, :func:`train`, ``read`` (slide and spatial readers),
-``pl`` (plots), ``datasets`` (bundled example data) and the contract types of :mod:`deepspot.config`.
+``pl`` (plots), ``datasets`` (bundled example data), ``settings`` (the process-wide run settings:
+``progress``, ``cache_dir``, ``num_workers``, ``device``, ``autocast_dtype``; ``ds.settings.override(...)``
+for a block), the typed requests (``PredictRequest`` …) and the contract types of :mod:`deepspot.config`.
 They are imported on first use, so ``import deepspot`` is cheap and changes no global state (the
 matplotlib backend included).
 
@@ -29,6 +31,11 @@ _LAZY = {
     "GridSpec": ("deepspot.config", "GridSpec"),
     "geometry_preset": ("deepspot.config", "geometry_preset"),
     "Scaler": ("deepspot.config", "Scaler"),
+    "settings": ("deepspot.config.runtime", "settings"),
+    "PredictRequest": ("deepspot.config.requests", "PredictRequest"),
+    "ScoreRequest": ("deepspot.config.requests", "ScoreRequest"),
+    "CohortRequest": ("deepspot.config.requests", "CohortRequest"),
+    "TrainRequest": ("deepspot.config.requests", "TrainRequest"),
     "read": ("deepspot.io.read", None),
     "pl": ("deepspot.plotting", None),
     "datasets": ("deepspot.io.datasets", None),

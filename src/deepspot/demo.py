@@ -17,6 +17,7 @@ from pathlib import Path
 from deepspot import plotting
 from deepspot import api
 from deepspot.config import GridSpec, SpotGeometry
+from deepspot.config import output_names as names
 from deepspot.evaluation.holdout import score_table
 from deepspot.features.encoders import load_encoder
 from deepspot.geometry.grid import pool_cells
@@ -42,15 +43,14 @@ def run_demo(out_dir: str | Path = "deepspot_demo", data_dir=None, spot_px: floa
                     patience, seed, progress, echo, tissue)
 
 
-# what a demo writes at the top of its folder (a folder of these, from before run records, is a previous result)
-_DEMO_FILES = {"predictions.h5ad", "predicted_genes.png", "spots.csv", "scores.csv", "per_gene.csv", "model",
-               "features", "logs", "C5_score.png", "reliability.png", "training_curves.png"}
+# what a demo writes at the top of its folder (a folder of these, from before run records, is a previous result):
+# config.output_names.DEMO_FILES
 
 
 def _owner(out: Path, command: str):
     from deepspot.io.owner import OutputFolder
 
-    return OutputFolder(out, command, legacy=lambda n: n in _DEMO_FILES or n.endswith("_score.png"))
+    return OutputFolder(out, command, legacy=names.is_demo_file)
 
 
 @contextlib.contextmanager
@@ -78,14 +78,14 @@ def _run(out, t0, cells, image, meta, encoder, encoder_weights, spot_px, spacing
     echo(f"[demo] {cells.n_obs} cells of {meta.get('sample', 'NCBI858')} pooled into {spots.n_obs} pseudo-spots "
          f"(hex grid, diameter {spot_px:g} px, spacing {spacing_px:g} px; units: pixels, the image has no mpp); "
          f"{int((cell_to_spot >= 0).sum())} cells fall inside a spot")
-    cache, model_dir = out / "features", out / "model"
+    cache, model_dir = out / names.DEMO_FEATURES, out / names.DEMO_CHECKPOINT
     # the public API's training (ds.train): features, fit, held-out scores, the checkpoint in model_dir
     model = api.train(spots, image, out=model_dir, encoder=encoder.name, encoder_weights=encoder_weights,
                       geometry=geometry, context=context, max_epochs=max_epochs, patience=patience, seed=seed,
-                      cache_dir=cache, progress=progress, log_dir=out / "logs")
+                      cache_dir=cache, progress=progress, log_dir=out / names.DEMO_LOGS)
     res = model.result
     table = score_table(res.scores)
-    write_csv(table, out / "scores.csv")
+    write_csv(table, out / names.DEMO_SCORES)
     echo(f"[demo] held-out: right-most 30% of the image ({len(res.split[2])} spots); per-gene Pearson across "
          f"held-out spots, mean over {res.scores['deepspot']['n_genes_scored']} genes "
          f"(the others are constant there):")
@@ -103,17 +103,17 @@ def _run(out, t0, cells, image, meta, encoder, encoder_weights, spot_px, spacing
     # the public API's prediction (Model.predict_slide): the whole image on the model's grid, in memory
     adata = model.predict_slide(image, tissue=tissue, cache_dir=cache, progress=progress, num_workers=0,
                                 library_id=meta.get("sample", "NCBI858"))
-    h5 = write_h5ad(adata, out / "predictions.h5ad")
-    write_csv(spot_table(adata), out / "spots.csv")
-    png = out / "predicted_genes.png"
+    h5 = write_h5ad(adata, out / names.DEMO_PREDICTIONS)
+    write_csv(spot_table(adata), out / names.DEMO_SPOTS)
+    png = out / names.DEMO_PNG
     plotting.spatial(adata, n_genes=4, path=png, crop=True, alpha=0.6,
                      title=f"DeepSpot on {meta.get('sample', 'NCBI858')}: virtual grid, {adata.n_obs} spots "
                            f"of {spot_px:g} px (most variable predicted genes)")
-    rel_png = reliability_figure(adata, out / "reliability.png")
+    rel_png = reliability_figure(adata, out / names.DEMO_RELIABILITY)
     secs = time.perf_counter() - t0
     echo(f"[demo] predicted {adata.n_obs} in-tissue grid spots × {adata.n_vars} genes; the whole demo took {secs:.0f} s")
-    echo(f"[demo] wrote {h5}, {png}, " + (f"{rel_png}, " if rel_png else "") + f"{out / 'spots.csv'}, "
-         f"{out / 'scores.csv'}, {model_dir}/ (checkpoint), {cache}/ (feature cache), {out / 'logs'}/ (training log)")
+    echo(f"[demo] wrote {h5}, {png}, " + (f"{rel_png}, " if rel_png else "") + f"{out / names.DEMO_SPOTS}, "
+         f"{out / names.DEMO_SCORES}, {model_dir}/ (checkpoint), {cache}/ (feature cache), {out / names.DEMO_LOGS}/ (training log)")
     return {"scores": res.scores, "adata": adata, "model_dir": model_dir, "png": png, "h5ad": h5, "seconds": secs,
             "reliability_png": rel_png}
 
@@ -169,12 +169,12 @@ def run_her2st_demo(out_dir: str | Path = "deepspot_demo_her2st", data_dir=None,
          f"one spot ({test.spot_px:.0f} px)" + (" + 9 sub-spots" if "subspot" in context else "")
          + ("; neighbours: the 8 adjacent array spots" if "neighbor" in context else ""))
     with _output_folder(out, "demo --her2st"):
-        cache = out / "features"
+        cache = out / names.DEMO_FEATURES
         t = time.perf_counter()
-        model = ds.train(train, out=out / "model", encoder=encoder_name, encoder_weights=encoder_weights,
+        model = ds.train(train, out=out / names.DEMO_CHECKPOINT, encoder=encoder_name, encoder_weights=encoder_weights,
                          context=context, n_top_genes=n_top_genes, add_genes=markers or None,
                          max_epochs=max_epochs, patience=patience,
-                         seed=seed, cache_dir=cache, progress=progress, log_dir=out / "logs")
+                         seed=seed, cache_dir=cache, progress=progress, log_dir=out / names.DEMO_LOGS)
         secs["train"] = time.perf_counter() - t
         tr = model.config.training
         echo(f"[her2st] trained on {tr['n_train_spots']} spots, early stopping on {tr['n_val_spots']} "
@@ -186,8 +186,8 @@ def run_her2st_demo(out_dir: str | Path = "deepspot_demo_her2st", data_dir=None,
         per_gene, summary = pd.concat([per_gene, seen_gene]), pd.concat([summary, seen])
         secs["score"] = time.perf_counter() - t
         table = her2st_score_table(summary, test_section)
-        write_csv(table, out / "scores.csv")
-        write_csv(per_gene.set_index(["sample_id", "gene"]), out / "per_gene.csv")
+        write_csv(table, out / names.DEMO_SCORES)
+        write_csv(per_gene.set_index(["sample_id", "gene"]), out / names.DEMO_PER_GENE)
         echo(f"[her2st] per-gene Pearson across each section's spots, mean over the {len(model.genes)} panel genes "
              f"and over that section's top-50 HVGs; ridge fitted on the training sections' features; noise95: "
              f"what DeepSpot's own predictions score with the spots shuffled (95th percentile of 100 shuffles):")
@@ -199,15 +199,15 @@ def run_her2st_demo(out_dir: str | Path = "deepspot_demo_her2st", data_dir=None,
         t = time.perf_counter()
         held = per_gene[per_gene["sample_id"] == test_section].set_index("gene")["pearson"]
         best = held.dropna().sort_values(ascending=False).index[:n_plot].tolist()
-        h5 = write_h5ad(pred, out / "predictions.h5ad")
-        png = out / "predicted_genes.png"
+        h5 = write_h5ad(pred, out / names.DEMO_PREDICTIONS)
+        png = out / names.DEMO_PNG
         from deepspot import plotting
 
         plotting.spatial(pred, genes=best, path=png, crop=True, alpha=0.8, ncols=2,
                          units="predicted log1p(counts per 10k)",
                          titles={g: f"{g} (held-out r = {held[g]:.2f})" for g in best},
                          title=f"DeepSpot on {test_section} (held out): virtual grid, {pred.n_obs} spots of 100 µm")
-        rel_png = reliability_figure(pred, out / "reliability.png")
+        rel_png = reliability_figure(pred, out / names.DEMO_RELIABILITY)
         secs["write + plot"] = time.perf_counter() - t
         secs["total"] = time.perf_counter() - t0
         g = pred.uns["deepspot"]
@@ -217,8 +217,8 @@ def run_her2st_demo(out_dir: str | Path = "deepspot_demo_her2st", data_dir=None,
         echo("[her2st] seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()))
         echo(f"[her2st] {int(pred.var['reliable'].sum())} of {pred.n_vars} genes are reliable (validation Pearson "
              f"above its noise band); {rel_png or 'no interval'}")
-        echo(f"[her2st] wrote {h5}, {png}, {out / f'{test_section}_score.png'}, {out / 'scores.csv'}, "
-             f"{out / 'per_gene.csv'}, {out / 'model'}/ (checkpoint), {out / 'features'}/ (feature cache), "
+        echo(f"[her2st] wrote {h5}, {png}, {out / names.score_plot(test_section)}, {out / names.DEMO_SCORES}, "
+             f"{out / names.DEMO_PER_GENE}, {out / names.DEMO_CHECKPOINT}/ (checkpoint), {out / names.DEMO_FEATURES}/ (feature cache), "
              f"{out / 'logs'}/ (training log)")
     return {"scores": table, "per_gene": per_gene, "adata": pred, "model": model, "png": png, "h5ad": h5,
             "seconds": secs, "genes_plotted": best}

@@ -119,27 +119,38 @@ class Model:
                                   f"--model {self.source}`)")
 
     @torch.no_grad()
-    def score(self, samples, cache_dir=None, progress: bool = True, plots=None, ridge_train=None, features_h5=None):
+    def score(self, samples, plots=None, ridge_train=None, features_h5=None, **run):
         """Score on annotated samples (a manifest path or loaded Samples): (per_gene, summary) DataFrames,
         see :func:`deepspot.evaluation.score.score_samples`. ``plots``: a folder for one
         ``<sample_id>_score.png`` per sample (per-gene Pearson histogram, best gene measured / predicted).
         ``ridge_train``: a manifest path or samples to fit the PCA-256 + ridge baseline on, scored beside.
         ``features_h5``: a folder of TRIDENT / HEST patch-feature files, ``<sample_id>.h5`` (or
-        ``<image stem>.h5``) per sample, used instead of the encoder (:mod:`deepspot.inference.external`)."""
+        ``<image stem>.h5``) per sample, used instead of the encoder (:mod:`deepspot.inference.external`).
+        ``samples`` may also be a :class:`~deepspot.config.requests.ScoreRequest` (what ``deepspot score``
+        passes: its ``out`` is ``plots``, its ``baseline`` the ridge's training data). ``run``: the settings
+        of this call (:data:`deepspot.settings`: ``progress``, ``cache_dir``; None: the process's)."""
+        from deepspot.config.output_names import score_plot
+        from deepspot.config.requests import ScoreRequest
+        from deepspot.config.runtime import settings
         from deepspot.evaluation.score import score_samples
 
         self._require(cells=False)  # a cell model: refused before any sample is read or encoded
+        if isinstance(samples, ScoreRequest):
+            request = samples
+            samples, plots, features_h5 = request.manifest, request.out, request.features_h5
+            ridge_train = self._ridge_train(request)
+        with settings.override(**{k: v for k, v in run.items() if v is not None}):
+            progress, cache_dir = settings.progress, settings.cache_dir
+            samples = list(_read_samples(samples))
+            ridge_train = None if ridge_train is None else list(_read_samples(ridge_train))
+            feats = None
+            if features_h5 is not None:
+                from deepspot.inference.external import sample_file_features
 
-        samples = list(_read_samples(samples, progress=progress))
-        ridge_train = None if ridge_train is None else list(_read_samples(ridge_train, progress=progress))
-        feats = None
-        if features_h5 is not None:
-            from deepspot.inference.external import sample_file_features
-
-            feats = {s.sample_id: sample_file_features(self, s, features_h5) for s in samples}
-        enc = self.encoder if feats is None or ridge_train is not None else None
-        per_gene, summary, preds = score_samples(self.network, self.config, enc, samples, cache_dir=cache_dir,
-                                                 progress=progress, ridge_train=ridge_train, features=feats)
+                feats = {s.sample_id: sample_file_features(self, s, features_h5) for s in samples}
+            enc = self.encoder if feats is None or ridge_train is not None else None
+            per_gene, summary, preds = score_samples(self.network, self.config, enc, samples, cache_dir=cache_dir,
+                                                     progress=progress, ridge_train=ridge_train, features=feats)
         if plots is not None:
             from deepspot import plotting
             from deepspot.training.targets import log_normalize
@@ -148,8 +159,21 @@ class Model:
                 r = per_gene.loc[per_gene["sample_id"] == s.sample_id, "pearson"].to_numpy()
                 plotting.score_panels(np.asarray(s.adata.obsm["spatial"])[:, :2], preds[s.sample_id],
                                       log_normalize(s.adata, genes=self.genes), self.genes, r, s.sample_id,
-                                      Path(plots) / f"{s.sample_id}_score.png")
+                                      Path(plots) / score_plot(s.sample_id))
         return per_gene, summary
+
+    def _ridge_train(self, request) -> Path | None:
+        """The ridge baseline's training manifest of a score request: 'ridge' is the one this model was
+        trained from (recorded in its config), else the path given."""
+        if request.baseline is None:
+            return None
+        if not request.ridge_from_model:
+            return Path(request.baseline)
+        src = self.config.training.get("manifest")
+        if not src or not Path(src).exists():
+            raise ValueError(f"{self.source}: --baseline ridge needs the training manifest, which this checkpoint "
+                             f"does not record{f' ({src} is gone)' if src else ''}; give its path instead")
+        return Path(src)
 
     def predict_features(self, spot, subspots=None, neighbors=None, neighbor_mask=None, raw: bool = False,
                          cells=None, cell_mask=None):
@@ -214,20 +238,14 @@ class Model:
         return out if raw else invert_scaler(out, self.config.scaler)
 
     def predict_slide(self, slide, out: str | Path | None = None, genes: Sequence[str] | None = None,
-                      mpp: float | None = None, tissue: str | None = None, min_tissue: float = 0.1,
-                      fast: bool | None = None, layout: str | None = None, spacing: float | None = None,
-                      batch_size: int = 16, num_workers: int | None = None, cache_dir=None, progress: bool = True,
-                      library_id: str | None = None, n_plot: int = 4,
-                      geometry: SpotGeometry | str | None = None, overwrite: bool = False,
-                      as_spatialdata: bool = False, interval: float | None = 0.9,
-                      keep_genes: Sequence[str] | None = None, tta: bool = False):
+                      mpp: float | None = None, geometry: SpotGeometry | str | None = None,
+                      as_spatialdata: bool = False, **options):
         """Predict every in-tissue spot of a virtual grid over ``slide`` (the model's geometry; ``layout``
         and ``spacing`` override its grid, ``mpp`` the slide's µm/px) -> AnnData (spots × genes).
 
         ``geometry``: another grid and crop rule — a preset name ('visium', 'original', 'tcga'; see
         :func:`deepspot.config.geometry_preset`, whose ``spot_px`` / ``spacing_px`` set the original's
-        pixel sizes) or a :class:`SpotGeometry`. ``tissue``: None = the geometry's rule (the original's
-        presets drop tiles whose mean RGB > 200), else otsu | mean_rgb | tile_mean_rgb | none.
+        pixel sizes) or a :class:`SpotGeometry`.
 
         Without ``out``, in memory. With ``out`` (what ``deepspot predict`` does), streamed with flat memory
         into ``out/<name>.h5ad``, ``<name>_spots.csv`` and ``<name>_genes.png`` (``genes`` or the
@@ -235,60 +253,65 @@ class Model:
         (read-only); ``uns['deepspot']['outputs']`` lists the files. A folder that already holds this
         slide's result is refused unless ``overwrite``.
 
-        Everything that can be checked before compute is, before the encoder is built: the genes, the
-        feature mode, the output folder, the slide (opened, its mpp resolved, a thumbnail possible).
+        ``options`` are the fields of :class:`~deepspot.config.requests.PredictRequest`:
+        ``tissue`` (None = the geometry's rule (the original's presets drop tiles whose mean RGB > 200),
+        else otsu | mean_rgb | tile_mean_rgb | none), ``min_tissue`` (0.1), ``fast``, ``layout``,
+        ``spacing``, ``batch_size`` (16), ``library_id``, ``n_plot`` (4), ``overwrite``, ``interval``
+        (0.9: the nominal level of the per-spot, per-gene conformal interval written as
+        ``layers['lower']`` / ``layers['upper']``; None: none; only models trained with a validation carry
+        one; ``var['val_pearson']`` / ``var['reliable']`` say which genes to trust), ``keep_genes`` (only
+        these genes in the output, e.g. ``model.reliable_genes``), ``tta`` (test-time augmentation, the mean
+        over the 8 dihedral views of every crop), ``name``, ``spot_px`` / ``spacing_px`` …; and the
+        settings of this call (:data:`deepspot.settings`: ``progress``, ``num_workers``, ``cache_dir``;
+        None: the process's). An unknown name is a TypeError.
+
+        Everything that can be checked before compute is, once, before the encoder is built (the request,
+        then its plan: the genes, the feature mode, the output folder, the slide opened once, its mpp
+        resolved). ``slide`` may also be a ready :class:`~deepspot.config.requests.PredictRequest` or a
+        :class:`~deepspot.inference.predict_plan.PredictPlan` (what ``deepspot predict`` passes).
 
         ``as_spatialdata``: return a SpatialData instead (the slide image, the spots as circles of their
         true radius, the predictions as a table linked to them; extra ``[spatialdata]``); with ``out`` it is
         ``out/<name>.zarr`` (in place of the h5ad), read back, its table's ``uns['deepspot']['outputs']``
         listing the files.
-
-        ``tta``: test-time augmentation, the mean over the 8 dihedral views of every crop (8 encoder passes
-        per crop). ``keep_genes``: only these genes in the output (e.g. ``model.reliable_genes``).
-        ``interval``: the nominal level of the per-spot, per-gene conformal interval written as
-        ``layers['lower']`` / ``layers['upper']`` (None: none; only models trained with a validation
-        carry one); ``var['val_pearson']`` / ``var['reliable']`` say which genes to trust.
         """
-        from deepspot.inference import preflight
-        from deepspot.reliability import intervals_for
-
-        intervals_for(self.config, interval)  # a level the model is not calibrated at fails before compute
-        from deepspot.inference.predict import predict_image, predict_slide
+        from deepspot.config.requests import PredictRequest
+        from deepspot.config.runtime import settings
+        from deepspot.inference.predict_plan import PredictPlan, plan_prediction
 
         self._require(cells=False)
-        self.config.check_genes(genes, self.source)
-        if fast is not None:
-            self.config.check_feature_mode("fast" if fast else "standard", self.source)
-        if out is not None:
-            preflight.check_out_dir(out)
-            preflight.prediction_folder(out).check()
-            preflight.check_previous(out, preflight.prediction_files(Path(slide).stem,
-                                                                     "spatialdata" if as_spatialdata else "h5ad"),
-                                     overwrite)
-        preflight.check_slide(slide, mpp, needs_um=preflight.needs_um(self.config, geometry))
-        self._check_encoder()
-        common = dict(mpp=mpp, tissue=tissue, min_tissue_fraction=min_tissue, fast=fast, layout=layout,
-                      spacing=spacing, batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
-                      device=self.device, progress=progress, library_id=library_id, geometry=geometry,
-                      interval=interval, tta=tta)
-        if as_spatialdata:
-            from deepspot.extras import require
+        run = {k: options.pop(k) for k in ("progress", "num_workers", "cache_dir") if k in options}
+        run = {k: v for k, v in run.items() if v is not None}  # None: the process's setting
+        if isinstance(slide, PredictPlan):
+            plan, request = slide, slide.request
+        else:
+            if "min_tissue_fraction" in options:
+                options["min_tissue"] = options.pop("min_tissue_fraction")
+            request = slide if isinstance(slide, PredictRequest) else PredictRequest(
+                slide, out=out, genes=genes, mpp=mpp, geometry=geometry,
+                fmt="spatialdata" if as_spatialdata else "h5ad", **options)
+            plan = None
+        with settings.override(device=self.device, **run):
+            with (plan if plan is not None else
+                  plan_prediction(request, self.config, self.source, "predict_slide(as_spatialdata=True)")) as plan:
+                self._check_encoder()
+                return self._run_prediction(plan)
 
-            require("spatialdata", "spatialdata", "predict_slide(as_spatialdata=True)")
-        if out is None:
-            a = predict_image(slide, self.network, self.config, self.encoder, **common)
-            if keep_genes is not None:
-                a = a[:, list(keep_genes)].copy()
-            if not as_spatialdata:
-                return a
+    def _run_prediction(self, plan):
+        """Run a checked plan (:func:`deepspot.inference.predict.run_prediction`) and give its result back as
+        the API does: the AnnData (in memory, or the written file opened backed), or a SpatialData."""
+        from deepspot.inference.predict import run_prediction
+
+        r = plan.request
+        res = run_prediction(plan, self.network, self.encoder)
+        if r.out is None:
+            if r.fmt != "spatialdata":
+                return res
             from deepspot.io.outputs import spatialdata_from_predictions
 
-            return spatialdata_from_predictions(a, slide, mpp=mpp)
-        res = predict_slide(slide, self.network, self.config, self.encoder, out, genes=list(genes or []) or None,
-                            n_plot=n_plot, fmt="spatialdata" if as_spatialdata else "h5ad",
-                            keep_genes=None if keep_genes is None else list(keep_genes), **common)
+            return spatialdata_from_predictions(res, r.slide, mpp=r.mpp)
         outputs = [str(p) for p in (res.h5ad, res.csv, res.png) if p is not None]
-        if as_spatialdata:
+        if r.fmt == "spatialdata":
             import spatialdata
 
             sdata = spatialdata.read_zarr(res.h5ad)
@@ -299,18 +322,19 @@ class Model:
         return a
 
     def predict_spots(self, adata: ad.AnnData, image, mpp: float | None = None, batch_size: int = 16,
-                      num_workers: int | None = 0, cache_dir=None, progress: bool = True,
-                      library_id: str | None = None, interval: float | None = 0.9, tta: bool = False) -> ad.AnnData:
+                      library_id: str | None = None, interval: float | None = 0.9, tta: bool = False,
+                      **run) -> ad.AnnData:
         """Predict at the spots of ``adata``: obsm['spatial'] (x, y) full-resolution px of ``image`` and
         obs array_row/array_col (for the neighbour context). Returns AnnData (same obs_names, same order)
         × the model's genes, with var val_pearson / reliable and, for a calibrated model, layers lower /
-        upper at the nominal ``interval``."""
+        upper at the nominal ``interval``. ``run``: the settings of this call (:data:`deepspot.settings`:
+        ``progress``, ``num_workers`` (default here 0), ``cache_dir``; None: the process's)."""
         from deepspot.inference.predict import predict_spots
 
         self._require(cells=False)
+        run = {k: v for k, v in run.items() if v is not None}
         return predict_spots(image, adata, self.network, self.config, self.encoder, mpp=mpp, batch_size=batch_size,
-                             num_workers=num_workers, cache_dir=cache_dir, device=self.device, progress=progress,
-                             library_id=library_id, interval=interval, tta=tta)
+                             library_id=library_id, interval=interval, tta=tta, device=self.device, **run)
 
     def predict_cells(self, cells, image, x_col: str = "x", y_col: str = "y", id_col: str | None = None,
                       mpp: float | None = None, drop_outside: bool = False, batch_size: int = 16,

@@ -10,16 +10,18 @@ from deepspot.config import CellGeometry, CheckpointError, GridSpec, SpotGeometr
 from deepspot.features.encoders import load_encoder
 
 
-def _read_samples(samples, cells: bool = False, progress: bool = False):
+def _read_samples(samples, cells: bool = False):
     """A manifest path read into loaded Samples (every row read and checked before any compute, one progress
-    bar over the rows); anything else as given. ``cells``: the rows are cells (pooled later, not here)."""
+    bar over the rows when ``ds.settings.progress``); anything else as given. ``cells``: the rows are cells
+    (pooled later, not here)."""
     if isinstance(samples, (str, Path)):
         from rich.progress import track
 
+        from deepspot.config.runtime import settings
         from deepspot.training.manifest import load_sample, read_manifest
 
         specs = read_manifest(samples)
-        rows = track(specs, description="reading samples", disable=not progress or len(specs) < 2)
+        rows = track(specs, description="reading samples", disable=not settings.progress or len(specs) < 2)
         return [load_sample(s, cells=cells) for s in rows]
     return samples
 
@@ -60,8 +62,8 @@ def _many_samples(samples):
 
 
 def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss, max_epochs,
-                patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir, manifest=None, preset=None,
-                **options) -> "Model":
+                patience, seed, hidden, n_ensemble, log_dir, manifest=None, preset=None, **options) -> "Model":
+    from deepspot.config.runtime import settings
     from deepspot.training.recipe import preset_panel, spot_preset
     from deepspot.training.multi_sample import train_samples
 
@@ -77,7 +79,7 @@ def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n
     enc = (_named_encoder(encoder, patch_feature_dim(files[0]), files[0]) if files
            else load_encoder(encoder, weights=encoder_weights))
     res = train_samples(samples, enc, recipe=recipe, genes=genes, n_top_genes=n_top_genes,
-                        cache_dir=_feature_cache(cache_dir, out), progress=progress, log_dir=log_dir,
+                        cache_dir=_feature_cache(settings.cache_dir, out), progress=settings.progress, log_dir=log_dir,
                         context=context, loss=loss,
                         max_epochs=max_epochs, patience=patience, seed=seed, hidden=hidden, n_ensemble=n_ensemble,
                         **options)
@@ -131,8 +133,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
           cells: bool = False, context: str = "spot_subspot_neighbors", genes: list[str] | None = None,
           n_top_genes: int | None = None, loss: str | None = None, max_epochs: int | None = None,
           patience: int | None = None, seed: int = 2024, hidden: int | None = None, n_ensemble: int | None = None,
-          aggregate: str = "sum",
-          cache_dir=None, num_workers: int = 0, progress: bool = True, log_dir=None, preset: str | None = None,
+          aggregate: str = "sum", log_dir=None, preset: str | None = None,
           add_genes: list[str] | None = None, init_from: str | Path | None = None, freeze: str = "none",
           features_h5: str | Path | None = None, **many_options) -> Model:
     """Train a model on one sample and score it on a held-out side of the image; returns the :class:`Model`
@@ -165,7 +166,27 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     ``features_h5`` (one sample, spot models): the spot features from a TRIDENT / HEST patch-feature file
     (:mod:`deepspot.features.external`) instead of running ``encoder``, which then only names the encoder
     that made them (recorded in the checkpoint; its dim is the file's). No sub-spots: a context without them.
+
+    ``progress``, ``cache_dir`` (the feature cache; default: ``<out>/features`` when writing ``out``) and
+    ``num_workers`` (slide-reading processes; default here 0) are :data:`deepspot.settings`; given here,
+    they hold for this call.
     """
+    from deepspot.config.runtime import settings
+
+    run = {k: many_options.pop(k) for k in ("progress", "cache_dir", "num_workers") if k in many_options}
+    with settings.override(**run):
+        return _train(samples, image, model, out, encoder, encoder_weights, mpp, geometry, grid, cells, context,
+                      genes, n_top_genes, loss, max_epochs, patience, seed, hidden, n_ensemble, aggregate,
+                      log_dir, preset, add_genes, init_from, freeze, features_h5, many_options)
+
+
+def _train(samples, image, model, out, encoder, encoder_weights, mpp, geometry, grid, cells, context, genes,
+           n_top_genes, loss, max_epochs, patience, seed, hidden, n_ensemble, aggregate, log_dir, preset, add_genes,
+           init_from, freeze, features_h5, many_options) -> Model:
+    from deepspot.config.runtime import settings
+
+    cache_dir, progress = settings.cache_dir, settings.progress
+    num_workers = 0 if settings.num_workers is None else settings.num_workers  # training reads in this process
     from deepspot.config import CELL_MODELS, MODEL_KINDS, resolve_mpp
     from deepspot.evaluation.holdout import score_holdout
     from deepspot.geometry.grid import pool_cells
@@ -177,7 +198,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
 
         checkpoint_folder(out).check()  # refused before any data is read, never emptied
     manifest = str(Path(samples).resolve()) if isinstance(samples, (str, Path)) else None
-    samples = _read_samples(samples, cells=cells, progress=progress)
+    samples = _read_samples(samples, cells=cells)
     many = _many_samples(samples)
     if features_h5 is None and many is None:  # a one-row manifest's features_h5 column
         from deepspot.training.manifest import features_files
@@ -213,7 +234,7 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
         if add_genes:
             many_options["add_genes"] = list(add_genes)
         return _train_many(many, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss,
-                           max_epochs, patience, seed, hidden, n_ensemble, cache_dir, progress, log_dir,
+                           max_epochs, patience, seed, hidden, n_ensemble, log_dir,
                            manifest=manifest, preset=preset, **many_options)
     data, image, sample_mpp = _one_sample(samples, image)
     mpp = mpp if mpp is not None else sample_mpp

@@ -49,16 +49,20 @@ def predict_cohort(
     Exit code 1 when any slide failed; _summary.csv in the output folder lists every slide and its reason.
     """
     from deepspot.cli import on_interrupt
+    from deepspot.config.requests import CohortRequest
+    from deepspot.config.runtime import settings
     from deepspot.inference.cohort import run_cohort
 
+    # parse -> request (checked once) -> run
+    request = CohortRequest(manifest, model, out, backend=backend, address=address, num_cpus=num_cpus,
+                            num_gpus=num_gpus, max_in_flight=max_in_flight, retry_failed=retry_failed, mpp=mpp,
+                            tissue=tissue, batch_size=batch_size, num_workers=num_workers, plot_genes=plot_genes,
+                            device=device, autocast=autocast, encoder_weights=encoder_weights, cache_dir=cache_dir,
+                            new_run=new_run, overwrite=overwrite, fmt=fmt)
     on_interrupt(f"slides finished so far are kept in {out} (rerun the same command to resume); "
                  f"no partial files")
-
-    s = run_cohort(manifest, model, out, backend=backend, address=address, num_cpus=num_cpus, num_gpus=num_gpus,
-                   max_in_flight=max_in_flight, retry_failed=retry_failed, mpp=mpp, tissue=tissue,
-                   batch_size=batch_size, num_workers=num_workers, plot_genes=plot_genes, device=device,
-                   autocast=autocast, encoder_weights=encoder_weights, cache_dir=cache_dir, progress=progress,
-                   echo=console.print, new_run=new_run, overwrite=overwrite, fmt=fmt)
+    with settings.override(progress=progress):
+        s = run_cohort(request, echo=console.print)
     spots = sum(r.n_spots for r in s.ran if r.ok)
     console.print(f"ran {len(s.ran)} slides in {s.seconds:.1f} s ({spots} spots); "
                   f"{s.n_done} done in total, {len(s.failures)} failed → {s.out_dir}")

@@ -293,52 +293,35 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
     import time
     import warnings
 
-    from deepspot.inference.preflight import check_predict
+    from deepspot.config.requests import PredictRequest
+    from deepspot.config.runtime import settings
 
-    from deepspot.inference.preflight import check_options
-
-    check_options(spacing=spacing, min_tissue=min_tissue, batch_size=batch_size, spot_px=spot_px,
-                  spacing_px=spacing_px, num_workers=num_workers)
-    if not slide.exists():
-        raise FileNotFoundError(f"{slide}: file not found")
-    if fmt not in ("h5ad", "spatialdata"):
-        raise ValueError(f"--format {fmt!r}: use h5ad or spatialdata")
-    if fmt == "spatialdata":
-        from deepspot.extras import require
-
-        require("spatialdata", "spatialdata", "--format spatialdata")
+    # parse -> request (checked once: options, the slide exists, the format, gene names) -> plan -> run
+    request = PredictRequest.from_options(
+        slide, genes=genes, out=out, model=model, mpp=mpp, tissue=tissue, min_tissue=min_tissue, fast=fast,
+        layout=layout, spacing=spacing, geometry=geometry, spot_px=spot_px, spacing_px=spacing_px,
+        batch_size=batch_size, n_plot=plot_genes, interval=interval, tta=tta, fmt=fmt, overwrite=overwrite,
+        encoder_weights=encoder_weights)
     if features_h5 is not None:
-        _predict_features_h5(slide, model, out, features_h5, mpp, overwrite, encoder_weights)
+        if fmt == "spatialdata":
+            from deepspot.extras import require
+
+            require("spatialdata", "spatialdata", "--format spatialdata")
+        _predict_features_h5(request, features_h5)
         return
-    # before torch is imported: the output folder first, then the checkpoint, genes, slide, previous result
-    only_reliable = (genes or "").strip().lower() == "reliable"
-    genes = None if only_reliable else genes
-    check_predict(slide, model, out, mpp=mpp, overwrite=overwrite, genes=_split(genes), geometry=geometry, fmt=fmt)
-    keep = None
-    if only_reliable:
-        from deepspot.config import read_config_file
-        from deepspot.reliability import NO_VALIDATION, trusted_genes
+    from deepspot.inference.predict_plan import plan_prediction
 
-        keep = trusted_genes(read_config_file(model))
-        if not keep:
-            raise ValueError(f"{model}: --genes reliable: no gene is marked reliable"
-                             + ("" if "reliability" in read_config_file(model).extra else f" ({NO_VALIDATION})"))
+    with settings.override(progress=progress, num_workers=num_workers, cache_dir=cache_dir, device=device):
+        # before torch is imported: the output folder, the checkpoint's config, genes, the slide (opened here,
+        # once, and kept open for the run), a previous result
+        with plan_prediction(request, model) as plan:
+            import deepspot as ds
 
-    import deepspot as ds
-    t0 = time.perf_counter()
-    m = ds.load_model(model, device=device, encoder_weights=encoder_weights)
-    geo = None
-    if geometry is not None or spot_px is not None or spacing_px is not None:
-        if geometry is None:
-            raise ValueError("--spot-px / --spacing-px need --geometry original")
-        geo = ds.geometry_preset(geometry, spot_px=spot_px, spacing_px=spacing_px, like=m.config.geometry)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pred = m.predict_slide(slide, out=out, genes=_split(genes), mpp=mpp, tissue=tissue, min_tissue=min_tissue,
-                               fast=fast, layout=layout, spacing=spacing, batch_size=batch_size,
-                               num_workers=num_workers, cache_dir=cache_dir, progress=progress, geometry=geo,
-                               overwrite=overwrite, as_spatialdata=fmt == "spatialdata", n_plot=plot_genes,
-                               interval=interval or None, keep_genes=keep, tta=tta)
+            t0 = time.perf_counter()
+            m = ds.load_model(model, device=device, encoder_weights=encoder_weights)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pred = m.predict_slide(plan)
     pred = pred.tables["table"] if fmt == "spatialdata" else pred
     info = pred.uns["deepspot"]
     notes = [f"geometry: {n}" for n in info["geometry_notes"]] + [str(n) for n in info.get("notes", [])]
@@ -348,16 +331,18 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
                   f"{info['outputs'][0]} ({time.perf_counter() - t0:.0f} s)")
 
 
-def _predict_features_h5(slide: Path, model: Path, out: Path, features_h5: Path, mpp, overwrite: bool,
-                         encoder_weights) -> None:
+def _predict_features_h5(request, features_h5: Path) -> None:
     """`predict --features-h5`: every patch of the file predicted, no encoder run (deepspot.inference.external)."""
     import time
 
+    from deepspot.config.output_names import prediction_files
     from deepspot.inference import preflight
 
+    slide, model, out, mpp = request.slide, request.model, request.out, request.mpp
+    overwrite, encoder_weights = request.overwrite, request.encoder_weights
     t0 = time.perf_counter()
     preflight.check_out_dir(out)
-    name = f"{slide.stem}.h5ad"
+    name = prediction_files(slide.stem)[0]
     preflight.check_previous(out, [name], overwrite)
     if not features_h5.is_file():
         raise FileNotFoundError(f"{features_h5}: file not found")
@@ -409,9 +394,6 @@ def plot(h5ad: Path = typer.Argument(..., help="Predictions (.h5ad)."),
         console.print(f"wrote {p1} and {p2}")
 
 
-_SCORE_FILES = ("per_gene.csv", "summary.csv", "features")
-
-
 @app.command()
 def score(model: Path = typer.Option(..., help="Checkpoint folder written by `deepspot train`."),
           manifest: Path = typer.Option(..., help="CSV of annotated samples to score on (as `evaluate` reads)."),
@@ -427,38 +409,36 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
     """Predict at the annotated spots of each sample and score per gene against its counts."""
     import time
 
+    from deepspot.config import output_names as names
+    from deepspot.config.requests import ScoreRequest
+    from deepspot.config.runtime import settings
     from deepspot.training.manifest import read_manifest
 
+    # parse -> request (checked once) -> run
+    request = ScoreRequest(manifest, out=out, model=model, baseline=baseline, features_h5=features_h5,
+                           encoder_weights=encoder_weights)
     read_manifest(manifest)  # a bad CSV is reported before torch and the model are loaded
     import deepspot as ds
     from deepspot.io.outputs import write_csv
     from deepspot.io.owner import OutputFolder
 
     t0 = time.perf_counter()
-    owner = OutputFolder(out, "score", legacy=lambda n: n in _SCORE_FILES or n.endswith("_score.png")).check()
+    owner = OutputFolder(out, "score", legacy=names.is_score_file).check()
     m = ds.load_model(model, encoder_weights=encoder_weights)
     m._require(cells=False)  # a cell model is refused before any sample is read or encoded
-    ridge_train = None
-    if baseline is not None:
-        ridge_train = Path(baseline)
-        if baseline.strip().lower() == "ridge":
-            src = m.config.training.get("manifest")
-            if not src or not Path(src).exists():
-                raise ValueError(f"{model}: --baseline ridge needs the training manifest, which this checkpoint "
-                                 f"does not record{f' ({src} is gone)' if src else ''}; give its path instead")
-            ridge_train = Path(src)
+    m._ridge_train(request)  # --baseline ridge without a recorded training manifest: refused before any work
     owner.open()
-    mine = lambda: [p.name for p in out.iterdir() if p.name in _SCORE_FILES or p.name.endswith("_score.png")]  # noqa: E731
+    mine = lambda: [p.name for p in out.iterdir() if names.is_score_file(p.name)]  # noqa: E731
     try:
-        per_gene, summary = m.score(manifest, cache_dir=cache_dir or out / "features", progress=progress, plots=out,
-                                    ridge_train=ridge_train, features_h5=features_h5)
-        write_csv(per_gene.set_index(["sample_id", "gene"]), out / "per_gene.csv")
-        write_csv(summary.set_index("sample_id"), out / "summary.csv")
+        with settings.override(progress=progress, cache_dir=cache_dir or out / names.SCORE_FEATURES):
+            per_gene, summary = m.score(request)
+        write_csv(per_gene.set_index(["sample_id", "gene"]), out / names.SCORE_PER_GENE)
+        write_csv(summary.set_index("sample_id"), out / names.SCORE_SUMMARY)
     except BaseException:
         owner.written = [n for n in mine() if n not in owner.previous]
         owner.abort()
         raise
     owner.record(*mine())
     console.print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), soft_wrap=True)
-    console.print(f"wrote {out / 'per_gene.csv'}, {out / 'summary.csv'} and a PNG per sample "
-                  f"({out / '<sample_id>_score.png'}) in {time.perf_counter() - t0:.0f} s", soft_wrap=True)
+    console.print(f"wrote {out / names.SCORE_PER_GENE}, {out / names.SCORE_SUMMARY} and a PNG per sample "
+                  f"({out / names.score_plot('<sample_id>')}) in {time.perf_counter() - t0:.0f} s", soft_wrap=True)

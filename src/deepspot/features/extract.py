@@ -30,6 +30,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 
 from deepspot.features.views import view_crops, view_tag
 from deepspot.config import FEATURE_MODES, check_choice
+from deepspot.config.runtime import settings
 from deepspot.features.store import (FeatureWriter, Features, StoredFeatures, feature_key, match_centers,
                                      store_centers)
 from deepspot.features.tiles import make_crops, pool_regions, read_size, spot_boxes
@@ -70,12 +71,13 @@ class SpotCropDataset(Dataset):
 
     def __init__(self, slide_path, mpp, centers: np.ndarray, tile_px: float, out_size: int, n_sub: int,
                  subspot_rule: str = "split"):
+        slide_path, self._borrowed = _source(slide_path)  # an open Slide is read, never closed, here
         self.slide_path, self.mpp = str(slide_path), mpp
         self.boxes = spot_boxes(centers, tile_px)
         self.out_size, self.n_sub, self.subspot_rule = out_size, n_sub, subspot_rule
         # one read size per box: boxes of varying size (cells cropped by their polygon's box) each read at theirs
         self.read_px = np.broadcast_to(read_size(tile_px, out_size, n_sub, subspot_rule), (len(self.boxes),))
-        self._slide = None
+        self._slide = self._borrowed
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -104,14 +106,23 @@ class SpotCropDataset(Dataset):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_slide"] = None
+        state["_slide"] = state["_borrowed"] = None
         return state
 
     def close(self) -> None:
-        """Close this process's slide handle (workers close theirs when they exit)."""
-        if self._slide is not None:
+        """Close this process's slide handle (workers close theirs when they exit); a borrowed one (an
+        open Slide given in place of a path) stays open for its owner."""
+        if self._slide is not None and self._slide is not self._borrowed:
             self._slide.close()
-            self._slide = None
+        self._slide = self._borrowed
+
+
+def _source(slide):
+    """(path, open Slide or None) of what a caller gave: a path, or an open Slide (read through, the
+    slide a prediction plan holds open, so that a prediction opens its slide once)."""
+    if hasattr(slide, "read_scaled") and hasattr(slide, "path"):
+        return slide.path, slide
+    return slide, None
 
 
 @dataclass
@@ -164,9 +175,8 @@ def encode_batch(encoder, crops: torch.Tensor, n_sub: int, mode: str = "standard
 
 def encode_spots(slide_path, centers: np.ndarray, tile_px, encoder, sink: Callable, n_sub: int = 3,
                  mode: str = "standard", mpp: float | None = None, batch_size: int = 16,
-                 num_workers: int | None = None, device="cpu", autocast_dtype=None, progress: bool = True,
                  stats: ExtractStats | None = None, subspot_rule: str = "split", what: str = "spots",
-                 view: int = 0, stain_sigma: float = 0.0, view_seed: int = 0) -> ExtractStats:
+                 view: int = 0, stain_sigma: float = 0.0, view_seed: int = 0, **run) -> ExtractStats:
     """Encode spots in order, calling ``sink(start, centers, spot (B,d), subspot (B,S,d)|None)`` per batch.
 
     centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px, or one side per crop (N,) (cells
@@ -175,10 +185,14 @@ def encode_spots(slide_path, centers: np.ndarray, tile_px, encoder, sink: Callab
     ('spots', 'cells'). Reading runs in
     ``num_workers`` DataLoader processes (None: :func:`default_num_workers`; 0: in this process).
     ``view`` / ``stain_sigma`` / ``view_seed``: encode every crop as that dihedral view, with that HED
-    stain jitter (:mod:`deepspot.features.views`; 0, 0: the crops as read).
+    stain jitter (:mod:`deepspot.features.views`; 0, 0: the crops as read). ``slide_path`` may be an open
+    Slide (read through, not closed). ``num_workers``, ``device``, ``autocast_dtype`` and ``progress`` are
+    :data:`deepspot.settings`; given as keywords (``run``) they hold for this call.
     """
     from deepspot.io.slides import SlideError
 
+    run = settings.resolve(**run)
+    num_workers, device, autocast_dtype, progress = run.num_workers, run.device, run.autocast_dtype, run.progress
     check_mode(mode)
     stats = stats if stats is not None else ExtractStats()
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
@@ -186,7 +200,8 @@ def encode_spots(slide_path, centers: np.ndarray, tile_px, encoder, sink: Callab
     if n == 0:
         return stats
     n_crop = 1 + s if mode == "standard" else 1
-    ds = SpotCropDataset(slide_path, mpp, centers, tile_px, encoder.input_size, n_sub if mode == "standard" else 0,
+    source, slide_path = slide_path, _source(slide_path)[0]
+    ds = SpotCropDataset(source, mpp, centers, tile_px, encoder.input_size, n_sub if mode == "standard" else 0,
                          subspot_rule)
     workers = default_num_workers() if num_workers is None else int(num_workers)
     workers = min(workers, max(1, (n + batch_size - 1) // batch_size))
@@ -231,17 +246,19 @@ def store_path_for(cache_dir, slide_path, encoder, tile_px: float, n_sub: int, m
 
 def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, store_path, n_sub: int = 3,
                      mode: str = "standard", mpp: float | None = None, batch_size: int = 16,
-                     num_workers: int | None = None, device="cpu", autocast_dtype=None, progress: bool = True,
                      stats: ExtractStats | None = None, subspot_rule: str = "split",
                      what: str = "spots", view: int = 0, stain_sigma: float = 0.0,
-                     view_seed: int = 0) -> StoredFeatures:
+                     view_seed: int = 0, **run) -> StoredFeatures:
     """Encode what ``store_path`` lacks and return the features of ``centers`` read lazily from it.
 
     Centres already in a finished store are reused; only new ones are encoded, appended behind the old
-    rows (copied over chunk by chunk). Memory stays flat in the number of spots.
+    rows (copied over chunk by chunk). Memory stays flat in the number of spots. ``run``: the settings of
+    this call, as for :func:`encode_spots`.
     """
+    settings.resolve(**run)  # an unknown keyword fails before the store is touched
     stats = stats if stats is not None else ExtractStats()
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+    source, slide_path = slide_path, _source(slide_path)[0]
     store_path = Path(store_path)
     stats.store = str(store_path)
     s = n_sub * n_sub
@@ -261,10 +278,9 @@ def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, s
             return StoredFeatures(store_path, np.arange(len(centers)))
         writer = FeatureWriter(store_path, len(centers), encoder.dim, s, attrs)
         try:
-            encode_spots(slide_path, centers, tile_px, encoder, lambda start, c, f, sf: writer.write(start, c, f, sf),
-                         n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, num_workers=num_workers,
-                         device=device, autocast_dtype=autocast_dtype, progress=progress, stats=stats,
-                         subspot_rule=subspot_rule, what=what, view=view, stain_sigma=stain_sigma,
+            encode_spots(source, centers, tile_px, encoder, lambda start, c, f, sf: writer.write(start, c, f, sf),
+                         n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, stats=stats,
+                         subspot_rule=subspot_rule, **run, what=what, view=view, stain_sigma=stain_sigma,
                          view_seed=view_seed)
             writer.close()
         except BaseException:
@@ -287,10 +303,9 @@ def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, s
             for a in range(0, len(old), 1024):
                 b = min(a + 1024, len(old))
                 writer.write(a, old[a:b], prev.spot_rows(np.arange(a, b)), prev.subspot_range(a, b))
-        encode_spots(slide_path, new_centers, tile_px, encoder,
+        encode_spots(source, new_centers, tile_px, encoder,
                      lambda start, c, f, sf: writer.write(len(old) + start, c, f, sf), n_sub=n_sub, mode=mode,
-                     mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
-                     autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=subspot_rule,
+                     mpp=mpp, batch_size=batch_size, stats=stats, subspot_rule=subspot_rule, **run,
                      what=what, view=view, stain_sigma=stain_sigma, view_seed=view_seed)
         writer.close()
     except BaseException:
@@ -300,11 +315,9 @@ def extract_to_store(slide_path, centers: np.ndarray, tile_px: float, encoder, s
 
 
 def extract_features(slide_path, centers: np.ndarray, tile_px: float, encoder, n_sub: int = 3,
-                     mpp: float | None = None, cache_dir: str | Path | None = None, batch_size: int = 16,
-                     num_workers: int | None = 0, device: str | torch.device = "cpu", autocast_dtype=None,
-                     progress: bool = True, stats: ExtractStats | None = None, mode: str = "standard",
-                     subspot_rule: str = "split", what: str = "spots", view: int = 0, stain_sigma: float = 0.0,
-                     view_seed: int = 0) -> Features:
+                     mpp: float | None = None, batch_size: int = 16, stats: ExtractStats | None = None,
+                     mode: str = "standard", subspot_rule: str = "split", what: str = "spots", view: int = 0,
+                     stain_sigma: float = 0.0, view_seed: int = 0, **run) -> Features:
     """Encode the spot crop and n×n sub-spot crops of every centre once; features in memory.
 
     centers: (N,2) level-0 (x, y) px; tile_px: spot side in level-0 px.
@@ -312,15 +325,19 @@ def extract_features(slide_path, centers: np.ndarray, tile_px: float, encoder, n
     With ``cache_dir``, one store per (slide, encoder, crop geometry, mode) holds features by centre:
     centres already in it are reused, only the new ones are encoded and added. For whole slides use
     :func:`extract_to_store`, which never holds all features in memory. ``view`` etc.: see
-    :func:`encode_spots` (each view has its own store).
+    :func:`encode_spots` (each view has its own store). ``run``: the settings of this call (``cache_dir``,
+    ``num_workers`` (default here 0: read in this process), ``device``, ``autocast_dtype``, ``progress``).
     """
     stats = stats if stats is not None else ExtractStats()
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
-    common = dict(n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
-                  autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=subspot_rule, what=what,
-                  view=view, stain_sigma=stain_sigma, view_seed=view_seed)
+    cache_dir = run.pop("cache_dir") if "cache_dir" in run else settings.cache_dir
+    if "num_workers" not in run and settings.num_workers is None:
+        run["num_workers"] = 0
+    settings.resolve(**run)  # an unknown keyword fails before any work
+    common = dict(n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, stats=stats, subspot_rule=subspot_rule,
+                  what=what, view=view, stain_sigma=stain_sigma, view_seed=view_seed, **run)
     if cache_dir is not None:
-        path = store_path_for(cache_dir, slide_path, encoder, tile_px, n_sub, mode, subspot_rule, view, stain_sigma,
+        path = store_path_for(cache_dir, _source(slide_path)[0], encoder, tile_px, n_sub, mode, subspot_rule, view, stain_sigma,
                               view_seed)
         return extract_to_store(slide_path, centers, tile_px, encoder, path, **common).load()
     n, s = len(centers), n_sub * n_sub

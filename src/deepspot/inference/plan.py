@@ -10,12 +10,13 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from deepspot.config import TISSUE_RULES, GridSpec, ModelConfig, SpotGeometry, geometry_preset, resolve_mpp
+from deepspot.config import TISSUE_RULES, GridSpec, ModelConfig, SpotGeometry, resolve_mpp
 from deepspot.geometry.grid import make_grid
 from deepspot.geometry.neighbors import array_neighbors
 from deepspot.features.tiles import spot_boxes
 from deepspot.geometry.tissue import BACKGROUND_MEAN_RGB, tile_mean_rgb, tissue_spots
 from deepspot.io.slides import open_slide
+from deepspot.inference.predict_plan import with_geometry as _with_geometry
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class SlidePlan:
     thumbnail: np.ndarray
     tissue: str
     notes: list[str] = field(default_factory=list)
+    slide: object = field(default=None, repr=False)  # the open Slide to read pixels from (None: open slide_path)
 
     @property
     def scale(self) -> float:
@@ -86,61 +88,79 @@ def plan_slide(slide_path, geometry: SpotGeometry, mpp: float | None = None, tis
     """Grid + tissue filter + thumbnail of a slide. ``layout`` ('hex'/'square') and ``spacing`` (grid unit)
     override the checkpoint's grid; the spot diameter (crop size) always stays the model's. ``tissue``:
     None = the geometry's rule (``tile_mean_rgb`` for the original's presets), else 'otsu'.
-    Raises SlideError (corrupt/unsupported file, no mpp for a µm model: pass ``mpp``)."""
+    Raises SlideError (corrupt/unsupported file, no mpp for a µm model: pass ``mpp``). Opens the slide and
+    closes it again; a prediction plan lays its grid on the slide it holds open (:func:`plan_grid`)."""
+    with open_slide(slide_path, mpp=mpp) as slide:
+        mpp_used = resolve_mpp(slide, mpp, needs_um=_grid(geometry, layout, spacing).needs_mpp)
+        plan = lay_grid(slide, slide_path, geometry, mpp_used, tissue=tissue, min_tissue_fraction=min_tissue_fraction,
+                        thumbnail_size=thumbnail_size, layout=layout, spacing=spacing, meta=meta)
+    plan.slide = None
+    return plan
+
+
+def plan_grid(plan) -> SlidePlan:
+    """The grid of a :class:`~deepspot.inference.predict_plan.PredictPlan`, laid on the slide it holds open
+    at the mpp it resolved (no second open); the returned plan reads pixels through that handle."""
+    r = plan.request
+    return lay_grid(plan.slide, r.slide, plan.config.geometry, plan.mpp, tissue=r.tissue,
+                    min_tissue_fraction=r.min_tissue, thumbnail_size=r.thumbnail_size, layout=r.layout,
+                    spacing=r.spacing, meta=r.meta)
+
+
+def _grid(geometry: SpotGeometry, layout, spacing) -> GridSpec:
+    grid_spec = geometry.grid
+    if layout is not None or spacing is not None:
+        grid_spec = replace(grid_spec, layout=layout or grid_spec.layout,
+                            spacing=spacing if spacing is not None else grid_spec.spacing)
+    return grid_spec
+
+
+def lay_grid(slide, slide_path, geometry: SpotGeometry, mpp_used: float | None, tissue: str | None = None,
+             min_tissue_fraction: float = 0.1, thumbnail_size: int = 2000, layout: str | None = None,
+             spacing: float | None = None, meta: dict | None = None) -> SlidePlan:
+    """:func:`plan_slide` on an open ``slide`` whose mpp is resolved (``mpp_used``)."""
     from deepspot.inference.preflight import check_options
 
     tissue = tissue or geometry.tissue or "otsu"
     if tissue not in TISSUE_RULES:
         raise ValueError(f"unknown tissue method {tissue!r}; use {', '.join(TISSUE_RULES)}")
     check_options(spacing=spacing, min_tissue=min_tissue_fraction)
-    grid_spec = geometry.grid
-    if layout is not None or spacing is not None:
-        grid_spec = replace(grid_spec, layout=layout or grid_spec.layout,
-                            spacing=spacing if spacing is not None else grid_spec.spacing)
+    grid_spec = _grid(geometry, layout, spacing)
     geometry = replace(geometry, grid=grid_spec)
-    with open_slide(slide_path, mpp=mpp) as slide:
-        mpp_used = resolve_mpp(slide, mpp, needs_um=grid_spec.needs_mpp)
-        spec = grid_spec.in_pixels(mpp_used)
-        notes = []
-        if grid_spec.unit == "um":
-            notes = geometry_report(grid_spec.spot_diameter, grid_spec.spacing, mpp_used, meta)[1]
-        for n in notes:
-            log.info("%s: %s", slide_path, n)
-        if spec.spot_diameter < 8:
-            raise ValueError(f"{slide_path}: a spot is {spec.spot_diameter:.1f} px at {mpp_used} µm/px; is the mpp right?")
-        w, h = slide.dimensions
-        at = f" at {mpp_used:g} µm/px" if mpp_used else ""
-        n_est = (w / max(spec.spacing, 1e-9) + 1) * (h / max(spec.spacing, 1e-9) + 1)
-        if n_est > MAX_GRID_SPOTS:
-            raise ValueError(f"{slide_path}: a grid of about {n_est:.3g} spots (spacing {spec.spacing:.3g} px{at}) "
-                             f"is over {MAX_GRID_SPOTS:.0e}; check --spacing and the mpp")
-        grid = make_grid(w, h, spec)
-        if len(grid) == 0:
-            raise ValueError(f"{slide_path}: the grid is empty: the image ({w}×{h} px) is smaller than one spot "
-                             f"({spec.spot_diameter:.0f} px{at}); is the mpp right?")
-        thumb = slide.get_thumbnail(thumbnail_size)
-        if tissue == "tile_mean_rgb":  # the original's filter: each full-resolution tile's mean RGB
-            boxes = spot_boxes(grid[["x", "y"]].to_numpy(), spec.spot_diameter)
-            keep = tile_mean_rgb(slide, boxes) <= BACKGROUND_MEAN_RGB
-        else:
-            keep = tissue_spots(slide, grid, spec.spot_diameter, method=tissue, min_fraction=min_tissue_fraction,
-                                view=thumb)
+    spec = grid_spec.in_pixels(mpp_used)
+    notes = []
+    if grid_spec.unit == "um":
+        notes = geometry_report(grid_spec.spot_diameter, grid_spec.spacing, mpp_used, meta)[1]
+    for n in notes:
+        log.info("%s: %s", slide_path, n)
+    if spec.spot_diameter < 8:
+        raise ValueError(f"{slide_path}: a spot is {spec.spot_diameter:.1f} px at {mpp_used} µm/px; is the mpp right?")
+    w, h = slide.dimensions
+    at = f" at {mpp_used:g} µm/px" if mpp_used else ""
+    n_est = (w / max(spec.spacing, 1e-9) + 1) * (h / max(spec.spacing, 1e-9) + 1)
+    if n_est > MAX_GRID_SPOTS:
+        raise ValueError(f"{slide_path}: a grid of about {n_est:.3g} spots (spacing {spec.spacing:.3g} px{at}) "
+                         f"is over {MAX_GRID_SPOTS:.0e}; check --spacing and the mpp")
+    grid = make_grid(w, h, spec)
+    if len(grid) == 0:
+        raise ValueError(f"{slide_path}: the grid is empty: the image ({w}×{h} px) is smaller than one spot "
+                         f"({spec.spot_diameter:.0f} px{at}); is the mpp right?")
+    thumb = slide.get_thumbnail(thumbnail_size)
+    if tissue == "tile_mean_rgb":  # the original's filter: each full-resolution tile's mean RGB
+        boxes = spot_boxes(grid[["x", "y"]].to_numpy(), spec.spot_diameter)
+        keep = tile_mean_rgb(slide, boxes) <= BACKGROUND_MEAN_RGB
+    else:
+        keep = tissue_spots(slide, grid, spec.spot_diameter, method=tissue, min_fraction=min_tissue_fraction,
+                            view=thumb)
     return SlidePlan(Path(slide_path), geometry, spec, mpp_used, grid[keep].reset_index(drop=True), len(grid),
-                     (int(w), int(h)), thumb, tissue, notes)
+                     (int(w), int(h)), thumb, tissue, notes, slide=slide)
 
 
 
 def with_geometry(config: ModelConfig, geometry: SpotGeometry | str | None) -> ModelConfig:
-    """``config`` predicting on another spot geometry: a :class:`SpotGeometry`, or a preset name
-    (:func:`~deepspot.config.geometry_preset`; the model's n_sub, neighbour radius and feature mode are
-    kept). None: the checkpoint's own."""
-    if geometry is None:
-        return config
-    if isinstance(geometry, str):
-        geometry = geometry_preset(geometry, like=config.geometry)
-    if not isinstance(geometry, SpotGeometry):
-        raise ValueError(f"geometry must be a preset name or a SpotGeometry, got {type(geometry).__name__}")
-    return config.replace(geometry=geometry)
+    """``config`` predicting on another spot geometry (a preset name or a SpotGeometry; None: its own):
+    :func:`deepspot.inference.predict_plan.with_geometry`."""
+    return _with_geometry(config, geometry)
 
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from deepspot.config import gene_name_faults, resolve_mpp
+from deepspot.config import resolve_mpp
+# the request's checks and the output names live in config; their preflight import paths are kept
+from deepspot.config.output_names import is_prediction_file, prediction_files
+from deepspot.config.requests import check_gene_list, check_options
 from deepspot.io.slides import open_slide
 
 __all__ = ["check_gene_list", "check_options", "check_out_dir", "check_out_file", "check_predict", "check_previous", "check_slide", "is_prediction_file",
@@ -42,16 +45,6 @@ def check_out_file(out: str | os.PathLike, option: str = "--out") -> Path:
     return out
 
 
-def prediction_files(name: str, fmt: str = "h5ad") -> tuple[str, str, str]:
-    """The files ``predict`` writes for a slide called ``name`` (``fmt`` 'spatialdata': ``<name>.zarr``)."""
-    return f"{name}.zarr" if fmt == "spatialdata" else f"{name}.h5ad", f"{name}_spots.csv", f"{name}_genes.png"
-
-
-def is_prediction_file(name: str) -> bool:
-    """A name ``predict`` writes (a folder of such names, made before run records, is a previous result)."""
-    return name.endswith((".h5ad", "_spots.csv", "_genes.png", ".zarr"))
-
-
 def prediction_folder(out, command: str = "predict"):
     """The :class:`~deepspot.io.owner.OutputFolder` of a prediction run into ``out``."""
     from deepspot.io.owner import OutputFolder
@@ -79,44 +72,6 @@ def check_slide(path, mpp: float | None = None, needs_um: bool = True, thumbnail
         return tuple(slide.dimensions), mpp_used
 
 
-def check_gene_list(genes, option: str = "--genes") -> None:
-    """A gene list the user gave: no empty and no repeated names."""
-    if not genes:
-        return
-    blank, dups = gene_name_faults(genes)
-    if blank:
-        raise ValueError(f"{option}: empty gene name at position {blank[0]}")
-    if dups:
-        raise ValueError(f"{option}: repeated gene names ({', '.join(dups[:3])}{' …' if len(dups) > 3 else ''})")
-
-
-def check_options(spacing=None, min_tissue=None, batch_size=None, spot_px=None, spacing_px=None,
-                  num_workers=None) -> None:
-    """Numeric prediction options, each a one-line error naming the option: sizes positive and finite,
-    a fraction in [0, 1], counts at least 1."""
-    import math
-
-    def number(v, option, lo=0.0, hi=math.inf, closed=False):
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            x = math.nan
-        ok = math.isfinite(x) and (lo <= x <= hi if closed else lo < x <= hi)
-        if not ok:
-            rng = f"between {lo:g} and {hi:g}" if closed else f"a positive number{f' up to {hi:g}' if hi < math.inf else ''}"
-            raise ValueError(f"{option} must be {rng}, got {v!r}")
-
-    for v, option in ((spacing, "--spacing"), (spot_px, "--spot-px"), (spacing_px, "--spacing-px")):
-        if v is not None:
-            number(v, option, hi=1e6)
-    if min_tissue is not None:
-        number(min_tissue, "--min-tissue", 0.0, 1.0, closed=True)
-    if batch_size is not None and (not float(batch_size).is_integer() or batch_size < 1):
-        raise ValueError(f"--batch-size must be a whole number of at least 1, got {batch_size!r}")
-    if num_workers is not None and num_workers < 0:
-        raise ValueError(f"--num-workers must be 0 or more, got {num_workers!r}")
-
-
 def needs_um(config, geometry=None) -> bool:
     """Whether the geometry used (``geometry``: a preset name or SpotGeometry overriding the config's) is
     in µm or picked from the magnification (the slide then needs an mpp); plain pixels need none."""
@@ -130,18 +85,16 @@ def needs_um(config, geometry=None) -> bool:
 
 def check_predict(slide, model_dir, out, mpp: float | None = None, overwrite: bool = False, genes=None,
                   geometry: str | None = None, fmt: str = "h5ad"):
-    """Everything ``deepspot predict`` can check in its first second, in order: the output folder, the
-    checkpoint's config (every field), the requested genes, the slide and its mpp, a previous result
-    in the folder. Imports neither torch nor the encoder. Returns the checked config."""
+    """Everything ``deepspot predict`` can check in its first second, in order: the request (options, the
+    slide exists), the output folder, the checkpoint's config (every field), the requested genes, the
+    slide and its mpp, a previous result in the folder. Imports neither torch nor the encoder. Returns the
+    checked config. (``deepspot predict`` itself keeps the plan this builds: the slide stays open.)"""
     from deepspot.config import read_config_file
+    from deepspot.config.requests import PredictRequest
+    from deepspot.inference.predict_plan import plan_prediction
 
-    check_out_dir(out)
-    owner = prediction_folder(out).check()
-    for name in prediction_files(Path(slide).stem, fmt):
-        owner.check_target(name, overwrite=True)  # a file of that name deepspot did not write: never replaced
-    check_gene_list(genes)
-    cfg = read_config_file(model_dir)
-    cfg.check_genes(genes, str(model_dir))
-    check_slide(slide, mpp, needs_um=needs_um(cfg, geometry))
-    check_previous(out, prediction_files(Path(slide).stem, fmt), overwrite)
-    return cfg
+    request = PredictRequest(slide, out=out, model=model_dir, mpp=mpp, overwrite=overwrite, genes=genes,
+                             geometry=geometry, fmt=fmt)
+    plan = plan_prediction(request, model_dir)
+    plan.close()
+    return read_config_file(model_dir)

@@ -8,7 +8,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from deepspot.config import ModelConfig, geometry_preset, invert_scaler
+from deepspot.config import ModelConfig, invert_scaler
+from deepspot.config.runtime import settings
 from deepspot.reliability import annotate_var, head_spread, intervals_for, spread_to_expression
 from deepspot.features.extract import ExtractStats, check_mode, extract_features, extract_to_store, store_path_for
 from deepspot.features.views import N_VIEWS, view_tag
@@ -45,37 +46,50 @@ def _skeleton(plan: SlidePlan, config: ModelConfig, library_id: str | None, mode
 
 
 def predict_plan(plan: SlidePlan, model, config: ModelConfig, encoder, sink=None, *, mode: str = "standard",
-                 mpp: float | None = None, batch_size: int = 16, num_workers: int | None = None, cache_dir=None,
-                 store_dir=None, device="cpu", autocast_dtype=None, progress: bool = True,
-                 stats: ExtractStats | None = None, predict_batch: int = 512, interval: float | None = None,
-                 bounds_sink=None, tta: bool = False) -> np.ndarray | None:
+                 mpp: float | None = None, batch_size: int = 16, store_dir=None, stats: ExtractStats | None = None,
+                 predict_batch: int = 512, interval: float | None = None, bounds_sink=None, tta: bool = False,
+                 **run) -> np.ndarray | None:
     """Encode the plan's spots (each crop once) and predict them chunk by chunk.
 
     With ``sink``, ``sink(start, predictions (B,G))`` receives each chunk in order and nothing is kept;
-    without, the (N,G) predictions are returned. Features go to the store in ``cache_dir`` (kept and
-    reused), to ``store_dir/features.zarr`` (streamed), or, with neither, stay in memory.
+    without, the (N,G) predictions are returned. Features go to the store in ``settings.cache_dir`` (kept
+    and reused), to ``store_dir/features.zarr`` (streamed), or, with neither, stay in memory.
     ``interval`` (a level the model is calibrated at) with ``bounds_sink``: ``bounds_sink(start, lower, upper)``
     receives each chunk's conformal interval (:mod:`deepspot.reliability`), in the units of the predictions.
     ``tta``: test-time augmentation, the mean of the predictions of the 8 dihedral views of every crop
     (:mod:`deepspot.features.views`; 8 encoder passes per crop, each view its own feature store); the
     interval is then drawn around that mean with the mean head spread of the views.
+    The slide is read through ``plan.slide`` when the plan holds it open. Progress, device, reader workers,
+    the feature cache and autocast are :data:`deepspot.settings`; ``run`` (``progress=False`` …) overrides
+    them for this call.
     """
+    with settings.override(**run):
+        return _predict_plan(plan, model, config, encoder, sink, mode=mode, mpp=mpp, batch_size=batch_size,
+                             store_dir=store_dir, stats=stats, predict_batch=predict_batch, interval=interval,
+                             bounds_sink=bounds_sink, tta=tta)
+
+
+def _predict_plan(plan, model, config, encoder, sink, *, mode, mpp, batch_size, store_dir, stats, predict_batch,
+                  interval, bounds_sink, tta):
+    cache_dir, device = settings.cache_dir, settings.device
     use_sub = bool(getattr(model, "use_subspots", True))
     n_sub = plan.geometry.n_sub if use_sub else 0
     mode = check_mode(mode) if n_sub else "standard"
     centers = plan.grid[["x", "y"]].to_numpy()
     tile = plan.spec.spot_diameter
     rule = plan.geometry.subspot_rule
-    common = dict(n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, num_workers=num_workers, device=device,
-                  autocast_dtype=autocast_dtype, progress=progress, stats=stats, subspot_rule=rule)
+    common = dict(n_sub=n_sub, mode=mode, mpp=mpp, batch_size=batch_size, num_workers=settings.num_workers,
+                  device=device, autocast_dtype=settings.autocast_dtype, progress=settings.progress, stats=stats,
+                  subspot_rule=rule)
+    slide = plan.slide if plan.slide is not None else plan.slide_path  # the plan's open handle: no second open
     sources = []
     for view in (range(N_VIEWS) if tta else (0,)):
         if cache_dir is not None or store_dir is not None:
             path = (store_path_for(cache_dir, plan.slide_path, encoder, tile, n_sub, mode, rule, view)
                     if cache_dir is not None else Path(store_dir) / f"features{view_tag(view)}.zarr")
-            sources.append(extract_to_store(plan.slide_path, centers, tile, encoder, path, view=view, **common))
+            sources.append(extract_to_store(slide, centers, tile, encoder, path, view=view, **common))
         else:
-            sources.append(extract_features(plan.slide_path, centers, tile, encoder, view=view, **common))
+            sources.append(extract_features(slide, centers, tile, encoder, view=view, **common))
     idx, mask = plan.neighbors()
     scaler = config.scaler
     out = None if sink is not None else np.zeros((len(centers), len(config.genes)), dtype=np.float32)

@@ -1,7 +1,6 @@
 """Cells (or spots) with positions from an h5ad or a table."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import anndata as ad

@@ -18,7 +18,6 @@ import logging
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
 import pandas as pd
 
 from deepspot.config import GridSpec, SpotGeometry

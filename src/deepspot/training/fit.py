@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from deepspot.config.requests import TrainRequest
+from deepspot.config.runtime import settings
 from deepspot.models.bags import Bags
 from deepspot.training.module import BagRegressor
 
@@ -238,23 +240,35 @@ def _scoped_process_state():
 
 
 def fit(model: torch.nn.Module, bags: Bags, targets: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-        loss: str = "mse", lr: float = 1e-4, weight_decay: float = 1e-6, batch_size: int = 64,
-        max_epochs: int = 200, patience: int = 20, seed: int = 2024, precision: str = "32-true",
-        min_epochs: int | None = None,
-        log_dir: str | Path | None = None, progress: bool = True, accelerator: str = "cpu",
-        devices: int | str = 1, strategy: str = "auto", loggers: str | Sequence[str] | None = None,
-        val_batch_size: int | None = None, monitor: str = "val_loss", min_delta: float = 0.0) -> dict:
+        request: TrainRequest | None = None, **options) -> dict:
     """Train ``model`` in place; returns a summary (best val loss, best epoch, epochs run, precision).
 
     targets: (N, G) float, rows aligned with ``bags``; train_idx / val_idx index into them (train_idx may
-    repeat indices, e.g. after oversampling). ``precision``: 32 | bf16 | fp16 or a Lightning name.
-    ``loggers``: None (CSV when ``log_dir`` is given), 'csv', 'tensorboard' or both. ``monitor``: what early
-    stopping and the kept weights follow, ``val_loss``, ``val_pearson`` (mean per-gene Pearson across
-    all validation spots) or ``train_loss`` (the original's). ``min_epochs``: no early stop before.
-    ``min_delta``: the smallest change of the monitor that counts as better for early stopping (the kept
-    weights are still those of the best value).
+    repeat indices, e.g. after oversampling). ``request``: a :class:`~deepspot.config.requests.TrainRequest`,
+    its :class:`~deepspot.config.requests.TrainRecipe` (``loss``, ``lr``, ``weight_decay``, ``batch_size``,
+    ``val_batch_size``, ``max_epochs``, ``min_epochs``, ``patience``, ``monitor``, ``min_delta``, ``seed``)
+    apart from its :class:`~deepspot.config.requests.TrainerSettings` (``precision``: 32 | bf16 | fp16 or a
+    Lightning name, ``accelerator``, ``devices``, ``strategy``, ``log_dir``, ``loggers``: None (CSV when
+    ``log_dir`` is given), 'csv', 'tensorboard' or both); or the same fields as keyword ``options``, each
+    sorted into its half. ``progress`` (a bar per epoch) overrides :data:`deepspot.settings`.
+    ``monitor``: what early stopping and the kept weights follow, ``val_loss``, ``val_pearson`` (mean
+    per-gene Pearson across all validation spots) or ``train_loss`` (the original's). ``min_epochs``: no
+    early stop before. ``min_delta``: the smallest change of the monitor that counts as better for early
+    stopping (the kept weights are still those of the best value).
     The summary's ``best_val`` is that monitor's best value.
     """
+    progress = options.pop("progress", None)
+    if request is not None and options:
+        raise TypeError(f"fit: give a request or options ({', '.join(sorted(options))}), not both")
+    request = request if request is not None else TrainRequest.of(**options)
+    if progress is None:
+        progress = settings.progress
+    rec, tr = request.recipe, request.trainer
+    loss, lr, weight_decay, batch_size, seed = rec.loss, rec.lr, rec.weight_decay, rec.batch_size, rec.seed
+    max_epochs, min_epochs, patience, monitor = rec.max_epochs, rec.min_epochs, rec.patience, rec.monitor
+    val_batch_size, min_delta = rec.val_batch_size, rec.min_delta
+    precision, accelerator, devices, strategy = tr.precision, tr.accelerator, tr.devices, tr.strategy
+    log_dir, loggers = tr.log_dir, tr.loggers
     precision = resolve_precision(precision, accelerator)
     with _scoped_process_state():
         L.seed_everything(seed, workers=True, verbose=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from deepspot.config.output_names import is_prediction_file, prediction_files
+
 STATE_FILE = "_state.jsonl"
 RUN_FILE = "_run.json"
 SUMMARY_FILE = "_summary.csv"
@@ -28,15 +30,13 @@ def output_paths(out_dir: str | Path, slide_id: str, fmt: str = "h5ad") -> dict[
     """The files a finished slide has (the gene plot, ``<id>_genes.png``, is optional); ``fmt``
     'spatialdata' has ``<id>.zarr`` in place of ``<id>.h5ad``."""
     out_dir = Path(out_dir)
-    if fmt == "spatialdata":
-        return {"zarr": out_dir / f"{slide_id}.zarr", "csv": out_dir / f"{slide_id}_spots.csv"}
-    return {"h5ad": out_dir / f"{slide_id}.h5ad", "csv": out_dir / f"{slide_id}_spots.csv"}
+    main, csv, _ = prediction_files(slide_id, fmt)
+    return {"zarr" if fmt == "spatialdata" else "h5ad": out_dir / main, "csv": out_dir / csv}
 
 
 def cohort_folder(out_dir: Path):
     """The :class:`~deepspot.io.owner.OutputFolder` of a cohort run (a folder from before run records
     holds only the state files and prediction outputs)."""
-    from deepspot.inference.preflight import is_prediction_file
     from deepspot.io.owner import OutputFolder
 
     own = {STATE_FILE, RUN_FILE, SUMMARY_FILE, LOCK_FILE}

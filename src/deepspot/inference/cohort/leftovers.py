@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-from deepspot.inference.cohort.folder import output_paths
+from deepspot.config.output_names import all_prediction_files
 from deepspot.inference.cohort.manifest import SlideJob
 
 
@@ -15,7 +15,7 @@ def remove_partials(out_dir: str | Path, jobs: Iterable[SlideJob]) -> list[Path]
     see io/outputs.atomic_path) and per-slide work folders (``.<id>.work-*``). Returns what was removed."""
     out_dir, removed = Path(out_dir), []
     for job in jobs:
-        outs = [*output_paths(out_dir, job.id).values(), out_dir / f"{job.id}.zarr", out_dir / f"{job.id}_genes.png"]
+        outs = [out_dir / n for n in all_prediction_files(job.id)]
         patterns = [f".{p.name}.*.partial{p.suffix}" for p in outs]
         for tmp in (t for pat in patterns + [f".{job.id}.work-*"] for t in out_dir.glob(pat)):
             if tmp.is_dir():

@@ -1,12 +1,10 @@
 """``run_cohort``: check everything, then predict the slides still to do and record each outcome."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deepspot.config import TISSUE_RULES
 from deepspot.inference.cohort.fingerprint import fingerprint_changes, new_run_dir, run_fingerprint, write_run_file
 from deepspot.inference.cohort.folder import RUN_FILE, STATE_FILE, SUMMARY_FILE, adopt_legacy, check_output_dir, clear_previous, cohort_folder
 from deepspot.inference.cohort.leftovers import remove_partials
@@ -50,42 +48,44 @@ def _progress(total: int, enabled: bool):
 
 
 
-def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, backend: str = "ray",
-               address: str | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
-               max_in_flight: int | None = None, retry_failed: bool = False, mpp: float | None = None,
-               tissue: str | None = None, batch_size: int = 16, num_workers: int = 0, plot_genes: int = 0,
-               device: str = "auto",
-               autocast: str | None = None, encoder_weights: str | Path | None = None,
-               cache_dir: str | Path | None = None, progress: bool = True, echo=print, new_run: bool = False,
-               overwrite: bool = False, fmt: str = "h5ad") -> CohortSummary:
+def run_cohort(manifest, model: str | Path | None = None, out_dir: str | Path | None = None, echo=print,
+               **options) -> CohortSummary:
     """Predict every slide of a manifest into ``out_dir`` (see the module doc); resumable.
+
+    ``manifest`` is a :class:`~deepspot.config.requests.CohortRequest`, or a manifest path with ``model``,
+    ``out_dir`` and ``options`` (the request's other fields: ``backend`` ('ray'), ``address``, ``num_cpus``,
+    ``num_gpus``, ``max_in_flight``, ``retry_failed``, ``mpp``, ``tissue``, ``batch_size``, ``num_workers``,
+    ``plot_genes``, ``device`` ('auto'), ``autocast``, ``encoder_weights``, ``cache_dir``, ``new_run``,
+    ``overwrite``, ``fmt``); ``progress`` (the bar over slides) overrides :data:`deepspot.settings`.
 
     Checks the manifest, the output folder, the checkpoint and its encoder, and that the folder holds no
     other run's results (``new_run``: use a new sibling folder; ``overwrite``: replace them), before
     any slide runs.
     """
+    from deepspot.config.requests import CohortRequest
+    from deepspot.config.runtime import settings
+
+    progress = options.pop("progress", None)
+    request = manifest if isinstance(manifest, CohortRequest) else CohortRequest(manifest, model, out_dir, **options)
+    with settings.override(**({} if progress is None else {"progress": progress})):
+        return _run_cohort(request, echo)
+
+
+def _run_cohort(request, echo) -> CohortSummary:
+    from deepspot.config.runtime import settings
     from deepspot.features.encoders import get_spec
     from deepspot.models.checkpoint import CheckpointError, WEIGHTS_FILE, read_config
 
-    if backend not in ("ray", "local"):
-        raise ValueError(f"unknown backend {backend!r}; use 'ray' or 'local'")
+    r = request
+    manifest, model, out_dir, backend, fmt, mpp = r.manifest, r.model, r.out, r.backend, r.fmt, r.mpp
     if backend == "ray":
         from deepspot.extras import require
 
         require("ray", "cohort", "predict-cohort --backend ray", " (or use --backend local)")
-    if fmt not in ("h5ad", "spatialdata"):
-        raise ValueError(f"unknown output format {fmt!r}; use h5ad or spatialdata")
     if fmt == "spatialdata":
         from deepspot.extras import require
 
         require("spatialdata", "spatialdata", "predict-cohort --format spatialdata")
-    if not (math.isfinite(num_cpus) and math.isfinite(num_gpus)) or num_cpus < 0 or num_gpus < 0:
-        raise ValueError("num_cpus and num_gpus must be ≥ 0")
-    if backend == "ray" and num_cpus == 0 and num_gpus == 0:  # nothing would bound the slides run at once
-        raise ValueError("--num-cpus 0 without --num-gpus would run every slide at once; give each slide task "
-                         "at least one CPU or GPU share (e.g. --num-cpus 1)")
-    if tissue is not None and tissue not in TISSUE_RULES:
-        raise ValueError(f"unknown tissue filter {tissue!r}; use {', '.join(TISSUE_RULES)}")
     jobs = read_cohort(manifest, default_mpp=mpp)
     cfg = read_config(model)  # every field checked
     if cfg.is_cell_model:
@@ -95,19 +95,16 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
         raise CheckpointError(f"{model}: {WEIGHTS_FILE} missing")
     spec = get_spec(cfg.encoder.name)  # unknown encoder -> EncoderError now, not per slide
     cfg.check_encoder_dim(spec.dim, f"{Path(model) / 'config.json'}: encoder.dim")
-    if new_run and overwrite:
-        raise ValueError("give --new-run or --overwrite, not both")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise NotADirectoryError(f"{out_dir}: --out is an existing file, not a folder")
     opts = PredictOptions(model=str(Path(model).resolve()),
-                          encoder_weights=str(Path(encoder_weights).resolve()) if encoder_weights else None,
-                          tissue=tissue, batch_size=batch_size, num_workers=num_workers, plot_genes=plot_genes,
-                          device=device,
-                          autocast=autocast, cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None,
-                          fmt=fmt)
+                          encoder_weights=str(Path(r.encoder_weights).resolve()) if r.encoder_weights else None,
+                          tissue=r.tissue, batch_size=r.batch_size, num_workers=r.num_workers,
+                          plot_genes=r.plot_genes, device=r.device, autocast=r.autocast,
+                          cache_dir=str(Path(r.cache_dir).resolve()) if r.cache_dir else None, fmt=fmt)
     fp = run_fingerprint(opts)
     out = Path(out_dir)
-    if new_run and fingerprint_changes(out, fp, jobs, CohortState(out).load()):
+    if r.new_run and fingerprint_changes(out, fp, jobs, CohortState(out).load()):
         out = new_run_dir(out, fp)
         echo(f"{out_dir} holds another run; writing this one into {out}")
     owner = cohort_folder(out).check()
@@ -119,7 +116,7 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
         prior = state.load()
         adopt_legacy(owner, prior)
         changes = fingerprint_changes(out, fp, jobs, prior)
-        if overwrite and prior:
+        if r.overwrite and prior:
             n = clear_previous(owner)
             echo(f"--overwrite: removed {n} files of the previous run"
                  + (f" ({'; '.join(changes)})" if changes else ""))
@@ -130,12 +127,12 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
         write_run_file(out, fp)
         owner.record(RUN_FILE)
         removed = remove_partials(out, jobs)
-        todo, done, failed = plan(jobs, prior, out, retry_failed=retry_failed, fmt=fmt)
+        todo, done, failed = plan(jobs, prior, out, retry_failed=r.retry_failed, fmt=fmt)
         echo(f"{len(jobs)} slides: {len(done)} already done, {len(failed)} failed before"
              f"{' (not retried; --retry-failed to retry)' if failed else ''}, {len(todo)} to run"
              f" ({backend} backend)" + (f"; removed {len(removed)} leftovers of a killed run" if removed else ""))
         ran: list[SlideResult] = []
-        with _progress(len(todo), progress and bool(todo)) as bar:
+        with _progress(len(todo), settings.progress and bool(todo)) as bar:
             tid = bar.add_task("predict", total=len(todo), rate="", failed="")
 
             def on_result(result: SlideResult) -> None:
@@ -150,7 +147,7 @@ def run_cohort(manifest: str | Path, model: str | Path, out_dir: str | Path, bac
                 if backend == "local":
                     _run_local(todo, out, opts, on_result)
                 else:
-                    _run_ray(todo, out, opts, on_result, address, num_cpus, num_gpus, max_in_flight)
+                    _run_ray(todo, out, opts, on_result, r.address, r.num_cpus, r.num_gpus, r.max_in_flight)
         final = state.load()
         write_summary(out, jobs, final)
         owner.record(*(n for n in (STATE_FILE, SUMMARY_FILE) if (out / n).exists()))
