@@ -3,13 +3,13 @@ is refused, or goes to a new sibling folder."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from deepspot.inference.cohort.folder import RUN_FILE
 from deepspot.inference.cohort.manifest import SlideJob
 from deepspot.inference.cohort.work import PredictOptions
+from deepspot.io.atomic import atomic_path
 
 
 def _sha256(path: Path) -> str:
@@ -67,9 +67,9 @@ def fingerprint_changes(out_dir: Path, fp: dict, jobs: list[SlideJob], state: di
 
 
 def write_run_file(out_dir: Path, fp: dict) -> None:
-    tmp = out_dir / f".{RUN_FILE}.partial"
-    tmp.write_text(json.dumps({"fingerprint": fp, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
-    os.replace(tmp, out_dir / RUN_FILE)
+    """Write ``_run.json`` atomically: a killed run leaves the previous one whole, or none."""
+    with atomic_path(out_dir / RUN_FILE) as tmp:
+        tmp.write_text(json.dumps({"fingerprint": fp, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
 
 
 def new_run_dir(out_dir: Path, fp: dict) -> Path:
