@@ -54,7 +54,7 @@ def test_predict_request_is_checked_once_when_built(png, tmp_path):
     for kw, msg in [(dict(min_tissue=2), "--min-tissue must be between 0 and 1"),
                     (dict(batch_size=0), "--batch-size must be a whole number of at least 1"),
                     (dict(spacing=-1.0), "--spacing must be a positive number"),
-                    (dict(fmt="zarr"), "--format 'zarr': use h5ad or spatialdata"),
+                    (dict(fmt="zarr"), "--format must be one of h5ad, spatialdata, got 'zarr'"),
                     (dict(genes=["A", "A"]), "--genes: repeated gene names"),
                     (dict(spot_px=50.0), "--spot-px / --spacing-px need --geometry original"),
                     (dict(tissue="magic"), "unknown tissue method 'magic'")]:

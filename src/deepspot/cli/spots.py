@@ -303,10 +303,9 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
         batch_size=batch_size, n_plot=plot_genes, interval=interval, tta=tta, fmt=fmt, overwrite=overwrite,
         encoder_weights=encoder_weights)
     if features_h5 is not None:
-        if fmt == "spatialdata":
-            from deepspot.extras import require
+        from deepspot.inference.predict_plan import require_format
 
-            require("spatialdata", "spatialdata", "--format spatialdata")
+        require_format(fmt)
         _predict_features_h5(request, features_h5)
         return
     from deepspot.inference.predict_plan import plan_prediction

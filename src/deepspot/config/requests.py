@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deepspot.config.constants import TISSUE_RULES, gene_name_faults
+from deepspot.config.fields import check_choice
 from deepspot.config.output_names import PREDICTION_FORMATS
 
 __all__ = ["CohortRequest", "PredictRequest", "ScoreRequest", "TrainRecipe", "TrainRequest", "TrainerSettings",
@@ -155,8 +156,7 @@ class PredictRequest(_Request):
         if self.max_spots is not None:
             _count(self.max_spots, "max_spots")
         _exists(self.slide)
-        if self.fmt not in PREDICTION_FORMATS:
-            raise ValueError(f"--format {self.fmt!r}: use h5ad or spatialdata")
+        check_choice("--format", self.fmt, PREDICTION_FORMATS)
         if self.tissue is not None and self.tissue not in TISSUE_RULES:
             raise ValueError(f"unknown tissue method {self.tissue!r}; use {', '.join(TISSUE_RULES)}")
         check_gene_list(self.genes)
@@ -249,8 +249,7 @@ class CohortRequest(_Request):
             set_(k, _path(getattr(self, k)))
         if self.backend not in ("ray", "local"):
             raise ValueError(f"unknown backend {self.backend!r}; use 'ray' or 'local'")
-        if self.fmt not in PREDICTION_FORMATS:
-            raise ValueError(f"unknown output format {self.fmt!r}; use h5ad or spatialdata")
+        check_choice("--format", self.fmt, PREDICTION_FORMATS)
         if not (math.isfinite(self.num_cpus) and math.isfinite(self.num_gpus)) or self.num_cpus < 0 \
                 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be ≥ 0")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepspot.config import ModelConfig, SpotGeometry, geometry_preset, resolve_mpp
-from deepspot.config.output_names import prediction_files
+from deepspot.config.output_names import FORMAT_EXTRAS, prediction_files
 from deepspot.config.requests import PredictRequest
 
 __all__ = ["PredictPlan", "plan_prediction", "with_geometry"]
@@ -79,6 +79,16 @@ class PredictPlan:
         self.close()
 
 
+def require_format(fmt: str, what: str | None = None) -> None:
+    """Import the optional dependency of output format ``fmt``, if it has one, or raise MissingExtra naming
+    its pip extra; ``what`` says what asked for it (default: ``--format <fmt>``)."""
+    extra = FORMAT_EXTRAS.get(fmt)
+    if extra is not None:
+        from deepspot.extras import require
+
+        require(extra, extra, what or f"--format {fmt}")
+
+
 def _keep_genes(request: PredictRequest, config: ModelConfig, source) -> list[str] | None:
     if request.reliable_only:
         from deepspot.reliability import NO_VALIDATION, trusted_genes
@@ -95,7 +105,7 @@ def _keep_genes(request: PredictRequest, config: ModelConfig, source) -> list[st
 
 
 def plan_prediction(request: PredictRequest, config, source: str | None = None,
-                    extra_hint: str = "--format spatialdata") -> PredictPlan:
+                    extra_hint: str | None = None) -> PredictPlan:
     """Check ``request`` against the model's ``config`` once and open its slide once, in this order: the
     output folder (writable, owned by no other command, no file of these names deepspot did not write),
     the genes (to plot, to keep), the interval level, the feature mode, the optional extra of the format,
@@ -104,8 +114,8 @@ def plan_prediction(request: PredictRequest, config, source: str | None = None,
     slide's own outputs are then replaced).
     ``config``: the model's :class:`ModelConfig`, or its checkpoint folder (its config.json is read, every
     field checked, after the output folder's checks). ``source`` names the model in errors (its folder;
-    default: the folder given as ``config``). ``extra_hint`` says what needed the spatialdata
-    extra. The plan holds the open slide: close it (``with plan_prediction(...) as plan:``)."""
+    default: the folder given as ``config``). ``extra_hint`` says what needed the format's
+    extra (default: ``--format <fmt>``). The plan holds the open slide: close it (``with plan_prediction(...) as plan:``)."""
     from deepspot.inference.preflight import check_out_dir, check_previous, prediction_folder
     from deepspot.io.owner import safe_name
     from deepspot.io.slides import open_slide
@@ -138,10 +148,7 @@ def plan_prediction(request: PredictRequest, config, source: str | None = None,
     calibration, note = intervals_for(config, request.interval)
     mode = config.check_feature_mode(config.feature_mode if request.fast is None
                                      else ("fast" if request.fast else "standard"), source)
-    if request.fmt == "spatialdata":
-        from deepspot.extras import require
-
-        require("spatialdata", "spatialdata", extra_hint)
+    require_format(request.fmt, extra_hint)
     slide = open_slide(request.slide, mpp=request.mpp)
     try:
         mpp = resolve_mpp(slide, request.mpp, needs_um=config.geometry.grid.needs_mpp)

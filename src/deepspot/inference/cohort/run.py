@@ -13,6 +13,7 @@ from deepspot.inference.cohort.manifest import read_cohort
 from deepspot.inference.cohort.runners import _run_local, _run_ray
 from deepspot.inference.cohort.state import CohortState, SlideResult, plan, write_summary
 from deepspot.inference.cohort.work import PredictOptions
+from deepspot.inference.predict_plan import require_format
 
 
 @dataclass
@@ -82,10 +83,7 @@ def _run_cohort(request, echo) -> CohortSummary:
         from deepspot.extras import require
 
         require("ray", "cohort", "predict-cohort --backend ray", " (or use --backend local)")
-    if fmt == "spatialdata":
-        from deepspot.extras import require
-
-        require("spatialdata", "spatialdata", "predict-cohort --format spatialdata")
+    require_format(fmt, f"predict-cohort --format {fmt}")
     jobs = read_cohort(manifest, default_mpp=mpp)
     cfg = read_config(model)  # every field checked
     if cfg.is_cell_model:
