@@ -131,6 +131,8 @@ def make_loader(bags: Bags, targets: torch.Tensor, index: np.ndarray, batch_size
     return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=_as_is)
 
 
+# the metrics training/module.py logs each epoch, and whether lower or higher is better: what early stopping
+# and KeepBest may monitor, and what History keeps
 MONITORS = {"val_loss": "min", "val_pearson": "max", "train_loss": "min"}
 
 
@@ -173,10 +175,8 @@ class KeepBest(L.Callback):
 
 
 class History(L.Callback):
-    """The per-epoch metrics Lightning logged (train_loss, val_loss, val_pearson), one dict per epoch, kept
-    in memory: the fit summary's ``history`` (``training_curves.png`` is drawn from it)."""
-
-    KEYS = ("train_loss", "val_loss", "val_pearson")
+    """The per-epoch metrics Lightning logged (those of ``MONITORS``), one dict per epoch, kept in memory:
+    the fit summary's ``history`` (``training_curves.png`` is drawn from it)."""
 
     def __init__(self):
         self.rows: list[dict] = []
@@ -186,7 +186,7 @@ class History(L.Callback):
             return
         m = trainer.callback_metrics
         row = {"epoch": int(trainer.current_epoch)}
-        row.update({k: round(float(m[k]), 6) for k in self.KEYS if k in m})
+        row.update({k: round(float(m[k]), 6) for k in MONITORS if k in m})
         self.rows.append(row)
 
 
