@@ -72,6 +72,13 @@ def test_xenium_cell_boundaries(tmp_path):
     df.iloc[[0, 5, 1, 2, 3, 4, 6, 7, 8]].to_csv(tmp_path / "cell_boundaries.csv.gz", index=False)
     with pytest.raises(SpatialDataError, match="not consecutive"):
         read_xenium_boundaries(tmp_path / "cell_boundaries.csv.gz", 1.0)
+    # the one Xenium table reader (io/xenium.py, as for the cells table): the file and the column named
+    df.drop(columns=["vertex_y"]).to_csv(tmp_path / "no_y.csv", index=False)
+    with pytest.raises(SpatialDataError, match=r"^cell boundaries \S+/no_y.csv lacks columns \['vertex_y'\]"):
+        read_xenium_boundaries(tmp_path / "no_y.csv", 1.0)
+    df.assign(vertex_x=["a"] + list(df.vertex_x[1:])).to_csv(tmp_path / "text.csv", index=False)
+    with pytest.raises(SpatialDataError, match=r"text.csv has missing or non-numeric values in column 'vertex_x'"):
+        read_xenium_boundaries(tmp_path / "text.csv", 1.0)
 
 
 def test_centroid_table_has_no_boxes(tmp_path):

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from deepspot.io.spatial import SpatialDataError, read_cell_table
+from deepspot.io.xenium import read_xenium_table
 
 
 CELL_BOX_KEY = "cell_bbox"  # obsm key of the cells' polygon bounding boxes (x0, y0, x1, y1) level-0 px
@@ -137,22 +138,14 @@ def read_xenium_boundaries(path: str | Path, um_per_px: float | None = None,
     path = Path(path)
     if affine is None and (not um_per_px or um_per_px <= 0):
         raise ValueError(f"{path}: Xenium boundaries are in µm: give the image's µm per pixel")
-    try:
-        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    except Exception as e:
-        raise SpatialDataError(f"{path}: cannot read cell boundaries ({type(e).__name__})") from None
-    missing = [c for c in ("cell_id", "vertex_x", "vertex_y") if c not in df.columns]
-    if missing:
-        raise SpatialDataError(f"{path}: cell boundaries lack columns {missing}")
-    ids = df["cell_id"].map(lambda v: v.decode() if isinstance(v, bytes) else str(v)).to_numpy()
+    df = read_xenium_table(path, "cell boundaries", ("vertex_x", "vertex_y"))
+    ids = df["cell_id"].to_numpy()
     new = np.r_[True, ids[1:] != ids[:-1]]
     starts = np.flatnonzero(new)
     order_ids = pd.Index(ids[starts])
     if not order_ids.is_unique:
         raise SpatialDataError(f"{path}: the vertices of a cell are not consecutive (e.g. {order_ids[order_ids.duplicated()][0]})")
     um = df[["vertex_x", "vertex_y"]].to_numpy(dtype=np.float64)
-    if not np.isfinite(um).all():
-        raise SpatialDataError(f"{path}: missing or non-numeric vertices")
     vertices = um / float(um_per_px) if affine is None else um @ np.asarray(affine)[:, :2].T + np.asarray(affine)[:, 2]
     xy, side = polygon_geometry(vertices, starts)
     return Segmentation(order_ids, xy, side, polygon_boxes(vertices, starts))

@@ -9,26 +9,37 @@ import numpy as np
 import pandas as pd
 
 from deepspot.io.spaceranger import join_positions, read_10x_counts
-from deepspot.io.spatial_checks import XENIUM_PIXEL_UM, SpatialDataError, _need, _source, check_counts, check_image
+from deepspot.io.spatial_checks import XENIUM_PIXEL_UM, SpatialDataError, _source, check_counts, check_image
+
+
+def read_xenium_table(path: str | Path, what: str, numeric: tuple[str, ...], source: str | None = None) -> pd.DataFrame:
+    """A Xenium table (``.parquet``, ``.csv`` or ``.csv.gz``) of ``cell_id`` (as str; parquet's bytes decoded)
+    and the ``numeric`` columns (as floats, every value finite). Each fault is a SpatialDataError in one
+    wording, ``[<source>: ]<what> <path> …``, naming the file and, for a missing column, the column.
+    Read by the cells table (:func:`read_xenium_cells`) and the cell boundaries
+    (:func:`deepspot.io.segmentation.read_xenium_boundaries`)."""
+    path = Path(path)
+    at = f"{source}: " if source else ""
+    if not path.exists():
+        raise SpatialDataError(f"{at}{what} {path} not found")
+    try:
+        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as e:
+        raise SpatialDataError(f"{at}{what} {path} cannot be read ({type(e).__name__})") from None
+    missing = [c for c in ("cell_id", *numeric) if c not in df.columns]
+    if missing:
+        raise SpatialDataError(f"{at}{what} {path} lacks columns {missing}")
+    df["cell_id"] = df["cell_id"].map(lambda v: v.decode() if isinstance(v, bytes) else str(v))
+    for c in numeric:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(np.float64)
+        if not np.isfinite(df[c].to_numpy()).all():
+            raise SpatialDataError(f"{at}{what} {path} has missing or non-numeric values in column {c!r}")
+    return df
 
 
 def read_xenium_cells(path: str | Path, sample: str) -> pd.DataFrame:
     """Xenium ``cells.csv(.gz)`` or ``cells.parquet``: index cell_id; needs x_centroid, y_centroid (µm)."""
-    path = Path(path)
-    _need(path, sample, "cells table")
-    try:
-        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    except Exception as e:
-        raise SpatialDataError(f"{sample}: cannot read cells table {path} ({type(e).__name__})") from None
-    missing = [c for c in ("cell_id", "x_centroid", "y_centroid") if c not in df.columns]
-    if missing:
-        raise SpatialDataError(f"{sample}: cells table {path.name} lacks columns {missing}")
-    df["cell_id"] = df["cell_id"].map(lambda v: v.decode() if isinstance(v, bytes) else str(v))
-    df = df.set_index("cell_id")
-    xy = df[["x_centroid", "y_centroid"]].apply(pd.to_numeric, errors="coerce")
-    if not np.isfinite(xy.to_numpy()).all():
-        raise SpatialDataError(f"{sample}: cells table {path.name} has missing or non-numeric centroids")
-    return df
+    return read_xenium_table(path, "cells table", ("x_centroid", "y_centroid"), sample).set_index("cell_id")
 
 
 def read_xenium(folder: str | Path, image: str | Path | None = None, sample: str | None = None,
