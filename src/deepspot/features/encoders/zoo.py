@@ -451,9 +451,31 @@ def _bind(spec: EncoderSpec, build: Callable[..., nn.Module], **kw) -> EncoderSp
     return spec
 
 
+_GATED = "gated on Hugging Face: accept the licence on the model page first"
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _gated_timm(name: str, dim: int, mean: tuple, std: tuple, label: str, repo: str, arch, licence: str,
+                output: str = CLS, files: tuple[str, ...] = _HF_FILES, **kw) -> EncoderSpec:
+    """A timm encoder (224 px) whose weights are a file of a gated Hugging Face repo: where they come from
+    (``source``) is said from ``repo`` and ``files``, never restated by hand; ``kw`` go to its builder."""
+    return _bind(EncoderSpec(
+        name, dim, 224, mean, std, None, f"{label} expects {' or '.join(files)} from Hugging Face repo {repo} "
+                                         f"({_GATED})", True,
+        arch=arch, hf_repo=repo, files=files, licence=licence, gated=True, output=output), _build_timm, **kw)
+
+
+def _torchvision(name: str, dim: int, size: int, label: str, files: tuple[str, ...], which: str = "",
+                 **kw) -> EncoderSpec:
+    """A torchvision ImageNet classifier read as an encoder (global average pool): where its weights come from
+    (``source``) is said from ``files`` (torchvision's names; a Hugging Face export is read too)."""
+    return _bind(EncoderSpec(
+        name, dim, size, IMAGENET_MEAN, IMAGENET_STD, None,
+        f"{label} expects torchvision's ImageNet file {' or '.join(files)}{which}", True,
+        arch=_tv_arch(name), files=files + _HF_FILES, licence=TV_LICENCE, output=CLS_POOL), _build_tv, **kw)
+
+
 def _register_builtin() -> None:
-    gated = "gated on Hugging Face: accept the licence on the model page first"
-    hf_files = ("model.safetensors", "pytorch_model.bin")
     specs = [
         _bind(EncoderSpec(
             "efficientnet-lite0", 1280, 224, HALF, HALF, None,
@@ -461,24 +483,15 @@ def _register_builtin() -> None:
             arch=_effnet_arch, files=("model.safetensors", "pytorch_model.bin", "efficientnet-lite0-57934424.pth"),
             licence="Apache-2.0", output=CLS_POOL),
             _build_effnet),
-        _bind(EncoderSpec(
-            "uni", 1024, 224, IMAGENET_MEAN, IMAGENET_STD, None,
-            f"UNI expects pytorch_model.bin from Hugging Face repo MahmoodLab/UNI ({gated})", True,
-            arch=_uni_arch, hf_repo="MahmoodLab/UNI", files=("pytorch_model.bin", "model.safetensors"),
-            licence="CC-BY-NC-ND-4.0", gated=True, output=CLS),
-            _build_timm),
-        _bind(EncoderSpec(
-            "hoptimus0", 1536, 224, HOPTIMUS0_MEAN, HOPTIMUS0_STD, None,
-            f"H-optimus-0 expects model.safetensors or pytorch_model.bin from Hugging Face repo "
-            f"bioptimus/H-optimus-0 ({gated})", True,
-            arch=_hoptimus0_arch, hf_repo="bioptimus/H-optimus-0", files=hf_files, licence="Apache-2.0", gated=True,
-            output=CLS),
-            _build_timm),
+        _gated_timm("uni", 1024, IMAGENET_MEAN, IMAGENET_STD, "UNI", "MahmoodLab/UNI", _uni_arch, "CC-BY-NC-ND-4.0",
+                    files=("pytorch_model.bin", "model.safetensors")),
+        _gated_timm("hoptimus0", 1536, HOPTIMUS0_MEAN, HOPTIMUS0_STD, "H-optimus-0", "bioptimus/H-optimus-0",
+                    _hoptimus0_arch, "Apache-2.0"),
         _bind(EncoderSpec(
             "phikon", 768, 224, IMAGENET_MEAN, IMAGENET_STD, None,
             "Phikon expects config.json + model.safetensors (or pytorch_model.bin) from Hugging Face repo "
             "owkin/phikon (download with the huggingface_hub client)", True,
-            arch=lambda: HFClsToken(_hf_model_from_config(_phikon_config())), hf_repo="owkin/phikon", files=hf_files,
+            arch=lambda: HFClsToken(_hf_model_from_config(_phikon_config())), hf_repo="owkin/phikon", files=_HF_FILES,
             licence="Owkin non-commercial", output=CLS),
             _build_hf, make_config=_phikon_config),
         _bind(EncoderSpec(
@@ -486,64 +499,29 @@ def _register_builtin() -> None:
             "Phikon-v2 expects config.json + model.safetensors from Hugging Face repo owkin/phikon-v2 "
             "(download with the huggingface_hub client)", True,
             arch=lambda: HFClsToken(_hf_model_from_config(_phikon_v2_config())), hf_repo="owkin/phikon-v2",
-            files=hf_files, licence="Owkin non-commercial", output=CLS),
+            files=_HF_FILES, licence="Owkin non-commercial", output=CLS),
             _build_hf, make_config=_phikon_v2_config),
-        _bind(EncoderSpec(
-            "resnet50", 2048, 224, IMAGENET_MEAN, IMAGENET_STD, None,
-            "ResNet50 expects torchvision's ImageNet file resnet50-0676ba61.pth (IMAGENET1K_V1) or "
-            "resnet50-11ad3fa6.pth (IMAGENET1K_V2)", True,
-            arch=_tv_arch("resnet50"), files=("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth") + hf_files,
-            licence=TV_LICENCE, output=CLS_POOL),
-            _build_tv),
-        _bind(EncoderSpec(
-            "inception-v3", 2048, 299, IMAGENET_MEAN, IMAGENET_STD, None,
-            "Inception-v3 expects torchvision's ImageNet file inception_v3_google-0cc3c7bd.pth", True,
-            arch=_tv_arch("inception-v3"), files=("inception_v3_google-0cc3c7bd.pth",) + hf_files,
-            licence=TV_LICENCE, output=CLS_POOL),
-            _build_tv),
-        _bind(EncoderSpec(
-            "densenet121", 1024, 224, IMAGENET_MEAN, IMAGENET_STD, None,
-            "DenseNet121 expects torchvision's ImageNet file densenet121-a639ec97.pth", True,
-            arch=_tv_arch("densenet121"), files=("densenet121-a639ec97.pth",) + hf_files,
-            licence=TV_LICENCE, output=CLS_POOL),
-            _build_tv, rename=_densenet_legacy_names),
-        _bind(EncoderSpec(
-            "uni2-h", 1536, 224, IMAGENET_MEAN, IMAGENET_STD, None,
-            f"UNI2-h expects pytorch_model.bin from Hugging Face repo MahmoodLab/UNI2-h ({gated})", True,
-            arch=_uni2h_arch, hf_repo="MahmoodLab/UNI2-h", files=("pytorch_model.bin", "model.safetensors"),
-            licence="CC-BY-NC-ND-4.0", gated=True, output=CLS),
-            _build_timm),
-        _bind(EncoderSpec(
-            "virchow2", 2560, 224, IMAGENET_MEAN, IMAGENET_STD, None,
-            f"Virchow2 expects pytorch_model.bin from Hugging Face repo paige-ai/Virchow2 ({gated})", True,
-            arch=lambda: ClsMeanPatch(_virchow2_trunk()), hf_repo="paige-ai/Virchow2",
-            files=("pytorch_model.bin", "model.safetensors"), licence="CC-BY-NC-ND-4.0", gated=True,
-            output=CLS_MEAN),
-            _build_timm, trunk=_virchow2_trunk, wrap=ClsMeanPatch),
-        _bind(EncoderSpec(
-            "hoptimus1", 1536, 224, HOPTIMUS0_MEAN, HOPTIMUS0_STD, None,
-            f"H-optimus-1 expects model.safetensors or pytorch_model.bin from Hugging Face repo "
-            f"bioptimus/H-optimus-1 ({gated})", True,
-            arch=_hoptimus1_arch, hf_repo="bioptimus/H-optimus-1", files=hf_files,
-            licence="Bioptimus non-commercial (academic research)", gated=True, output=CLS),
-            _build_timm),
-        _bind(EncoderSpec(
-            "h0-mini", 1536, 224, HOPTIMUS0_MEAN, HOPTIMUS0_STD, None,
-            f"H0-mini expects model.safetensors or pytorch_model.bin from Hugging Face repo bioptimus/H0-mini "
-            f"({gated})", True,
-            arch=lambda: ClsMeanPatch(_h0mini_trunk()), hf_repo="bioptimus/H0-mini", files=hf_files,
-            licence="CC-BY-NC-ND-4.0", gated=True, output=CLS_MEAN),
-            _build_timm, trunk=_h0mini_trunk, wrap=ClsMeanPatch),
-        _bind(EncoderSpec(
-            "gigapath", 1536, 224, IMAGENET_MEAN, IMAGENET_STD, None,
-            f"Prov-GigaPath's tile encoder expects pytorch_model.bin from Hugging Face repo "
-            f"prov-gigapath/prov-gigapath ({gated})", True,
-            arch=_gigapath_arch, hf_repo="prov-gigapath/prov-gigapath", files=("pytorch_model.bin",) + hf_files[:1],
-            licence="Apache-2.0", gated=True, output=CLS),
-            _build_timm),
+        _torchvision("resnet50", 2048, 224, "ResNet50", ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"),
+                     " (IMAGENET1K_V1 or IMAGENET1K_V2)"),
+        _torchvision("inception-v3", 2048, 299, "Inception-v3", ("inception_v3_google-0cc3c7bd.pth",)),
+        _torchvision("densenet121", 1024, 224, "DenseNet121", ("densenet121-a639ec97.pth",),
+                     rename=_densenet_legacy_names),
+        _gated_timm("uni2-h", 1536, IMAGENET_MEAN, IMAGENET_STD, "UNI2-h", "MahmoodLab/UNI2-h", _uni2h_arch,
+                    "CC-BY-NC-ND-4.0", files=("pytorch_model.bin", "model.safetensors")),
+        _gated_timm("virchow2", 2560, IMAGENET_MEAN, IMAGENET_STD, "Virchow2", "paige-ai/Virchow2",
+                    lambda: ClsMeanPatch(_virchow2_trunk()), "CC-BY-NC-ND-4.0", CLS_MEAN,
+                    files=("pytorch_model.bin", "model.safetensors"), trunk=_virchow2_trunk, wrap=ClsMeanPatch),
+        _gated_timm("hoptimus1", 1536, HOPTIMUS0_MEAN, HOPTIMUS0_STD, "H-optimus-1", "bioptimus/H-optimus-1",
+                    _hoptimus1_arch, "Bioptimus non-commercial (academic research)"),
+        _gated_timm("h0-mini", 1536, HOPTIMUS0_MEAN, HOPTIMUS0_STD, "H0-mini", "bioptimus/H0-mini",
+                    lambda: ClsMeanPatch(_h0mini_trunk()), "CC-BY-NC-ND-4.0", CLS_MEAN, trunk=_h0mini_trunk,
+                    wrap=ClsMeanPatch),
+        _gated_timm("gigapath", 1536, IMAGENET_MEAN, IMAGENET_STD, "Prov-GigaPath's tile encoder",
+                    "prov-gigapath/prov-gigapath", _gigapath_arch, "Apache-2.0",
+                    files=("pytorch_model.bin", "model.safetensors")),
         _bind(EncoderSpec(
             "conch-v1.5", 768, 448, IMAGENET_MEAN, IMAGENET_STD, None,
-            f"CONCH v1.5 expects pytorch_model_vision.bin from Hugging Face repo MahmoodLab/conchv1_5 ({gated}), "
+            f"CONCH v1.5 expects pytorch_model_vision.bin from Hugging Face repo MahmoodLab/conchv1_5 ({_GATED}), "
             f"or TITAN's copy conch_v1_5_pytorch_model.bin from MahmoodLab/TITAN (gated too)", True,
             arch=Conch15, hf_repo="MahmoodLab/conchv1_5",
             files=("pytorch_model_vision.bin", CONCH15_TITAN[1]), licence="CC-BY-NC-ND-4.0", gated=True,
