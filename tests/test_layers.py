@@ -6,6 +6,7 @@ describes the layers.) Within a layer no module imports another layer-mate's pac
 are independent); plotting imports only config and io.
 """
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,26 @@ def test_no_module_imports_a_layer_above_or_beside_it():
                 bad.append(f"{path.relative_to(SRC.parent)}:{line} ({unit}, layer {LAYERS[unit]}) imports "
                            f"{target} ({t}, layer {LAYERS[t]})")
     assert not bad, "\n".join(bad)
+
+
+ARCHITECTURE = SRC.parents[1] / "docs" / "architecture.md"
+
+
+def _doc_layers(text: str) -> dict[str, int]:
+    """The units of docs/architecture.md's layer table (``| 0 | `config`, `extras` | …``) -> their layer."""
+    rows = re.findall(r"^\| (\d+) \| ([^|]*) \|", text, flags=re.M)
+    return {u: int(n) for n, units in rows for u in re.findall(r"`(\w+)`", units)}
+
+
+def test_architecture_doc_has_this_table_and_names_every_module():
+    """The doc's layer table is LAYERS, and the doc names every module inside a unit's package by its file
+    name (a new module is described where a newcomer looks for it)."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    assert _doc_layers(text) == LAYERS
+    unnamed = [path.relative_to(SRC).as_posix() for module, path in _modules()
+               if path.parent != SRC and path.name != "__init__.py"
+               and not re.search(rf"(?<![\w.]){re.escape(path.name)}", text)]
+    assert not unnamed, f"not named in {ARCHITECTURE.name}: {unnamed}"
 
 
 def test_the_check_catches_an_upward_import(tmp_path):
