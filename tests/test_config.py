@@ -209,3 +209,15 @@ def test_every_check_of_a_choice_names_the_one_list(tmp_path):
         assert all(c in str(e.value) for c in choices), (str(e.value), choices)
     assert SpotRecipe(scaler=SCALERS[-1]).scaler == SCALERS[-1]
     assert SpotGeometry(GridSpec(layout=GRID_LAYOUTS[-1]), tissue=None).tissue is None  # no rule: the preset's
+
+
+def test_geometry_words_come_from_the_presets():
+    """The --geometry help of the commands (describe_geometries) names every preset with the sizes
+    geometry_preset builds, and marks one default."""
+    from deepspot.config import GEOMETRY_PRESETS, describe_geometries, geometry_preset
+
+    text = describe_geometries("visium")
+    assert all(f"{name} (" in text for name in GEOMETRY_PRESETS) and text.count("the default") == 1
+    v, t = geometry_preset("visium").grid, geometry_preset("tcga").grid
+    assert f"visium ({v.spot_diameter:g}/{v.spacing:g} µm {v.layout}, the default)" in text
+    assert f"{t.spot_diameter:g}/{t.spacing:g} px at 20x" in text and "the default" not in describe_geometries()

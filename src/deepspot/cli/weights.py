@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from deepspot.cli import app
+from deepspot.config import ORIGINAL_SPOT_PX, describe_geometries
 
 
 @app.command("convert-weights")
@@ -24,10 +25,9 @@ def convert_weights(src: Path = typer.Argument(..., help="Published checkpoint (
                                                        "dict does not say."),
                     context: Optional[str] = typer.Option(None, help="Context mode, if the file does not record it."),
                     geometry: Optional[str] = typer.Option(None, help="DeepSpot: spot geometry stored with the model: "
-                                                           "visium (55/100 µm hex, the default), original (the "
-                                                           "original's square pixel grid and crops) or tcga (160/290 "
-                                                           "px at 20x, doubled at 40x)."),
-                    spot_px: Optional[float] = typer.Option(None, help="--geometry original: spot side in px (default 100)."),
+                                                           f"{describe_geometries('visium')}."),
+                    spot_px: Optional[float] = typer.Option(None, help="--geometry original: spot side in px "
+                                                            f"(default {ORIGINAL_SPOT_PX})."),
                     spacing_px: Optional[float] = typer.Option(None, help="--geometry original: spacing in px (default: the spot side).")):
     """Read a published DeepSpot, DeepCell or DeepSpot2Cell checkpoint with a restricted unpickler (only tensors
     and known module classes as inert placeholders; anything else is refused) and write safetensors + JSON."""

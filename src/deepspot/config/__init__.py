@@ -21,6 +21,6 @@ from deepspot.config.constants import (CELL_MODELS, CheckpointError, EXTERNAL_EN
 from deepspot.config.units import resolve_mpp, um_to_px
 from deepspot.config.fields import _Fields, _names, _tuple, check_choice
 from deepspot.config.geometry import (CELL_CROPS, CellGeometry, GridSpec, ORIGINAL_SPOT_PX, SpotGeometry,
-                                      geometry_preset, magnification_factor)
+                                      describe_geometries, geometry_preset, magnification_factor)
 from deepspot.config.scaler import Scaler, invert_scaler
 from deepspot.config.checkpoint import EncoderRef, MAX_GENES, MAX_MODEL_SIZE, ModelConfig, migrate, read_config_file

@@ -170,6 +170,17 @@ def geometry_preset(name: str, spot_px: float | None = None, spacing_px: float |
     return SpotGeometry(grid, subspot_rule="floor", tissue="tile_mean_rgb", preset=name, **keep)
 
 
+def describe_geometries(default: str | None = None) -> str:
+    """The presets in a command's words (``--geometry`` help), from the sizes :func:`geometry_preset` uses:
+    'visium (55/100 µm hex), original (…) or tcga (…)'; ``default`` marks that one as the default."""
+    v = GridSpec()
+    words = {"visium": f"{v.spot_diameter:g}/{v.spacing:g} µm {v.layout}",
+             "original": "the original's square pixel grid and crops",
+             "tcga": f"its TCGA grid: {TCGA_SPOT_PX}/{TCGA_SPACING_PX} px at 20x, doubled at 40x"}
+    parts = [f"{n} ({words[n]}{', the default' if n == default else ''})" for n in GEOMETRY_PRESETS]
+    return f"{', '.join(parts[:-1])} or {parts[-1]}"
+
+
 CELL_CROPS = ("tile", "bbox")  # how a cell's crop is cut (CellGeometry.crop)
 MIN_CELL_CROP = 8.0  # the smallest side of a bbox crop, in the geometry's unit (CellGeometry.min_side)
 
