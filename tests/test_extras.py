@@ -77,6 +77,23 @@ def test_predict_cohort_on_ray_without_ray_names_the_extra(tmp_path, monkeypatch
     assert not (tmp_path / "out").exists()
 
 
+def test_predict_cohort_spatialdata_without_it_names_the_extra(tmp_path, monkeypatch, capsys):
+    """The one rule of a format's extra (config.output_names.FORMAT_EXTRAS, inference.predict_plan.require_format)
+    serves the cohort as it serves predict; h5ad needs none."""
+    from deepspot.config.output_names import FORMAT_EXTRAS, PREDICTION_FORMATS
+    from deepspot.inference.predict_plan import require_format
+
+    assert set(FORMAT_EXTRAS) < set(PREDICTION_FORMATS)
+    monkeypatch.setitem(sys.modules, "spatialdata", None)  # import spatialdata -> ImportError
+    require_format("h5ad")
+    code, err = _cli(capsys, "predict-cohort", tmp_path / "slides.csv", "--model", tmp_path / "m",
+                     "--out", tmp_path / "out", "--backend", "local", "--format", "spatialdata")
+    assert code == 1
+    assert err.strip() == ("deepspot: error: predict-cohort --format spatialdata needs spatialdata: "
+                           "pip install 'deepspot[spatialdata]'")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["phikon", "phikon-v2"])
 def test_phikon_without_transformers_names_the_extra(name, tmp_path, monkeypatch):
     from deepspot.features.encoders import load_encoder
