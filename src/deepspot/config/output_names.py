@@ -4,8 +4,8 @@ clean-up of a killed run takes its names from here. No torch, no I/O."""
 from __future__ import annotations
 
 __all__ = ["DEMO_CHECKPOINT", "DEMO_FEATURES", "DEMO_FILES", "DEMO_LOGS", "DEMO_PER_GENE", "DEMO_PNG", "DEMO_PREDICTIONS",
-           "DEMO_RELIABILITY", "DEMO_SCORES", "DEMO_SPOTS", "DEMO_TRAINING_CURVES", "FORMAT_EXTRAS", "PREDICTION_FORMATS",
-           "SCORE_FEATURES", "SCORE_FILES", "SCORE_PER_GENE", "SCORE_SUMMARY", "all_prediction_files",
+           "DEMO_RELIABILITY", "DEMO_SCORES", "DEMO_SPOTS", "DEMO_TRAINING_CURVES", "FORMAT_EXTRAS",
+           "PREDICTION_FORMATS", "SCORE_FEATURES", "SCORE_FILES", "SCORE_PER_GENE", "SCORE_SUMMARY", "all_prediction_files",
            "is_demo_file", "is_prediction_file", "is_score_file", "prediction_files", "score_plot"]
 
 PREDICTION_FORMATS = ("h5ad", "spatialdata")

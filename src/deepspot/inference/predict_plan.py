@@ -115,7 +115,8 @@ def plan_prediction(request: PredictRequest, config, source: str | None = None,
     ``config``: the model's :class:`ModelConfig`, or its checkpoint folder (its config.json is read, every
     field checked, after the output folder's checks). ``source`` names the model in errors (its folder;
     default: the folder given as ``config``). ``extra_hint`` says what needed the format's
-    extra (default: ``--format <fmt>``). The plan holds the open slide: close it (``with plan_prediction(...) as plan:``)."""
+    extra (default: ``--format <fmt>``). The plan holds the open slide: close it
+    (``with plan_prediction(...) as plan:``)."""
     from deepspot.inference.preflight import check_out_dir, check_previous, prediction_folder
     from deepspot.io.owner import safe_name
     from deepspot.io.slides import open_slide
