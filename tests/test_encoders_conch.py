@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from deepspot.features import encoders as E
 from deepspot.features.encoders import EncoderError, get_spec, load_encoder
-from deepspot.features.encoders import zoo
+from deepspot.features.encoders import conch, zoo
 
 NAME = "conch-v1.5"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -115,8 +115,8 @@ def _reference(sd: dict, x: torch.Tensor, depth: int, size_based_resize: bool = 
 
 def _shrunk_spec(depth: int):
     spec = get_spec(NAME)
-    small = dataclasses.replace(spec, name=f"{NAME}-depth{depth}", arch=lambda: zoo.Conch15(depth))
-    return zoo._bind(small, zoo._build_conch15, depth=depth)
+    small = dataclasses.replace(spec, name=f"{NAME}-depth{depth}", arch=lambda: conch.Conch15(depth))
+    return zoo._bind(small, conch._build_conch15, depth=depth)
 
 
 def _tiles(n=2, size=448, seed=0):
