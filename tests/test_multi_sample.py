@@ -118,6 +118,9 @@ def test_mixed_formats_one_geometry_and_whole_validation_samples(her2st, tmp_pat
     with pytest.raises(ValueError, match=r"--val-samples \['C9'\] are not in the manifest"):
         train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20,
                       max_epochs=1, val_samples=["C9"])
+    # trainer settings that training on several samples does not take are refused, not dropped
+    with pytest.raises(ValueError, match=r"options \['loggers'\]: training on several samples takes precision"):
+        ds.train(samples[:3], loggers="tensorboard", features=feats)
 
 
 def test_neighbour_sets_equal_in_training_and_prediction(her2st):

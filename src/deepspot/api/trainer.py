@@ -63,12 +63,17 @@ def _many_samples(samples):
 
 def _train_many(job, samples, manifest=None, init=None) -> "Model":
     """One DeepSpot over several loaded ``samples`` by ``job`` (a :class:`TrainJob`)."""
+    from deepspot.config.requests import TrainerSettings
     from deepspot.config.runtime import settings
     from deepspot.training.multi_sample import train_samples
     from deepspot.training.recipe import preset_panel
 
     if job.model != "deepspot":
         raise ValueError(f"training on several samples is implemented for deepspot, not {job.model}")
+    untaken = sorted(k for k in ("devices", "strategy", "loggers")
+                     if getattr(job.trainer, k) != getattr(TrainerSettings(), k))
+    if untaken:
+        raise ValueError(f"options {untaken}: training on several samples takes precision, accelerator and log_dir")
     options = dict(job.samples_options)
     n_top_genes, options["min_fraction"] = preset_panel(job.preset, job.n_top_genes, options.get("min_fraction"),
                                                         fallback_n_top=250)
