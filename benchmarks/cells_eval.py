@@ -35,6 +35,7 @@ from deepspot.features.encoders import load_encoder
 from deepspot.geometry.grid import GridSpec
 from deepspot.config import CellGeometry
 from deepspot.config import SpotGeometry
+from deepspot.config.runtime import settings
 from deepspot.io.datasets import ncbi858
 from deepspot.io.outputs import write_csv
 from deepspot.io.slides import open_slide
@@ -138,7 +139,9 @@ def main(argv=None):
           f"{len(s2c.split[2])} spots, {len(test_cells)} cells")
     t = time.perf_counter()
     sgeo = SpotGeometry(grid, n_sub=3, neighbor_radius=1)
-    ds = train_spot_model(image, spots, enc, sgeo, genes=s2c.genes, cache_dir=cache, **train_kw)
+    with settings.override(cache_dir=cache, progress=False):  # train_spot_model reads them from ds.settings
+        ds = train_spot_model(image, spots, enc, sgeo, genes=s2c.genes,
+                              **{k: v for k, v in train_kw.items() if k != "progress"})
     assert np.array_equal(ds.split[2], s2c.split[2]), "held-out spots differ"  # (validation: its own blocks)
     spot_pred = predict_bags(ds.model, bags_for(spots, ds.features, sgeo.neighbor_radius))
     print(f"[2] DeepSpot baseline: {ds.fit_summary['epochs']} epochs, {time.perf_counter() - t:.0f} s")

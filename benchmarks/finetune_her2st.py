@@ -70,6 +70,7 @@ def main():
     print(f"C5: {tune.adata.n_obs} spots to fine-tune on (left half), {test.adata.n_obs} scored (right half)",
           flush=True)
     enc = load_encoder("efficientnet-lite0")
+    ds.settings.progress = False  # no progress bars in the benchmark's log
     t0 = time.perf_counter()
     base = ds.train(train, out=out / "base", context=args.context, n_top_genes=args.n_top_genes, seed=2024,
                     cache_dir=cache, progress=False)
@@ -103,7 +104,7 @@ def main():
             t = time.perf_counter()
             warm = None if init is None else read_init(out / "base", enc.name, enc.dim, freeze=init)
             res = train_samples([tune], enc, genes=genes, features=feats, context=args.context, seed=seed,
-                                progress=False, init=warm)
+                                init=warm)
             record(name, seed, res.model, res.config, seconds=time.perf_counter() - t, epochs=res.fit_summary["epochs"])
     df = pd.DataFrame(rows)
     df.to_csv(out / "finetune.csv", index=False)
@@ -119,7 +120,7 @@ def main():
 def _score(network, config, enc, sample, feats):
     from deepspot.evaluation.score import score_samples
 
-    return score_samples(network, config, enc, [sample], features=feats, progress=False)
+    return score_samples(network, config, enc, [sample], features=feats)
 
 
 if __name__ == "__main__":

@@ -295,6 +295,7 @@ def pearson_fast_vs_standard(workdir: Path, rows: list, epochs: int):
     from deepspot.features.encoders import load_encoder
     from deepspot.geometry.grid import GridSpec, pool_cells
     from deepspot.config import SpotGeometry
+    from deepspot.config.runtime import settings
     from deepspot.io.datasets import ncbi858
     from deepspot.io.slides import open_slide
     from deepspot.training.spots import train_spot_model
@@ -308,8 +309,8 @@ def pearson_fast_vs_standard(workdir: Path, rows: list, epochs: int):
         geom = SpotGeometry(GridSpec(120.0, 120.0, layout="hex", unit="px"), n_sub=3, feature_mode=mode)
         spots, _ = pool_cells(cells, w, h, geom.grid)
         t = time.perf_counter()
-        res = train_spot_model(image, spots, enc, geom, max_epochs=epochs, cache_dir=workdir / "ncbi858-features",
-                               progress=False)
+        with settings.override(cache_dir=workdir / "ncbi858-features", progress=False):
+            res = train_spot_model(image, spots, enc, geom, max_epochs=epochs)
         scores[mode] = res.scores
         print(f"  {mode}: held-out Pearson {res.scores['deepspot']['pearson_mean']:.3f} "
               f"({time.perf_counter() - t:.0f} s)", flush=True)

@@ -5,12 +5,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import deepspot as ds
+
 from deepspot.evaluation.score import score_samples
 from deepspot.features.store import Features
 from deepspot.io.spatial import SpatialDataError
 from deepspot.training.multi_sample import samples_geometry, train_samples
 from deepspot.training.targets import log_normalize
 from shared_data import HER2ST as HER2ST_FILES, her2st_with_signal
+
+
+@pytest.fixture(autouse=True)
+def _no_progress():
+    """Training and scoring read the progress bars from ds.settings."""
+    with ds.settings.override(progress=False):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +40,7 @@ def test_geometry_from_the_data_and_mismatch_refused(her2st):
 
 def test_train_on_many_then_score_held_out(her2st, tmp_path):
     samples, feats = her2st
-    res = train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=30, progress=False,
+    res = train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=30,
                         max_epochs=6, patience=6, hidden=16, n_ensemble=2, input_proj=12)
     tr, va, _ = res.split
     owner = np.repeat(np.arange(3), [s.adata.n_obs for s in samples[:3]])
@@ -94,21 +103,24 @@ def test_mixed_formats_one_geometry_and_whole_validation_samples(her2st, tmp_pat
     assert [s.spec.format for s in mixed] == ["her2st", "h5ad"]
     assert [array_layout(s) for s in mixed] == ["square", "square"]
     assert samples_geometry(mixed).grid.layout == "square"
-    res = train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20, progress=False,
+    res = train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20,
                         max_epochs=2, patience=2, hidden=8, n_ensemble=2, val_samples=["C4"])
     tr, va, _ = res.split
     owner = np.repeat(np.arange(3), [s.adata.n_obs for s in samples[:3]])
     assert set(owner[va]) == {2} and set(owner[tr]) == {0, 1}
     assert res.config.training["split"] == "validation: whole samples C4"
-    by_patient = train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20, progress=False,
+    by_patient = train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20,
                                max_epochs=1, patience=1, hidden=8, n_ensemble=2, val_patients=["section_C4"])
     assert by_patient.config.training["split"] == "validation: whole samples C4"
     with pytest.raises(ValueError, match=r"--val-patients \['nobody'\] are not in the manifest"):
-        train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20, progress=False,
+        train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20,
                       max_epochs=1, val_patients=["nobody"])
     with pytest.raises(ValueError, match=r"--val-samples \['C9'\] are not in the manifest"):
-        train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20, progress=False,
+        train_samples(samples[:3], encoder=_Enc(), features=feats, n_top_genes=20,
                       max_epochs=1, val_samples=["C9"])
+    # trainer settings that training on several samples does not take are refused, not dropped
+    with pytest.raises(ValueError, match=r"options \['loggers'\]: training on several samples takes precision"):
+        ds.train(samples[:3], loggers="tensorboard", features=feats)
 
 
 def test_neighbour_sets_equal_in_training_and_prediction(her2st):

@@ -117,3 +117,31 @@ def test_output_names_are_one_list():
         assert all(names.is_prediction_file(n) for n in made)
         assert set(made) <= set(names.all_prediction_files("s1"))
     assert names.is_score_file(names.score_plot("C5")) and names.is_demo_file(names.DEMO_PREDICTIONS)
+
+
+def test_train_job_sorts_the_keywords_and_is_checked_when_built(png, tmp_path):
+    """ds.train's keywords become one TrainJob: recipe names (SpotRecipe's), trainer settings, a manifest's
+    options; a bad value or an unknown name is refused when the request is built, before any data is read."""
+    from deepspot.training.request import TrainJob
+
+    job = TrainJob.of("m.csv", image=png, loss="mse", max_epochs=3, lr=1e-3, precision="bf16", accelerator="cpu",
+                      log_dir=tmp_path, val_samples=["A"], genes="G1,G2", patience=None)
+    assert job.recipe == {"context": "spot_subspot_neighbors", "seed": 2024, "loss": "mse", "max_epochs": 3,
+                          "lr": 1e-3}  # None: the preset's
+    assert (job.trainer.precision, job.trainer.log_dir) == ("bf16", tmp_path) and job.genes == ("G1", "G2")
+    assert job.samples_options == {"val_samples": ["A"]}
+    assert job.spot_recipe.max_epochs == 3 and job.spot_recipe.lr == 1e-3 and job.spot_recipe.patience == 8
+    assert TrainJob.of("m.csv", preset="original").spot_recipe.batch_size == 1024
+    assert set(job.samples_only) == {"lr", "precision", "val_samples"}  # accelerator cpu: the default
+    with pytest.raises(ValueError, match="loss 'nope'"):
+        TrainJob.of("m.csv", loss="nope")
+    with pytest.raises(TypeError, match="no_such"):
+        TrainJob.of("m.csv", no_such=1)
+    with pytest.raises(ValueError, match="unknown model 'spots'"):
+        TrainJob.of("m.csv", model="spots")
+    with pytest.raises(ValueError, match="repeated gene names"):
+        TrainJob.of("m.csv", genes=["A", "A"])
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        TrainJob.of("m.csv", image=tmp_path / "gone.png")
+    with pytest.raises(ValueError, match="training recipe: min_epochs"):  # the preset's 10 minimum epochs
+        job.replace(preset="original", recipe={"max_epochs": 2})

@@ -85,3 +85,46 @@ def test_her2st_reader_geometry_is_the_manifest_geometry():
     many = samples_geometry([load_sample(her2st_manifest(sections=("C2",))[0], check_image=False)])
     assert one == many and one.grid.spot_diameter == 100.0 and one.grid.layout == "square"
     assert one.grid.spacing == pytest.approx(200.0, rel=0.005)
+
+
+def test_train_takes_its_request_and_the_keywords_give_the_same_model(tmp_path):
+    """ds.train(TrainJob) (what `deepspot train` passes) and ds.train(keywords) are the same run: same
+    weights at the same seed; a request with keywords beside it, or a manifest option on one sample, is refused."""
+    import torch
+
+    import deepspot as ds
+    from deepspot.training.request import TrainJob
+
+    image, h5 = _st_like(tmp_path, seed=2)
+    enc = register_tiny_vit("tiny-one-image")
+    data = ds.read.counts(h5, image=image)
+    kw = dict(encoder=enc, context="spot_neighbors", max_epochs=2, n_top_genes=8, seed=11)
+    a = ds.train(data, image=image, progress=False, **kw)
+    b = ds.train(TrainJob(data, image=image, encoder=enc, n_top_genes=8,
+                          recipe={"context": "spot_neighbors", "max_epochs": 2, "seed": 11}), progress=False)
+    for (k, x), (_, y) in zip(a.network.state_dict().items(), b.network.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert a.genes == b.genes
+    with pytest.raises(TypeError, match="not as keywords"):
+        ds.train(TrainJob(data, image=image, encoder=enc), max_epochs=1)
+    with pytest.raises(ValueError, match=r"\['lr'\] apply to training on several samples"):
+        ds.train(data, image=image, encoder=enc, lr=1e-2, progress=False)
+
+
+def test_features_h5_beside_a_manifest_is_refused(tmp_path, capsys):
+    """`train --manifest M --features-h5 X` ignored X; `score` with a manifest that names its files in the
+    features_h5 column ignored one of the two: both are refused in one line, before anything is read."""
+    image, h5 = _st_like(tmp_path)
+    (tmp_path / "x.h5").write_bytes(b"")
+    (tmp_path / "m.csv").write_text("sample_id,patient_id,image,expression,format\n"
+                                    f"S,p,{image},{h5},h5ad\n")
+    code, out, err = run_cli(capsys, "train", "--manifest", tmp_path / "m.csv", "--features-h5", tmp_path / "x.h5",
+                             "--out", tmp_path / "m")
+    assert code == 1 and "manifest's features_h5 column" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "f.csv").write_text("sample_id,patient_id,image,expression,format,features_h5\n"
+                                    f"S,p,{image},{h5},h5ad,x.h5\n")
+    code, out, err = run_cli(capsys, "score", "--model", tmp_path / "m", "--manifest", tmp_path / "f.csv",
+                             "--features-h5", tmp_path, "--out", tmp_path / "s")
+    assert code == 1 and "features_h5 column" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()

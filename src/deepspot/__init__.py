@@ -36,6 +36,7 @@ _LAZY = {
     "ScoreRequest": ("deepspot.config.requests", "ScoreRequest"),
     "CohortRequest": ("deepspot.config.requests", "CohortRequest"),
     "TrainRequest": ("deepspot.config.requests", "TrainRequest"),
+    "TrainJob": ("deepspot.training.request", "TrainJob"),
     "read": ("deepspot.io.read", None),
     "pl": ("deepspot.plotting", None),
     "datasets": ("deepspot.io.datasets", None),

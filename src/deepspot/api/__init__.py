@@ -140,7 +140,6 @@ class Model:
             samples, plots, features_h5 = request.manifest, request.out, request.features_h5
             ridge_train = self._ridge_train(request)
         with settings.override(**{k: v for k, v in run.items() if v is not None}):
-            progress, cache_dir = settings.progress, settings.cache_dir
             samples = list(_read_samples(samples))
             ridge_train = None if ridge_train is None else list(_read_samples(ridge_train))
             feats = None
@@ -149,8 +148,8 @@ class Model:
 
                 feats = {s.sample_id: sample_file_features(self, s, features_h5) for s in samples}
             enc = self.encoder if feats is None or ridge_train is not None else None
-            per_gene, summary, preds = score_samples(self.network, self.config, enc, samples, cache_dir=cache_dir,
-                                                     progress=progress, ridge_train=ridge_train, features=feats)
+            per_gene, summary, preds = score_samples(self.network, self.config, enc, samples, ridge_train=ridge_train,
+                                                     features=feats)
         if plots is not None:
             from deepspot import plotting
             from deepspot.training.targets import log_normalize

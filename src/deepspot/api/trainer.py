@@ -61,31 +61,43 @@ def _many_samples(samples):
     return None
 
 
-def _train_many(samples, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss, max_epochs,
-                patience, seed, hidden, n_ensemble, log_dir, manifest=None, preset=None, **options) -> "Model":
+def _train_many(job, samples, manifest=None, init=None) -> "Model":
+    """One DeepSpot over several loaded ``samples`` by ``job`` (a :class:`TrainJob`)."""
+    from deepspot.config.requests import TrainerSettings
     from deepspot.config.runtime import settings
-    from deepspot.training.recipe import preset_panel, spot_preset
     from deepspot.training.multi_sample import train_samples
+    from deepspot.training.recipe import preset_panel
 
-    if model != "deepspot":
-        raise ValueError(f"training on several samples is implemented for deepspot, not {model}")
-    recipe = spot_preset(preset)
-    n_top_genes, options["min_fraction"] = preset_panel(preset, n_top_genes, options.get("min_fraction"),
+    if job.model != "deepspot":
+        raise ValueError(f"training on several samples is implemented for deepspot, not {job.model}")
+    untaken = sorted(k for k in ("devices", "strategy", "loggers")
+                     if getattr(job.trainer, k) != getattr(TrainerSettings(), k))
+    if untaken:
+        raise ValueError(f"options {untaken}: training on several samples takes precision, accelerator and log_dir")
+    options = dict(job.samples_options)
+    n_top_genes, options["min_fraction"] = preset_panel(job.preset, job.n_top_genes, options.get("min_fraction"),
                                                         fallback_n_top=250)
+    if init is not None:
+        options["init"] = init
+    if job.add_genes:
+        options["add_genes"] = list(job.add_genes)
     from deepspot.features.external import patch_feature_dim
     from deepspot.training.manifest import features_files
 
     files = features_files(samples)  # the manifest's features_h5 column: the encoder only names the features
-    enc = (_named_encoder(encoder, patch_feature_dim(files[0]), files[0]) if files
-           else load_encoder(encoder, weights=encoder_weights))
-    res = train_samples(samples, enc, recipe=recipe, genes=genes, n_top_genes=n_top_genes,
-                        cache_dir=_feature_cache(settings.cache_dir, out), progress=settings.progress, log_dir=log_dir,
-                        context=context, loss=loss,
-                        max_epochs=max_epochs, patience=patience, seed=seed, hidden=hidden, n_ensemble=n_ensemble,
-                        **options)
+    enc = (_named_encoder(job.encoder, patch_feature_dim(files[0]), files[0]) if files
+           else load_encoder(job.encoder, weights=job.encoder_weights))
+    tr = job.trainer
+    with settings.override(cache_dir=_feature_cache(settings.cache_dir, job.out)):
+        res = train_samples(samples, enc, recipe=job.spot_recipe, genes=_listed(job.genes), n_top_genes=n_top_genes,
+                            log_dir=tr.log_dir, precision=tr.precision, accelerator=tr.accelerator, **options)
     if manifest is not None:  # `deepspot score --baseline ridge` refits the baseline on these samples
         res.config.training["manifest"] = manifest
-    return _trained(res, enc, out)
+    return _trained(res, enc, job.out)
+
+
+def _listed(names):
+    return None if names is None else list(names)
 
 
 class _NamedEncoder:
@@ -127,15 +139,7 @@ def _one_sample(samples, image):
     return s.adata, s.image, s.mpp
 
 
-def train(samples, image=None, model: str = "deepspot", out: str | Path | None = None,
-          encoder: str = "efficientnet-lite0", encoder_weights=None, mpp: float | None = None,
-          geometry: SpotGeometry | CellGeometry | None = None, grid: GridSpec | None = None,
-          cells: bool = False, context: str = "spot_subspot_neighbors", genes: list[str] | None = None,
-          n_top_genes: int | None = None, loss: str | None = None, max_epochs: int | None = None,
-          patience: int | None = None, seed: int = 2024, hidden: int | None = None, n_ensemble: int | None = None,
-          aggregate: str = "sum", log_dir=None, preset: str | None = None,
-          add_genes: list[str] | None = None, init_from: str | Path | None = None, freeze: str = "none",
-          features_h5: str | Path | None = None, **many_options) -> Model:
+def train(samples, image=None, **options) -> Model:
     """Train a model on one sample and score it on a held-out side of the image; returns the :class:`Model`
     (held-out scores in ``Model.scores``; written to ``out`` when given).
 
@@ -167,36 +171,50 @@ def train(samples, image=None, model: str = "deepspot", out: str | Path | None =
     (:mod:`deepspot.features.external`) instead of running ``encoder``, which then only names the encoder
     that made them (recorded in the checkpoint; its dim is the file's). No sub-spots: a context without them.
 
+    ``samples`` may also be a :class:`~deepspot.training.request.TrainJob` (what ``deepspot train`` passes); the
+    keyword options above are the same request's fields, mapped onto it (``loss``, ``max_epochs``, ``patience``,
+    ``seed``, ``hidden``, ``n_ensemble``, ``context``, and for a manifest any other
+    :class:`~deepspot.training.recipe.SpotRecipe` name: its recipe; ``log_dir``, ``precision``,
+    ``accelerator``: its trainer settings; ``val_samples``, ``val_patients``, ``on_missing``,
+    ``min_fraction``: a manifest's split and panel), checked once when it is built.
+
     ``progress``, ``cache_dir`` (the feature cache; default: ``<out>/features`` when writing ``out``) and
     ``num_workers`` (slide-reading processes; default here 0) are :data:`deepspot.settings`; given here,
     they hold for this call.
     """
     from deepspot.config.runtime import settings
+    from deepspot.training.request import TrainJob
 
-    run = {k: many_options.pop(k) for k in ("progress", "cache_dir", "num_workers") if k in many_options}
+    run = {k: options.pop(k) for k in ("progress", "cache_dir", "num_workers") if k in options}
+    if isinstance(samples, TrainJob):
+        if image is not None or options:
+            raise TypeError(f"train(TrainJob): give the options in the request, not as keywords "
+                            f"({', '.join(sorted(options) or ['image'])})")
+        job = samples
+    else:
+        job = TrainJob.of(samples, image=image, **options)
     with settings.override(**run):
-        return _train(samples, image, model, out, encoder, encoder_weights, mpp, geometry, grid, cells, context,
-                      genes, n_top_genes, loss, max_epochs, patience, seed, hidden, n_ensemble, aggregate,
-                      log_dir, preset, add_genes, init_from, freeze, features_h5, many_options)
+        return _train(job)
 
 
-def _train(samples, image, model, out, encoder, encoder_weights, mpp, geometry, grid, cells, context, genes,
-           n_top_genes, loss, max_epochs, patience, seed, hidden, n_ensemble, aggregate, log_dir, preset, add_genes,
-           init_from, freeze, features_h5, many_options) -> Model:
+def _train(job) -> Model:
     from deepspot.config.runtime import settings
 
     cache_dir, progress = settings.cache_dir, settings.progress
     num_workers = 0 if settings.num_workers is None else settings.num_workers  # training reads in this process
-    from deepspot.config import CELL_MODELS, MODEL_KINDS, resolve_mpp
+    from deepspot.config import resolve_mpp
     from deepspot.evaluation.holdout import score_holdout
     from deepspot.geometry.grid import pool_cells
     from deepspot.io.slides import open_slide
     from deepspot.io.spatial import SpatialDataError, check_inside
 
+    model, out, encoder, preset, geometry, cells = job.model, job.out, job.encoder, job.preset, job.geometry, job.cells
+    genes, n_top_genes, features_h5, context = _listed(job.genes), job.n_top_genes, job.features_h5, job.recipe["context"]
     if out is not None:
         from deepspot.models.checkpoint import checkpoint_folder
 
         checkpoint_folder(out).check()  # refused before any data is read, never emptied
+    samples = job.samples
     manifest = str(Path(samples).resolve()) if isinstance(samples, (str, Path)) else None
     samples = _read_samples(samples, cells=cells)
     many = _many_samples(samples)
@@ -205,13 +223,13 @@ def _train(samples, image, model, out, encoder, encoder_weights, mpp, geometry, 
 
         features_h5 = next(iter(features_files(samples) or []), None)
     init = None
-    if many_options and many is None:
-        raise ValueError(f"options {sorted(many_options)} apply to training on several samples (a manifest)")
+    if many is None and job.samples_only:
+        raise ValueError(f"options {sorted(job.samples_only)} apply to training on several samples (a manifest)")
     if preset not in (None, "deepspot") and model not in ("deepspot", "deepspot2cell"):
         raise ValueError(f"training presets are for spot models (deepspot) and deepspot2cell, not {model}")
-    if add_genes and model != "deepspot":
+    if job.add_genes and model != "deepspot":
         raise ValueError(f"add_genes is for spot models (deepspot), not {model}")
-    if init_from is not None:
+    if job.init_from is not None:
         from deepspot.features.encoders import get_spec
         from deepspot.training.warmstart import read_init
 
@@ -223,25 +241,18 @@ def _train(samples, image, model, out, encoder, encoder_weights, mpp, geometry, 
             dim = read_patch_features(features_h5).dim
         else:
             dim = get_spec(encoder).dim
-        init = read_init(init_from, encoder, dim, freeze=freeze)
+        init = read_init(job.init_from, encoder, dim, freeze=job.freeze)
         if genes is None and n_top_genes is None:
             genes = list(init.config.genes)
+            job = job.replace(genes=genes)
     if many is not None and features_h5 is not None:
         raise ValueError("features_h5 is one sample's file; train a manifest with the encoder (or one sample at a time)")
     if many is not None:
-        if init is not None:
-            many_options["init"] = init
-        if add_genes:
-            many_options["add_genes"] = list(add_genes)
-        return _train_many(many, model, out, encoder, encoder_weights, context, genes, n_top_genes, loss,
-                           max_epochs, patience, seed, hidden, n_ensemble, log_dir,
-                           manifest=manifest, preset=preset, **many_options)
-    data, image, sample_mpp = _one_sample(samples, image)
-    mpp = mpp if mpp is not None else sample_mpp
+        return _train_many(job, many, manifest=manifest, init=init)
+    data, image, sample_mpp = _one_sample(samples, job.image)
+    mpp = job.mpp if job.mpp is not None else sample_mpp
     if mpp is None and model == "deepspot" and not cells:  # the mpp the reader recorded (a manifest uses it too)
         mpp = (data.uns.get("source", {}) or {}).get("mpp")
-    if model not in MODEL_KINDS:
-        raise ValueError(f"unknown model {model!r}; choose deepspot, {' or '.join(CELL_MODELS)}")
     if not Path(image).exists():
         raise FileNotFoundError(f"{image}: file not found")
     with open_slide(image, mpp=mpp) as slide:
@@ -258,13 +269,8 @@ def _train(samples, image, model, out, encoder, encoder_weights, mpp, geometry, 
         external = read_patch_features(features_h5)
         enc = _named_encoder(encoder, external.dim, features_h5)
     else:
-        enc = load_encoder(encoder, weights=encoder_weights)
+        enc = load_encoder(encoder, weights=job.encoder_weights)
     cache_dir = _feature_cache(cache_dir, out)
-    # training options left as None take each model's own defaults (for spots: training.recipe.SpotRecipe)
-    chosen = {k: v for k, v in dict(loss=loss, max_epochs=max_epochs, patience=patience, hidden=hidden,
-                                    n_ensemble=n_ensemble).items() if v is not None}
-    common = dict(genes=genes, n_top_genes=n_top_genes, seed=seed, cache_dir=cache_dir, num_workers=num_workers,
-                  progress=progress, log_dir=log_dir, **chosen)
     if model == "deepspot":
         from deepspot.training.spots import train_spot_model
 
@@ -280,9 +286,9 @@ def _train(samples, image, model, out, encoder, encoder_weights, mpp, geometry, 
         elif "array_row" not in data.obs or "array_col" not in data.obs:
             raise SpatialDataError(f"{image}: obs needs array_row/array_col for the neighbour context "
                                    f"(or pool cells into spots: cells=True)")
-        from deepspot.training.recipe import preset_panel, spot_preset
+        from deepspot.training.recipe import preset_panel
 
-        common["n_top_genes"] = preset_panel(preset, n_top_genes, fallback_n_top=250)[0]  # as for several samples
+        n_top_genes = preset_panel(preset, n_top_genes, fallback_n_top=250)[0]  # as for several samples
         feats = None
         if external is not None:
             from deepspot.features.external import spot_features
@@ -290,18 +296,24 @@ def _train(samples, image, model, out, encoder, encoder_weights, mpp, geometry, 
             use_sub = "subspot" in (init.context if init is not None else context)
             feats = spot_features(external, data.obsm["spatial"], geometry.grid.in_pixels(slide_mpp).spot_diameter,
                                   n_sub=geometry.n_sub if use_sub else 0, mpp=slide_mpp)
-        res = train_spot_model(image, data, enc, geometry, mpp=slide_mpp, context=context,
-                               recipe=spot_preset(preset), add_genes=add_genes, init=init, features=feats, **common)
+        with settings.override(cache_dir=cache_dir, num_workers=num_workers):  # the recipe: job.spot_recipe
+            res = train_spot_model(image, data, enc, geometry, mpp=slide_mpp, recipe=job.spot_recipe, genes=genes,
+                                   n_top_genes=n_top_genes, log_dir=job.trainer.log_dir,
+                                   add_genes=_listed(job.add_genes), init=init, features=feats)
     else:
         from deepspot.training.fit_cells import train_cell_model, train_spot2cell_from_cells
 
         geometry = geometry or CellGeometry()
         if not isinstance(geometry, CellGeometry):
             raise ValueError(f"a {model} model needs a CellGeometry")
+        # the recipe choices made (the rest: each cell model's own defaults)
+        chosen = {k: v for k, v in job.one_sample_recipe.items() if k != "context"}
+        common = dict(genes=genes, n_top_genes=n_top_genes, cache_dir=cache_dir, num_workers=num_workers,
+                      progress=progress, log_dir=job.trainer.log_dir, **chosen)
         if model == "deepcell":
             res = train_cell_model(image, data, enc, geometry, mpp=mpp, **common)
         else:
-            res = train_spot2cell_from_cells(image, data, enc, grid or GridSpec(), geometry=geometry, mpp=mpp,
-                                             aggregate=aggregate, model=model, preset=preset, **common)
+            res = train_spot2cell_from_cells(image, data, enc, job.grid or GridSpec(), geometry=geometry, mpp=mpp,
+                                             aggregate=job.aggregate, model=model, preset=preset, **common)
     score_holdout(res)
     return _trained(res, enc, out)

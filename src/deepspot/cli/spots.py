@@ -149,6 +149,9 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
     grid_given = spot_diameter is not None or spacing is not None or unit != "um"
     if model == "deepspot" and (cell_crop != "tile" or segmentation is not None):
         raise ValueError("--cell-crop and --segmentation are options of the cell models (deepcell, deepspot2cell)")
+    if manifest is not None and features_h5 is not None:
+        raise ValueError("--features-h5 is one sample's file; with --manifest give each sample's file in the "
+                         "manifest's features_h5 column")
     if manifest is not None:  # a bad CSV is reported before torch is imported (tens of seconds)
         from deepspot.training.manifest import read_manifest
 
@@ -162,23 +165,32 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
         check_slide(image, mpp, needs_um=(unit == "um" and grid_given) if model == "deepspot" else cell_unit == "um")
     import deepspot as ds
     from deepspot.config import CellGeometry, GridSpec, SpotGeometry
+    from deepspot.config.requests import TrainerSettings
+    from deepspot.config.runtime import settings
     from deepspot.evaluation.holdout import score_table
+    from deepspot.training.request import TrainJob
 
-    if manifest is not None:
+    if manifest is not None and (image is not None or adata is not None):
+        raise ValueError("give either --manifest or --image with --adata, not both")
+    if manifest is None and (image is None or adata is None):
+        raise ValueError("give --image and --adata (one sample) or --manifest (several)")
+    # parse -> request (checked once: names, choices, the recipe's bounds, the files it names) -> run
+    many = manifest is not None  # the options of training on several samples (ignored by the one-image form)
+    job = TrainJob(manifest if many else adata, image=image, model=model, out=out, encoder=encoder,
+                   encoder_weights=encoder_weights, mpp=mpp, cells=cells, genes=_split(genes), n_top_genes=n_top_genes,
+                   add_genes=_split(add_genes), preset=None if model != "deepspot" and preset == "deepspot" else preset,
+                   init_from=init_from, freeze=freeze, features_h5=features_h5, aggregate=aggregate,
+                   recipe=dict(context=context, loss=loss, max_epochs=max_epochs, patience=patience, seed=seed,
+                               **(dict(augment_views=augment_views, stain_jitter=stain_jitter) if many else {})),
+                   trainer=TrainerSettings(precision=precision, accelerator=device) if many else TrainerSettings(),
+                   samples_options=dict(val_samples=_split(val_samples), val_patients=_split(val_patients),
+                                        on_missing=on_missing) if many else {})
+    if many:
         import time
 
         t_start = time.perf_counter()
-        if image is not None or adata is not None:
-            raise ValueError("give either --manifest or --image with --adata, not both")
-        trained = ds.train(manifest, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
-                           context=context, genes=_split(genes), n_top_genes=n_top_genes, loss=loss,
-                           max_epochs=max_epochs, patience=patience, seed=seed, cache_dir=cache_dir, progress=progress,
-                           add_genes=_split(add_genes),
-                           val_samples=_split(val_samples), val_patients=_split(val_patients),
-                           on_missing=on_missing, precision=precision,
-                           accelerator=device, cells=cells, preset=preset, init_from=init_from, freeze=freeze,
-                           **{k: v for k, v in dict(augment_views=augment_views, stain_jitter=stain_jitter).items()
-                              if v is not None})
+        with settings.override(progress=progress, cache_dir=cache_dir):
+            trained = ds.train(job)
         t = trained.config.training
         g = trained.config.geometry.grid
         console.print(f"trained on {t['n_train_spots']} spots of {len(t['samples'])} samples "
@@ -190,8 +202,6 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
         console.print(f"time: reading + saving {time.perf_counter() - t_start - sum(sec.values()):.0f} s, features "
                       f"{sec.get('features', 0):.0f} s, training {sec.get('training', 0):.0f} s", soft_wrap=True)
         return
-    if image is None or adata is None:
-        raise ValueError("give --image and --adata (one sample) or --manifest (several)")
     grid = GridSpec(55.0 if spot_diameter is None else spot_diameter, 100.0 if spacing is None else spacing, unit=unit)
     if hd_bin is not None:
         from deepspot.io.visium_hd import visium_hd_geometry
@@ -223,14 +233,9 @@ def train(image: Optional[Path] = typer.Option(None, help="H&E image/slide the s
 
             data = attach_cell_boxes(data, segmentation or (adata if adata.is_dir() else None), str(adata))
         console.print(f"{model}: {data.n_obs} cells; {geometry.describe()}")
-    trained = ds.train(data, image=image, model=model, out=out, encoder=encoder, encoder_weights=encoder_weights,
-                       mpp=mpp, geometry=geometry, grid=grid, cells=cells, context=context, genes=_split(genes),
-                       n_top_genes=n_top_genes, loss=loss, max_epochs=max_epochs, patience=patience, seed=seed,
-                       aggregate=aggregate, add_genes=_split(add_genes), cache_dir=cache_dir, num_workers=num_workers,
-                       progress=progress,
-                       preset=None if model != "deepspot" and preset == "deepspot" else preset,
-                       init_from=init_from, freeze=freeze, **({} if features_h5 is None else
-                                                              {"features_h5": features_h5}))
+    job = job.replace(samples=data, mpp=mpp, geometry=geometry, grid=grid)
+    with settings.override(progress=progress, cache_dir=cache_dir, num_workers=num_workers):
+        trained = ds.train(job)
     res = trained.result
     if model == "deepspot" and cells:
         console.print(f"pooled cells into {res.targets.shape[0]} pseudo-spots")
@@ -416,7 +421,10 @@ def score(model: Path = typer.Option(..., help="Checkpoint folder written by `de
     # parse -> request (checked once) -> run
     request = ScoreRequest(manifest, out=out, model=model, baseline=baseline, features_h5=features_h5,
                            encoder_weights=encoder_weights)
-    read_manifest(manifest)  # a bad CSV is reported before torch and the model are loaded
+    specs = read_manifest(manifest)  # a bad CSV is reported before torch and the model are loaded
+    if features_h5 is not None and any(s.features_h5 is not None for s in specs):
+        raise ValueError(f"--features-h5: {manifest.name} names each sample's file in its features_h5 column; use "
+                         f"that column (or drop it and give the folder), not both")
     import deepspot as ds
     from deepspot.io.outputs import write_csv
     from deepspot.io.owner import OutputFolder

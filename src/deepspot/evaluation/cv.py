@@ -154,8 +154,9 @@ def library_oracle(sample: Sample, n_genes: int) -> np.ndarray:
 
 
 def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_patients: Sequence[str], cfg: EvalConfig,
-             progress: bool = False, echo: Callable[[str], None] | None = None, log_dir=None, loggers="csv"):
+             echo: Callable[[str], None] | None = None, log_dir=None, loggers="csv"):
     """Train on the other patients, score each held-out sample. Returns (score rows, per-gene rows, fold info).
+    Progress bars: :data:`deepspot.settings`.
 
     Early stopping watches a spatial block of every training sample (:func:`block_validation`), so every
     training sample trains; ridge is fitted on all training spots."""
@@ -191,7 +192,7 @@ def run_fold(samples: Sequence[Sample], bags: Bags, owner: np.ndarray, test_pati
     for ctx in cfg.contexts:
         t0 = time.perf_counter()
         model, scaler, summ = fit_spot_model(cfg.for_context(ctx), bags, y, tr, va, precision=cfg.precision,
-                                             progress=progress, log_dir=None if fold_logs is None else fold_logs / ctx,
+                                             log_dir=None if fold_logs is None else fold_logs / ctx,
                                              loggers=loggers if fold_logs else None)
         rel = summ.pop("reliability", None)
         with head_spread(model) as spreads:
@@ -293,14 +294,20 @@ def section_table(scores: pd.DataFrame, column: str = "pearson_top50") -> pd.Dat
     return t
 
 
-def evaluate(samples: Sequence[Sample], encoder=None, cfg: EvalConfig | None = None, cache_dir=None,
-             features: dict[str, Features] | None = None, out_dir=None, progress: bool = False,
-             echo: Callable[[str], None] | None = None, batch_size_encoder: int = 16, num_workers: int = 0,
-             note: str = "", loggers: str | Sequence[str] | None = "csv") -> EvalResult:
+def evaluate(samples: Sequence[Sample], encoder=None, cfg: EvalConfig | None = None,
+             features: dict[str, Features] | None = None, out_dir=None, echo: Callable[[str], None] | None = None,
+             batch_size_encoder: int = 16, note: str = "", loggers: str | Sequence[str] | None = "csv",
+             **run) -> EvalResult:
     """Patient-level CV over ``samples``. Features: ``features`` (by sample id) or encoded with ``encoder``
     (cached under ``cache_dir``). With ``out_dir``: writes scores.csv, summary.csv, per_gene.csv,
     evaluation.png and evaluation.json there (atomically), and training curves under ``logs/`` with
-    ``loggers`` ('csv', 'tensorboard', both, or None for none)."""
+    ``loggers`` ('csv', 'tensorboard', both, or None for none). ``run``: the settings of this call
+    (:data:`deepspot.settings`: ``cache_dir``, ``num_workers`` (default here 0), ``progress`` (default here
+    False: no bars unless asked), ``device``)."""
+    from deepspot.config.runtime import settings
+
+    run.setdefault("progress", False)
+    settings.resolve(**run)  # an unknown keyword fails before any work
     cfg = cfg or EvalConfig()
     t_start = time.perf_counter()
     ids = [s.sample_id for s in samples]
@@ -312,8 +319,8 @@ def evaluate(samples: Sequence[Sample], encoder=None, cfg: EvalConfig | None = N
             raise ValueError("give an encoder or precomputed features")
         n_sub = cfg.n_sub if any("subspot" in c for c in cfg.contexts) else 0
         t0 = time.perf_counter()
-        features = sample_features(samples, encoder, n_sub, cache_dir=cache_dir, batch_size=batch_size_encoder,
-                                   num_workers=num_workers, progress=progress)
+        with settings.override(**run):
+            features = sample_features(samples, encoder, n_sub, batch_size=batch_size_encoder)
         timings["features_s"] = time.perf_counter() - t0
     missing = [i for i in ids if i not in features]
     if missing:
@@ -325,8 +332,9 @@ def evaluate(samples: Sequence[Sample], encoder=None, cfg: EvalConfig | None = N
     for k, test in enumerate(folds):
         if echo:
             echo(f"fold {k + 1}/{len(folds)}: held out {', '.join(test)}")
-        sr, gr, info = run_fold(samples, bags, owner, test, cfg, progress=progress, echo=echo,
-                                log_dir=None if out_dir is None else Path(out_dir) / "logs", loggers=loggers)
+        with settings.override(**run):
+            sr, gr, info = run_fold(samples, bags, owner, test, cfg, echo=echo,
+                                    log_dir=None if out_dir is None else Path(out_dir) / "logs", loggers=loggers)
         all_scores += sr
         all_genes += gr
         infos.append(info)

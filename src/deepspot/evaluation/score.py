@@ -17,8 +17,8 @@ from deepspot.training.multi_sample import sample_features, stack_bags
 from deepspot.training.targets import check_panel, log_normalize, rank_hvgs
 
 
-def score_samples(network, config: ModelConfig, encoder, samples: Sequence[Sample], cache_dir=None,
-                  progress: bool = True, n_top: int = 50, features: dict | None = None,
+def score_samples(network, config: ModelConfig, encoder, samples: Sequence[Sample], n_top: int = 50,
+                  features: dict | None = None,
                   ridge_train: Sequence[Sample] | None = None,
                   interval: float | None = DEFAULT_LEVEL) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Predict at the annotated spots of each sample and compare with its counts.
@@ -36,12 +36,15 @@ def score_samples(network, config: ModelConfig, encoder, samples: Sequence[Sampl
     model without validation) and ``coverage`` (share of the sample's spots whose truth lies inside the
     ``interval`` conformal interval; NaN without a calibration); per sample their means, the Spearman
     rank correlation across genes of val_pearson vs the sample's Pearson (``reliability_spearman``), the
-    number of reliable genes and their mean Pearson."""
+    number of reliable genes and their mean Pearson.
+
+    The feature cache and the progress bar are :data:`deepspot.settings` (``cache_dir``, ``progress``)."""
+    from deepspot.config.runtime import settings
+
     genes = list(config.genes)
     check_panel(genes, {s.sample_id: s.adata for s in samples})  # a missing panel gene: one clear error
     n_sub = config.geometry.n_sub if "subspot" in config.context else 0
-    feats = features if features is not None else sample_features(samples, encoder, n_sub, cache_dir=cache_dir,
-                                                                    progress=progress)
+    feats = features if features is not None else sample_features(samples, encoder, n_sub)
     ridge = None
     if ridge_train:
         from deepspot.evaluation.baseline import ridge_baseline
@@ -49,7 +52,7 @@ def score_samples(network, config: ModelConfig, encoder, samples: Sequence[Sampl
         check_panel(genes, {s.sample_id: s.adata for s in ridge_train})
         # the model's crop geometry: the training samples' feature stores are the ones training filled
         tf = (features if features is not None and all(s.sample_id in features for s in ridge_train)
-              else sample_features(ridge_train, encoder, n_sub, cache_dir=cache_dir, progress=progress))
+              else sample_features(ridge_train, encoder, n_sub))
         x_tr = np.concatenate([tf[s.sample_id].spot for s in ridge_train])
         y_tr = np.concatenate([log_normalize(s.adata, genes=genes) for s in ridge_train])
         ridge = {s.sample_id: ridge_baseline(x_tr, y_tr, feats[s.sample_id].spot) for s in samples}
@@ -63,7 +66,7 @@ def score_samples(network, config: ModelConfig, encoder, samples: Sequence[Sampl
 
     from deepspot.evaluation.cv import noise_band
 
-    for s in track(samples, description="scoring", disable=not progress or len(samples) < 2):
+    for s in track(samples, description="scoring", disable=not settings.progress or len(samples) < 2):
         bags, _ = stack_bags([s], feats, config.geometry.neighbor_radius)
         with head_spread(network if calib is not None and calib.mode == "head_spread" else None) as spreads:
             pred = invert_scaler(predict_bags(network, bags), config.scaler)

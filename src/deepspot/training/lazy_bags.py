@@ -204,17 +204,22 @@ class StoreBags:
         return out
 
 
-def build_stores(samples, encoder, geometry, cache_dir: str | Path, batch_size: int = 16, num_workers: int = 0,
-                 device="cpu", progress: bool = True) -> list[StoreSample]:
+def build_stores(samples, encoder, geometry, cache_dir: str | Path, batch_size: int = 16, **run) -> list[StoreSample]:
     """Extract (or reuse) the feature store of every sample's spots and describe it as a StoreSample.
 
     samples: objects with ``sample_id``, ``image``, ``mpp`` and ``adata`` (obs array_row/array_col,
     obsm['spatial'] x, y px) — e.g. ``training.manifest.Sample``. geometry: an
     ``inference.predict.SpotGeometry`` (µm geometry needs each sample's mpp; its feature mode is used).
-    Features stream into one store per slide under ``cache_dir``; none is held in memory.
+    Features stream into one store per slide under ``cache_dir``; none is held in memory. ``run``: the
+    settings of this call (``num_workers``, default here 0: read in this process; ``device``, ``progress``),
+    else :data:`deepspot.settings`.
     """
     from deepspot.features.extract import extract_to_store, store_path_for
 
+    from deepspot.config.runtime import settings
+
+    if "num_workers" not in run and settings.num_workers is None:
+        run["num_workers"] = 0
     mode = geometry.feature_mode
     out = []
     for s in samples:
@@ -224,8 +229,7 @@ def build_stores(samples, encoder, geometry, cache_dir: str | Path, batch_size: 
         spec = geometry.grid.in_pixels(s.mpp) if geometry.grid.unit == "um" else geometry.grid
         path = store_path_for(cache_dir, s.image, encoder, spec.spot_diameter, geometry.n_sub, mode)
         extract_to_store(s.image, a.obsm["spatial"], spec.spot_diameter, encoder, path, n_sub=geometry.n_sub,
-                         mode=mode, mpp=s.mpp, batch_size=batch_size, num_workers=num_workers, device=device,
-                         progress=progress)
+                         mode=mode, mpp=s.mpp, batch_size=batch_size, **run)
         out.append(StoreSample(s.sample_id, path, np.asarray(a.obsm["spatial"], dtype=np.float64),
                                a.obs["array_row"].to_numpy(), a.obs["array_col"].to_numpy()))
     return out

@@ -27,19 +27,19 @@ log = logging.getLogger(__name__)
 GEOMETRY_TOLERANCE = 0.1  # relative disagreement in spot size or pitch that refuses a training set
 
 
-def sample_features(samples: Sequence[Sample], encoder, n_sub: int, cache_dir=None, batch_size: int = 16,
-                    num_workers: int = 0, progress: bool = True, view: int = 0, stain_sigma: float = 0.0,
-                    view_seed: int = 0) -> dict[str, Features]:
+def sample_features(samples: Sequence[Sample], encoder, n_sub: int, batch_size: int = 16, view: int = 0,
+                    stain_sigma: float = 0.0, view_seed: int = 0, **run) -> dict[str, Features]:
     """Spot + sub-spot features of every sample, encoded once (cached per sample under ``cache_dir``);
-    ``view`` / ``stain_sigma``: of that augmented view of the crops (:mod:`deepspot.features.views`)."""
+    ``view`` / ``stain_sigma``: of that augmented view of the crops (:mod:`deepspot.features.views`).
+    ``run``: the settings of this call (``cache_dir``, ``num_workers`` (default here 0), ``progress``,
+    ``device``), else :data:`deepspot.settings`."""
     from deepspot.features.extract import extract_features
 
     feats = {}
     for s in samples:
         feats[s.sample_id] = extract_features(s.image, s.adata.obsm["spatial"], s.spot_px, encoder, n_sub=n_sub,
-                                              mpp=s.mpp, cache_dir=cache_dir, batch_size=batch_size,
-                                              num_workers=num_workers, progress=progress, view=view,
-                                              stain_sigma=stain_sigma, view_seed=view_seed)
+                                              mpp=s.mpp, batch_size=batch_size, view=view,
+                                              stain_sigma=stain_sigma, view_seed=view_seed, **run)
     return feats
 
 
@@ -176,8 +176,8 @@ def recorded_geometry(adata, mpp: float | None = None, n_sub: int = 3, neighbor_
 
 def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None = None,
                   genes: list[str] | None = None, n_top_genes: int | None = 250, on_missing: str = "error",
-                  min_fraction: float = 0.1, n_sub: int = 3, neighbor_radius: int = 1, cache_dir=None,
-                  features: dict[str, Features] | None = None, progress: bool = True, log_dir=None,
+                  min_fraction: float = 0.1, n_sub: int = 3, neighbor_radius: int = 1,
+                  features: dict[str, Features] | None = None, log_dir=None,
                   val_samples: Sequence[str] | None = None, val_patients: Sequence[str] | None = None,
                   precision: str = "32", accelerator: str = "cpu", add_genes: Sequence[str] | None = None,
                   init=None,
@@ -186,6 +186,7 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
     top ``recipe.val_fraction`` of its array rows). Panel: ``genes`` or the top-``n_top_genes`` HVGs across
     the samples (``batch_key`` = sample). ``val_samples`` / ``val_patients``: ids of samples, or of
     patients whose samples, are held out whole for early stopping instead (they do not train). ``accelerator``: cpu | cuda | auto; ``precision``: 32 | bf16 | fp16.
+    The feature cache and the progress bars are :data:`deepspot.settings` (``cache_dir``, ``progress``).
     Returns the result with ``split = (train, val, empty)`` rows of
     the stacked spots, in sample order."""
     recipe = (recipe or SpotRecipe()).replace(**recipe_options)
@@ -211,8 +212,7 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
                                    "manifest's features_h5 files give one view only")
         features = file_features(samples, encoder)
     elif features is None:
-        features = sample_features(samples, encoder, n_sub if "subspot" in recipe.context else 0,
-                                   cache_dir=cache_dir, progress=progress)
+        features = sample_features(samples, encoder, n_sub if "subspot" in recipe.context else 0)
     t_features = time.perf_counter() - t0
     bags, owner = stack_bags(samples, features, neighbor_radius)
     y = np.concatenate([log_normalize(s.adata, genes=panel) for s in samples]).astype(np.float32)
@@ -244,14 +244,13 @@ def train_samples(samples: Sequence[Sample], encoder, recipe: SpotRecipe | None 
         n_sub_ = n_sub if "subspot" in recipe.context else 0
 
         def view_bags(v, sigma):
-            f = sample_features(samples, encoder, n_sub_, cache_dir=cache_dir, progress=progress, view=v,
-                                stain_sigma=sigma, view_seed=recipe.seed)
+            f = sample_features(samples, encoder, n_sub_, view=v, stain_sigma=sigma, view_seed=recipe.seed)
             return stack_bags(samples, f, neighbor_radius)[0]
 
         fit_bags, fit_y, fit_tr = augment(bags, y, tr, views_of(recipe.augment_views, recipe.stain_jitter), view_bags)
         log.info("augmented training: %d rows (%d views, stain jitter %g)", len(fit_tr), recipe.augment_views,
                  recipe.stain_jitter)
-    model, scaler, summary = fit_spot_model(recipe, fit_bags, fit_y, fit_tr, va, progress=progress, log_dir=log_dir,
+    model, scaler, summary = fit_spot_model(recipe, fit_bags, fit_y, fit_tr, va, log_dir=log_dir,
                                             precision=precision, accelerator=accelerator, init=init,
                                             genes=panel)
     reliability = summary.pop("reliability", None)

@@ -60,8 +60,7 @@ def bags_for(spots: ad.AnnData, features: Features, radius: int) -> Bags:
 
 def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, mpp: float | None = None,
                      recipe: SpotRecipe | None = None, genes: list[str] | None = None,
-                     n_top_genes: int | None = None, test_fraction: float = 0.3, cache_dir=None,
-                     batch_size_encoder: int = 16, num_workers: int = 0, progress: bool = True,
+                     n_top_genes: int | None = None, test_fraction: float = 0.3, batch_size_encoder: int = 16,
                      log_dir=None, add_genes: list[str] | None = None, init=None,
                      features: Features | None = None, **recipe_options) -> SpotTrainResult:
     """Train on the spots of one image with a spatial hold-out (the right-most ``test_fraction`` of the
@@ -70,6 +69,7 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
     (e.g. ``context=``, ``max_epochs=``; None values ignored) decides the training.
 
     spots: AnnData of raw counts with obs array_row/array_col and obsm['spatial'] (x, y) level-0 px.
+    The feature cache, the reader workers (default here 0) and the progress bars are :data:`deepspot.settings`.
     """
     recipe = (recipe or SpotRecipe()).replace(**recipe_options)
     if init is not None:  # training/warmstart.py: start from a checkpoint, whose architecture wins
@@ -78,8 +78,7 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
     spec = geometry.grid.in_pixels(mpp)
     feats = features if features is not None else extract_features(  # features given: made elsewhere
         image, spots.obsm["spatial"], spec.spot_diameter, encoder,
-        n_sub=geometry.n_sub if "subspot" in context else 0, mpp=mpp, cache_dir=cache_dir,
-        batch_size=batch_size_encoder, num_workers=num_workers, progress=progress,
+        n_sub=geometry.n_sub if "subspot" in context else 0, mpp=mpp, batch_size=batch_size_encoder,
         mode=geometry.feature_mode, subspot_rule=geometry.subspot_rule)
     panel = select_genes(spots, n_top=n_top_genes, genes=genes, flavor=recipe.hvg_flavor, add=add_genes)
     y = log_normalize(spots, genes=panel)
@@ -89,7 +88,7 @@ def train_spot_model(image, spots: ad.AnnData, encoder, geometry: SpotGeometry, 
     train, val = block_validation([rest], [spots.obs["array_row"].to_numpy()[rest]], recipe.val_fraction)
     if len(val) == 0 or len(train) == 0:
         raise ValueError(f"{image}: {spots.n_obs} spots are too few for a train / validation / test split")
-    model, scaler, summary = fit_spot_model(recipe, bags, y, train, val, progress=progress, log_dir=log_dir,
+    model, scaler, summary = fit_spot_model(recipe, bags, y, train, val, log_dir=log_dir,
                                             init=init, genes=panel)
     reliability = summary.pop("reliability", None)
     pred = invert_scaler(predict_bags(model, bags), scaler)
