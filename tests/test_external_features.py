@@ -223,3 +223,34 @@ def test_a_one_row_manifest_trains_from_its_feature_file(tmp_path):
                  genes=[f"G{i}" for i in range(8)], max_epochs=1, progress=False)
     assert m.config.encoder.dim == 8
     np.testing.assert_array_equal(m.result.features.spot, want["S1"])
+
+
+def test_score_reads_the_manifests_feature_files(tmp_path, capsys, monkeypatch):
+    """`score` on a manifest whose rows name their TRIDENT files scores from those files (no encoder runs) and
+    gives the same per-gene table as the files given as a folder; the CLI needs no --features-h5 for it."""
+    import pandas as pd
+
+    import deepspot as ds
+    from deepspot.features import extract
+
+    rows, _ = _cohort_of_feature_files(tmp_path)
+    man = tmp_path / "cohort.csv"
+    pd.DataFrame(rows).to_csv(man, index=False)
+    m = ds.train(man, out=tmp_path / "m", encoder="my-encoder", context="spot_neighbors",
+                 genes=[f"G{i}" for i in range(8)], max_epochs=2, patience=2, progress=False)
+
+    def no_encoding(*a, **k):
+        raise AssertionError("the encoder ran")
+
+    monkeypatch.setattr(extract, "encode_spots", no_encoding)
+    by_column, _ = ds.load_model(tmp_path / "m").score(man, progress=False)
+    by_folder, _ = ds.load_model(tmp_path / "m").score(pd.DataFrame(rows).drop(columns="features_h5")
+                                                      .pipe(lambda d: d.to_csv(tmp_path / "plain.csv", index=False)
+                                                            or tmp_path / "plain.csv"),
+                                                      features_h5=tmp_path, progress=False)
+    assert len(by_column) == 3 * 8 and by_column["pearson"].notna().any()
+    pd.testing.assert_frame_equal(by_column.reset_index(drop=True), by_folder.reset_index(drop=True))
+    code, out, err = run_cli(capsys, "score", "--model", tmp_path / "m", "--manifest", man, "--out",
+                             tmp_path / "score", "--no-progress")
+    assert code == 0, err
+    assert (tmp_path / "score" / "per_gene.csv").is_file()

@@ -143,7 +143,9 @@ class Model:
             samples = list(_read_samples(samples))
             ridge_train = None if ridge_train is None else list(_read_samples(ridge_train))
             feats = None
-            if features_h5 is not None:
+            from deepspot.training.manifest import features_files
+
+            if features_h5 is not None or features_files(samples) is not None:  # a folder, or the manifest's column
                 from deepspot.inference.external import sample_file_features
 
                 feats = {s.sample_id: sample_file_features(self, s, features_h5) for s in samples}

@@ -70,16 +70,22 @@ def predict_patch_file(model, path, mpp: float | None = None, patch_px: float | 
     return out
 
 
-def sample_file_features(model, sample, folder):
+def sample_file_features(model, sample, folder=None):
     """The spot features of an annotated sample (:class:`deepspot.training.manifest.Sample`) from its file in
-    ``folder`` (``<sample_id>.h5``, else ``<image stem>.h5``), checked against the model."""
+    ``folder`` (``<sample_id>.h5``, else ``<image stem>.h5``) or, with no folder, from the file its manifest
+    row names (``features_h5``), checked against the model."""
     from deepspot.features.external import read_patch_features, spot_features
 
-    folder = Path(folder)
-    cands = [folder / f"{sample.sample_id}.h5", folder / f"{Path(sample.image).stem}.h5"]
-    path = next((p for p in cands if p.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"{folder}: no {cands[0].name} or {cands[1].name} for sample {sample.sample_id}")
+    if folder is None:
+        path = sample.spec.features_h5
+        if path is None:
+            raise FileNotFoundError(f"sample {sample.sample_id}: its manifest row names no features_h5 file")
+    else:
+        folder = Path(folder)
+        cands = [folder / f"{sample.sample_id}.h5", folder / f"{Path(sample.image).stem}.h5"]
+        path = next((p for p in cands if p.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"{folder}: no {cands[0].name} or {cands[1].name} for sample {sample.sample_id}")
     config = model.config
     if "subspot" in config.context:
         raise ExternalFeatureError(f"{model.source}: context {config.context!r} needs sub-spot features, which a "
