@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from deepspot.cli import app
+from deepspot.config import ORIGINAL_SPOT_PX, describe_geometries
 
 console = Console(stderr=False, soft_wrap=True)  # tables are not re-wrapped at 80 columns in logs
 
@@ -255,10 +256,10 @@ def predict(slide: Path = typer.Argument(..., help="Slide/image file (SVS, NDPI,
             tissue: Optional[str] = typer.Option(None, help="Tissue filter: otsu, mean_rgb (on a thumbnail), "
                                                  "tile_mean_rgb (the original's: each full-resolution tile) or "
                                                  "none; default: the geometry's (otsu for visium)."),
-            geometry: Optional[str] = typer.Option(None, help="Spot geometry: visium (55/100 µm hex), original (the "
-                                                   "original's square pixel grid and crops) or tcga (its TCGA "
-                                                   "grid: 160/290 px at 20x, doubled at 40x); default: the model's."),
-            spot_px: Optional[float] = typer.Option(None, help="--geometry original: spot side in px (default 100, "
+            geometry: Optional[str] = typer.Option(None, help=f"Spot geometry: {describe_geometries()}; default: "
+                                                   "the model's."),
+            spot_px: Optional[float] = typer.Option(None, help="--geometry original: spot side in px (default "
+                                                    f"{ORIGINAL_SPOT_PX}, "
                                                     "or the model's if it is stored with this geometry)."),
             spacing_px: Optional[float] = typer.Option(None, help="--geometry original: spacing in px (default: "
                                                        "the spot side)."),
