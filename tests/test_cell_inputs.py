@@ -194,6 +194,14 @@ def test_cli_trains_on_bbox_crops_and_predict_cells_uses_them(tmp_path, capsys):
     pred = ad.read_h5ad(tmp_path / "pred" / "he_cells.h5ad")
     assert pred.shape == (24, len(cfg.genes)) and pred.uns["deepspot"]["cell_crop"] == "bbox"
     assert np.isfinite(pred.X).all() and list(pred.obs_names) == ids
+    # a folder holding a user's file: refused before any compute, the file untouched, nothing written beside it
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("mine")
+    code, out, err = run_cli(capsys, "predict-cells", gj, "--image", image, "--model", tmp_path / "m", "--out",
+                             tmp_path / "mine", "--no-progress")
+    assert code == 1 and "thesis.txt" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["thesis.txt"]
+    assert (tmp_path / "mine" / "thesis.txt").read_text() == "mine"
     # a centroid table carries no polygons: refused, naming the file, before any compute
     table = tmp_path / "centroids.csv"
     pd.DataFrame({"cell_id": ids, "x": px.mean(1)[:, 0], "y": px.mean(1)[:, 1]}).to_csv(table, index=False)
