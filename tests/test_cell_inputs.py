@@ -261,3 +261,23 @@ def test_cell_crop_is_refused_for_a_spot_model(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--image", tmp_path / "he.png", "--adata", tmp_path / "a.h5ad",
                            "--out", tmp_path / "m", "--cell-crop", "bbox")
     assert code == 1 and "--cell-crop" in err and "cell models" in err
+
+
+def test_a_killed_runs_spill_folder_neither_blocks_the_folder_nor_stays(tmp_path):
+    """The spill folder is a held work folder: the output owner passes over a killed run's, the next writer
+    removes it, and a live run's is left alone."""
+    from deepspot.io.cells_h5ad import SPILL_PREFIX, BlockedRows
+    from deepspot.io.owner import OutputFolder, hold
+
+    killed = tmp_path / f"{SPILL_PREFIX}dead"
+    killed.mkdir()
+    (killed / "0.values").write_bytes(b"x" * 64)
+    live = tmp_path / f"{SPILL_PREFIX}live"
+    live.mkdir()
+    lock = hold(live)
+    OutputFolder(tmp_path, "predict-cells").check()  # no FileExistsError: leftovers are not a user's files
+    rows = BlockedRows(4, 2, tmp_path)
+    assert not killed.exists() and live.is_dir() and rows.dir.is_dir()
+    rows.close()
+    lock.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]

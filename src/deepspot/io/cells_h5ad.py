@@ -14,15 +14,16 @@ X), then ``X`` as a dense float32 dataset (encoding ``array`` 0.2.0), filled sla
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 
 from deepspot.io.outputs import h5_writing
+from deepspot.io.owner import hold, new_temp_dir, remove_stale
 
 SLAB_BYTES = 16 << 20  # float32 values of one slab of output rows (twice this in memory at the end)
+SPILL_PREFIX = ".cells-blocks.work-"  # the spill folder's name (a leftover name to the output owner)
 CHUNK_BYTES = 1 << 20  # one HDF5 chunk of X (compressed one by one; a reader of a few rows reads one chunk)
 
 
@@ -38,7 +39,11 @@ class BlockedRows:
         # X's chunks: about CHUNK_BYTES each; a slab is a whole number of them, so each chunk is written once
         self.chunk_rows = max(1, min(self.n, int(chunk_bytes or CHUNK_BYTES) // row))
         self.rows_per_slab = max(1, int(slab_bytes or SLAB_BYTES) // row // self.chunk_rows) * self.chunk_rows
-        self.dir = Path(tempfile.mkdtemp(prefix=".cells-blocks-", dir=spill_dir))
+        # a work folder as the spot writer's (``.<name>.work-<random>``, held while alive): the output owner
+        # passes over it, and a killed run's is removed by the next one instead of blocking its folder
+        remove_stale(Path(spill_dir), f"{SPILL_PREFIX}*")
+        self.dir = new_temp_dir(Path(spill_dir), SPILL_PREFIX)
+        self._lock = hold(self.dir)
         self.sum = np.zeros(self.g, np.float64)
         self.sumsq = np.zeros(self.g, np.float64)
         self.count = 0
@@ -113,6 +118,7 @@ class BlockedRows:
 
     def close(self) -> None:
         """Remove the spill files (also after an error)."""
+        self._lock.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
