@@ -10,13 +10,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from deepspot.config import TISSUE_RULES, GridSpec, ModelConfig, SpotGeometry, resolve_mpp
+from deepspot.config import TISSUE_RULES, GridSpec, SpotGeometry, resolve_mpp
 from deepspot.geometry.grid import make_grid
 from deepspot.geometry.neighbors import array_neighbors
 from deepspot.features.tiles import spot_boxes
 from deepspot.geometry.tissue import BACKGROUND_MEAN_RGB, tile_mean_rgb, tissue_spots
 from deepspot.io.slides import open_slide
-from deepspot.inference.predict_plan import with_geometry as _with_geometry
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +153,6 @@ def lay_grid(slide, slide_path, geometry: SpotGeometry, mpp_used: float | None, 
                             view=thumb)
     return SlidePlan(Path(slide_path), geometry, spec, mpp_used, grid[keep].reset_index(drop=True), len(grid),
                      (int(w), int(h)), thumb, tissue, notes, slide=slide)
-
-
-
-def with_geometry(config: ModelConfig, geometry: SpotGeometry | str | None) -> ModelConfig:
-    """``config`` predicting on another spot geometry (a preset name or a SpotGeometry; None: its own):
-    :func:`deepspot.inference.predict_plan.with_geometry`."""
-    return _with_geometry(config, geometry)
-
 
 
 def plan_spots(slide_path, adata: ad.AnnData, geometry: SpotGeometry, mpp: float | None = None,

@@ -48,9 +48,8 @@ from deepspot.features.extract import ExtractStats
 from deepspot.features.views import N_VIEWS
 from deepspot.io.outputs import atomic_dir, atomic_path, write_h5ad_chunked
 # planning (step 1) and running the plan (steps 2-3) live beside this module; their names keep this import path
-from deepspot.inference.plan import (MAX_GRID_SPOTS, SlidePlan, geometry_report, plan_grid, plan_slide, plan_spots,
-                                     with_geometry)
-from deepspot.inference.predict_plan import PredictPlan, plan_prediction
+from deepspot.inference.plan import MAX_GRID_SPOTS, SlidePlan, geometry_report, plan_grid, plan_slide, plan_spots
+from deepspot.inference.predict_plan import PredictPlan, plan_prediction, with_geometry
 from deepspot.inference.run_plan import _annotate, _Bounds, _mode, _obs, _skeleton, predict_plan
 
 

@@ -12,7 +12,7 @@ from deepspot.config.output_names import is_prediction_file, prediction_files
 from deepspot.config.requests import check_gene_list, check_options
 from deepspot.io.slides import open_slide
 
-__all__ = ["check_gene_list", "check_options", "check_out_dir", "check_out_file", "check_predict", "check_previous", "check_slide", "is_prediction_file",
+__all__ = ["check_gene_list", "check_options", "check_out_dir", "check_out_file", "check_previous", "check_slide", "is_prediction_file",
            "needs_um", "prediction_files", "prediction_folder"]
 
 
@@ -82,19 +82,3 @@ def needs_um(config, geometry=None) -> bool:
         geo = geometry_preset(geo)
     return (geo.grid.unit if hasattr(geo, "grid") else geo.unit) != "px"
 
-
-def check_predict(slide, model_dir, out, mpp: float | None = None, overwrite: bool = False, genes=None,
-                  geometry: str | None = None, fmt: str = "h5ad"):
-    """Everything ``deepspot predict`` can check in its first second, in order: the request (options, the
-    slide exists), the output folder, the checkpoint's config (every field), the requested genes, the
-    slide and its mpp, a previous result in the folder. Imports neither torch nor the encoder. Returns the
-    checked config. (``deepspot predict`` itself keeps the plan this builds: the slide stays open.)"""
-    from deepspot.config import read_config_file
-    from deepspot.config.requests import PredictRequest
-    from deepspot.inference.predict_plan import plan_prediction
-
-    request = PredictRequest(slide, out=out, model=model_dir, mpp=mpp, overwrite=overwrite, genes=genes,
-                             geometry=geometry, fmt=fmt)
-    plan = plan_prediction(request, model_dir)
-    plan.close()
-    return read_config_file(model_dir)
