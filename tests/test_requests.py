@@ -109,6 +109,8 @@ def test_cohort_request_checks(tmp_path):
         CohortRequest(tmp_path / "m.csv", tmp_path / "m", tmp_path / "o", backend="dask")
     with pytest.raises(ValueError, match="give --new-run or --overwrite, not both"):
         CohortRequest(tmp_path / "m.csv", tmp_path / "m", tmp_path / "o", new_run=True, overwrite=True)
+    with pytest.raises(ValueError, match="unknown tissue method 'magic'; use otsu, mean_rgb, tile_mean_rgb, none"):
+        CohortRequest(tmp_path / "m.csv", tmp_path / "m", tmp_path / "o", tissue="magic")
 
 
 def test_output_names_are_one_list():

@@ -69,6 +69,12 @@ def check_options(spacing=None, min_tissue=None, batch_size=None, spot_px=None, 
         raise ValueError(f"--num-workers must be 0 or more, got {num_workers!r}")
 
 
+def _check_tissue(tissue) -> None:
+    """A tissue rule (None: the geometry's), one of :data:`~deepspot.config.constants.TISSUE_RULES`."""
+    if tissue is not None and tissue not in TISSUE_RULES:
+        raise ValueError(f"unknown tissue method {tissue!r}; use {', '.join(TISSUE_RULES)}")
+
+
 def _count(v, option: str, lo: int = 1) -> None:
     if v is not None and (isinstance(v, bool) or not float(v).is_integer() or v < lo):
         raise ValueError(f"{option} must be a whole number of at least {lo}, got {v!r}")
@@ -157,8 +163,7 @@ class PredictRequest(_Request):
             _count(self.max_spots, "max_spots")
         _exists(self.slide)
         check_choice("--format", self.fmt, PREDICTION_FORMATS)
-        if self.tissue is not None and self.tissue not in TISSUE_RULES:
-            raise ValueError(f"unknown tissue method {self.tissue!r}; use {', '.join(TISSUE_RULES)}")
+        _check_tissue(self.tissue)
         check_gene_list(self.genes)
         check_gene_list(self.keep_genes, "keep_genes")
         if self.keep_genes is not None and len(self.keep_genes) == 0:
@@ -256,8 +261,7 @@ class CohortRequest(_Request):
         if self.backend == "ray" and self.num_cpus == 0 and self.num_gpus == 0:
             raise ValueError("--num-cpus 0 without --num-gpus would run every slide at once; give each slide task "
                              "at least one CPU or GPU share (e.g. --num-cpus 1)")
-        if self.tissue not in (None, "otsu", "mean_rgb", "tile_mean_rgb", "none"):
-            raise ValueError(f"unknown tissue filter {self.tissue!r}; use otsu, mean_rgb, tile_mean_rgb or none")
+        _check_tissue(self.tissue)
         _count(self.batch_size, "--batch-size")
         _count(self.plot_genes, "--plot-genes", lo=0)
         _count(self.num_workers, "--num-workers", lo=0)
